@@ -1,0 +1,1 @@
+"""Compression: uniform grids, round-to-nearest, the OBS quantizer and quantized modules."""

@@ -1,0 +1,1 @@
+"""Re-parameterizable blocks and (later) model growth."""
