@@ -1,0 +1,69 @@
+"""Uniform affine quantization grid: ``w_hat = (q - z) * s`` with ``q`` in ``[0, 2^bits)``.
+
+Symmetric grids put ``z = 2^(bits-1)`` and ``s = max|w| / (2^(bits-1) - 1)`` (codes stay in
+the restricted range ``z +- (2^(bits-1) - 1)``); asymmetric grids span ``[min(w, 0), max(w, 0)]``.
+Scales are rounded to their storage dtype (fp16 / bf16) before any code is computed, so the
+packed weights dequantize to exactly what the quantizer used.
+"""
+from __future__ import annotations
+
+import torch
+
+MIN_SCALE = 1e-6  # keeps fp16 scales off zero for all-zero (dead) rows
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+    return bits
+
+
+def _params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool,
+            scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    maxq = 2**bits - 1
+    if sym:
+        amax = torch.maximum(xmin.abs(), xmax.abs())
+        scale = amax / (2 ** (bits - 1) - 1)
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        scale = (xmax - xmin) / maxq
+    scale = scale.clamp_min(MIN_SCALE).to(scale_dtype).float()
+    if not sym:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def grid_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False,
+                scale_dtype: torch.dtype = torch.float16, grid: int = 100,
+                maxshrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(scale, zero)``, each ``[rows]`` float32, for the weights ``w`` ``[rows, cols]``.
+
+    ``mse=True`` searches the clipping ratio ``p`` in ``[1 - maxshrink, 1]`` (``grid`` steps) that
+    minimises the squared rounding error of each row.
+    """
+    w = w.float()
+    xmin = w.amin(1).clamp_max(0)
+    xmax = w.amax(1).clamp_min(0)
+    scale, zero = _params(xmin, xmax, bits, sym, scale_dtype)
+    if not mse:
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for i in range(grid):
+        p = 1 - i * maxshrink / grid
+        s, z = _params(p * xmin, p * xmax, bits, sym, scale_dtype)
+        err = (dequantize_codes(quantize_codes(w, s[:, None], z[:, None], bits), s[:, None], z[:, None]) - w)
+        err = err.pow(2).sum(1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(w / s) + z, 0, 2^bits - 1)`` (same float dtype as ``w``)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero) * scale

@@ -1,0 +1,279 @@
+"""OBS (GPTQ-style) layer quantizer with overlap-aware column orders and static groups (DESIGN §3-4).
+
+``H = 2/n * sum x x^T`` over the layer's input columns (float64, running mean), relative damping
+with retries, dead columns, blocked lazy updates with the upper Cholesky factor of ``H^-1``.
+Round-to-nearest (:func:`rtn_quantize`) shares the grid, groups and packing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .grid import check_bits, dequantize_codes, quantize_codes
+from .groups import check_group_size, column_groups, group_params, padded_k, position_groups
+from .layer import LayerGeometry, geometry, input_columns, matrix_to_weight, weight_matrix
+from .order import check_order, column_overlap, saliency, static_order, tiered_order
+from .pack import pack_codes
+
+DAMP_RETRIES = 4  # lambda is multiplied by 10 up to this many times before giving up
+
+
+@dataclass
+class QuantResult:
+    """A quantized layer: dequantized weight, packed tensors (DESIGN §5) and what was used."""
+
+    weight: torch.Tensor               # dequantized, same shape/dtype as layer.weight
+    qweight: torch.Tensor              # int32 [K_pad/8, N] (bits <= 4) or [K_pad/4, N]
+    scales: torch.Tensor               # [n_groups, N], scale dtype
+    zeros: torch.Tensor                # [n_groups, N], integer-valued, scale dtype
+    position_group: torch.Tensor | None  # int32 [kh*kw] for "position" / "tier" groups
+    perm: torch.Tensor                 # int64 [conv groups, K]: canonical column quantized at each step
+    loss: float                        # OBS loss sum_rows ||(W - W_hat) X||^2 / n (nan for RTN)
+    damp: float                        # relative damping used (after retries; 0 for RTN)
+    bits: int
+    group_size: int | str
+    sym: bool
+    order: str
+
+
+def _resolve_overlap(layer: nn.Module, geo: LayerGeometry, overlap: torch.Tensor | None,
+                     name: str) -> torch.Tensor | None:
+    if overlap is None:
+        overlap = getattr(layer, "reparam_overlap", None)
+    if overlap is None:
+        return None
+    if geo.kind != "conv":
+        raise ValueError(f"{name}: an overlap map applies to Conv2d layers only")
+    overlap = torch.as_tensor(overlap).long().cpu()
+    if tuple(overlap.shape) != geo.kernel_size or (overlap < 0).any():
+        raise ValueError(f"{name}: overlap map must be non-negative with shape {geo.kernel_size}, "
+                         f"got shape {tuple(overlap.shape)}")
+    return overlap
+
+
+class _Grouping:
+    """Column -> scale-row assignment of one layer for one group_size."""
+
+    def __init__(self, geo: LayerGeometry, group_size: int | str, overlap: torch.Tensor | None):
+        self.group_size = group_size
+        self.k_pad = padded_k(geo.k, group_size)
+        self.position_group = None
+        if isinstance(group_size, str):
+            ov = overlap if overlap is not None else torch.ones(geo.kernel_size, dtype=torch.int64)
+            self.position_group = position_groups(ov, group_size)
+        self.gid_pad = column_groups(self.k_pad, group_size, geo.cin_per_group, self.position_group)
+        self.gid = self.gid_pad[: geo.k]
+        self.n_groups = int(self.gid_pad.max()) + 1
+
+
+def _finish(layer: nn.Module, geo: LayerGeometry, grouping: _Grouping, codes: torch.Tensor,
+            scales: torch.Tensor, zeros: torch.Tensor, scale_dtype: torch.dtype, perm: torch.Tensor,
+            loss: float, damp: float, bits: int, sym: bool, order: str) -> QuantResult:
+    """Pack codes ``[N, K]`` with per-row group params ``[N, n_groups]`` into a QuantResult."""
+    codes = codes.float().cpu()
+    scales, zeros = scales.float().cpu(), zeros.float().cpu()
+    pad_zero = zeros[:, grouping.gid_pad[geo.k:]]  # padding columns dequantize to exactly 0
+    qweight = pack_codes(torch.cat([codes, pad_zero], 1).round().long(), bits)
+    w_hat = dequantize_codes(codes, scales[:, grouping.gid], zeros[:, grouping.gid])
+    dev = layer.weight.device
+    return QuantResult(
+        weight=matrix_to_weight(w_hat, geo).to(device=dev, dtype=layer.weight.dtype),
+        qweight=qweight.to(dev),
+        scales=scales.t().contiguous().to(device=dev, dtype=scale_dtype),
+        zeros=zeros.t().contiguous().to(device=dev, dtype=scale_dtype),
+        position_group=None if grouping.position_group is None else grouping.position_group.to(dev),
+        perm=perm, loss=loss, damp=damp, bits=bits, group_size=grouping.group_size, sym=sym, order=order,
+    )
+
+
+def rtn_quantize(layer: nn.Module, bits: int = 4, group_size: int | str = 128, sym: bool = False,
+                 mse: bool = False, overlap: torch.Tensor | None = None,
+                 scale_dtype: torch.dtype = torch.float16, name: str = "layer") -> QuantResult:
+    """Round-to-nearest on the same grid, groups and packed format as OBS (the baseline)."""
+    geo = geometry(layer, name)
+    check_bits(bits)
+    group_size = check_group_size(group_size, geo.kind == "conv")
+    grouping = _Grouping(geo, group_size, _resolve_overlap(layer, geo, overlap, name))
+    w = weight_matrix(layer.weight.detach(), geo).float().cpu()
+    s, z = group_params(w, grouping.gid, grouping.n_groups, bits, sym, mse, scale_dtype)
+    codes = quantize_codes(w, s[:, grouping.gid], z[:, grouping.gid], bits)
+    perm = torch.arange(geo.k).repeat(geo.groups, 1)
+    return _finish(layer, geo, grouping, codes, s, z, scale_dtype, perm, float("nan"), 0.0, bits, sym, "none")
+
+
+def _obs_block(w: torch.Tensor, u: torch.Tensor, sc: torch.Tensor, zc: torch.Tensor,
+               bits: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Quantize columns of ``w`` ``[rows, B]`` in order with the upper Cholesky block ``u`` ``[B, B]``.
+
+    Returns codes ``[rows, B]``, scaled errors ``[rows, B]`` for the lazy update, and the OBS loss.
+    """
+    w = w.clone()
+    codes, errs = torch.zeros_like(w), torch.zeros_like(w)
+    loss = 0.0
+    for i in range(w.shape[1]):
+        q = quantize_codes(w[:, i], sc[:, i], zc[:, i], bits)
+        err = (w[:, i] - dequantize_codes(q, sc[:, i], zc[:, i])) / u[i, i]
+        loss += 0.5 * float(err.square().sum())
+        w[:, i:] -= err[:, None] * u[i, i:][None, :]
+        codes[:, i], errs[:, i] = q, err
+    return codes, errs, loss
+
+
+def _obs_static(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor, sc: torch.Tensor,
+                zc: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, float]:
+    """GPTQ's blocked lazy-update loop over a fixed column order; codes in canonical order."""
+    w, sc, zc = w[:, perm].clone(), sc[:, perm], zc[:, perm]
+    u = torch.linalg.cholesky(hinv[perm][:, perm], upper=True)
+    codes = torch.empty_like(w)
+    loss = 0.0
+    for i1 in range(0, w.shape[1], block):
+        i2 = min(i1 + block, w.shape[1])
+        q, err, l = _obs_block(w[:, i1:i2], u[i1:i2, i1:i2], sc[:, i1:i2], zc[:, i1:i2], bits)
+        codes[:, i1:i2] = q
+        loss += l
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return out, loss
+
+
+def _obs_dynamic(w: torch.Tensor, hinv: torch.Tensor, col_ov: torch.Tensor, sc: torch.Tensor,
+                 zc: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``reparam-dynamic``: before each block, re-rank the current tier's remaining columns by
+    saliency under the updated weights and the inverse Hessian of the remaining columns.
+
+    The remaining inverse Hessian is kept exact by a Schur-complement update after each block.
+    Returns codes (canonical order), the order used, and the OBS loss.
+    """
+    w, hinv = w.clone(), hinv.clone()
+    codes = torch.empty_like(w)
+    remaining = tiered_order(col_ov.to(w.dtype), torch.zeros(w.shape[1], dtype=w.dtype))
+    used, loss = [], 0.0
+    while remaining.numel():
+        tier = col_ov[remaining] == col_ov[remaining[0]]
+        cur, later = remaining[tier], remaining[~tier]
+        err2 = (dequantize_codes(quantize_codes(w[:, cur], sc[:, cur], zc[:, cur], bits),
+                                 sc[:, cur], zc[:, cur]) - w[:, cur]).square()
+        cur = cur[torch.argsort(saliency(err2, hinv[cur, cur]), descending=True, stable=True)]
+        blk, rest = cur[:block], torch.cat([cur[block:], later])
+        h_bb = hinv[blk][:, blk]
+        u_bb = torch.linalg.cholesky(h_bb, upper=True)
+        q, err, l = _obs_block(w[:, blk], u_bb, sc[:, blk], zc[:, blk], bits)
+        codes[:, blk] = q
+        loss += l
+        used.append(blk)
+        if rest.numel():
+            u_br = torch.linalg.solve_triangular(u_bb.t(), hinv[blk][:, rest], upper=False)
+            w[:, rest] -= err @ u_br
+            hinv[rest[:, None], rest[None, :]] -= u_br.t() @ u_br
+        remaining = rest
+    return codes, torch.cat(used), loss
+
+
+class OBSQuantizer:
+    """Second-order quantizer for one ``nn.Linear`` or ``nn.Conv2d`` (grouped / depthwise too).
+
+    Feed the layer's inputs with :meth:`add_batch`, then call :meth:`quantize`.
+    """
+
+    def __init__(self, layer: nn.Module, name: str = "layer"):
+        self.layer, self.name = layer, name
+        self.geo = geometry(layer, name)
+        self.H: torch.Tensor | None = None  # float64 [conv groups, K, K]
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """Accumulate ``H = 2/n sum x x^T`` from the layer input (any batch shape)."""
+        if not torch.isfinite(inp).all():
+            raise ValueError(f"{self.name}: calibration activations contain NaN or inf")
+        x = input_columns(inp.detach(), self.geo, self.name).to(torch.float64)
+        n = x.shape[-1]
+        if n == 0:
+            return
+        if self.H is None:
+            self.H = torch.zeros(self.geo.groups, self.geo.k, self.geo.k, dtype=torch.float64,
+                                 device=x.device)
+        self.H *= self.nsamples / (self.nsamples + n)
+        self.nsamples += n
+        x = x * math.sqrt(2 / self.nsamples)
+        self.H += x @ x.transpose(1, 2)
+
+    def _inverse(self, h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+        """Dampened ``H^-1`` (checked to have an upper Cholesky factor) and the damping used."""
+        mean_diag = float(h.diagonal().mean())
+        for attempt in range(DAMP_RETRIES + 1):
+            pd = percdamp * 10**attempt
+            hd = h.clone()
+            hd.diagonal().add_(pd * mean_diag)
+            chol, info = torch.linalg.cholesky_ex(hd)
+            if int(info) == 0:
+                hinv = torch.cholesky_inverse(chol)
+                if int(torch.linalg.cholesky_ex(hinv)[1]) == 0:
+                    return hinv, pd
+        raise RuntimeError(f"{self.name}: Hessian is not positive definite even with relative "
+                           f"damping {pd:g} ({DAMP_RETRIES} retries); the calibration data may be "
+                           "degenerate (too few samples or constant inputs)")
+
+    @torch.no_grad()
+    def quantize(self, bits: int = 4, group_size: int | str = 128, sym: bool = False,
+                 order: str = "act", overlap: torch.Tensor | None = None, percdamp: float = 0.01,
+                 block_size: int = 128, mse: bool = False,
+                 scale_dtype: torch.dtype = torch.float16) -> QuantResult:
+        """Quantize the layer's weight (the layer itself is not modified).
+
+        Args:
+            bits: 2..8. group_size: -1, a multiple of 8, "position" or "tier" (conv only).
+            order: none | act | reparam | reparam-dynamic (DESIGN §3).
+            overlap: ``[kh, kw]`` overlap map; None reads ``layer.reparam_overlap`` if present.
+            percdamp: damping relative to mean(diag H). block_size: lazy-update block (columns).
+            mse: search the clipping ratio per group. scale_dtype: float16 or bfloat16.
+        """
+        geo, name = self.geo, self.name
+        check_bits(bits)
+        group_size = check_group_size(group_size, geo.kind == "conv")
+        check_order(order)
+        if not percdamp > 0:
+            raise ValueError(f"percdamp must be > 0, got {percdamp}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if self.H is None:
+            raise RuntimeError(f"{name}: quantize() called before any add_batch(); feed calibration inputs first")
+        overlap = _resolve_overlap(self.layer, geo, overlap, name)
+        grouping = _Grouping(geo, group_size, overlap)
+        col_ov = column_overlap(overlap, geo.k, geo.cin_per_group)
+        gid = grouping.gid.to(self.H.device)
+        w_all = weight_matrix(self.layer.weight.detach(), geo).to(self.H.device, torch.float64)
+        rows = geo.rows_per_group
+        codes = torch.empty_like(w_all)
+        scales = torch.empty(geo.out_features, grouping.n_groups)
+        zeros = torch.empty_like(scales)
+        perms, loss, damp = [], 0.0, percdamp
+        for g in range(geo.groups):
+            w = w_all[g * rows:(g + 1) * rows].clone()
+            h = self.H[g].clone()
+            dead = h.diagonal() == 0
+            h[dead, dead] = 1
+            w[:, dead] = 0
+            s, z = group_params(w.float().cpu(), grouping.gid, grouping.n_groups, bits, sym, mse, scale_dtype)
+            scales[g * rows:(g + 1) * rows], zeros[g * rows:(g + 1) * rows] = s, z
+            sc, zc = s.to(w)[:, gid], z.to(w)[:, gid]
+            hinv, pd = self._inverse(h, percdamp)
+            damp = max(damp, pd)
+            if order == "reparam-dynamic":
+                q, perm, l = _obs_dynamic(w, hinv, col_ov.to(w.device), sc, zc, bits, block_size)
+            else:
+                sal = None
+                if order == "reparam":
+                    err2 = (dequantize_codes(quantize_codes(w, sc, zc, bits), sc, zc) - w).square()
+                    sal = saliency(err2, hinv.diagonal())
+                perm = static_order(order, h.diagonal(), col_ov.to(w.device), sal)
+                q, l = _obs_static(w, hinv, perm, sc, zc, bits, block_size)
+            codes[g * rows:(g + 1) * rows] = q
+            perms.append(perm.cpu())
+            loss += l
+        return _finish(self.layer, geo, grouping, codes, scales, zeros, scale_dtype, torch.stack(perms),
+                       loss, damp, bits, sym, order)

@@ -1,0 +1,49 @@
+"""Packed weight format (DESIGN §5): codes along K packed into int32 words, transposed ``[K, N]``.
+
+``bits <= 4``: 8 nibbles per word, ``qweight`` is ``int32[K_pad/8, N]`` (lowest nibble = lowest k).
+``bits 5..8``: 4 bytes per word, ``int32[K_pad/4, N]``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .groups import column_groups
+
+
+def codes_per_word(bits: int) -> int:
+    return 8 if bits <= 4 else 4
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``[N, K_pad]`` (K_pad a multiple of the codes per word) -> int32 ``[K_pad/c, N]``."""
+    per = codes_per_word(bits)
+    width = 32 // per
+    n, k = codes.shape
+    if k % per:
+        raise ValueError(f"K={k} is not a multiple of {per} codes per int32 word")
+    c = codes.to(torch.int64).t().reshape(k // per, per, n)
+    shifts = (torch.arange(per, dtype=torch.int64) * width).reshape(1, per, 1)
+    words = (c << shifts).sum(1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 ``[K_pad/c, N]`` -> int32 codes ``[N, K_pad]``."""
+    per = codes_per_word(bits)
+    width = 32 // per
+    shifts = (torch.arange(per, dtype=torch.int32, device=qweight.device) * width).reshape(1, per, 1)
+    c = (qweight.unsqueeze(1) >> shifts) & (2**width - 1)
+    return c.reshape(-1, qweight.shape[-1]).t().contiguous()
+
+
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                      k: int, group_size: int | str, cin_per_group: int = 1,
+                      position_group: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 weight matrix ``[N, K]`` in canonical column order from the packed tensors."""
+    codes = unpack_codes(qweight, bits).float()
+    gid = column_groups(codes.shape[1], group_size, cin_per_group,
+                        None if position_group is None else position_group.cpu()).to(codes.device)
+    s = scales.float().t()[:, gid]
+    z = zeros.float().t()[:, gid]
+    return ((codes - z) * s)[:, :k]

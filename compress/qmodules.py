@@ -1,0 +1,88 @@
+"""Quantized layers holding packed weights (DESIGN §5). On CPU their forward is the PyTorch
+reference: dequantize, then ``F.linear`` / ``F.conv2d`` in the input's dtype."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .groups import padded_k
+from .layer import LayerGeometry, geometry, matrix_to_weight, reference_forward
+from .obs import QuantResult
+from .pack import codes_per_word, dequantize_packed
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _QuantLayer(nn.Module):
+    """Shared body of QuantLinear / QuantConv2d, built from a metadata dict (see from_result)."""
+
+    def __init__(self, meta: dict[str, Any]):
+        super().__init__()
+        self.meta = dict(meta)
+        m = self.meta
+        self.geo = LayerGeometry(m["kind"], m["out_features"], m["k"], m.get("groups", 1),
+                                 m.get("in_channels", 0), tuple(m.get("kernel_size", (1, 1))),
+                                 tuple(m.get("stride", (1, 1))), tuple(m.get("padding", (0, 0))),
+                                 tuple(m.get("dilation", (1, 1))))
+        self.bits, self.group_size = m["bits"], m["group_size"]
+        n, k_pad = self.geo.out_features, padded_k(self.geo.k, self.group_size)
+        sdt = _DTYPES[m["scale_dtype"]]
+        self.register_buffer("qweight", torch.zeros(k_pad // codes_per_word(self.bits), n, dtype=torch.int32))
+        self.register_buffer("scales", torch.ones(m["n_groups"], n, dtype=sdt))
+        self.register_buffer("zeros", torch.zeros(m["n_groups"], n, dtype=sdt))
+        kk = self.geo.kernel_size[0] * self.geo.kernel_size[1]
+        self.register_buffer("position_group", torch.zeros(kk, dtype=torch.int32)
+                             if isinstance(self.group_size, str) else None)
+        self.register_buffer("bias", torch.zeros(n) if m["bias"] else None)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight in the float layer's shape."""
+        mat = dequantize_packed(self.qweight, self.scales, self.zeros, self.bits, self.geo.k,
+                                self.group_size, self.geo.cin_per_group, self.position_group)
+        return matrix_to_weight(mat, self.geo)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return reference_forward(x, self.dequantize().to(x.dtype), bias, self.geo)
+
+    def extra_repr(self) -> str:
+        return f"{self.geo.k}x{self.geo.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class QuantLinear(_QuantLayer):
+    """Linear layer with packed low-bit weights."""
+
+
+class QuantConv2d(_QuantLayer):
+    """Conv2d (grouped / depthwise too) with packed low-bit weights in (ky, kx, cin) K order."""
+
+
+def from_result(layer: nn.Module, res: QuantResult, name: str = "layer") -> _QuantLayer:
+    """A QuantLinear / QuantConv2d holding ``res``'s packed weights and the float layer's bias."""
+    geo = geometry(layer, name)
+    meta = {"kind": geo.kind, "out_features": geo.out_features, "k": geo.k, "bits": res.bits,
+            "group_size": res.group_size, "sym": res.sym, "order": res.order,
+            "n_groups": res.scales.shape[0], "scale_dtype": str(res.scales.dtype).split(".")[-1],
+            "bias": layer.bias is not None}
+    if geo.kind == "conv":
+        meta.update(groups=geo.groups, in_channels=geo.in_channels, kernel_size=list(geo.kernel_size),
+                    stride=list(geo.stride), padding=list(geo.padding), dilation=list(geo.dilation))
+    mod = (QuantConv2d if geo.kind == "conv" else QuantLinear)(meta)
+    mod.qweight.copy_(res.qweight)
+    mod.scales.copy_(res.scales)
+    mod.zeros.copy_(res.zeros)
+    if res.position_group is not None:
+        mod.position_group.copy_(res.position_group)
+    if layer.bias is not None:
+        mod.bias.copy_(layer.bias.detach())
+    return mod.to(layer.weight.device)
+
+
+def quant_layer_from_meta(meta: dict[str, Any]) -> _QuantLayer:
+    """An empty quantized layer with the buffers a checkpoint's layer metadata describes."""
+    return (QuantConv2d if meta["kind"] == "conv" else QuantLinear)(meta)
+
+
+__all__ = ["QuantLinear", "QuantConv2d", "from_result", "quant_layer_from_meta"]
