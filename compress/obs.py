@@ -6,7 +6,6 @@ Round-to-nearest (:func:`rtn_quantize`) shares the grid, groups and packing.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -187,10 +186,13 @@ class OBSQuantizer:
 
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor) -> None:
-        """Accumulate ``H = 2/n sum x x^T`` from the layer input (any batch shape)."""
+        """Accumulate ``H = 2/n sum x x^T`` from the layer input (any batch shape).
+
+        Each batch's product is taken in float32 (fast BLAS) and added to a float64 running mean.
+        """
         if not torch.isfinite(inp).all():
             raise ValueError(f"{self.name}: calibration activations contain NaN or inf")
-        x = input_columns(inp.detach(), self.geo, self.name).to(torch.float64)
+        x = input_columns(inp.detach(), self.geo, self.name).float()
         n = x.shape[-1]
         if n == 0:
             return
@@ -199,8 +201,7 @@ class OBSQuantizer:
                                  device=x.device)
         self.H *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
-        x = x * math.sqrt(2 / self.nsamples)
-        self.H += x @ x.transpose(1, 2)
+        self.H += (x @ x.transpose(1, 2)).double() * (2 / self.nsamples)
 
     def _inverse(self, h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
         """Dampened ``H^-1`` (checked to have an upper Cholesky factor) and the damping used."""

@@ -1,0 +1,125 @@
+"""Model-level quantization, packing and quantized checkpoints."""
+import pytest
+import torch
+from torch import nn
+
+from adagrow.compress import (OBSQuantizer, QuantConfig, QuantConv2d, QuantLinear, load_quantized,
+                              quantize, save_quantized)
+from adagrow.compress.pack import pack_codes, unpack_codes
+from adagrow.grow.nets import RepCNN
+from adagrow.grow.reparam import reparameterize
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_pack_unpack_round_trip(bits: int) -> None:
+    per = 8 if bits <= 4 else 4
+    codes = torch.randint(0, 2**bits, (13, 8 * 9))
+    codes[0] = 2**bits - 1  # top nibble/byte set: sign bit of the int32 word
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (72 // per, 13)
+    assert torch.equal(unpack_codes(packed, bits), codes.int())
+    # lowest nibble/byte holds the lowest k (DESIGN §5)
+    assert int(packed[0, 1]) & (2 ** (32 // per) - 1) == int(codes[1, 0])
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
+
+
+def test_hessians_come_from_the_quantized_prefix() -> None:
+    model = _mlp().eval()
+    calib = [(torch.randn(16, 20), torch.zeros(16)) for _ in range(3)]
+    cfg = QuantConfig(bits=3, group_size=8, order="act")
+    qmodel = quantize(model, calib, cfg, progress=False)
+    assert isinstance(model[0], nn.Linear)  # original untouched
+    assert all(isinstance(qmodel[i], QuantLinear) for i in (0, 2, 4))
+    # redo layer 2 by hand from the quantized layer 0's outputs
+    q = OBSQuantizer(model[2])
+    for x, _ in calib:
+        q.add_batch(torch.relu(qmodel[0](x)))
+    res = q.quantize(bits=3, group_size=8, order="act")
+    assert torch.equal(qmodel[2].dequantize(), res.weight)
+    # and differs from what the float prefix would give (the test can fail)
+    q_float = OBSQuantizer(model[2])
+    for x, _ in calib:
+        q_float.add_batch(torch.relu(model[0](x)))
+    assert not torch.equal(q_float.quantize(bits=3, group_size=8, order="act").weight, res.weight)
+    assert set(qmodel.adagrow_quant["layers"]) == {"0", "2", "4"}
+
+
+def test_skip_list_and_linear_group_fallback() -> None:
+    model = _mlp().eval()
+    calib = [torch.randn(16, 20)]
+    qmodel = quantize(model, calib, QuantConfig(group_size="tier", skip=("4",)), progress=False)
+    assert isinstance(qmodel[4], nn.Linear) and not isinstance(qmodel[4], QuantLinear)
+    assert qmodel[0].group_size == -1  # tier groups are conv-only: Linear falls back per channel
+    with pytest.raises(ValueError, match="match no Linear/Conv2d"):
+        quantize(model, calib, QuantConfig(skip=("classifier",)), progress=False)
+    with pytest.raises(ValueError, match="calib is empty"):
+        quantize(model, [], QuantConfig(), progress=False)
+    assert isinstance(quantize(model, None, QuantConfig(method="rtn"), progress=False)[0], QuantLinear)
+
+
+def _deploy_cnn() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = RepCNN(widths=(8, 12), depth=1, stem_width=4,
+                   branches=("conv5x5", "conv3x3", "conv1x3", "bn", "avg3x3")).eval()
+    return reparameterize(model), torch.randn(24, 1, 11, 11)
+
+
+@pytest.mark.parametrize("group_size,order", [("tier", "reparam"), ("position", "act"), (16, "reparam-dynamic")])
+def test_quantize_save_load_same_outputs(tmp_path, group_size, order) -> None:
+    deploy, x = _deploy_cnn()
+    qmodel = quantize(deploy, x.split(8), QuantConfig(bits=4, group_size=group_size, order=order), progress=False)
+    assert isinstance(qmodel.features[2], QuantConv2d)
+    assert (qmodel.features[2].position_group is not None) == isinstance(group_size, str)
+    ref = qmodel(x)
+    assert (ref - deploy(x)).abs().max() < 0.5 * deploy(x).abs().max()  # close, not equal
+    path = save_quantized(qmodel, tmp_path / "q.safetensors")
+    rebuilt = load_quantized(path)  # architecture from the file
+    assert torch.equal(rebuilt(x), ref)
+    again = load_quantized(path, model=deploy)  # architecture from a float model
+    assert torch.equal(again(x), ref)
+    assert again.adagrow_quant["config"]["order"] == order
+
+
+def test_checkpoint_errors(tmp_path) -> None:
+    deploy, x = _deploy_cnn()
+    qmodel = quantize(deploy, [x], QuantConfig(bits=4), progress=False)
+    path = save_quantized(qmodel, tmp_path / "q.safetensors")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_quantized(qmodel, path)
+    save_quantized(qmodel, path, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["q.safetensors"]  # no temp files left
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_quantized(tmp_path / "missing.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_quantized(tmp_path / "trunc.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_quantized(tmp_path / "junk.safetensors")
+    other = reparameterize(RepCNN(widths=(8, 16), depth=1, stem_width=4).eval())
+    with pytest.raises(ValueError, match="in the model but"):
+        load_quantized(path, model=other)
+    with pytest.raises(ValueError, match="no quantized layers"):
+        save_quantized(deploy, tmp_path / "float.safetensors")
+    plain = quantize(_mlp().eval(), [torch.randn(8, 20)], QuantConfig(), progress=False)
+    save_quantized(plain, tmp_path / "mlp.safetensors")
+    with pytest.raises(ValueError, match="records no architecture"):
+        load_quantized(tmp_path / "mlp.safetensors")
+
+
+def test_model_level_errors() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"))
+    with pytest.raises(ValueError, match="0: padding_mode='circular'"):
+        quantize(model, [torch.randn(2, 3, 8, 8)], QuantConfig(), progress=False)
+    with pytest.raises(ValueError, match="bits"):
+        quantize(_mlp(), [torch.randn(2, 20)], QuantConfig(bits=10), progress=False)
+    with pytest.raises(ValueError, match="method"):
+        quantize(_mlp(), [torch.randn(2, 20)], QuantConfig(method="awq"), progress=False)
+    bad = [torch.full((2, 20), float("inf"))]
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize(_mlp(), bad, QuantConfig(), progress=False)

@@ -1,0 +1,235 @@
+"""OBS quantizer: loss identity, orders, static groups, group modes, damping, errors."""
+import pytest
+import torch
+from torch import nn
+
+from adagrow.compress import OBSQuantizer, rtn_quantize
+from adagrow.compress.grid import grid_params
+from adagrow.compress.groups import column_groups, position_groups
+from adagrow.compress.layer import geometry, input_columns, weight_matrix
+from adagrow.compress.pack import dequantize_packed
+
+OV5 = torch.tensor([[1, 1, 1, 1, 1],
+                    [1, 2, 3, 2, 1],
+                    [1, 3, 5, 3, 1],
+                    [1, 2, 3, 2, 1],
+                    [1, 1, 1, 1, 1]])
+ORDERS = ["none", "act", "reparam", "reparam-dynamic"]
+
+
+def _conv(groups: int = 2, cin: int = 6, cout: int = 8, seed: int = 0) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, 5, padding=2, groups=groups)
+    conv.register_buffer("reparam_overlap", OV5.clone())
+    with torch.no_grad():  # fused-conv-like spiky centre
+        conv.weight[:, :, 2, 2] *= 6
+    return conv
+
+
+def _calibrated(layer: nn.Module, x: torch.Tensor) -> OBSQuantizer:
+    q = OBSQuantizer(layer)
+    for xb in x.split(7):  # uneven batches exercise the running mean
+        q.add_batch(xb)
+    return q
+
+
+def _measured_loss(layer: nn.Module, w_hat: torch.Tensor, x: torch.Tensor) -> float:
+    geo = geometry(layer)
+    cols = input_columns(x, geo).double()
+    delta = weight_matrix(layer.weight.detach(), geo).double() - weight_matrix(w_hat, geo).double()
+    rows = geo.rows_per_group
+    return sum(float((delta[g * rows:(g + 1) * rows] @ cols[g]).square().sum())
+               for g in range(geo.groups)) / cols.shape[-1]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("group_size", [-1, 16, "position", "tier"])
+def test_conv_loss_equals_measured(order: str, group_size) -> None:
+    conv = _conv()
+    x = torch.randn(40, 6, 7, 9)
+    res = _calibrated(conv, x).quantize(bits=3, group_size=group_size, order=order, percdamp=1e-9,
+                                        block_size=16)
+    measured = _measured_loss(conv, res.weight, x)
+    assert res.loss == pytest.approx(measured, rel=1e-6)
+    # the packed tensors dequantize to exactly the weight the quantizer reports
+    geo = geometry(conv)
+    deq = dequantize_packed(res.qweight, res.scales, res.zeros, 3, geo.k, group_size,
+                            geo.cin_per_group, res.position_group)
+    assert torch.equal(deq, weight_matrix(res.weight, geo))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_linear_and_depthwise_loss(order: str) -> None:
+    torch.manual_seed(1)
+    lin = nn.Linear(44, 12)
+    x = torch.randn(3, 30, 44)
+    res = _calibrated(lin, x).quantize(bits=4, group_size=8, order=order, percdamp=1e-9, block_size=8)
+    assert res.loss == pytest.approx(_measured_loss(lin, res.weight, x), rel=1e-6)
+    dw = _conv(groups=6, cin=6, cout=6)
+    x = torch.randn(20, 6, 7, 7)
+    res = _calibrated(dw, x).quantize(bits=4, group_size=-1, order=order, percdamp=1e-9)
+    assert res.perm.shape == (6, 25)
+    assert res.loss == pytest.approx(_measured_loss(dw, res.weight, x), rel=1e-6)
+
+
+def test_obs_beats_rtn_on_correlated_inputs() -> None:
+    conv = _conv(groups=1)
+    x = torch.randn(64, 6, 9, 9)
+    x = x + 0.8 * x.roll(1, dims=1)  # correlated channels
+    res = _calibrated(conv, x).quantize(bits=3, group_size=-1, order="act")
+    rtn = rtn_quantize(conv, bits=3, group_size=-1)
+    assert res.loss < 0.8 * _measured_loss(conv, rtn.weight, x)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_orders_are_permutations_and_undone(order: str) -> None:
+    """With a diagonal Hessian OBS has nothing to compensate: every order must give exactly RTN,
+    which only holds if the permutation is undone before packing."""
+    conv = _conv()
+    k = geometry(conv).k
+    scales = torch.rand(k) + 0.5
+    # one-hot patches: each input column excites one (ky, kx, cin) position -> diagonal H
+    q = OBSQuantizer(conv)
+    q.H = torch.diag_embed(scales.double()).repeat(2, 1, 1)
+    q.nsamples = 1
+    res = q.quantize(bits=3, group_size="tier", order=order, block_size=7)
+    ref = rtn_quantize(conv, bits=3, group_size="tier")
+    assert torch.equal(res.weight, ref.weight)
+    for row in res.perm:
+        assert torch.equal(row.sort().values, torch.arange(k))
+    col_ov = OV5.reshape(-1).repeat_interleave(3)
+    if order == "act":
+        assert torch.all(scales[res.perm[0]].diff() <= 0)
+    if order in ("reparam", "reparam-dynamic"):
+        assert torch.all(col_ov[res.perm[0]].diff() <= 0)  # most-overlapped tier first
+
+
+def test_reparam_ranks_by_saliency_inside_tiers() -> None:
+    conv = _conv(groups=1)
+    x = torch.randn(30, 6, 7, 7)
+    q = _calibrated(conv, x)
+    res = q.quantize(bits=3, group_size=-1, order="reparam", percdamp=0.01)
+    geo = geometry(conv)
+    w = weight_matrix(conv.weight.detach(), geo).double()
+    h = q.H[0].clone()
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    hinv_diag = torch.linalg.inv(h).diagonal()
+    s, z = grid_params(w.float(), 3, sym=False)
+    s, z = s.double()[:, None], z.double()[:, None]
+    err2 = ((torch.clamp(torch.round(w / s) + z, 0, 7) - z) * s - w).square().sum(0)
+    sal = err2 / hinv_diag
+    col_ov = OV5.reshape(-1).repeat_interleave(6)
+    perm = res.perm[0]
+    for tier in col_ov.unique():
+        in_tier = perm[col_ov[perm] == tier]
+        assert torch.all(sal[in_tier].diff() <= 1e-12)
+
+
+def test_static_groups_use_original_weights() -> None:
+    torch.manual_seed(3)
+    lin = nn.Linear(48, 10)
+    x = torch.randn(100, 48)
+    res = _calibrated(lin, x).quantize(bits=4, group_size=16, order="act")
+    w = lin.weight.detach()
+    for g in range(3):
+        s, z = grid_params(w[:, g * 16:(g + 1) * 16], 4, sym=False)
+        assert torch.equal(res.scales[g].float(), s)
+        assert torch.equal(res.zeros[g].float(), z)
+
+
+def test_group_modes_put_the_right_columns_together() -> None:
+    # contiguous: K padded to the group size; padding joins the last group
+    assert column_groups(40, 16).tolist() == [0] * 16 + [1] * 16 + [2] * 8
+    assert column_groups(24, -1).tolist() == [0] * 24
+    # position: column (ky, kx, cin) -> ky*kw + kx
+    pg = position_groups(OV5, "position")
+    gid = column_groups(75, "position", 3, pg)
+    assert gid.tolist() == [p for p in range(25) for _ in range(3)]
+    # tier: one group per overlap value, most overlapped first
+    pg = position_groups(OV5, "tier")
+    assert pg.reshape(5, 5).tolist() == [[3, 3, 3, 3, 3],
+                                         [3, 2, 1, 2, 3],
+                                         [3, 1, 0, 1, 3],
+                                         [3, 2, 1, 2, 3],
+                                         [3, 3, 3, 3, 3]]
+    # and the quantizer computes each tier's scale from exactly those columns
+    conv = _conv(groups=1)
+    res = rtn_quantize(conv, bits=4, group_size="tier", sym=True)
+    w = weight_matrix(conv.weight.detach(), geometry(conv))
+    col_tier = pg.long().repeat_interleave(6)
+    for t in range(4):
+        expected = w[:, col_tier == t].abs().amax(1) / 7
+        assert torch.allclose(res.scales[t].float(), expected, rtol=1e-3)
+
+
+def test_dead_columns_get_zero_weight() -> None:
+    torch.manual_seed(4)
+    lin = nn.Linear(16, 4)
+    x = torch.randn(50, 16)
+    x[:, 5] = 0
+    res = _calibrated(lin, x).quantize(bits=4, group_size=-1, order="act")
+    assert torch.all(res.weight[:, 5] == 0)
+
+
+def test_damping_retries_then_error() -> None:
+    lin = nn.Linear(8, 4)
+    q = OBSQuantizer(lin)
+    evals = torch.tensor([1.0] * 7 + [-0.05])
+    basis = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0]
+    q.H = (basis @ torch.diag(evals.double()) @ basis.t()).unsqueeze(0)
+    q.nsamples = 1
+    res = q.quantize(bits=4, group_size=-1, percdamp=0.01)
+    assert res.damp == pytest.approx(0.1)
+    q.H = -torch.eye(8, dtype=torch.float64).unsqueeze(0)
+    q.H[0, 0, 0] = 5.0
+    with pytest.raises(RuntimeError, match="not positive definite"):
+        q.quantize(bits=4, group_size=-1)
+
+
+def test_eight_bit_error_is_tiny() -> None:
+    """Uniform weights in [-a, a], 8-bit asymmetric per channel: step 2a/255, so the relative
+    weight (and output) error is about (2a/255)/sqrt(12) / (a/sqrt(3)) = 0.0039; 4 bits is ~17x."""
+    torch.manual_seed(5)
+    conv = nn.Conv2d(6, 8, 5, padding=2)
+    x = torch.randn(40, 6, 8, 8)
+    ref = nn.functional.conv2d(x, conv.weight, None, 1, 2)
+    rel = {}
+    for bits in (8, 4):
+        res = _calibrated(conv, x).quantize(bits=bits, group_size=-1, order="act")
+        out = nn.functional.conv2d(x, res.weight, None, 1, 2)
+        rel[bits] = ((out - ref).norm() / ref.norm()).item()
+    assert rel[8] < 0.005
+    assert rel[4] > 8 * rel[8]
+
+
+def test_bad_input_errors() -> None:
+    lin = nn.Linear(16, 4)
+    q = OBSQuantizer(lin, name="fc")
+    with pytest.raises(RuntimeError, match="fc: quantize\\(\\) called before any add_batch"):
+        q.quantize()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        q.add_batch(torch.tensor([[float("nan")] * 16]))
+    with pytest.raises(ValueError, match="16"):
+        q.add_batch(torch.randn(3, 15))
+    q.add_batch(torch.randn(32, 16))
+    for bits in (1, 9, 4.5, True):
+        with pytest.raises(ValueError, match="bits must be an integer in 2..8"):
+            q.quantize(bits=bits)
+    for gs in (0, 12, -2, "rows"):
+        with pytest.raises(ValueError, match="group_size"):
+            q.quantize(group_size=gs)
+    with pytest.raises(ValueError, match="needs a Conv2d"):
+        q.quantize(group_size="tier")
+    with pytest.raises(ValueError, match="order must be one of"):
+        q.quantize(order="random")
+    with pytest.raises(TypeError, match="unsupported layer type Conv1d"):
+        OBSQuantizer(nn.Conv1d(3, 3, 3))
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        OBSQuantizer(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"))
+    conv = nn.Conv2d(3, 4, 3)
+    qc = OBSQuantizer(conv)
+    with pytest.raises(ValueError, match="conv input must be"):
+        qc.add_batch(torch.randn(2, 5, 8, 8))
+    qc.add_batch(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="overlap map"):
+        qc.quantize(overlap=torch.ones(5, 5))
