@@ -30,6 +30,8 @@ class QuantConfig:
     ``group_size`` applies to convs; ``"position"`` / ``"tier"`` are conv-only, so Linear layers
     use ``linear_group_size`` (default: ``group_size`` when it is an int, else -1 per channel).
     ``skip`` holds module names or fnmatch patterns (e.g. ``"stem.*"``, ``"fc"``) left in float.
+    Defaults (overlap-tier groups, reparam order) are the best error per scale measured by
+    ``benchmarks/quant_quality.py`` (results in ``benchmarks/results/quant_quality_cpu.json``).
     """
 
     bits: int = 4
@@ -37,7 +39,7 @@ class QuantConfig:
     linear_group_size: int | None = None
     sym: bool = False
     method: str = "obs"
-    order: str = "act"
+    order: str = "reparam"
     percdamp: float = 0.01
     block_size: int = 128
     mse: bool = False

@@ -221,7 +221,7 @@ class OBSQuantizer:
 
     @torch.no_grad()
     def quantize(self, bits: int = 4, group_size: int | str = 128, sym: bool = False,
-                 order: str = "act", overlap: torch.Tensor | None = None, percdamp: float = 0.01,
+                 order: str = "reparam", overlap: torch.Tensor | None = None, percdamp: float = 0.01,
                  block_size: int = 128, mse: bool = False,
                  scale_dtype: torch.dtype = torch.float16) -> QuantResult:
         """Quantize the layer's weight (the layer itself is not modified).
