@@ -7,6 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from adagrow.kernels.conv import fused_conv2d
+from adagrow.kernels.w4a16 import kernel_supports, use_triton, w4a16_matmul
+
 from .groups import padded_k
 from .layer import LayerGeometry, geometry, matrix_to_weight, reference_forward
 from .obs import QuantResult
@@ -16,7 +19,11 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class _QuantLayer(nn.Module):
-    """Shared body of QuantLinear / QuantConv2d, built from a metadata dict (see from_result)."""
+    """Shared body of QuantLinear / QuantConv2d, built from a metadata dict (see from_result).
+
+    4-bit layers run the Triton kernels on CUDA fp16/bf16 inputs; everything else runs the
+    reference (dequantize, then F.linear / F.conv2d).
+    """
 
     def __init__(self, meta: dict[str, Any]):
         super().__init__()
@@ -43,8 +50,15 @@ class _QuantLayer(nn.Module):
                                 self.group_size, self.geo.cin_per_group, self.position_group)
         return matrix_to_weight(mat, self.geo)
 
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        gs = self.group_size
+        return (self.bits == 4 and x.dtype in (torch.float16, torch.bfloat16) and use_triton(x)
+                and (isinstance(gs, str) or self.geo.kind == "conv" or kernel_supports(gs)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self._use_kernel(x):
+            return self._kernel_forward(x, bias)
         return reference_forward(x, self.dequantize().to(x.dtype), bias, self.geo)
 
     def extra_repr(self) -> str:
@@ -54,9 +68,21 @@ class _QuantLayer(nn.Module):
 class QuantLinear(_QuantLayer):
     """Linear layer with packed low-bit weights."""
 
+    def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = w4a16_matmul(x, self.qweight, self.scales, self.zeros, self.group_size)
+        return y if bias is None else y + bias
+
 
 class QuantConv2d(_QuantLayer):
     """Conv2d (grouped / depthwise too) with packed low-bit weights in (ky, kx, cin) K order."""
+
+    def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        g = self.geo
+        gs = self.group_size if isinstance(self.group_size, int) else -1
+        y = fused_conv2d(x.permute(0, 2, 3, 1), self.qweight, bias, self.scales, self.zeros,
+                         self.position_group, None, list(g.kernel_size), list(g.stride), list(g.padding),
+                         list(g.dilation), g.groups, gs, "none")
+        return y.permute(0, 3, 1, 2)
 
 
 def from_result(layer: nn.Module, res: QuantResult, name: str = "layer") -> _QuantLayer:

@@ -1,1 +1,15 @@
-"""Triton kernels for the deploy form (W4A16 matmul, fused convs). Not implemented yet."""
+"""Triton kernels for the deploy form, registered as ``torch.ops.adagrow.*`` custom ops.
+
+- ``w4a16_matmul(x, qweight, scales, zeros, group_size)``: GEMV / split-K / tiled GEMM by M.
+- ``fused_conv2d(...)``: NHWC implicit-GEMM conv (and a direct depthwise kernel) with fused
+  bias, activation and residual; fp16/bf16 or W4A16-packed weights.
+
+Each op has a pure-PyTorch reference (used on CPU and by the tests) and a fake implementation
+for torch.compile / CUDA graphs. On CPU the kernels run only under ``TRITON_INTERPRET=1``.
+"""
+from .conv import fused_conv2d, fused_conv2d_ref
+from .modules import FusedConv2d
+from .w4a16 import load_tuning, save_tuning, tune, w4a16_matmul, w4a16_matmul_ref
+
+__all__ = ["w4a16_matmul", "w4a16_matmul_ref", "fused_conv2d", "fused_conv2d_ref", "FusedConv2d",
+           "tune", "save_tuning", "load_tuning"]

@@ -1,0 +1,284 @@
+"""Triton kernels against the float32 dequantized reference (interpreter mode on CPU).
+
+Tolerance: the kernels round the dequantized weight to the activation dtype (relative 2^-11
+for fp16, 2^-8 for bf16) and the output once more, with fp32 accumulation, so
+``|y - ref| <= 2 * eps * (|x| @ |W|)`` elementwise, where eps is the dtype's unit roundoff.
+This bound grows with K; an indexing or packing bug gives errors of the size of ``y`` itself.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adagrow.compress import QuantConfig, QuantConv2d, QuantLinear, quantize, rtn_quantize
+from adagrow.compress.pack import dequantize_packed
+from adagrow.kernels import FusedConv2d, fused_conv2d, fused_conv2d_ref, w4a16_matmul_ref
+from adagrow.kernels import w4a16 as w4
+from adagrow.kernels.conv import conv_weight_matrix, fused_conv2d_triton
+
+EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compile, CUDA graphs)")
+# Triton's CPU interpreter computes tl.dot on bfloat16 operands wrongly (garbage ~1e10, checked
+# with a 16x16 kernel of nothing but tl.dot); bf16 paths without tl.dot run in the interpreter.
+bf16_dot = pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="Triton's interpreter mis-computes bfloat16 tl.dot; runs on CUDA")
+# small configs keep the interpreter fast: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages)
+SMALL = {"gemv": (1, 64, 32, 2, 4, 1), "splitk": (16, 64, 32, 3, 4, 1), "gemm": (16, 64, 32, 1, 4, 1)}
+
+
+def _packed_linear(k: int, n: int, group_size: int, sym: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n)
+    return rtn_quantize(lin, bits=4, group_size=group_size, sym=sym)
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> None:
+    """``w`` is ``[N, K]`` float32; ref float32."""
+    bound = 2 * EPS[x.dtype] * (x.float().abs() @ w.abs().t()) + 1e-6
+    err = (y.float() - ref).abs()
+    assert torch.all(err <= bound), f"max err {err.max():.3e}, bound there {bound.flatten()[err.argmax()]:.3e}"
+
+
+CASES = [(1, 72, 24, -1, False), (1, 584, 136, 128, True), (3, 200, 40, 64, False), (3, 72, 136, 32, True),
+         (17, 584, 40, 32, False), (17, 200, 24, -1, True), (64, 200, 136, 64, False), (64, 72, 40, 128, True)]
+
+
+@pytest.mark.parametrize("m,k,n,gs,sym", CASES)
+def test_w4a16_every_path(m: int, k: int, n: int, gs: int, sym: bool) -> None:
+    res = _packed_linear(k, n, gs, sym)
+    x = torch.randn(m, k, dtype=torch.float16)
+    w = dequantize_packed(res.qweight, res.scales, res.zeros, 4, k, gs)
+    ref = x.float() @ w.t()
+    assert torch.equal(w4a16_matmul_ref(x, res.qweight, res.scales, res.zeros, gs), ref.half())
+    paths = ["gemv", "splitk"] if m == 1 else ["splitk", "gemm"]
+    for path in paths:
+        y = w4.w4a16_triton(x, res.qweight, res.scales, res.zeros, gs, path=path, config=SMALL[path])
+        assert y.dtype == torch.float16 and y.shape == (m, n)
+        _check(y, x, w, ref)
+
+
+def _run_op(m: int, dtype: torch.dtype) -> None:
+    res = _packed_linear(200, 40, 64, False, seed=m)
+    x = torch.randn(2, m, 200, dtype=dtype)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [t.to(dev) for t in (x, res.qweight, res.scales, res.zeros)]
+    w = dequantize_packed(res.qweight, res.scales, res.zeros, 4, 200, 64)
+    y = torch.ops.adagrow.w4a16_matmul(*args, 64).cpu()
+    assert y.shape == (2, m, 40) and y.dtype == dtype
+    _check(y.reshape(-1, 40), x.reshape(-1, 200), w, x.reshape(-1, 200).float() @ w.t())
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_w4a16_op_default_dispatch_with_batch_dims(m: int) -> None:
+    _run_op(m, torch.float16)  # M = 2, 10, 80 rows: split-K and GEMM with the table's configs
+
+
+def test_w4a16_bf16_gemv() -> None:
+    res = _packed_linear(200, 40, 64, True)
+    x = torch.randn(1, 200, dtype=torch.bfloat16)
+    w = dequantize_packed(res.qweight, res.scales, res.zeros, 4, 200, 64)
+    y = w4.w4a16_triton(x, res.qweight, res.scales, res.zeros, 64, path="gemv", config=SMALL["gemv"])
+    _check(y, x, w, x.float() @ w.t())
+
+
+@bf16_dot
+@pytest.mark.parametrize("m", [5, 40])
+def test_w4a16_bf16_dot_paths(m: int) -> None:
+    _run_op(m, torch.bfloat16)
+
+
+def test_w4a16_dispatch_and_config_pruning() -> None:
+    assert [w4.path_for(m) for m in (1, 2, 32, 33, 256)] == ["gemv", "splitk", "splitk", "gemm", "gemm"]
+    for path in w4.CONFIGS:
+        for gs in (32, 64, 128):
+            for cfg in w4.valid_configs(path, gs):
+                assert cfg[2] <= gs and gs % cfg[2] == 0
+    with pytest.raises(ValueError, match="multiple of 32"):
+        w4.valid_configs("gemm", 16)
+
+
+def test_w4a16_errors() -> None:
+    res = _packed_linear(72, 24, 32, False)
+    args = (res.qweight, res.scales, res.zeros)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        w4.w4a16_matmul(torch.randn(2, 72), *args, 32)
+    with pytest.raises(ValueError, match="K_pad=96"):
+        w4.w4a16_matmul(torch.randn(2, 100, dtype=torch.float16), *args, 32)
+    with pytest.raises(ValueError, match="group_size=64"):
+        w4.w4a16_matmul(torch.randn(2, 72, dtype=torch.float16), *args, 64)
+    with pytest.raises(ValueError, match=r"scales/zeros must be \[3, 24\]"):
+        w4.w4a16_matmul(torch.randn(2, 72, dtype=torch.float16), res.qweight, res.scales[:2], res.zeros[:2], 32)
+    with pytest.raises(TypeError, match="int32"):
+        w4.w4a16_matmul(torch.randn(2, 72, dtype=torch.float16), res.qweight.long(), res.scales, res.zeros, 32)
+    with pytest.raises(ValueError, match="different devices"):
+        w4.w4a16_matmul(torch.randn(2, 72, dtype=torch.float16, device="meta"), *args, 32)
+
+
+def test_w4a16_opcheck() -> None:
+    res = _packed_linear(72, 40, 32, False)
+    x = torch.randn(3, 72, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.adagrow.w4a16_matmul.default, (x, res.qweight, res.scales, res.zeros, 32))
+
+
+def test_tuning_cache_round_trip(tmp_path) -> None:
+    res = _packed_linear(64, 32, 32, False)
+    best = w4.tune(1, res.qweight, res.scales, res.zeros, 32, rep=1)
+    assert best in w4.valid_configs("gemv", 32)
+    w4.save_tuning(tmp_path / "tune.json")
+    saved = dict(w4._TUNED)
+    w4._TUNED.clear()
+    assert w4.load_tuning(tmp_path / "tune.json") == len(saved) and w4._TUNED == saved
+    (tmp_path / "bad.json").write_text('{"warp|1": [1]}')
+    with pytest.raises(ValueError, match="bad entry"):
+        w4.load_tuning(tmp_path / "bad.json")
+
+
+# ----------------------------------------------------------------------------- convs
+def _conv_case(cin, cout, k, stride, dil, groups, hw, mode, act, residual, dtype=torch.float16, seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride, padding=(k[0] // 2 * dil, k[1] // 2 * dil), dilation=dil, groups=groups)
+    if mode == "tier":
+        kh, kw = k
+        ov = torch.ones(kh, kw, dtype=torch.int64)
+        ov[kh // 2, :] += 1
+        ov[kh // 2, kw // 2] += 2
+        conv.register_buffer("reparam_overlap", ov)
+    x = torch.randn(2, *hw, cin, dtype=dtype)
+    geo = (list(k), [stride, stride], list(conv.padding), [dil, dil], groups)
+    if mode == "fp":
+        wmat = conv_weight_matrix(conv.weight.detach())
+        wargs = (wmat.to(dtype), conv.bias.detach().to(dtype), None, None, None)
+        gs = -1
+    else:
+        res = rtn_quantize(conv, bits=4, group_size=mode)
+        gs = mode if isinstance(mode, int) else -1
+        wargs = (res.qweight, conv.bias.detach().to(dtype), res.scales, res.zeros, res.position_group)
+        wmat = dequantize_packed(res.qweight, res.scales, res.zeros, 4, wargs[0].shape[0] * 8, mode,
+                                 cin // groups, res.position_group)[:, : k[0] * k[1] * cin // groups].t()
+    w4d = wmat.float().reshape(k[0], k[1], cin // groups, cout).permute(3, 2, 0, 1)
+    out_hw = F.conv2d(x.permute(0, 3, 1, 2).float(), w4d, None, geo[1], geo[2], geo[3], groups).shape[-2:]
+    r = torch.randn(2, *out_hw, cout, dtype=dtype) if residual else None
+    return x, wargs, r, geo, gs, w4d
+
+
+CONV_CASES = [  # cin, cout, kernel, stride, dilation, groups, input, weight mode, act, residual
+    (8, 24, (3, 3), 1, 1, 1, (7, 9), "fp", "relu", True),
+    (8, 24, (1, 1), 2, 1, 1, (7, 9), -1, "none", False),
+    (6, 40, (5, 5), 1, 1, 1, (13, 13), 32, "silu", True),
+    (8, 16, (1, 3), 2, 2, 2, (7, 9), "position", "hardswish", False),
+    (6, 16, (5, 5), 2, 1, 1, (13, 13), "tier", "gelu", True),
+    (12, 24, (3, 3), 1, 2, 3, (13, 13), "fp", "gelu", False),
+    (16, 16, (3, 3), 1, 2, 16, (13, 13), 8, "relu", True),         # depthwise, contiguous groups
+    (16, 16, (5, 5), 2, 1, 16, (7, 9), "fp", "silu", False),        # depthwise fp16
+    (16, 16, (5, 5), 1, 1, 16, (7, 9), "tier", "none", True),       # depthwise, tier table
+    (16, 16, (1, 3), 1, 1, 16, (7, 9), -1, "hardswish", False),     # depthwise per channel
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}-{c[1]}-k{c[2][0]}x{c[2][1]}-s{c[3]}-d{c[4]}-g{c[5]}-{c[7]}")
+def test_fused_conv_matches_reference(case) -> None:
+    x, wargs, r, geo, gs, w4d = _conv_case(*case)
+    act = case[8]
+    ref = fused_conv2d_ref(x.float(), *wargs[:1], wargs[1].float(), *wargs[2:], r if r is None else r.float(),
+                           *geo, gs, act)
+    kernels = [True, False] if geo[4] == x.shape[-1] == wargs[0].shape[1] else [False]
+    for depthwise in kernels:  # depthwise layers also go through the implicit GEMM
+        y = fused_conv2d_triton(x, *wargs, r, *geo, gs, act, depthwise_kernel=depthwise)
+        assert y.shape == ref.shape and y.dtype == x.dtype
+        mag = F.conv2d(x.permute(0, 3, 1, 2).float().abs(), w4d.abs(), None, *geo[1:]).permute(0, 2, 3, 1)
+        mag = mag + wargs[1].float().abs() + (0 if r is None else r.float().abs())
+        bound = 1.5 * 2 * EPS[x.dtype] * mag + 1e-5  # activations here have slope <= 1.5
+        err = (y.float() - ref).abs()
+        assert torch.all(err <= bound), f"depthwise={depthwise}: max err {err.max():.3e}"
+
+
+def test_fused_conv_op_and_opcheck() -> None:
+    x, wargs, r, geo, gs, _ = _conv_case(8, 24, (3, 3), 2, 1, 1, (7, 9), 32, "relu", True)
+    y = torch.ops.adagrow.fused_conv2d(x, *wargs, r, *geo, gs, "relu")
+    ref = fused_conv2d_ref(x.float(), wargs[0], wargs[1].float(), *wargs[2:], r.float(), *geo, gs, "relu")
+    assert y.dtype == torch.float16 and (y.float() - ref).abs().max() < 1e-2 * ref.abs().max()
+    torch.library.opcheck(torch.ops.adagrow.fused_conv2d.default, (x, *wargs, r, *geo, gs, "relu"))
+
+
+def test_fused_conv_bf16_depthwise() -> None:
+    x, wargs, r, geo, gs, _ = _conv_case(16, 16, (3, 3), 1, 1, 16, (7, 9), "tier", "silu", True,
+                                         dtype=torch.bfloat16)
+    y = fused_conv2d_triton(x, *wargs, r, *geo, gs, "silu")
+    ref = fused_conv2d_ref(x.float(), wargs[0], wargs[1].float(), *wargs[2:], r.float(), *geo, gs, "silu")
+    assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+@bf16_dot
+def test_fused_conv_bf16_implicit_gemm() -> None:
+    x, wargs, r, geo, gs, _ = _conv_case(8, 24, (3, 3), 2, 1, 1, (7, 9), 32, "relu", True, dtype=torch.bfloat16)
+    dev = "cuda"
+    args = [None if t is None else t.to(dev) for t in (x, *wargs, r)]
+    y = torch.ops.adagrow.fused_conv2d(*args, *geo, gs, "relu").cpu()
+    ref = fused_conv2d_ref(x.float(), wargs[0], wargs[1].float(), *wargs[2:], r.float(), *geo, gs, "relu")
+    assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+def test_fused_conv_errors() -> None:
+    x, wargs, r, geo, gs, _ = _conv_case(6, 16, (5, 5), 1, 1, 1, (7, 9), 32, "relu", True)
+    with pytest.raises(ValueError, match="NHWC"):
+        fused_conv2d(x[0], *wargs, r, *geo, gs, "relu")
+    with pytest.raises(ValueError, match="act must be one of"):
+        fused_conv2d(x, *wargs, r, *geo, gs, "tanh")
+    with pytest.raises(ValueError, match="scales/zeros must be"):
+        fused_conv2d(x, *wargs, r, *geo, 64, "relu")
+    with pytest.raises(ValueError, match="K_pad"):
+        fused_conv2d(x, *wargs, r, [3, 3], *geo[1:], gs, "relu")
+    with pytest.raises(ValueError, match="residual must be NHWC"):
+        fused_conv2d(x, *wargs, r[:, :-1], *geo, gs, "relu")
+    with pytest.raises(ValueError, match="needs scales and zeros"):
+        fused_conv2d(x, wargs[0], wargs[1], None, None, None, r, *geo, gs, "relu")
+    with pytest.raises(ValueError, match="bias must be"):
+        fused_conv2d(x, wargs[0], wargs[1][:3], *wargs[2:], r, *geo, gs, "relu")
+
+
+# ----------------------------------------------------------------------------- modules
+def test_quant_modules_use_kernels_and_match_reference() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 25, 40)).eval()
+    model[0].register_buffer("reparam_overlap", torch.tensor([[1, 2, 1], [2, 3, 2], [1, 2, 1]]))
+    x = torch.randn(4, 3, 5, 5)
+    qmodel = quantize(model, [x], QuantConfig(bits=4, group_size="tier", linear_group_size=32), progress=False)
+    assert isinstance(qmodel[0], QuantConv2d) and isinstance(qmodel[3], QuantLinear)
+    ref = qmodel(x)  # float32 input: the dequantize reference
+    y = qmodel.half()(x.half())  # fp16 input: Triton kernels (interpreter here)
+    assert qmodel[0]._use_kernel(x.half()) and qmodel[3]._use_kernel(x.half()[:, 0, 0])
+    assert (y.float() - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+def test_fused_conv2d_module() -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, groups=2)
+    mod = FusedConv2d(conv, act="silu")
+    x = torch.randn(2, 6, 9, 7)
+    res = torch.randn(2, 10, 5, 4)
+    expected = F.silu(conv(x) + res)
+    assert torch.allclose(mod(x, res), expected, atol=1e-6)
+    y = mod.half()(x.half(), res.half())
+    assert (y.float() - expected).abs().max() < 1e-2 * expected.abs().max()
+    with pytest.raises(ValueError, match="act must be one of"):
+        FusedConv2d(conv, act="tanh")
+
+
+@cuda
+def test_compile_fullgraph_and_cuda_graphs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128)).eval()
+    x = torch.randn(8, 256)
+    qmodel = quantize(model, [x], QuantConfig(bits=4, linear_group_size=128), progress=False).cuda().half()
+    xc = x.cuda().half()
+    eager = qmodel(xc)
+    compiled = torch.compile(qmodel, fullgraph=True)
+    assert torch.allclose(compiled(xc), eager, atol=1e-2, rtol=1e-2)
+    static_x = xc.clone()
+    qmodel(static_x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = qmodel(static_x)
+    static_x.copy_(xc * 0.5)
+    graph.replay()
+    assert torch.allclose(static_y, qmodel(xc * 0.5), atol=1e-2, rtol=1e-2)
