@@ -1,0 +1,205 @@
+"""GPU benchmark of the Triton kernels (needs CUDA): W4A16 matmul and fused deploy-form convs.
+
+Matmul: N x K = 4096x4096, 8192x8192, 14336x4096 (K=4096 -> N=14336) and the RepCNN deploy
+layers' implicit-GEMM shapes, M in 1..256, group 128; against torch fp16 matmul (cuBLAS) and,
+when importable, GemLite. Each shape is tuned once (warm-up, not timed), then timed with
+``triton.testing.do_bench`` (L2 flushed before every call, median). Reports time, speedup over
+fp16 and achieved bandwidth as a share of the GPU's peak. A correctness check against the
+dequantized reference runs first on every shape.
+
+Convs: the deploy layers of RepCNN (stand-in for a grown CNN) on 32x32 inputs at batch 1, 8, 64:
+eager (cuDNN conv, then bias, activation as separate ops), torch.compile of the same, our fused
+fp16 conv and our W4 conv.
+
+Usage: ``python benchmarks/kernels.py [--quick] [--out DIR]`` -> ``DIR/kernels_<gpu>_<date>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adagrow.compress import rtn_quantize
+from adagrow.compress.pack import dequantize_packed, unpack_codes
+from adagrow.grow.nets import RepCNN
+from adagrow.grow.reparam import reparameterize
+from adagrow.kernels import fused_conv2d, w4a16 as w4
+from adagrow.kernels.conv import conv_weight_matrix
+
+PEAK_GBPS = {"H100 SXM": 3350, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350, "H200": 4800,
+             "A100-SXM4-80GB": 2039, "A100": 1555, "L40S": 864}
+TARGETS = {1: 2.5, 16: 2.2, 128: 1.0}  # 8192x8192 g128 speedup over fp16 cuBLAS
+MATMUL_SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096)]  # (N, K)
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def peak_gbps(name: str) -> float | None:
+    for key, val in PEAK_GBPS.items():
+        if key in name:
+            return val
+    return None
+
+
+def bench(fn, rep: int = 200) -> float:
+    """Median milliseconds with the L2 cache flushed before every call."""
+    import triton.testing
+    return float(triton.testing.do_bench(fn, rep=rep, return_mode="median"))
+
+
+def gemlite_layer(res, k: int, n: int, group: int):
+    """A GemLite W4A16 layer built from the same codes/scales/zeros, or the reason there is none."""
+    try:
+        from gemlite.core import DType, GemLiteLinearTriton
+    except ImportError as exc:
+        return None, f"gemlite not installed ({exc})"
+    try:
+        q = unpack_codes(res.qweight, 4)[:, :k].cuda()  # [N, K] codes
+        layer = GemLiteLinearTriton(4, group_size=group, in_features=k, out_features=n,
+                                    input_dtype=DType.FP16, output_dtype=DType.FP16)
+        layer.pack(q, res.scales.t().contiguous().cuda().half(), res.zeros.t().contiguous().cuda().half(),
+                   bias=None)
+        return layer, None
+    except Exception as exc:  # GemLite's API moves between releases: report, do not crash the run
+        return None, f"gemlite API error: {type(exc).__name__}: {exc}"
+
+
+def bench_matmul(shapes, ms, group: int, peak: float | None) -> list[dict]:
+    rows = []
+    for n, k in shapes:
+        torch.manual_seed(0)
+        lin = nn.Linear(k, n, bias=False)
+        res = rtn_quantize(lin, bits=4, group_size=group)
+        qw, sc, zr = res.qweight.cuda(), res.scales.cuda(), res.zeros.cuda()
+        w16 = lin.weight.detach().t().contiguous().half().cuda()  # [K, N]
+        wdq = dequantize_packed(res.qweight, res.scales, res.zeros, 4, k, group).cuda()
+        glayer, gl_skip = gemlite_layer(res, k, n, group)
+        if gl_skip:
+            print(f"GemLite skipped: {gl_skip}")
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            y = w4.w4a16_matmul(x, qw, sc, zr, group)
+            ref = x.float() @ wdq.t()
+            max_err = float((y.float() - ref).abs().max() / ref.abs().max())
+            w4.tune(m, qw, sc, zr, group)
+            t_ours = bench(lambda: w4.w4a16_matmul(x, qw, sc, zr, group))
+            t_fp16 = bench(lambda: x @ w16)
+            t_gl = bench(lambda: glayer(x)) if glayer is not None else None
+            nbytes = qw.numel() * 4 + sc.numel() * 2 * 2 + x.numel() * 2 + m * n * 2
+            gbps = nbytes / t_ours / 1e6
+            row = {"N": n, "K": k, "M": m, "group": group, "path": w4.path_for(m), "ms_w4a16": t_ours,
+                   "ms_fp16": t_fp16, "speedup_vs_fp16": t_fp16 / t_ours, "GBps": gbps,
+                   "peak_share": gbps / peak if peak else None, "rel_max_err": max_err,
+                   "ms_gemlite": t_gl, "speedup_gemlite_vs_fp16": t_fp16 / t_gl if t_gl else None,
+                   "gemlite_skipped": gl_skip}
+            rows.append(row)
+            print(f"N={n:>6} K={k:>6} M={m:>4} {row['path']:>6}: ours {t_ours * 1e3:8.1f}us fp16 "
+                  f"{t_fp16 * 1e3:8.1f}us x{row['speedup_vs_fp16']:.2f} {gbps:7.0f} GB/s"
+                  + (f" ({100 * gbps / peak:.0f}% peak)" if peak else "")
+                  + (f" gemlite x{t_fp16 / t_gl:.2f}" if t_gl else "") + f" err {max_err:.1e}", flush=True)
+    return rows
+
+
+def deploy_convs() -> list[nn.Conv2d]:
+    torch.manual_seed(0)
+    deploy = reparameterize(RepCNN(in_channels=3, widths=(64, 96, 128), depth=2).eval())
+    return [m for m in deploy.modules() if isinstance(m, nn.Conv2d)]
+
+
+def bench_convs(batches) -> list[dict]:
+    rows = []
+    convs = deploy_convs()
+    for batch in batches:
+        size = 32
+        for i, conv in enumerate(convs):
+            conv = conv.cuda().half()
+            x = torch.randn(batch, conv.in_channels, size, size, device="cuda", dtype=torch.float16)
+            size = (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+            w, b = conv.weight.detach(), conv.bias.detach()
+            geo = (list(conv.kernel_size), list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+
+            def eager(x=x, w=w, b=b, conv=conv):
+                y = F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+                return torch.relu(y + b[None, :, None, None])
+
+            compiled = torch.compile(eager)
+            x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+            wmat = conv_weight_matrix(w).contiguous()
+            res = rtn_quantize(conv.float(), bits=4, group_size="position")
+            conv.half()
+            qargs = (res.qweight.cuda(), b, res.scales.cuda(), res.zeros.cuda(), res.position_group.cuda())
+
+            def ours(x_nhwc=x_nhwc, wmat=wmat, b=b, geo=geo):
+                return fused_conv2d(x_nhwc, wmat, b, None, None, None, None, *geo, -1, "relu")
+
+            def ours_w4(x_nhwc=x_nhwc, qargs=qargs, geo=geo):
+                return fused_conv2d(x_nhwc, *qargs, None, *geo, -1, "relu")
+
+            ref = eager()
+            err = float((ours().permute(0, 3, 1, 2).float() - ref.float()).abs().max() / ref.float().abs().max())
+            compiled()
+            t_e, t_c, t_o, t_w = bench(eager), bench(compiled), bench(ours), bench(ours_w4)
+            row = {"layer": i, "batch": batch, "cin": conv.in_channels, "cout": conv.out_channels,
+                   "kernel": list(conv.kernel_size), "stride": list(conv.stride), "ms_eager": t_e,
+                   "ms_compile": t_c, "ms_fused_fp16": t_o, "ms_fused_w4": t_w, "speedup_vs_eager": t_e / t_o,
+                   "speedup_vs_compile": t_c / t_o, "rel_max_err": err}
+            rows.append(row)
+            print(f"conv{i} b={batch:>2} {conv.in_channels:>3}->{conv.out_channels:<3} k{conv.kernel_size[0]} "
+                  f"s{conv.stride[0]}: eager {t_e * 1e3:7.1f}us compile {t_c * 1e3:7.1f}us fused "
+                  f"{t_o * 1e3:7.1f}us (x{t_e / t_o:.2f}) w4 {t_w * 1e3:7.1f}us err {err:.1e}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="GPU benchmark of adagrow's Triton kernels")
+    ap.add_argument("--quick", action="store_true", help="8192x8192 at M=1,16,128 and batch-1 convs only")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs a CUDA GPU; none is available here (the kernels' CPU "
+              "correctness tests run under TRITON_INTERPRET=1 in the test suite).", file=sys.stderr)
+        return 2
+    import triton
+    name = torch.cuda.get_device_name()
+    peak = peak_gbps(name)
+    print(f"{name}: peak {peak} GB/s; torch {torch.__version__}, triton {triton.__version__}")
+    shapes = [(8192, 8192)] if args.quick else MATMUL_SHAPES + [(c.out_channels, c.weight[0].numel())
+                                                              for c in deploy_convs()[1:]]
+    ms = [1, 16, 128] if args.quick else MS
+    matmul = bench_matmul(shapes, ms, args.group, peak)
+    convs = bench_convs([1] if args.quick else [1, 8, 64])
+    targets = []
+    for m, goal in TARGETS.items():
+        r = next((r for r in matmul if (r["N"], r["K"], r["M"]) == (8192, 8192, m)), None)
+        if r:
+            targets.append({"target": f"8192x8192 g{args.group} M={m} speedup >= {goal}",
+                            "measured": r["speedup_vs_fp16"], "met": r["speedup_vs_fp16"] >= goal})
+    b1 = [r["speedup_vs_eager"] for r in convs if r["batch"] == 1]
+    targets.append({"target": "fused fp16 conv >= 1.5x eager at batch 1 (geometric mean over layers)",
+                    "measured": float(torch.tensor(b1).log().mean().exp()), "met": None})
+    targets[-1]["met"] = targets[-1]["measured"] >= 1.5
+    for t in targets:
+        print(f"{t['target']}: {t['measured']:.2f} ({'met' if t['met'] else 'NOT met'})")
+    date = dt.date.today().isoformat()
+    result = {"benchmark": "kernels", "gpu": name, "date": date, "torch": torch.__version__,
+              "triton": triton.__version__, "peak_GBps": peak,
+              "command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "matmul": matmul, "convs": convs, "targets": targets}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"kernels_{re.sub(r'[^A-Za-z0-9]+', '_', name)}_{date}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
