@@ -36,6 +36,8 @@ setup(
         "scikit-learn>=1.3",
         "onnx>=1.16",
         "onnxruntime>=1.18",
+        "onnxslim>=0.1.30",
+        "onnxconverter-common>=1.14",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={"test": ["pytest>=8"]},

@@ -1,0 +1,237 @@
+"""ONNX-level rewrites that insert quantization: activation Q/DQ pairs, int8 per-channel weights,
+int32 biases (ONNX Runtime flavour), and 4-bit blocked DequantizeLinear weights (opset 21)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+QUANT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Per-tensor activation grid: ``x = (q - zero) * scale`` in int8 or uint8."""
+
+    scale: float
+    zero: int
+    dtype: int  # TensorProto.INT8 or TensorProto.UINT8
+
+
+def _maps(graph: onnx.GraphProto) -> tuple[dict, dict, dict]:
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return inits, producer, consumers
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int | float) -> int | float:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def quantizable_nodes(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, int]]:
+    """(node, output-channel axis of its weight) for Conv / Gemm / MatMul with constant weights."""
+    inits, _, _ = _maps(graph)
+    out = []
+    for node in graph.node:
+        if node.op_type not in QUANT_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if node.op_type == "Gemm":
+            if _attr(node, "transA", 0):
+                continue
+            axis = 0 if _attr(node, "transB", 0) else 1
+        else:
+            axis = 0 if node.op_type == "Conv" else 1
+        out.append((node, axis))
+    return out
+
+
+def activation_tensors(graph: onnx.GraphProto, target: str) -> list[str]:
+    """Tensors that get a Q/DQ pair.
+
+    Both flavours: the activation input of every quantizable node. ``onnxruntime``: also each such
+    node's output (or its single Relu consumer's output, so ORT drops the Relu), which is what
+    lets ORT fuse QLinearConv / QGemm. ``tensorrt``: also both inputs of residual Adds.
+    """
+    inits, _, consumers = _maps(graph)
+    names: list[str] = []
+
+    def add(t: str) -> None:
+        if t not in names and t not in inits:
+            names.append(t)
+
+    for node, _ in quantizable_nodes(graph):
+        add(node.input[0])
+        if target == "onnxruntime":
+            out = node.output[0]
+            users = consumers.get(out, [])
+            add(users[0].output[0] if len(users) == 1 and users[0].op_type == "Relu" else out)
+    if target == "tensorrt":
+        for node in graph.node:
+            if node.op_type == "Add" and len(node.input) == 2 and not any(i in inits for i in node.input):
+                for i in node.input:
+                    add(i)
+    return names
+
+
+def act_quant(threshold: float, minimum: float, target: str) -> ActQuant:
+    """Symmetric per-tensor grid: int8 zero 0 (TensorRT); uint8 zero 0 for non-negative tensors or
+    zero 128 otherwise (ONNX Runtime: the same symmetric grid, on its faster u8s8 kernels)."""
+    t = max(threshold, 1e-8)
+    if target == "tensorrt":
+        return ActQuant(t / 127.0, 0, TensorProto.INT8)
+    if minimum >= 0:
+        return ActQuant(t / 255.0, 0, TensorProto.UINT8)
+    return ActQuant(t / 127.0, 128, TensorProto.UINT8)
+
+
+def insert_act_qdq(model: onnx.ModelProto, plan: dict[str, ActQuant]) -> int:
+    """Put ``Q -> DQ`` on every planned tensor; consumers and graph outputs keep their names."""
+    graph = model.graph
+    graph_inputs = {i.name for i in graph.input}
+    rename: dict[str, str] = {}
+    head: list[onnx.NodeProto] = []
+    new_inits: list[TensorProto] = []
+
+    def pair(src: str, dst: str, name: str, aq: ActQuant) -> list[onnx.NodeProto]:
+        s, z = f"{name}_qscale", f"{name}_qzero"
+        new_inits.append(numpy_helper.from_array(np.array(aq.scale, dtype=np.float32), s))
+        zdt = np.int8 if aq.dtype == TensorProto.INT8 else np.uint8
+        new_inits.append(numpy_helper.from_array(np.array(aq.zero, dtype=zdt), z))
+        return [helper.make_node("QuantizeLinear", [src, s, z], [f"{name}_q"], name=f"{name}_Q"),
+                helper.make_node("DequantizeLinear", [f"{name}_q", s, z], [dst], name=f"{name}_DQ")]
+
+    for t, aq in plan.items():
+        if t in graph_inputs:
+            rename[t] = f"{t}_dq"
+            head += pair(t, f"{t}_dq", t, aq)
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        for j, i in enumerate(node.input):
+            node.input[j] = rename.get(i, i)
+        tail = []
+        for j, o in enumerate(node.output):
+            if o in plan and o not in graph_inputs:
+                node.output[j] = f"{o}_prequant"
+                tail += pair(f"{o}_prequant", o, o, plan[o])
+        nodes += [node, *tail]
+    del graph.node[:]
+    graph.node.extend(head + nodes)
+    graph.initializer.extend(new_inits)
+    return len(plan)
+
+
+def weight_scales(w: np.ndarray, axis: int, levels: int = 127) -> np.ndarray:
+    """Per-channel symmetric scales ``max|w| / levels`` along ``axis`` (1 for all-zero channels)."""
+    red = tuple(d for d in range(w.ndim) if d != axis)
+    amax = np.abs(w).max(axis=red)
+    return np.where(amax > 0, amax / levels, 1.0).astype(np.float32)
+
+
+def _bshape(axis: int, ndim: int) -> list[int]:
+    return [-1 if d == axis else 1 for d in range(ndim)]
+
+
+def quantize_weights_int8(model: onnx.ModelProto, scales: dict[str, np.ndarray],
+                          plan: dict[str, ActQuant], int32_bias: bool) -> int:
+    """Replace each quantizable node's float weight by an int8 initializer + DequantizeLinear.
+
+    ``scales`` may give a weight's per-channel scales (from the OBS quantizer); others use
+    max|w|/127. With ``int32_bias`` the bias becomes int32 with scale ``s_x * s_w`` (ORT's QDQ
+    rule); otherwise it stays float (TensorRT's rule).
+    """
+    graph = model.graph
+    inits, _, _ = _maps(graph)
+    head: list[onnx.NodeProto] = []
+    done: set[str] = set()
+    for node, axis in quantizable_nodes(graph):
+        wname = node.input[1]
+        if wname in done:
+            continue
+        done.add(wname)
+        w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+        s = scales.get(wname)
+        s = weight_scales(w, axis) if s is None else s.astype(np.float32)
+        q = np.clip(np.round(w / s.reshape(_bshape(axis, w.ndim))), -128, 127).astype(np.int8)
+        graph.initializer.remove(inits[wname])
+        graph.initializer.extend([numpy_helper.from_array(q, f"{wname}_int8"),
+                                  numpy_helper.from_array(s, f"{wname}_wscale"),
+                                  numpy_helper.from_array(np.zeros_like(q, shape=s.shape), f"{wname}_wzero")])
+        head.append(helper.make_node("DequantizeLinear", [f"{wname}_int8", f"{wname}_wscale", f"{wname}_wzero"],
+                                     [wname], name=f"{wname}_DQ", axis=axis))
+        if int32_bias and len(node.input) > 2 and node.input[2] in inits and node.input[0] in plan:
+            bname = node.input[2]
+            b = numpy_helper.to_array(inits[bname]).astype(np.float64)
+            bs = (plan[node.input[0]].scale * s.astype(np.float64)).astype(np.float32)
+            if b.shape == bs.shape:
+                bq = np.clip(np.round(b / bs), -2**31, 2**31 - 1).astype(np.int32)
+                graph.initializer.remove(inits[bname])
+                graph.initializer.extend([numpy_helper.from_array(bq, f"{bname}_int32"),
+                                          numpy_helper.from_array(bs, f"{bname}_bscale"),
+                                          numpy_helper.from_array(np.zeros_like(bq), f"{bname}_bzero")])
+                head.append(helper.make_node("DequantizeLinear", [f"{bname}_int32", f"{bname}_bscale",
+                                                                  f"{bname}_bzero"], [bname],
+                                             name=f"{bname}_DQ", axis=0))
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(head + nodes)
+    return len(done)
+
+
+@dataclass
+class W4Weight:
+    """4-bit codes of one layer in ONNX layout, with their grid."""
+
+    codes: np.ndarray    # uint8 values 0..15, the ONNX weight's shape
+    scales: np.ndarray   # float32, blocked/per-axis shape
+    zeros: np.ndarray    # uint8 values 0..15, same shape as scales
+    axis: int
+    block_size: int      # 0 for per-axis
+
+
+def rewrite_w4(model: onnx.ModelProto, weights: dict[str, W4Weight]) -> int:
+    """Replace float weights by uint4 initializers + DequantizeLinear (opset 21, ``block_size``).
+
+    A ``Gemm`` whose weight is rewritten becomes ``MatMul`` (+ ``Add`` for its bias) on a
+    ``[K, N]`` weight, the form ONNX Runtime fuses into its 4-bit MatMul.
+    """
+    graph = model.graph
+    inits, _, _ = _maps(graph)
+    head, nodes = [], []
+    for node in graph.node:
+        wname = node.input[1] if len(node.input) > 1 else None
+        if wname not in weights or wname not in inits:
+            nodes.append(node)
+            continue
+        ww = weights[wname]
+        graph.initializer.remove(inits[wname])
+        graph.initializer.extend([
+            helper.make_tensor(f"{wname}_uint4", TensorProto.UINT4, ww.codes.shape, ww.codes.flatten().tolist()),
+            numpy_helper.from_array(ww.scales.astype(np.float32), f"{wname}_w4scale"),
+            helper.make_tensor(f"{wname}_w4zero", TensorProto.UINT4, ww.zeros.shape, ww.zeros.flatten().tolist()),
+        ])
+        kw = {"axis": ww.axis} | ({"block_size": ww.block_size} if ww.block_size else {})
+        head.append(helper.make_node("DequantizeLinear", [f"{wname}_uint4", f"{wname}_w4scale", f"{wname}_w4zero"],
+                                     [wname], name=f"{wname}_DQ4", **kw))
+        if node.op_type == "Gemm":
+            if _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0 or not _attr(node, "transB", 0):
+                raise ValueError(f"w4 export: Gemm {node.name} with alpha/beta != 1 or transB=0 is not supported")
+            out = node.output[0]
+            has_bias = len(node.input) > 2 and node.input[2]
+            mm_out = f"{out}_matmul" if has_bias else out
+            nodes.append(helper.make_node("MatMul", [node.input[0], wname], [mm_out], name=f"{node.name}_MatMul"))
+            if has_bias:
+                nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [out], name=f"{node.name}_Bias"))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(head + nodes)
+    return len(head)
