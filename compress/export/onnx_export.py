@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 import onnxslim
 import torch
-from onnx import version_converter
+from onnx import TensorProto, numpy_helper, version_converter
 from torch import nn
 
 from ..layer import set_module
@@ -118,6 +118,29 @@ def _w4_weight(q: _QuantLayer) -> W4Weight | None:
     return W4Weight(w.copy(), s.astype(np.float32), z, axis=1, block_size=gs)
 
 
+def _match_initializers(graph: onnx.GraphProto, weights: dict[str, np.ndarray]) -> dict[str, str]:
+    """Map each layer weight (key ``"<layer>.weight"``, PyTorch layout) to the ONNX initializer that
+    holds it: by name, else by exact content, as is or transposed (Linear on 3-D input exports as
+    MatMul on a folded ``[K, N]`` constant)."""
+    names = {t.name for t in graph.initializer}
+    by_content = {}
+    for t in graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            arr = numpy_helper.to_array(t)
+            by_content.setdefault((arr.shape, arr.tobytes()), t.name)
+    out = {}
+    for key, w in weights.items():
+        if key in names:
+            out[key] = key
+            continue
+        for cand in ([w, w.T] if w.ndim == 2 else [w]):
+            hit = by_content.get((cand.shape, np.ascontiguousarray(cand).tobytes()))
+            if hit:
+                out[key] = hit
+                break
+    return out
+
+
 def _export_float(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as tmp:
         f = os.path.join(tmp, "float.onnx")
@@ -212,6 +235,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     notes: list[str] = []
     reference = model
     scales: dict[str, np.ndarray] = {}
+    dense: dict[str, np.ndarray] = {}
     w4: dict[str, W4Weight] = {}
     calib_t = [torch.from_numpy(b) for b in batches]
     if precision == "int8" and weights == "obs":
@@ -219,6 +243,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
         qmodel = quantize(model, calib_t, cfg, progress=progress)
         model, qlayers = _float_twin(qmodel)
         scales = {f"{n}.weight": q.scales[0].float().numpy() for n, q in qlayers.items()}
+        dense = {f"{n}.weight": model.get_submodule(n).weight.detach().numpy() for n in qlayers}
     elif precision == "w4":
         if not has_quant:
             cfg = quant_config or QuantConfig(bits=4, group_size="tier", linear_group_size=32)
@@ -232,6 +257,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
         if bad:
             raise ValueError(f"w4 export: layers {bad} are not 4-bit")
         model, qlayers = _float_twin(model)
+        dense = {f"{n}.weight": model.get_submodule(n).weight.detach().numpy() for n in qlayers}
         for n, q in qlayers.items():
             ww = _w4_weight(q)
             if ww is None:
@@ -253,20 +279,21 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
             aq = act_quant(0.0, stats[n].minimum, target)
             levels = 255 if aq.zero == 0 and aq.dtype == onnx.TensorProto.UINT8 else 127
             plan[n] = act_quant(threshold(stats[n], calib_method, levels, percentile), stats[n].minimum, target)
-        present = {t.name for t in graph.graph.initializer}
-        missing = [k for k in scales if k not in present]
+        match = _match_initializers(graph.graph, dense)
+        missing = [k for k in scales if k not in match]
         if missing:
             notes.append(f"OBS scales not matched to ONNX weights (re-derived by rounding): {missing}")
-        report.quantized_weights = quantize_weights_int8(graph, scales, plan, int32_bias=target == "onnxruntime")
+        report.quantized_weights = quantize_weights_int8(graph, {match[k]: v for k, v in scales.items() if k in match},
+                                                         plan, int32_bias=target == "onnxruntime")
         report.qdq_tensors = insert_act_qdq(graph, plan)
     elif precision == "w4":
         graph = version_converter.convert_version(graph, 21)
         report.opset = 21
-        present = {t.name for t in graph.graph.initializer}
-        missing = [k for k in w4 if k not in present]
+        match = _match_initializers(graph.graph, dense)
+        missing = [k for k in w4 if k not in match]
         if missing:
             notes.append(f"4-bit weights not matched to ONNX initializers (kept as float): {missing}")
-        report.quantized_weights = rewrite_w4(graph, {k: v for k, v in w4.items() if k in present})
+        report.quantized_weights = rewrite_w4(graph, {match[k]: v for k, v in w4.items() if k in match})
     onnx.checker.check_model(graph, full_check=True)
     _save(graph, path)
     report.max_abs_diff, report.cosine = compare(path, reference, example)
