@@ -1,0 +1,266 @@
+"""ONNX export (fp32 / fp16 / INT8 Q/DQ / W4), calibration, TensorRT and Triton repository."""
+import importlib.util
+import re
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+from torch import nn
+
+from adagrow.compress import QuantConfig, quantize
+from adagrow.compress.export import (build_engine, export_onnx, export_triton_repository, fused_node_counts,
+                                     ort_session, profile_shapes)
+from adagrow.compress.export.calibrate import TensorStats, threshold
+from adagrow.grow.nets import RepCNN, TinyViT
+from adagrow.grow.reparam import reparameterize
+
+has_trt = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def _cnn():
+    torch.manual_seed(0)
+    model = RepCNN(widths=(8, 16), depth=1, stem_width=8, branches=("conv5x5", "conv3x3", "conv1x3", "avg3x3"))
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return reparameterize(model.eval()), torch.randn(4, 1, 12, 12), [torch.randn(16, 1, 12, 12) for _ in range(3)]
+
+
+def _vit():
+    torch.manual_seed(0)
+    return TinyViT(img_size=8, patch=4, dim=32, depth=1, heads=2).eval(), torch.randn(3, 1, 8, 8), \
+        [torch.randn(16, 1, 8, 8) for _ in range(2)]
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return torch.relu(self.b(y) + y).mean((2, 3))
+
+
+def _run(path, x, optimize: bool = True):
+    """ONNX Runtime output; ``optimize=False`` runs the graph's own op semantics (no fusions)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _init(model, name):
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def test_fp32_dynamic_batch_and_names(tmp_path) -> None:
+    model, x, _ = _cnn()
+    rep = export_onnx(model, x, tmp_path / "m.onnx")
+    assert rep.max_abs_diff < 1e-4 and rep.cosine > 0.99999
+    g = onnx.load(rep.path)
+    assert [i.name for i in g.graph.input] == ["input"] and [o.name for o in g.graph.output] == ["output"]
+    assert g.opset_import[0].version >= 17
+    assert not any(n.op_type == "BatchNormalization" for n in g.graph.node)
+    for b in (1, 7):
+        xb = torch.randn(b, 1, 12, 12)
+        np.testing.assert_allclose(_run(rep.path, xb), model(xb).detach().numpy(), atol=1e-4)
+
+
+def test_fp16_keeps_norms_and_softmax_in_fp32(tmp_path) -> None:
+    model, x, _ = _vit()
+    rep = export_onnx(model, x, tmp_path / "v16.onnx", "fp16")
+    g = onnx.load(rep.path)
+    assert sum(t.data_type == TensorProto.FLOAT16 for t in g.graph.initializer) >= 5
+    kept = [n for n in g.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert kept
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in onnx.shape_inference.infer_shapes(g).graph.value_info}
+    for n in kept:
+        assert types.get(n.output[0]) == TensorProto.FLOAT, n.op_type
+    assert rep.cosine > 0.9999 and rep.max_abs_diff < 0.05
+
+
+def test_int8_onnxruntime_flavour_fuses(tmp_path) -> None:
+    model, x, calib = _cnn()
+    rep = export_onnx(model, x, tmp_path / "q.onnx", "int8", calib=calib, target="onnxruntime", progress=False)
+    counts = fused_node_counts(rep.path)
+    assert counts.get("QLinearConv", 0) >= 3 and counts.get("QGemm", 0) == 1, counts  # fails if nothing fused
+    g = onnx.load(rep.path)
+    inits = {t.name: t for t in g.graph.initializer}
+    weights = [t for t in g.graph.initializer if t.name.endswith("_int8")]
+    assert len(weights) == rep.quantized_weights == 4 and all(t.data_type == TensorProto.INT8 for t in weights)
+    assert all(inits[n.input[0]].data_type == TensorProto.INT32 for n in g.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0].endswith("_int32"))
+    assert any(n.input[0].endswith("_int32") for n in g.graph.node if n.op_type == "DequantizeLinear")
+    assert rep.cosine > 0.999
+
+
+def test_int8_tensorrt_flavour_rules(tmp_path) -> None:
+    model = _Residual().eval()
+    x = torch.randn(2, 3, 9, 9)
+    calib = [torch.randn(8, 3, 9, 9)]
+    rep = export_onnx(model, x, tmp_path / "t.onnx", "int8", calib=calib, target="tensorrt",
+                      calib_method="entropy", progress=False)
+    g = onnx.load(rep.path)
+    inits = {t.name: t for t in g.graph.initializer}
+    for n in g.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert n.input[1] in inits and n.input[2] in inits  # constant scales and zero points
+            zp = numpy_helper.to_array(inits[n.input[2]])
+            assert zp.dtype == np.int8 and not zp.any()
+    conv_bias = [n.input[2] for n in g.graph.node if n.op_type == "Conv"]
+    assert all(inits[b].data_type == TensorProto.FLOAT for b in conv_bias)  # float bias
+    producers = {o: n for n in g.graph.node for o in n.output}
+    add = next(n for n in g.graph.node if n.op_type == "Add")
+    assert all(producers[i].op_type == "DequantizeLinear" for i in add.input)  # Q/DQ on the residual add
+    assert rep.cosine > 0.999
+
+
+def test_int8_uses_obs_weights(tmp_path) -> None:
+    model, x, calib = _cnn()
+    rep = export_onnx(model, x, tmp_path / "o.onnx", "int8", calib=calib, weights="obs", progress=False)
+    q = quantize(model, calib, QuantConfig(bits=8, sym=True, group_size=-1, linear_group_size=-1, order="act"),
+                 progress=False)
+    g = onnx.load(rep.path)
+    w = _init(g, "features.2.weight_int8").astype(np.float32) * _init(g, "features.2.weight_wscale")[:, None, None, None]
+    np.testing.assert_array_equal(w, q.features[2].dequantize().numpy())
+    assert not rep.notes
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_calibration_thresholds(method: str) -> None:
+    rng = np.random.default_rng(0)
+    vals = np.abs(np.concatenate([rng.normal(size=200_000), [40.0]]))  # one far outlier
+    relu = np.concatenate([np.zeros(400_000), vals])  # ReLU-like: many exact zeros
+    for data in (vals, relu):
+        hist = np.histogram(data, bins=2048, range=(0, data.max()))[0]
+        stats = TensorStats(float(data.max()), 0.0, hist)
+        t = threshold(stats, method, 127, percentile=99.9)
+        if method == "minmax":
+            assert t == pytest.approx(40.0)
+        elif method == "mse":  # the smallest simulated quantization error among the candidates
+            def err(th: float) -> float:
+                s = th / 127
+                return float(np.mean((np.clip(np.round(data / s), -127, 127) * s - data) ** 2))
+            others = [threshold(stats, m, 127, percentile=99.9) for m in ("minmax", "percentile", "entropy")]
+            assert t < 40 and err(t) <= 1.01 * min(err(o) for o in others)
+        else:  # the outlier is clipped, the bulk (|x| < 4) is kept
+            assert 2.5 < t < 12, (method, t)
+    with pytest.raises(ValueError, match="calibration method"):
+        threshold(TensorStats(1.0, 0.0, hist), "kl", 127)
+
+
+def test_w4_blocked_int4_and_matmulnbits(tmp_path) -> None:
+    model, x, calib = _vit()
+    rep = export_onnx(model, x, tmp_path / "w4.onnx", "w4", calib=calib, progress=False,
+                      quant_config=QuantConfig(bits=4, group_size=-1, linear_group_size=16))
+    g = onnx.load(rep.path)
+    assert rep.opset == 21 and g.opset_import[0].version == 21
+    dq4 = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_uint4")]
+    assert len(dq4) == rep.quantized_weights >= 5 and not rep.notes
+    assert any(a.name == "block_size" and a.i == 16 for n in dq4 for a in n.attribute)
+    assert fused_node_counts(rep.path).get("MatMulNBits", 0) >= 4
+    # ORT's fused MatMulNBits may requantize activations (its accuracy level): close to PyTorch...
+    assert rep.cosine > 0.9999
+    # ...and the plain DequantizeLinear semantics reproduce the quantized PyTorch model exactly
+    qmodel = quantize(model, calib, QuantConfig(bits=4, group_size=-1, linear_group_size=16), progress=False)
+    np.testing.assert_allclose(_run(rep.path, x, optimize=False), qmodel(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_w4_conv_tier_groups_are_exact(tmp_path) -> None:
+    model, x, calib = _cnn()
+    qmodel = quantize(model, calib, QuantConfig(bits=4, group_size="tier", linear_group_size=-1), progress=False)
+    rep = export_onnx(qmodel, x, tmp_path / "w4c.onnx", "w4")
+    assert rep.quantized_weights == 4 and not rep.notes  # 3 convs (tier -> position blocks) + classifier
+    np.testing.assert_allclose(_run(rep.path, x, optimize=False), qmodel(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert rep.cosine > 0.9999
+
+
+def test_export_errors(tmp_path) -> None:
+    model, x, calib = _cnn()
+    train_form = RepCNN(widths=(8,), depth=1, stem_width=4).eval()
+    with pytest.raises(ValueError, match="train-time form"):
+        export_onnx(train_form, x, tmp_path / "a.onnx")
+    (tmp_path / "b.onnx").write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_onnx(model, x, tmp_path / "b.onnx")
+    assert (tmp_path / "b.onnx").read_bytes() == b"keep me"
+    with pytest.raises(ValueError, match="does not match the example input"):
+        export_onnx(model, x, tmp_path / "c.onnx", "int8", calib=[torch.randn(4, 3, 12, 12)])
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        export_onnx(model, x, tmp_path / "d.onnx", "int8")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        export_onnx(model, x, tmp_path / "e.onnx", "int4")
+    qmodel = quantize(model, calib, QuantConfig(bits=4), progress=False)
+    with pytest.raises(ValueError, match="holds quantized layers"):
+        export_onnx(qmodel, x, tmp_path / "f.onnx", "fp32")
+
+    class NoRule(nn.Module):
+        def forward(self, x):
+            return torch.linalg.svd(x.flatten(1)).S
+
+    with pytest.raises(ValueError, match="no ONNX export rule"):
+        export_onnx(NoRule(), x, tmp_path / "g.onnx")
+
+
+def _parse_pbtxt(text: str) -> dict:
+    def tensors(section):
+        body = re.search(section + r" \[(.*?)\n\]", text, re.S).group(1)
+        return [(re.search(r'name: "(.*?)"', b).group(1), re.search(r"data_type: (\w+)", b).group(1),
+                 [int(d) for d in re.search(r"dims: \[ (.*?) \]", b).group(1).split(", ")])
+                for b in body.split("},")]
+    return {"name": re.search(r'^name: "(.*?)"', text, re.M).group(1),
+            "platform": re.search(r'platform: "(.*?)"', text).group(1),
+            "max_batch_size": int(re.search(r"max_batch_size: (\d+)", text).group(1)),
+            "input": tensors("input"), "output": tensors("output"),
+            "kind": re.search(r"kind: (\w+)", text).group(1)}
+
+
+def test_triton_repository_matches_graph(tmp_path) -> None:
+    model, x, _ = _cnn()
+    rep = export_onnx(model, x, tmp_path / "m.onnx", "fp16")
+    dest = export_triton_repository(tmp_path / "repo", "digits", rep.path, max_batch_size=16,
+                                    preferred_batch_sizes=(4, 16))
+    cfg = _parse_pbtxt((dest / "config.pbtxt").read_text())
+    assert (dest / "1" / "model.onnx").read_bytes() == (tmp_path / "m.onnx").read_bytes()
+    g = onnx.load(rep.path)
+    assert cfg["name"] == "digits" and cfg["platform"] == "onnxruntime_onnx" and cfg["max_batch_size"] == 16
+    for (name, dtype, dims), vi in zip(cfg["input"] + cfg["output"], list(g.graph.input) + list(g.graph.output)):
+        t = vi.type.tensor_type
+        assert name == vi.name and dtype == {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16"}[t.elem_type]
+        assert dims == [d.dim_value for d in t.shape.dim[1:]]
+    assert "dynamic_batching" in (dest / "config.pbtxt").read_text()
+    with pytest.raises(FileExistsError):
+        export_triton_repository(tmp_path / "repo", "digits", rep.path)
+    (tmp_path / "e.plan").write_bytes(b"plan")
+    dest = export_triton_repository(tmp_path / "repo", "digits_trt", rep.path, tmp_path / "e.plan", kind="KIND_GPU")
+    cfg = _parse_pbtxt((dest / "config.pbtxt").read_text())
+    assert cfg["platform"] == "tensorrt_plan" and cfg["kind"] == "KIND_GPU" and (dest / "1" / "model.plan").exists()
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["digits", "digits_trt"]  # no staging left
+
+
+def test_tensorrt_profile_and_clear_error(tmp_path, monkeypatch) -> None:
+    model, x, _ = _cnn()
+    rep = export_onnx(model, x, tmp_path / "m.onnx")
+    assert profile_shapes(rep.path, 1, 8, 32) == {"input": ((1, 1, 12, 12), (8, 1, 12, 12), (32, 1, 12, 12))}
+    with pytest.raises(ValueError, match="min_batch"):
+        profile_shapes(rep.path, 8, 4, 32)
+    if not has_trt:
+        monkeypatch.setitem(sys.modules, "tensorrt", None)
+        with pytest.raises(RuntimeError, match="TensorRT is not installed"):
+            build_engine(rep.path, tmp_path / "m.plan")
+        assert not (tmp_path / "m.plan").exists()
+
+
+@pytest.mark.skipif(not has_trt, reason="needs the tensorrt package and an NVIDIA GPU")
+def test_tensorrt_builds_int8_engine(tmp_path) -> None:
+    model, x, calib = _cnn()
+    rep = export_onnx(model, x, tmp_path / "q.onnx", "int8", calib=calib, target="tensorrt", progress=False)
+    plan = build_engine(rep.path, tmp_path / "q.plan", timing_cache=tmp_path / "cache.bin")
+    assert plan.stat().st_size > 0 and (tmp_path / "cache.bin").exists()
