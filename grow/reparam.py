@@ -228,8 +228,11 @@ class RepConv2d(nn.Module):
         """The branch specs, in the order they were added."""
         return list(self._specs)
 
-    def _make_branch(self, spec: str) -> nn.Module:
+    def _make_branch(self, spec: str, grow_kernel: bool = False) -> nn.Module:
         kind, (h, w) = parse_branch(spec)
+        if grow_kernel:  # branches keep their own padding, so a larger deploy kernel changes nothing
+            self.kernel_size = (max(self.kernel_size[0], h), max(self.kernel_size[1], w))
+            self.padding = (self.kernel_size[0] // 2, self.kernel_size[1] // 2)
         if h > self.kernel_size[0] or w > self.kernel_size[1]:
             raise ValueError(f"branch {spec!r} ({h}x{w}) does not fit in kernel "
                              f"{self.kernel_size[0]}x{self.kernel_size[1]}")
@@ -245,9 +248,10 @@ class RepConv2d(nn.Module):
                              f"(got {cin}->{cout}, stride {s})")
         return _IdentityBN(cin, g)
 
-    def add_branch(self, spec: str, zero_init: bool = False) -> nn.Module:
-        """Add a branch to a live block; ``zero_init`` sets its last BN's gamma to 0 (adds 0)."""
-        branch = self._make_branch(spec)
+    def add_branch(self, spec: str, zero_init: bool = False, grow_kernel: bool = False) -> nn.Module:
+        """Add a branch to a live block; ``zero_init`` sets its last BN's gamma to 0 (adds 0);
+        ``grow_kernel`` enlarges the deploy kernel to fit a larger footprint (e.g. 3x3 -> 5x5)."""
+        branch = self._make_branch(spec, grow_kernel)
         ref = next(self.parameters(), None)
         if ref is not None:
             branch.to(device=ref.device, dtype=ref.dtype)

@@ -77,6 +77,12 @@ def test_add_branch_to_live_module_and_zero_init() -> None:
     block.add_branch("conv1x3")
     assert block.branches == ["conv3x3", "conv5x5", "conv1x3"]
     _check_equivalent(block, 9, 9)
+    small = RepConv2d(6, 6, 3, branches=("conv3x3",))
+    with pytest.raises(ValueError, match="does not fit"):
+        small.add_branch("conv5x3")
+    small.add_branch("conv5x3", grow_kernel=True)
+    assert small.kernel_size == (5, 3) and small.overlap().shape == (5, 3)
+    _check_equivalent(small, 7, 8)
 
 
 def test_overlap_maps_by_hand() -> None:

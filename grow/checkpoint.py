@@ -1,0 +1,79 @@
+"""Grown-model checkpoints: safetensors + the architecture record, rebuilt without training code."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .cnn import GrowingCNN
+from .reparam import RepConv2d
+from .transformer import GrowingTransformer
+
+FORMAT = "adagrow-grown"
+
+
+def build_from_arch(arch: dict[str, Any]) -> nn.Module:
+    """A freshly initialised model with exactly the recorded structure."""
+    if arch.get("type") == "cnn":
+        model = GrowingCNN(arch["family"], tuple(arch["widths"]), arch["in_channels"], arch["num_classes"],
+                           tuple(arch["depths"]))
+        for name, rec in arch["convs"].items():
+            old = model.get_submodule(name)
+            if not isinstance(old, RepConv2d):
+                raise ValueError(f"architecture record names {name!r}, which is not a RepConv2d")
+            new = RepConv2d(old.in_channels, old.out_channels, tuple(rec["kernel_size"]), old.stride, old.groups,
+                            branches=rec["branches"])
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+        return model
+    if arch.get("type") == "transformer":
+        kw = {k: v for k, v in arch.items() if k not in ("type", "layer_heads")}
+        kw["depth"] = len(arch["layer_heads"])
+        return GrowingTransformer(**kw, layer_heads=arch["layer_heads"])
+    raise ValueError(f"unknown architecture record type {arch.get('type')!r}")
+
+
+def save_grown(model: GrowingCNN | GrowingTransformer, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write weights and architecture atomically; refuses to replace a file without ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    meta = {"format": FORMAT, "version": 1, "arch": model.arch(), "spec": model.spec()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"adagrow": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_grown(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a grown model (eval mode) from :func:`save_grown`'s file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"grown checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("adagrow", "{}"))
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable grown checkpoint (truncated or corrupt): {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a grown-model checkpoint (format {meta.get('format')!r})")
+    model = build_from_arch(meta["arch"])
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not match the recorded architecture: {exc}") from exc
+    return model.eval()
