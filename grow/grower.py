@@ -289,4 +289,7 @@ def grow(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[
                 event.update(growth=decision, spec=model.spec())
         event["params_deploy"], event["params_train"] = model.param_counts()
         history.append(event)
+    if world > 1:  # DDP keeps parameters equal; BN running statistics last moved per rank
+        for t in model.buffers():
+            dist.broadcast(t.data, src=0)
     return GrowResult(model.eval(), history)
