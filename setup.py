@@ -38,6 +38,7 @@ setup(
         "onnxruntime>=1.18",
         "onnxslim>=0.1.30",
         "onnxconverter-common>=1.14",
+        "matplotlib>=3.7",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={"test": ["pytest>=8"]},

@@ -1,27 +1,245 @@
-"""The ``adagrow`` command line."""
+"""The ``adagrow`` command line: grow, reparam, quantize, export, bench, demo."""
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from adagrow import __version__
 
+DATA_HELP = "digits (bundled, default) | cifar10:/path/to/cifar-10-batches-py | npz:/path/file.npz (arrays x, y)"
+
+
+def _data(args: argparse.Namespace):
+    from adagrow.data import load_dataset
+    return load_dataset(args.data, args.size)
+
+
+def _check_out(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+
+
+def _load_float(path: str):
+    """(train-form model or None, deploy model) from a grown checkpoint."""
+    from adagrow.grow import load_grown, reparameterize
+    model = load_grown(path)
+    if getattr(model, "adagrow_deploy", False):
+        return None, model
+    return model, reparameterize(model)
+
+
+def cmd_grow(args: argparse.Namespace) -> dict[str, Any]:
+    from adagrow.grow import GrowingCNN, GrowingTransformer, GrowthConfig, grow, save_grown
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    x_tr, y_tr, x_te, y_te = _data(args)
+    if args.family == "vit":
+        model = GrowingTransformer("vit", img_size=x_tr.shape[-1], in_channels=x_tr.shape[1],
+                                   num_classes=int(y_tr.max()) + 1, patch=4)
+    else:
+        model = GrowingCNN(args.family, in_channels=x_tr.shape[1], num_classes=int(y_tr.max()) + 1)
+    stop = int(args.stop) if args.stop.isdigit() else args.stop
+    res = grow(model, (x_tr, y_tr), (x_te, y_te), args.epochs, GrowthConfig(stop=stop, zero_init=args.zero_init,
+                                                                               seed=args.seed),
+               lr=args.lr, progress=not args.quiet)
+    save_grown(res.model, out, overwrite=args.overwrite)
+    deploy, train = res.model.param_counts()
+    return {"spec": res.model.spec(), "val_acc": res.history[-1]["val_acc"], "deploy_params": deploy,
+            "train_params": train, "out": str(out),
+            "growth": [h["growth"] | {"epoch": h["epoch"]} for h in res.history if "growth" in h]}
+
+
+def cmd_reparam(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from adagrow.grow import save_grown
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    model, deploy = _load_float(args.checkpoint)
+    if model is None:
+        raise ValueError(f"{args.checkpoint} is already in deploy form")
+    x = _data(args)[2][:64]
+    with torch.no_grad():
+        diff = float((deploy(x) - model(x)).abs().max())
+    save_grown(model, out, overwrite=args.overwrite, deploy=True)
+    return {"out": str(out), "max_abs_diff_vs_train_form": diff, "spec": model.spec()}
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    import time
+    from adagrow.compress import QuantConfig, quantize, save_quantized
+    from adagrow.grow.train import accuracy
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    _, deploy = _load_float(args.checkpoint)
+    x_tr, _, x_te, y_te = _data(args)
+    gs = args.group_size if args.group_size in ("tier", "position") else int(args.group_size)
+    cfg = QuantConfig(bits=args.bits, group_size=gs, order=args.order, method=args.method, sym=args.sym,
+                      mse=args.mse, skip=tuple(args.skip))
+    t0 = time.perf_counter()
+    qmodel = quantize(deploy, x_tr[: args.calib].split(128), cfg, progress=not args.quiet)
+    q_s = time.perf_counter() - t0
+    save_quantized(qmodel, out, overwrite=args.overwrite)
+    return {"out": str(out), "float_acc": accuracy(deploy, x_te, y_te), "quant_acc": accuracy(qmodel, x_te, y_te),
+            "quantize_s": q_s, "config": qmodel.adagrow_quant["config"]}
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from adagrow.compress import load_quantized
+    from adagrow.compress.export import build_engine, export_onnx, export_triton_repository
+    from adagrow.bench import _source
+    x_tr, _, x_te, _ = _data(args)
+    if _source(args.checkpoint) == "quantized":
+        model = load_quantized(args.checkpoint)
+    else:
+        model = _load_float(args.checkpoint)[1]
+    rep = export_onnx(model, x_te[:8], args.out, args.precision, calib=x_tr[: args.calib].split(64),
+                      target=args.target, calib_method=args.calib_method, overwrite=args.overwrite,
+                      progress=not args.quiet)
+    result: dict[str, Any] = {"out": rep.path, "precision": rep.precision, "max_abs_diff": rep.max_abs_diff,
+                              "cosine": rep.cosine, "notes": rep.notes}
+    if args.engine:
+        result["engine"] = str(build_engine(rep.path, args.engine, overwrite=args.overwrite))
+    if args.triton_repo:
+        result["triton_model"] = str(export_triton_repository(
+            args.triton_repo, args.name, rep.path, args.engine, kind="KIND_GPU" if args.engine else "KIND_CPU",
+            overwrite=args.overwrite))
+    return result
+
+
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from adagrow.bench import compare, load_suite, markdown, run_suite
+    suite = load_suite(args.suite)
+    old = None
+    if args.compare:
+        try:
+            old = json.loads(Path(args.compare).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read --compare file {args.compare}: {exc}") from exc
+    for p in (args.out, args.markdown):
+        if p:
+            _check_out(Path(p), args.overwrite)
+    result = run_suite(suite, progress=not args.quiet)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    md = markdown(result)
+    if args.markdown:
+        Path(args.markdown).write_text(md)
+    if not args.json:
+        print(md)
+    if old is not None:
+        result["compare"] = compare(result, old)
+        if not args.json:
+            print("\n".join(result["compare"]) or "no case in common with the --compare run")
+    return result
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from adagrow.demo import run_demo
+    return run_demo(Path(args.out), fast=args.fast, overwrite=args.overwrite, progress=not args.quiet)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="adagrow",
-        description="Grow, reparameterize, quantize (OBS, overlap-aware) and deploy PyTorch models.",
-        epilog="Subcommands (grow, reparam, quantize, export, bench, demo) are being added; "
-        "the Python API is documented in README.md.",
-    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress output")
+    common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    common.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data", default="digits", help=DATA_HELP)
+    data.add_argument("--size", type=int, default=16, help="resize images to size x size (default 16)")
+
+    parser = argparse.ArgumentParser(prog="adagrow", description="Grow, reparameterize, quantize (OBS, "
+                                     "overlap-aware) and deploy PyTorch models.")
     parser.add_argument("--version", action="version", version=f"adagrow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("grow", parents=[common, data], help="grow a model while training; writes a grown checkpoint",
+                       description="Reads --data, grows a CNN family or a ViT from its empty start, writes OUT "
+                       "(safetensors + architecture record).")
+    p.add_argument("--family", default="vgg", choices=["vgg", "resnet", "bottleneck", "mobilenetv3", "vit"])
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--stop", default="auto", help="auto | an architecture spec (VGG-2-3-2, ViT-D4-H6) | a "
+                   "deploy-parameter budget (int)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--zero-init", action="store_true", help="function-preserving growth")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="grown checkpoint to write (.safetensors)")
+    p.set_defaults(func=cmd_grow)
+
+    p = sub.add_parser("reparam", parents=[common, data], help="fuse every RepConv2d; writes a deploy checkpoint",
+                       description="Reads a grown checkpoint, fuses its re-parameterizable convs, checks the "
+                       "outputs on --data, writes the deploy checkpoint OUT.")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_reparam)
+
+    p = sub.add_parser("quantize", parents=[common, data], help="OBS/RTN quantization; writes a quantized checkpoint",
+                       description="Reads a grown or deploy checkpoint and --data (calibration and accuracy), "
+                       "writes the quantized checkpoint OUT.")
+    p.add_argument("checkpoint")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", default="tier", help="-1 | multiple of 8 | position | tier (default)")
+    p.add_argument("--order", default="reparam", choices=["none", "act", "reparam", "reparam-dynamic"])
+    p.add_argument("--method", default="obs", choices=["obs", "rtn"])
+    p.add_argument("--sym", action="store_true")
+    p.add_argument("--mse", action="store_true", help="search the clipping ratio")
+    p.add_argument("--skip", nargs="*", default=[], help="layer names / patterns kept in float")
+    p.add_argument("--calib", type=int, default=512, help="calibration images")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", parents=[common, data], help="export ONNX (and a TensorRT engine / Triton repo)",
+                       description="Reads a grown/deploy checkpoint (fp32, fp16, int8) or a 4-bit quantized "
+                       "checkpoint (w4), writes OUT (.onnx), optionally an engine and a Triton model folder.")
+    p.add_argument("checkpoint")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "w4"])
+    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--calib-method", default="mse", choices=["minmax", "percentile", "entropy", "mse"])
+    p.add_argument("--calib", type=int, default=256)
+    p.add_argument("--out", required=True)
+    p.add_argument("--engine", help="also build a TensorRT engine here (needs tensorrt and a GPU)")
+    p.add_argument("--triton-repo", help="also write a Triton Inference Server model folder under this repo")
+    p.add_argument("--name", default="model", help="model name in the Triton repository")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", parents=[common], help="run a latency suite (TOML); writes JSON and markdown",
+                       description="Reads SUITE.toml (models, backends, precisions, batch sizes, warm-up, runs, "
+                       "threads), prints a markdown table, writes --out JSON / --markdown; unavailable backends "
+                       "are reported as skipped with the reason.")
+    p.add_argument("suite")
+    p.add_argument("--out", help="results JSON")
+    p.add_argument("--markdown", help="results markdown table")
+    p.add_argument("--compare", help="an earlier results JSON: print new/old ratios")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", parents=[common], help="the whole pipeline on the bundled digits (<10 min on CPU)",
+                       description="Grows a CNN on the bundled digits, reparameterizes, quantizes (RTN vs OBS vs "
+                       "overlap-aware OBS at W8/W4), exports ONNX, times every available backend, writes OUT/.")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--fast", action="store_true", help="tiny settings (about a minute)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        result = args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        print(f"adagrow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    elif args.command not in ("bench", "demo"):
+        for k, v in result.items():
+            print(f"{k}: {v}")
     return 0
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .cnn import GrowingCNN
-from .reparam import RepConv2d
+from .reparam import RepConv2d, reparameterize
 from .transformer import GrowingTransformer
 
 FORMAT = "adagrow-grown"
@@ -39,13 +39,19 @@ def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     raise ValueError(f"unknown architecture record type {arch.get('type')!r}")
 
 
-def save_grown(model: GrowingCNN | GrowingTransformer, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write weights and architecture atomically; refuses to replace a file without ``overwrite``."""
+def save_grown(model: GrowingCNN | GrowingTransformer, path: str | os.PathLike, overwrite: bool = False,
+               deploy: bool = False) -> Path:
+    """Write weights and architecture atomically; refuses to replace a file without ``overwrite``.
+
+    ``deploy=True`` stores the reparameterized (fused) weights; :func:`load_grown` then returns
+    the deploy form directly.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    meta = {"format": FORMAT, "version": 1, "arch": model.arch(), "spec": model.spec()}
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "version": 1, "arch": model.arch(), "spec": model.spec(), "deploy": deploy}
+    state = (reparameterize(model.eval()) if deploy else model).state_dict()
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -59,7 +65,7 @@ def save_grown(model: GrowingCNN | GrowingTransformer, path: str | os.PathLike, 
 
 
 def load_grown(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a grown model (eval mode) from :func:`save_grown`'s file."""
+    """Rebuild a grown model (eval mode; the deploy form if it was saved so) from :func:`save_grown`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"grown checkpoint not found: {path}")
@@ -72,6 +78,8 @@ def load_grown(path: str | os.PathLike) -> nn.Module:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a grown-model checkpoint (format {meta.get('format')!r})")
     model = build_from_arch(meta["arch"])
+    if meta.get("deploy"):
+        model = reparameterize(model.eval())
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

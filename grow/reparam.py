@@ -15,6 +15,7 @@ only collects its branches. ``fuse()`` returns the deploy ``nn.Conv2d`` with a b
 from __future__ import annotations
 
 import copy
+import functools
 import re
 
 import torch
@@ -306,6 +307,8 @@ def reparameterize(model: nn.Module) -> nn.Module:
     if isinstance(model, RepConv2d):
         return model.fuse()
     deploy = copy.deepcopy(model)
+    if hasattr(model, "adagrow_arch"):  # the architecture record describes the train-time form
+        deploy.adagrow_arch = functools.partial(copy.deepcopy, model.adagrow_arch())
     for name, module in list(deploy.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, RepConv2d):

@@ -215,3 +215,21 @@ def test_ddp_two_ranks_agree(tmp_path) -> None:
     for k in a["state"]:
         assert torch.equal(a["state"][k], b["state"][k]), k
     assert os.path.exists(tmp_path / "out.0")
+
+
+def test_bert_encoder_grows_on_token_ids() -> None:
+    torch.manual_seed(0)
+    model = GrowingTransformer("bert", dim=16, head_dim=4, heads=2, depth=1, mlp_per_head=8, num_classes=3,
+                               vocab_size=50, max_len=12)
+    ids = torch.randint(0, 50, (4, 10))
+    before = model(ids)
+    model.add_head(zero_init=True)
+    model.insert_layer(0, zero_init=True)
+    assert model.spec() == "BERT-D2-H3" and torch.allclose(model(ids), before, atol=1e-6)
+    with pytest.raises(ValueError, match="int64 token ids"):
+        model(torch.randn(4, 10))
+    y = torch.randint(0, 3, (32,))
+    x = torch.randint(0, 50, (32, 10))
+    res = grow(model, (x[:24], y[:24]), (x[24:], y[24:]), epochs=3,
+               config=GrowthConfig(stop="BERT-D3-H4", interval=1), progress=False)
+    assert res.model.spec() in ("BERT-D2-H4", "BERT-D3-H3", "BERT-D3-H4")

@@ -32,7 +32,7 @@ from .qdq import W4Weight, act_quant, activation_tensors, insert_act_qdq, quanti
 
 PRECISIONS = ("fp32", "fp16", "int8", "w4")
 TARGETS = ("onnxruntime", "tensorrt")
-FP16_KEEP_FP32 = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf"]
+FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
 INPUT, OUTPUT = "input", "output"
 DEFAULT_CALIB = "mse"  # expected clipping + rounding error: no outlier blow-up, no KL heuristics
 
@@ -204,7 +204,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
         model: deploy form (RepConv2d fused); for ``w4`` it may already be quantized (4-bit).
         example_input: ``[B, ...]`` tensor; the batch dimension is dynamic in the graph.
         path: the ``.onnx`` file; an existing file is only replaced with ``overwrite=True``.
-        precision: ``fp32`` | ``fp16`` (LayerNorm/Softmax/reductions kept fp32) | ``int8`` | ``w4``.
+        precision: ``fp32`` | ``fp16`` (LayerNorm/Softmax kept fp32) | ``int8`` | ``w4``.
         calib: batches (tensors or (x, y)) for INT8 activation ranges and OBS weights.
         calib_method: ``mse`` (default) | ``minmax`` | ``percentile`` | ``entropy``.
         target: INT8 flavour: ``onnxruntime`` (Q/DQ placed so ORT fuses QLinearConv / QGemm,

@@ -1,0 +1,273 @@
+"""Latency suites: models x backends x precisions x batch sizes, described in a TOML file.
+
+```toml
+[suite]
+warmup = 10          # untimed calls per case
+runs = 50            # timed calls per case
+threads = 2          # CPU threads (PyTorch and ONNX Runtime)
+batch_sizes = [1, 32]
+data = "digits"      # calibration data for int8 / w4a16 (and the input shape)
+size = 16
+
+[[model]]
+name = "digits-cnn"
+path = "demo_out/grown.safetensors"    # grown checkpoint, quantized checkpoint or .onnx
+backends = ["eager", "compile", "ort-cpu", "ort-cuda", "tensorrt", "triton"]
+precisions = ["fp32", "fp16", "int8", "w4a16"]
+```
+
+Backend/precision pairs this machine cannot run are reported as skipped with the reason.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from adagrow import __version__
+
+BACKENDS = ("eager", "compile", "ort-cpu", "ort-cuda", "tensorrt", "triton")
+PRECISIONS = ("fp32", "fp16", "int8", "w4a16")
+SUITE_DEFAULTS = {"warmup": 10, "runs": 50, "threads": 2, "batch_sizes": [1, 32], "data": "digits", "size": 16}
+
+
+def load_suite(path: str | Path) -> dict[str, Any]:
+    """Read and validate a suite file; errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"suite file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    suite = {**SUITE_DEFAULTS, **raw.get("suite", {})}
+    unknown = set(suite) - set(SUITE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"{path}: unknown [suite] keys {sorted(unknown)}")
+    models = raw.get("model", [])
+    if not models:
+        raise ValueError(f"{path}: no [[model]] entries")
+    for m in models:
+        if "name" not in m or "path" not in m:
+            raise ValueError(f"{path}: every [[model]] needs name and path, got {m}")
+        m["path"] = str((path.parent / m["path"]) if not Path(m["path"]).is_absolute() else m["path"])
+        m.setdefault("backends", ["eager", "ort-cpu"])
+        m.setdefault("precisions", ["fp32"])
+        bad = [b for b in m["backends"] if b not in BACKENDS] + [p for p in m["precisions"] if p not in PRECISIONS]
+        if bad:
+            raise ValueError(f"{path}: model {m['name']!r}: unknown backends/precisions {bad}; "
+                             f"backends are {BACKENDS}, precisions {PRECISIONS}")
+    suite["models"] = models
+    return suite
+
+
+def unavailable(backend: str, precision: str, source: str) -> str | None:
+    """Why this machine cannot run a case, or None."""
+    cuda = torch.cuda.is_available()
+    if source == "onnx" and backend not in ("ort-cpu", "ort-cuda", "tensorrt"):
+        return "an ONNX model runs on ONNX Runtime or TensorRT only"
+    if source == "quantized" and precision != "w4a16":
+        return "a quantized checkpoint is measured at its own precision (w4a16)"
+    if backend in ("eager", "compile"):
+        if precision == "int8":
+            return "PyTorch has no INT8 kernels for these layers; use ort-cpu or tensorrt"
+        if precision == "fp16" and not cuda:
+            return "fp16 in PyTorch needs a CUDA GPU here (no fast fp16 CPU convolutions)"
+        if backend == "compile" and not cuda and shutil.which("cc") is None and shutil.which("gcc") is None:
+            return "torch.compile on CPU needs a C compiler (cc/gcc not found)"
+    if backend == "ort-cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu on a CUDA machine)"
+    if backend == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            return "tensorrt is not installed"
+        if not cuda:
+            return "TensorRT needs an NVIDIA GPU"
+    if backend == "triton":
+        if not cuda:
+            return "adagrow's Triton kernels need a CUDA GPU (on CPU only the interpreter runs them, for tests)"
+        if precision not in ("fp16", "w4a16"):
+            return "the Triton kernels run fp16 (fused convs) and w4a16"
+    return None
+
+
+def _source(path: str) -> str:
+    if path.endswith(".onnx"):
+        return "onnx"
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("adagrow", "{}"))
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable checkpoint: {exc}") from exc
+    if meta.get("format") == "adagrow-quantized":
+        return "quantized"
+    if meta.get("format") == "adagrow-grown":
+        return "grown"
+    raise ValueError(f"{path}: neither an adagrow grown/quantized checkpoint nor an .onnx file")
+
+
+def _time(fn, warmup: int, runs: int, sync) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+class _Prepared:
+    """Per model: float deploy model, quantized model and exported ONNX files, built on demand."""
+
+    def __init__(self, spec: dict, suite: dict, workdir: Path):
+        from adagrow.data import load_dataset
+        self.spec, self.suite, self.workdir = spec, suite, workdir
+        self.source = _source(spec["path"])
+        x_tr, _, x_te, _ = load_dataset(suite["data"], suite["size"])
+        self.calib = list(x_tr[:256].split(64))
+        self.example = x_te
+        self.cache: dict[str, Any] = {}
+
+    def float_model(self) -> nn.Module:
+        if "float" not in self.cache:
+            from adagrow.grow import load_grown, reparameterize
+            model = load_grown(self.spec["path"])
+            self.cache["float"] = model if getattr(model, "adagrow_deploy", False) else reparameterize(model)
+        return self.cache["float"]
+
+    def quant_model(self) -> nn.Module:
+        if "w4" not in self.cache:
+            from adagrow.compress import QuantConfig, load_quantized, quantize
+            self.cache["w4"] = (load_quantized(self.spec["path"]) if self.source == "quantized"
+                                else quantize(self.float_model(), self.calib, QuantConfig(bits=4), progress=False))
+        return self.cache["w4"]
+
+    def onnx(self, precision: str) -> Path:
+        if self.source == "onnx":
+            return Path(self.spec["path"])
+        key = f"onnx-{precision}"
+        if key not in self.cache:
+            from adagrow.compress.export import export_onnx
+            prec = {"w4a16": "w4"}.get(precision, precision)
+            model = self.quant_model() if prec == "w4" else self.float_model()
+            path = self.workdir / f"{self.spec['name']}_{prec}.onnx"
+            export_onnx(model, self.example[:8], path, prec, calib=self.calib, overwrite=True, progress=False)
+            self.cache[key] = path
+        return self.cache[key]
+
+
+def _runner(prep: _Prepared, backend: str, precision: str, threads: int):
+    """(callable taking a batch, device name)."""
+    cuda = backend in ("ort-cuda", "tensorrt", "triton") or (backend in ("eager", "compile") and
+                                                               precision == "fp16")
+    if backend in ("ort-cpu", "ort-cuda"):
+        from adagrow.compress.export import ort_session
+        path = prep.onnx(precision)
+        if backend == "ort-cpu":
+            sess = ort_session(path, threads=threads)
+        else:
+            sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        half = sess.get_inputs()[0].type == "tensor(float16)"
+        return (lambda x: sess.run(None, {name: (x.numpy().astype(np.float16) if half else x.numpy())}),
+                "cuda" if backend == "ort-cuda" else "cpu")
+    if backend == "tensorrt":
+        raise RuntimeError("TensorRT execution needs the tensorrt runtime; build the engine with "
+                           "adagrow.compress.export.build_engine and time it with trtexec")
+    model = prep.quant_model() if precision == "w4a16" else prep.float_model()
+    device = "cuda" if (cuda or backend == "triton" or (precision == "w4a16" and torch.cuda.is_available())) else "cpu"
+    model = model.to(device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = model.to(dtype) if precision != "w4a16" else model
+    if backend == "compile":
+        model = torch.compile(model)
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return model(x.to(device, dtype))
+
+    return run, device
+
+
+def run_suite(suite: dict, progress: bool = True) -> dict[str, Any]:
+    """Time every case; returns a JSON-ready dict with one row per (model, backend, precision, batch)."""
+    torch.set_num_threads(suite["threads"])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in suite["models"]:
+            prep = _Prepared(spec, suite, Path(tmp))
+            for backend in spec["backends"]:
+                for precision in spec["precisions"]:
+                    reason = unavailable(backend, precision, prep.source)
+                    runner = device = None
+                    if reason is None:
+                        try:
+                            runner, device = _runner(prep, backend, precision, suite["threads"])
+                        except RuntimeError as exc:
+                            reason = str(exc)
+                    for batch in suite["batch_sizes"]:
+                        row = {"model": spec["name"], "backend": backend, "precision": precision, "batch": batch}
+                        if reason is not None:
+                            rows.append({**row, "status": "skipped", "reason": reason})
+                            continue
+                        x = prep.example[:batch]
+                        if len(x) < batch:
+                            x = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
+                        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+                        if device == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                        times = _time(lambda: runner(x), suite["warmup"], suite["runs"], sync)
+                        med = statistics.median(times)
+                        peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                        rows.append({**row, "status": "ok", "device": device, "median_ms": med,
+                                     "p90_ms": float(np.percentile(times, 90)), "throughput_per_s": batch / med * 1e3,
+                                     "peak_mem_mb": peak, "peak_mem_kind": "cuda allocated" if device == "cuda"
+                                     else "process peak RSS"})
+                        if progress:
+                            print(f"  {spec['name']} {backend:<8} {precision:<6} b{batch:<3} {med:8.3f} ms", flush=True)
+    return {"adagrow": __version__, "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "platform": platform.platform(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "threads": suite["threads"], "warmup": suite["warmup"], "runs": suite["runs"], "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| model | backend | precision | batch | median ms | p90 ms | throughput/s | peak MB | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if r["status"] == "ok":
+            lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['median_ms']:.3f} | "
+                         f"{r['p90_ms']:.3f} | {r['throughput_per_s']:.0f} | {r['peak_mem_mb']:.0f} | {r['device']} |")
+        else:
+            lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['batch']} | - | - | - | - | "
+                         f"skipped: {r['reason']} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(result: dict, old: dict) -> list[str]:
+    """Lines with new/old median ratios for the cases both runs measured."""
+    key = lambda r: (r["model"], r["backend"], r["precision"], r["batch"])  # noqa: E731
+    before = {key(r): r for r in old.get("rows", []) if r.get("status") == "ok"}
+    out = []
+    for r in result["rows"]:
+        o = before.get(key(r))
+        if r["status"] == "ok" and o:
+            out.append(f"{r['model']} {r['backend']} {r['precision']} b{r['batch']}: {o['median_ms']:.3f} -> "
+                       f"{r['median_ms']:.3f} ms (x{r['median_ms'] / o['median_ms']:.2f})")
+    return out

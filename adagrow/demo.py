@@ -1,0 +1,159 @@
+"""``adagrow demo``: grow a CNN on the bundled digits, reparameterize, quantize (RTN vs OBS vs
+OBS with overlap-aware order and groups, at W8 and W4), export ONNX (fp32, INT8 Q/DQ, W4), time
+everything on the backends this machine has, and write a table, JSON, markdown and a plot."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adagrow.bench import SUITE_DEFAULTS, _time, markdown, run_suite
+from adagrow.compress import QuantConfig, quantize, save_quantized
+from adagrow.compress.export import export_onnx, ort_session
+from adagrow.data import digits
+from adagrow.grow import GrowingCNN, GrowthConfig, grow, reparameterize, save_grown
+from adagrow.grow.train import accuracy
+
+METHODS = [  # (method label, precision, config)
+    ("RTN per-channel", "W8", QuantConfig(bits=8, method="rtn", group_size=-1, linear_group_size=-1)),
+    ("OBS act-order per-channel", "W8", QuantConfig(bits=8, order="act", group_size=-1, linear_group_size=-1)),
+    ("RTN per-channel", "W4", QuantConfig(bits=4, method="rtn", group_size=-1, linear_group_size=-1)),
+    ("OBS act-order g128", "W4", QuantConfig(bits=4, order="act", group_size=128, linear_group_size=-1)),
+    ("OBS overlap-aware (reparam order, tier groups)", "W4",
+     QuantConfig(bits=4, order="reparam", group_size="tier", linear_group_size=-1)),
+]
+
+
+def _latency(fn, x: torch.Tensor, runs: int) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    return float(np.median(_time(lambda: fn(x), 10, runs, sync)))
+
+
+def _torch_row(model: torch.nn.Module, x1: torch.Tensor, runs: int) -> tuple[float, float | None]:
+    """(CPU fp32 latency, GPU fp16 latency or None) at batch 1, in ms."""
+    cpu = _latency(torch.no_grad()(model), x1, runs)
+    gpu = None
+    if torch.cuda.is_available():  # fp16 activations: fused convs / W4A16 Triton kernels
+        gpu = _latency(torch.no_grad()(copy.deepcopy(model).cuda().half()), x1.cuda().half(), runs)
+    return cpu, gpu
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["cpu_latency_ms"], 100 * r["accuracy"], s=40)
+        ax.annotate(f"{r['method']} {r['precision']} ({r['backend']})", (r["cpu_latency_ms"], 100 * r["accuracy"]),
+                    fontsize=6, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel("CPU latency, batch 1 (ms, median)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("adagrow demo: grown digits CNN, accuracy vs latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: bool = True,
+             threads: int = 2) -> dict[str, Any]:
+    """Run the whole pipeline; every figure in the table is measured in this run."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its files or choose --out")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    say = print if progress else (lambda *a, **k: None)
+    runs = 20 if fast else 200
+    x_tr, y_tr, x_te, y_te = digits(size=16)
+    calib = list(x_tr[: 256 if fast else 512].split(128))
+    x1 = x_te[:1]
+
+    say("[1/5] growing a VGG-family CNN on the bundled digits")
+    t0 = time.perf_counter()
+    res = grow(GrowingCNN("vgg", widths=(16, 24, 32) if fast else (64, 96, 128)), (x_tr, y_tr), (x_te, y_te),
+               epochs=3 if fast else 12, config=GrowthConfig(stop="auto", interval=1 if fast else 3), lr=0.05,
+               progress=progress)
+    grow_s = time.perf_counter() - t0
+    save_grown(res.model, out / "grown.safetensors", overwrite=True)
+    say(f"      grew to {res.model.spec()} in {grow_s:.1f}s")
+
+    say("[2/5] reparameterizing (fusing every RepConv2d)")
+    deploy = reparameterize(res.model)
+    with torch.no_grad():
+        fuse_diff = float((deploy(x_te) - res.model(x_te)).abs().max())
+    float_acc = accuracy(deploy, x_te, y_te)
+    rows: list[dict[str, Any]] = []
+    cpu, gpu = _torch_row(deploy, x1, runs)
+    rows.append({"model": res.model.spec(), "method": "float (fused)", "precision": "FP32", "backend": "PyTorch eager",
+                 "cpu_latency_ms": cpu, "gpu_latency_ms": gpu, "accuracy": float_acc, "quantize_s": 0.0})
+
+    say("[3/5] quantizing: RTN vs OBS vs overlap-aware OBS, W8 and W4")
+    overlap_w4 = None
+    for label, prec, cfg in METHODS:
+        t0 = time.perf_counter()
+        qmodel = quantize(deploy, calib, cfg, progress=False)
+        q_s = time.perf_counter() - t0
+        cpu, gpu = _torch_row(qmodel, x1, runs)
+        rows.append({"model": res.model.spec(), "method": label, "precision": prec, "backend": "PyTorch eager",
+                     "cpu_latency_ms": cpu, "gpu_latency_ms": gpu, "accuracy": accuracy(qmodel, x_te, y_te),
+                     "quantize_s": q_s})
+        if "overlap" in label:
+            overlap_w4 = qmodel
+    save_quantized(overlap_w4, out / "digits_w4_overlap.safetensors", overwrite=True)
+
+    say("[4/5] exporting ONNX (fp32, INT8 Q/DQ for ONNX Runtime, W4) and timing ONNX Runtime CPU")
+    exports = [("float (fused)", "FP32", deploy, "fp32", "fp32.onnx"),
+               ("OBS W8 weights + calibrated activations", "INT8 QDQ", deploy, "int8", "int8_ort.onnx"),
+               ("OBS overlap-aware (reparam order, tier groups)", "W4", overlap_w4, "w4", "w4.onnx")]
+    for label, prec, model, p, fname in exports:
+        rep = export_onnx(model, x_te[:8], out / fname, p, calib=calib, overwrite=True, progress=False)
+        sess = ort_session(rep.path, threads=threads)
+        name = sess.get_inputs()[0].name
+        acc = float((sess.run(None, {name: x_te.numpy()})[0].argmax(1) == y_te.numpy()).mean())
+        cpu = _latency(lambda x: sess.run(None, {name: x.numpy()}), x1, runs)
+        rows.append({"model": res.model.spec(), "method": label, "precision": prec, "backend": "ONNX Runtime CPU",
+                     "cpu_latency_ms": cpu, "gpu_latency_ms": None, "accuracy": acc, "quantize_s": None,
+                     "onnx": fname, "onnx_cosine_vs_torch": rep.cosine})
+
+    say("[5/5] latency suite over every backend (unavailable ones are reported as skipped)")
+    suite = {**SUITE_DEFAULTS, "threads": threads, "runs": runs, "warmup": 5 if fast else 10,
+             "batch_sizes": [1] if fast else [1, 32],
+             "models": [{"name": res.model.spec(), "path": str(out / "grown.safetensors"),
+                         "backends": ["eager", "compile", "ort-cpu", "ort-cuda", "tensorrt", "triton"],
+                         "precisions": ["fp32", "fp16", "int8", "w4a16"]}]}
+    if fast:  # torch.compile's first compilation alone takes longer than the fast demo
+        suite["models"][0]["backends"].remove("compile")
+    bench = run_suite(suite, progress=progress)
+
+    table = _table(rows)
+    say("\n" + table)
+    skipped = [r for r in bench["rows"] if r["status"] == "skipped"]
+    for r in {(r["backend"], r["precision"], r["reason"]) for r in skipped}:
+        say(f"  skipped {r[0]} {r[1]}: {r[2]}")
+    result = {"grown_spec": res.model.spec(), "grow_s": grow_s, "fuse_max_abs_diff": fuse_diff,
+              "growth_events": [h["growth"] | {"epoch": h["epoch"]} for h in res.history if "growth" in h],
+              "table": rows, "suite": bench, "fast": fast}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text("# adagrow demo\n\n" + table + "\n\n## Latency suite\n\n" + markdown(bench))
+    _plot(rows, out / "accuracy_vs_latency.png")
+    say(f"\nwrote {out}/: results.json, results.md, accuracy_vs_latency.png, grown.safetensors, "
+        "digits_w4_overlap.safetensors, fp32.onnx, int8_ort.onnx, w4.onnx")
+    return result
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| model | method | precision | backend | CPU latency b1 (ms) | GPU latency b1 (ms) | accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gpu = f"{r['gpu_latency_ms']:.3f}" if r["gpu_latency_ms"] is not None else "n/a (no GPU)"
+        lines.append(f"| {r['model']} | {r['method']} | {r['precision']} | {r['backend']} | "
+                     f"{r['cpu_latency_ms']:.3f} | {gpu} | {100 * r['accuracy']:.2f}% |")
+    return "\n".join(lines)
