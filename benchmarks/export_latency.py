@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+
+from adagrow.files import write_json
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from adagrow.compress.export import export_onnx, fused_node_counts, ort_session
@@ -156,10 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads,
                           "onnxruntime": ort.__version__, "torch": torch.__version__},
               "rows": rows, "targets": targets}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from adagrow.data import digits
+from adagrow.files import write_json
 from adagrow.grow import FAMILIES, GrowingCNN, GrowingTransformer, GrowthConfig, grow, reparameterize
 from adagrow.grow.cnn import flops
 from adagrow.grow.train import accuracy
@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
               "command": "python benchmarks/grow.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
               "epochs": args.epochs, "input_size": args.size, "rows": rows, "targets": targets}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import re
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adagrow.compress import rtn_quantize
+from adagrow.files import write_json
 from adagrow.compress.pack import dequantize_packed, unpack_codes
 from adagrow.grow.nets import RepCNN
 from adagrow.grow.reparam import reparameterize
@@ -194,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
               "matmul": matmul, "convs": convs, "targets": targets}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"kernels_{re.sub(r'[^A-Za-z0-9]+', '_', name)}_{date}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    write_json(path, result)
     print(f"wrote {path}")
     return 0
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from adagrow import __version__
+from adagrow.files import write_json
 from adagrow.compress import QuantConfig, QuantConv2d, quantize
 from adagrow.data import digits
 from adagrow.grow.nets import RepCNN
@@ -147,10 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "skipped": ["features.0 (stem)", "fc (classifier)"], "calib_images": args.calib},
         "rows": rows, "targets": targets, "max_quantize_s": slowest,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

@@ -6,16 +6,16 @@ import copy
 import importlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from adagrow import __version__
+from adagrow.files import save_state
 
 from .layer import geometry, set_module
 from .qmodules import _QuantLayer, quant_layer_from_meta
@@ -38,17 +38,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
             "config": getattr(model, "adagrow_quant", {}).get("config"), "layers": layers,
             "report": getattr(model, "adagrow_quant", {}).get("layers", {}),
             "arch": arch, "deploy": bool(getattr(model, "adagrow_deploy", False))}
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"adagrow": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_state(path, model.state_dict(), meta)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from adagrow.files import save_state
 
 from .cnn import GrowingCNN
 from .reparam import RepConv2d, reparameterize
@@ -50,18 +51,7 @@ def save_grown(model: GrowingCNN | GrowingTransformer, path: str | os.PathLike, 
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     meta = {"format": FORMAT, "version": 1, "arch": model.arch(), "spec": model.spec(), "deploy": deploy}
-    state = (reparameterize(model.eval()) if deploy else model).state_dict()
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"adagrow": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_state(path, (reparameterize(model.eval()) if deploy else model).state_dict(), meta)
 
 
 def load_grown(path: str | os.PathLike) -> nn.Module:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from adagrow.compress.pack import dequantize_packed
+from adagrow.files import write_json
 
 from ._triton import HAS_TRITON, interpreting, smem_limit, tl, triton
 
@@ -270,10 +271,7 @@ def tune(m: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
 def save_tuning(path: str | os.PathLike) -> None:
     """Write the tuned configs as JSON (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({k: list(v) for k, v in _TUNED.items()}, indent=1))
-    tmp.replace(path)
+    write_json(path, {k: list(v) for k, v in _TUNED.items()})
 
 
 def load_tuning(path: str | os.PathLike) -> int:

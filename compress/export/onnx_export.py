@@ -23,6 +23,8 @@ import torch
 from onnx import TensorProto, numpy_helper, version_converter
 from torch import nn
 
+from adagrow.files import atomic_write
+
 from ..layer import set_module
 from ..model import QuantConfig, quantize
 from ..pack import unpack_codes
@@ -156,18 +158,6 @@ def _export_float(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.M
         return onnxslim.slim(onnx.load(f))
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def ort_session(path: str | os.PathLike, threads: int | None = None,
                 optimized_path: str | None = None) -> ort.InferenceSession:
     """A CPU ONNX Runtime session (full graph optimisation), optionally saving the optimised graph."""
@@ -296,7 +286,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
             notes.append(f"4-bit weights not matched to ONNX initializers (kept as float): {missing}")
         report.quantized_weights = rewrite_w4(graph, {match[k]: v for k, v in w4.items() if k in match})
     onnx.checker.check_model(graph, full_check=True)
-    _save(graph, path)
+    atomic_write(path, lambda tmp: onnx.save(graph, tmp))
     report.max_abs_diff, report.cosine = compare(path, reference, example)
     report.notes = notes
     return report

@@ -7,11 +7,12 @@ optimisation profile for the dynamic batch, a persistent timing cache, a seriali
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
 import torch
+
+from adagrow.files import atomic_write
 
 
 def profile_shapes(onnx_path: str | os.PathLike, min_batch: int, opt_batch: int,
@@ -78,15 +79,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    _write_bytes(engine_path, bytes(plan))
+    atomic_write(engine_path, lambda tmp: Path(tmp).write_bytes(bytes(plan)))
     if cache_path:
-        _write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+        cache_bytes = bytes(config.get_timing_cache().serialize())
+        atomic_write(cache_path, lambda tmp: Path(tmp).write_bytes(cache_bytes))
     return engine_path
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
