@@ -5,8 +5,8 @@ depth 4, 3 heads, 16 tokens) on the bundled digits,
 exports fp32, fp16, our INT8 (ORT flavour, OBS 8-bit weights, each calibration method) and our
 W4, and quantizes the fp32 graph with ``onnxruntime.quantization.quantize_static`` (QDQ,
 per-channel int8 weights, uint8 activations, MinMax) on the same calibration set. Latency:
-median and p90 over many runs at batch 1 and 32 (variants timed round-robin), warm-up first,
-fixed intra-op thread count.
+median and p90 over many runs at batch 1 and 32 (variants timed round-robin, ORT thread spinning
+off so idle sessions do not steal cores), warm-up first, fixed intra-op thread count.
 
 Usage: ``python benchmarks/export_latency.py [--threads 2] [--runs 200]``
 -> ``benchmarks/results/export_latency_cpu.json``
@@ -51,7 +51,7 @@ def latencies(paths: dict[str, Path], batch: int, x_pool: np.ndarray, threads: i
     each) so that drift in machine load spreads over all variants instead of biasing one."""
     feeds, sessions = {}, {}
     for name, path in paths.items():
-        sess = ort_session(path, threads=threads)
+        sess = ort_session(path, threads=threads, spinning=False)  # idle sessions must not spin
         x = x_pool[:batch]
         if sess.get_inputs()[0].type == "tensor(float16)":
             x = x.astype(np.float16)

@@ -57,9 +57,10 @@ def quantizable_nodes(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, int]
 def activation_tensors(graph: onnx.GraphProto, target: str) -> list[str]:
     """Tensors that get a Q/DQ pair.
 
-    Both flavours: the activation input of every quantizable node. ``onnxruntime``: also each such
-    node's output (or its single Relu consumer's output, so ORT drops the Relu), which is what
-    lets ORT fuse QLinearConv / QGemm. ``tensorrt``: also both inputs of residual Adds.
+    Both flavours: the activation input of every quantizable node and both inputs of MatMuls
+    between activations (attention). ``onnxruntime``: also each such node's output (or its single
+    Relu consumer's output, so ORT drops the Relu), which is what lets ORT fuse QLinearConv /
+    QGemm / QLinearMatMul. ``tensorrt``: also both inputs of residual Adds.
     """
     inits, _, consumers = _maps(graph)
     names: list[str] = []
@@ -68,12 +69,21 @@ def activation_tensors(graph: onnx.GraphProto, target: str) -> list[str]:
         if t not in names and t not in inits:
             names.append(t)
 
+    def add_output(node: onnx.NodeProto) -> None:
+        out = node.output[0]
+        users = consumers.get(out, [])
+        add(users[0].output[0] if len(users) == 1 and users[0].op_type == "Relu" else out)
+
     for node, _ in quantizable_nodes(graph):
         add(node.input[0])
         if target == "onnxruntime":
-            out = node.output[0]
-            users = consumers.get(out, [])
-            add(users[0].output[0] if len(users) == 1 and users[0].op_type == "Relu" else out)
+            add_output(node)
+    for node in graph.node:  # activation x activation MatMuls (attention scores, att @ v)
+        if node.op_type == "MatMul" and not any(i in inits for i in node.input):
+            add(node.input[0])
+            add(node.input[1])
+            if target == "onnxruntime":
+                add_output(node)
     if target == "tensorrt":
         for node in graph.node:
             if node.op_type == "Add" and len(node.input) == 2 and not any(i in inits for i in node.input):
