@@ -47,15 +47,17 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r["cpu_latency_ms"], 100 * r["accuracy"], s=40)
-        ax.annotate(f"{r['method']} {r['precision']} ({r['backend']})", (r["cpu_latency_ms"], 100 * r["accuracy"]),
-                    fontsize=6, xytext=(4, 2), textcoords="offset points")
-    ax.set_xlabel("CPU latency, batch 1 (ms, median)")
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    markers = {"PyTorch eager": "o", "ONNX Runtime CPU": "s"}
+    for i, r in enumerate(rows):
+        ax.scatter(r["cpu_latency_ms"], 100 * r["accuracy"], s=50, marker=markers.get(r["backend"], "^"),
+                   color=plt.cm.tab10(i % 10), label=f"{r['method']}, {r['precision']} ({r['backend']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("CPU latency, batch 1 (ms, median, log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("adagrow demo: grown digits CNN, accuracy vs latency")
-    ax.grid(alpha=0.3)
+    ax.set_title(f"adagrow demo: grown {rows[0]['model']} on digits")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

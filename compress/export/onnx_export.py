@@ -266,8 +266,10 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     report = ExportReport(str(path), precision, target if precision == "int8" else None, opset, 0.0, 0.0)
     if precision == "fp16":
         from onnxconverter_common import float16
-        graph = float16.convert_float_to_float16(graph, keep_io_types=True,
-                                                 op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FP32)
+        with warnings.catch_warnings():  # it warns for every tiny weight it rounds into fp16 range
+            warnings.simplefilter("ignore", UserWarning)
+            graph = float16.convert_float_to_float16(graph, keep_io_types=True,
+                                                     op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FP32)
     elif precision == "int8":
         names = activation_tensors(graph.graph, target)
         stats = collect_stats(graph, names, batches, progress=progress)
