@@ -1,13 +1,14 @@
 """GPU benchmark of the Triton kernels (needs CUDA): W4A16 matmul and fused deploy-form convs.
 
-Matmul: N x K = 4096x4096, 8192x8192, 14336x4096 (K=4096 -> N=14336) and the RepCNN deploy
+Matmul: N x K = 4096x4096, 8192x8192, 14336x4096 (K=4096 -> N=14336) and the grown CNN's deploy
 layers' implicit-GEMM shapes, M in 1..256, group 128; against torch fp16 matmul (cuBLAS) and,
 when importable, GemLite. Each shape is tuned once (warm-up, not timed), then timed with
 ``triton.testing.do_bench`` (L2 flushed before every call, median). Reports time, speedup over
 fp16 and achieved bandwidth as a share of the GPU's peak. A correctness check against the
 dequantized reference runs first on every shape.
 
-Convs: the deploy layers of RepCNN (stand-in for a grown CNN) on 32x32 inputs at batch 1, 8, 64:
+Convs: the deploy layers of a grown-shaped CNN (VGG-1-2-2, branches fused, 3x3 and 5x5) on
+32x32 inputs at batch 1, 8, 64:
 eager (cuDNN conv, then bias, activation as separate ops), torch.compile of the same, our fused
 fp16 conv and our W4 conv.
 
@@ -28,7 +29,7 @@ from torch import nn
 from adagrow.compress import rtn_quantize
 from adagrow.files import write_json
 from adagrow.compress.pack import dequantize_packed, unpack_codes
-from adagrow.grow.nets import RepCNN
+from adagrow.grow import GrowingCNN
 from adagrow.grow.reparam import reparameterize
 from adagrow.kernels import fused_conv2d, w4a16 as w4
 from adagrow.kernels.conv import conv_weight_matrix
@@ -107,8 +108,14 @@ def bench_matmul(shapes, ms, group: int, peak: float | None) -> list[dict]:
 
 
 def deploy_convs() -> list[nn.Conv2d]:
+    """Deploy convs of a grown-shaped CNN: VGG-1-2-2 at 64/96/128 whose convs gained branches
+    (some grew to 5x5), fused."""
     torch.manual_seed(0)
-    deploy = reparameterize(RepCNN(in_channels=3, widths=(64, 96, 128), depth=2).eval())
+    model = GrowingCNN("vgg", widths=(64, 96, 128), in_channels=3, depths=(1, 2, 2))
+    for i, conv in enumerate(model.rep_convs().values()):
+        for spec in (("conv1x1", "conv5x5") if i % 2 else ("conv1x3", "conv3x1")):
+            conv.add_branch(spec, grow_kernel=True)
+    deploy = reparameterize(model.eval())
     return [m for m in deploy.modules() if isinstance(m, nn.Conv2d)]
 
 
