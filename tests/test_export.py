@@ -264,3 +264,21 @@ def test_tensorrt_builds_int8_engine(tmp_path) -> None:
     rep = export_onnx(model, x, tmp_path / "q.onnx", "int8", calib=calib, target="tensorrt", progress=False)
     plan = build_engine(rep.path, tmp_path / "q.plan", timing_cache=tmp_path / "cache.bin")
     assert plan.stat().st_size > 0 and (tmp_path / "cache.bin").exists()
+
+
+def test_int8_with_initializers_shared_by_the_simplifier(tmp_path) -> None:
+    """onnxslim merges identical initializers (here two all-zero biases); each conv must still get
+    its own int32 bias (its scale depends on that conv's input and weight scales)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[2].bias.zero_()
+    x = torch.randn(2, 3, 9, 9)
+    from adagrow.compress.export.onnx_export import _export_float
+    g = _export_float(model, x, 17)
+    biases = [n.input[2] for n in g.graph.node if n.op_type == "Conv"]
+    assert len(set(biases)) == 1  # the situation under test: one shared bias initializer
+    rep = export_onnx(model, x, tmp_path / "s.onnx", "int8", calib=[torch.randn(8, 3, 9, 9)], progress=False)
+    assert fused_node_counts(rep.path).get("QLinearConv") == 2 and rep.cosine > 0.999

@@ -181,18 +181,21 @@ def quantize_weights_int8(model: onnx.ModelProto, scales: dict[str, np.ndarray],
             bname = node.input[2]
             b = numpy_helper.to_array(inits[bname]).astype(np.float64)
             bs = (plan[node.input[0]].scale * s.astype(np.float64)).astype(np.float32)
-            if b.shape == bs.shape:
+            if b.shape == bs.shape:  # per node: a simplifier may share one bias between nodes
+                tag = f"{bname}__{node.name or node.output[0]}"
                 bq = np.clip(np.round(b / bs), -2**31, 2**31 - 1).astype(np.int32)
-                graph.initializer.remove(inits[bname])
-                graph.initializer.extend([numpy_helper.from_array(bq, f"{bname}_int32"),
-                                          numpy_helper.from_array(bs, f"{bname}_bscale"),
-                                          numpy_helper.from_array(np.zeros_like(bq), f"{bname}_bzero")])
-                head.append(helper.make_node("DequantizeLinear", [f"{bname}_int32", f"{bname}_bscale",
-                                                                  f"{bname}_bzero"], [bname],
-                                             name=f"{bname}_DQ", axis=0))
+                graph.initializer.extend([numpy_helper.from_array(bq, f"{tag}_int32"),
+                                          numpy_helper.from_array(bs, f"{tag}_bscale"),
+                                          numpy_helper.from_array(np.zeros_like(bq), f"{tag}_bzero")])
+                head.append(helper.make_node("DequantizeLinear", [f"{tag}_int32", f"{tag}_bscale", f"{tag}_bzero"],
+                                             [f"{tag}_deq"], name=f"{tag}_DQ", axis=0))
+                node.input[2] = f"{tag}_deq"
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(head + nodes)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for t in [t for t in graph.initializer if t.name in inits and t.name not in used]:
+        graph.initializer.remove(t)  # float biases replaced above
     return len(done)
 
 
