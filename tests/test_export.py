@@ -282,3 +282,15 @@ def test_int8_with_initializers_shared_by_the_simplifier(tmp_path) -> None:
     assert len(set(biases)) == 1  # the situation under test: one shared bias initializer
     rep = export_onnx(model, x, tmp_path / "s.onnx", "int8", calib=[torch.randn(8, 3, 9, 9)], progress=False)
     assert fused_node_counts(rep.path).get("QLinearConv") == 2 and rep.cosine > 0.999
+
+
+def test_bert_token_id_inputs_stay_integer(tmp_path) -> None:
+    from adagrow.grow import GrowingTransformer
+    torch.manual_seed(0)
+    model = GrowingTransformer("bert", dim=16, head_dim=4, heads=2, depth=1, mlp_per_head=8, num_classes=3,
+                               vocab_size=50, max_len=12).eval()
+    ids = torch.randint(0, 50, (3, 12))
+    rep = export_onnx(model, ids, tmp_path / "b.onnx", "int8", calib=[torch.randint(0, 50, (8, 12))], progress=False)
+    g = onnx.load(rep.path)
+    assert g.graph.input[0].type.tensor_type.elem_type == TensorProto.INT64
+    assert rep.cosine > 0.999

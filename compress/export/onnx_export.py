@@ -62,6 +62,12 @@ def _check_exportable(model: nn.Module) -> None:
                          "form: adagrow.grow.reparam.reparameterize(model.eval())")
 
 
+def _as_input(x: torch.Tensor) -> torch.Tensor:
+    """CPU copy; float inputs as float32, token ids keep their integer dtype."""
+    x = x.detach().cpu()
+    return x.float() if x.is_floating_point() else x
+
+
 def _batches(calib: Iterable | None, example: torch.Tensor) -> list[np.ndarray]:
     out = []
     for b in calib or []:
@@ -70,7 +76,7 @@ def _batches(calib: Iterable | None, example: torch.Tensor) -> list[np.ndarray]:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"calibration batch of shape {shape} does not match the example input "
                              f"[B, {', '.join(map(str, example.shape[1:]))}]")
-        out.append(x.detach().cpu().float().numpy())
+        out.append(_as_input(x).numpy())
     return out
 
 
@@ -180,12 +186,12 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, optimized_p
 def compare(path: Path, reference: nn.Module, example: torch.Tensor) -> tuple[float, float]:
     """(max |onnx - torch|, cosine similarity) on ``example``."""
     sess = ort_session(path)
-    x = example.detach().cpu().float().numpy()
+    x = example.numpy()
     if sess.get_inputs()[0].type == "tensor(float16)":
         x = x.astype(np.float16)
     got = sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float64).ravel()
     with torch.no_grad():
-        ref = reference(example.float()).double().cpu().numpy().ravel()
+        ref = reference(example).double().cpu().numpy().ravel()
     cos = float(got @ ref / max(np.linalg.norm(got) * np.linalg.norm(ref), 1e-30))
     return float(np.abs(got - ref).max()), cos
 
@@ -220,7 +226,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     _check_exportable(model)
-    example = example_input.detach().cpu().float()
+    example = _as_input(example_input)
     batches = _batches(calib, example)
     model = copy.deepcopy(model).cpu().float().eval()
     has_quant = any(isinstance(m, _QuantLayer) for m in model.modules())
