@@ -12,7 +12,7 @@ from torch import nn
 
 from adagrow.compress import QuantConfig, quantize
 from adagrow.compress.export import (build_engine, export_onnx, export_triton_repository, fused_node_counts,
-                                     ort_session, profile_shapes)
+                                     profile_shapes)
 from adagrow.compress.export.calibrate import TensorStats, threshold
 from adagrow.grow.nets import RepCNN, TinyViT
 from adagrow.grow.reparam import reparameterize
