@@ -119,7 +119,8 @@ def _source(path: str) -> str:
     raise ValueError(f"{path}: neither an adagrow grown/quantized checkpoint nor an .onnx file")
 
 
-def _time(fn, warmup: int, runs: int, sync) -> list[float]:
+def time_calls(fn, warmup: int, runs: int, sync) -> list[float]:
+    """Milliseconds of ``runs`` timed calls after ``warmup`` untimed ones; ``sync`` waits for the device."""
     for _ in range(warmup):
         fn()
     sync()
@@ -232,7 +233,7 @@ def run_suite(suite: dict, progress: bool = True) -> dict[str, Any]:
                         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
                         if device == "cuda":
                             torch.cuda.reset_peak_memory_stats()
-                        times = _time(lambda: runner(x), suite["warmup"], suite["runs"], sync)
+                        times = time_calls(lambda: runner(x), suite["warmup"], suite["runs"], sync)
                         med = statistics.median(times)
                         peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adagrow.bench import SUITE_DEFAULTS, _time, markdown, run_suite
+from adagrow.bench import SUITE_DEFAULTS, markdown, run_suite, time_calls
 from adagrow.compress import QuantConfig, quantize, save_quantized
 from adagrow.compress.export import export_onnx, ort_session
 from adagrow.data import digits
@@ -31,7 +31,7 @@ METHODS = [  # (method label, precision, config)
 
 def _latency(fn, x: torch.Tensor, runs: int) -> float:
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    return float(np.median(_time(lambda: fn(x), 10, runs, sync)))
+    return float(np.median(time_calls(lambda: fn(x), 10, runs, sync)))
 
 
 def _torch_row(model: torch.nn.Module, x1: torch.Tensor, runs: int) -> tuple[float, float | None]:
