@@ -147,9 +147,8 @@ class _Prepared:
 
     def float_model(self) -> nn.Module:
         if "float" not in self.cache:
-            from adagrow.grow import load_grown, reparameterize
-            model = load_grown(self.spec["path"])
-            self.cache["float"] = model if getattr(model, "adagrow_deploy", False) else reparameterize(model)
+            from adagrow.grow import load_deploy
+            self.cache["float"] = load_deploy(self.spec["path"])
         return self.cache["float"]
 
     def quant_model(self) -> nn.Module:

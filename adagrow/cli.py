@@ -23,15 +23,6 @@ def _check_out(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
 
 
-def _load_float(path: str):
-    """(train-form model or None, deploy model) from a grown checkpoint."""
-    from adagrow.grow import load_grown, reparameterize
-    model = load_grown(path)
-    if getattr(model, "adagrow_deploy", False):
-        return None, model
-    return model, reparameterize(model)
-
-
 def cmd_grow(args: argparse.Namespace) -> dict[str, Any]:
     from adagrow.grow import GrowingCNN, GrowingTransformer, GrowthConfig, grow, save_grown
     out = Path(args.out)
@@ -55,12 +46,13 @@ def cmd_grow(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_reparam(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from adagrow.grow import save_grown
+    from adagrow.grow import load_grown, reparameterize, save_grown
     out = Path(args.out)
     _check_out(out, args.overwrite)
-    model, deploy = _load_float(args.checkpoint)
-    if model is None:
+    model = load_grown(args.checkpoint)
+    if getattr(model, "adagrow_deploy", False):
         raise ValueError(f"{args.checkpoint} is already in deploy form")
+    deploy = reparameterize(model)
     x = _data(args)[2][:64]
     with torch.no_grad():
         diff = float((deploy(x) - model(x)).abs().max())
@@ -71,10 +63,11 @@ def cmd_reparam(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     import time
     from adagrow.compress import QuantConfig, quantize, save_quantized
+    from adagrow.grow import load_deploy
     from adagrow.grow.train import accuracy
     out = Path(args.out)
     _check_out(out, args.overwrite)
-    _, deploy = _load_float(args.checkpoint)
+    deploy = load_deploy(args.checkpoint)
     x_tr, _, x_te, y_te = _data(args)
     gs = args.group_size if args.group_size in ("tier", "position") else int(args.group_size)
     cfg = QuantConfig(bits=args.bits, group_size=gs, order=args.order, method=args.method, sym=args.sym,
@@ -91,11 +84,12 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from adagrow.compress import load_quantized
     from adagrow.compress.export import build_engine, export_onnx, export_triton_repository
     from adagrow.bench import _source
+    from adagrow.grow import load_deploy
     x_tr, _, x_te, _ = _data(args)
     if _source(args.checkpoint) == "quantized":
         model = load_quantized(args.checkpoint)
     else:
-        model = _load_float(args.checkpoint)[1]
+        model = load_deploy(args.checkpoint)
     rep = export_onnx(model, x_te[:8], args.out, args.precision, calib=x_tr[: args.calib].split(64),
                       target=args.target, calib_method=args.calib_method, overwrite=args.overwrite,
                       progress=not args.quiet)

@@ -75,3 +75,9 @@ def load_grown(path: str | os.PathLike) -> nn.Module:
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not match the recorded architecture: {exc}") from exc
     return model.eval()
+
+
+def load_deploy(path: str | os.PathLike) -> nn.Module:
+    """The deploy form (every RepConv2d fused) of a grown checkpoint, whichever form it holds."""
+    model = load_grown(path)
+    return model if getattr(model, "adagrow_deploy", False) else reparameterize(model)
