@@ -72,7 +72,8 @@ class _StopForward(Exception):
     """Raised by a calibration hook once the layer's inputs are captured."""
 
 
-def _inputs(batch: object) -> torch.Tensor:
+def batch_inputs(batch: object) -> torch.Tensor:
+    """The input tensor of a calibration batch (a tensor, or the x of an (x, y) pair)."""
     if isinstance(batch, (tuple, list)):
         batch = batch[0]
     if not isinstance(batch, torch.Tensor):
@@ -145,7 +146,7 @@ def quantize(model: nn.Module, calib: Iterable | None, config: QuantConfig | Non
     config = copy.deepcopy(config or QuantConfig()).validate()
     qmodel = copy.deepcopy(model).eval()
     targets = _targets(qmodel, config.skip)
-    batches = [] if calib is None else [_inputs(b) for b in calib]
+    batches = [] if calib is None else [batch_inputs(b) for b in calib]
     if not batches and config.method == "obs":
         raise ValueError("OBS quantization needs calibration data: calib is empty")
     device = next(iter(qmodel.parameters())).device

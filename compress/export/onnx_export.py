@@ -26,7 +26,7 @@ from torch import nn
 from adagrow.files import atomic_write
 
 from ..layer import set_module
-from ..model import QuantConfig, quantize
+from ..model import QuantConfig, batch_inputs, quantize
 from ..pack import unpack_codes
 from ..qmodules import QuantLinear, _QuantLayer
 from .calibrate import CALIB_METHODS, collect_stats, threshold
@@ -71,10 +71,9 @@ def _as_input(x: torch.Tensor) -> torch.Tensor:
 def _batches(calib: Iterable | None, example: torch.Tensor) -> list[np.ndarray]:
     out = []
     for b in calib or []:
-        x = b[0] if isinstance(b, (tuple, list)) else b
-        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != tuple(example.shape[1:]):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"calibration batch of shape {shape} does not match the example input "
+        x = batch_inputs(b)
+        if tuple(x.shape[1:]) != tuple(example.shape[1:]):
+            raise ValueError(f"calibration batch of shape {tuple(x.shape)} does not match the example input "
                              f"[B, {', '.join(map(str, example.shape[1:]))}]")
         out.append(_as_input(x).numpy())
     return out
