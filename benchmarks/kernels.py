@@ -28,7 +28,7 @@ from torch import nn
 
 from adagrow.compress import rtn_quantize
 from adagrow.files import write_json
-from adagrow.compress.pack import dequantize_packed, unpack_codes
+from adagrow.packed import dequantize_packed, unpack_codes
 from adagrow.grow import GrowingCNN
 from adagrow.grow.reparam import reparameterize
 from adagrow.kernels import fused_conv2d, w4a16 as w4

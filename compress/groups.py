@@ -7,8 +7,6 @@ overlap tier, positions with the same overlap count, most-covered tier first).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .grid import grid_params
@@ -32,10 +30,6 @@ def check_group_size(group_size: int | str, is_conv: bool) -> int | str:
     return group_size
 
 
-def padded_k(k: int, group_size: int | str) -> int:
-    """K padded with zero columns to a multiple of the group size (if contiguous) and of 8."""
-    step = group_size if isinstance(group_size, int) and group_size > 0 else 8
-    return math.ceil(k / step) * step
 
 
 def position_groups(overlap: torch.Tensor, group_size: str) -> torch.Tensor:
@@ -47,16 +41,6 @@ def position_groups(overlap: torch.Tensor, group_size: str) -> torch.Tensor:
     return (flat[:, None] == tiers[None, :]).int().argmax(1).to(torch.int32)
 
 
-def column_groups(k_pad: int, group_size: int | str, cin_per_group: int = 1,
-                  position_group: torch.Tensor | None = None) -> torch.Tensor:
-    """``int64[k_pad]``: group index of every (padded) column; padding joins the last group."""
-    cols = torch.arange(k_pad)
-    if group_size == -1:
-        return torch.zeros(k_pad, dtype=torch.int64)
-    if isinstance(group_size, int):
-        return cols // group_size
-    pos = (cols // cin_per_group).clamp_max(position_group.numel() - 1)
-    return position_group.long()[pos]
 
 
 def group_params(w: torch.Tensor, gid: torch.Tensor, n_groups: int, bits: int, sym: bool,

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adagrow.packed import column_groups, pack_codes, padded_k
+
 from .grid import check_bits, dequantize_codes, quantize_codes
-from .groups import check_group_size, column_groups, group_params, padded_k, position_groups
+from .groups import check_group_size, group_params, position_groups
 from .layer import LayerGeometry, geometry, input_columns, matrix_to_weight, weight_matrix
 from .order import check_order, column_overlap, saliency, static_order, tiered_order
-from .pack import pack_codes
 
 DAMP_RETRIES = 4  # lambda is multiplied by 10 up to this many times before giving up
 

@@ -9,11 +9,10 @@ from torch import nn
 
 from adagrow.kernels.conv import fused_conv2d
 from adagrow.kernels.w4a16 import kernel_supports, use_triton, w4a16_matmul
+from adagrow.packed import codes_per_word, dequantize_packed, padded_k
 
-from .groups import padded_k
 from .layer import LayerGeometry, geometry, matrix_to_weight, reference_forward
 from .obs import QuantResult
-from .pack import codes_per_word, dequantize_packed
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adagrow.compress.pack import dequantize_packed
+from adagrow.packed import dequantize_packed
 
 from ._triton import HAS_TRITON, tl, triton
 from .w4a16 import use_triton

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from adagrow.compress.pack import dequantize_packed
+from adagrow.packed import dequantize_packed
 from adagrow.files import write_json
 
 from ._triton import HAS_TRITON, interpreting, smem_limit, tl, triton

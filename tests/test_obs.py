@@ -5,7 +5,8 @@ from torch import nn
 
 from adagrow.compress import OBSQuantizer, rtn_quantize
 from adagrow.compress.grid import grid_params
-from adagrow.compress.groups import column_groups, position_groups
+from adagrow.compress.groups import position_groups
+from adagrow.packed import column_groups
 from adagrow.compress.layer import geometry, input_columns, weight_matrix
 from adagrow.compress.pack import dequantize_packed
 

@@ -27,7 +27,7 @@ from adagrow.files import atomic_write
 
 from ..layer import set_module
 from ..model import QuantConfig, batch_inputs, quantize
-from ..pack import unpack_codes
+from adagrow.packed import unpack_codes
 from ..qmodules import QuantLinear, _QuantLayer
 from .calibrate import CALIB_METHODS, collect_stats, threshold
 from .qdq import W4Weight, act_quant, activation_tensors, insert_act_qdq, quantize_weights_int8, rewrite_w4

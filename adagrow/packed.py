@@ -1,13 +1,34 @@
-"""Packed weight format (DESIGN §5): codes along K packed into int32 words, transposed ``[K, N]``.
+"""The W4A16 packed weight format (DESIGN §5), at the bottom of the layering: it imports nothing
+from adagrow, and both ``adagrow.kernels`` and ``adagrow.compress`` build on it.
 
-``bits <= 4``: 8 nibbles per word, ``qweight`` is ``int32[K_pad/8, N]`` (lowest nibble = lowest k).
-``bits 5..8``: 4 bytes per word, ``int32[K_pad/4, N]``.
+Codes along K are packed into int32 words of the transposed ``[K, N]`` matrix:
+``bits <= 4``: 8 nibbles per word, ``qweight`` is ``int32[K_pad/8, N]`` (lowest nibble = lowest k);
+``bits 5..8``: 4 bytes per word, ``int32[K_pad/4, N]``. Dequantized weight ``(q - z) * s`` with
+``scales``/``zeros`` ``[n_groups, N]``; each column's group comes from :func:`column_groups`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .groups import column_groups
+
+def padded_k(k: int, group_size: int | str) -> int:
+    """K padded with zero columns to a multiple of the group size (if contiguous) and of 8."""
+    step = group_size if isinstance(group_size, int) and group_size > 0 else 8
+    return math.ceil(k / step) * step
+
+
+def column_groups(k_pad: int, group_size: int | str, cin_per_group: int = 1,
+                  position_group: torch.Tensor | None = None) -> torch.Tensor:
+    """``int64[k_pad]``: group index of every (padded) column; padding joins the last group."""
+    cols = torch.arange(k_pad)
+    if group_size == -1:
+        return torch.zeros(k_pad, dtype=torch.int64)
+    if isinstance(group_size, int):
+        return cols // group_size
+    pos = (cols // cin_per_group).clamp_max(position_group.numel() - 1)
+    return position_group.long()[pos]
 
 
 def codes_per_word(bits: int) -> int:
