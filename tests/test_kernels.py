@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adagrow.compress import QuantConfig, QuantConv2d, QuantLinear, quantize, rtn_quantize
-from adagrow.compress.pack import dequantize_packed
+from adagrow.packed import dequantize_packed
 from adagrow.kernels import FusedConv2d, fused_conv2d, fused_conv2d_ref, w4a16_matmul_ref
 from adagrow.kernels import w4a16 as w4
 from adagrow.kernels.conv import conv_weight_matrix, fused_conv2d_triton

@@ -5,7 +5,7 @@ from torch import nn
 
 from adagrow.compress import (OBSQuantizer, QuantConfig, QuantConv2d, QuantLinear, load_quantized,
                               quantize, save_quantized)
-from adagrow.compress.pack import pack_codes, unpack_codes
+from adagrow.packed import pack_codes, unpack_codes
 from adagrow.grow.nets import RepCNN
 from adagrow.grow.reparam import reparameterize
 

@@ -8,7 +8,7 @@ from adagrow.compress.grid import grid_params
 from adagrow.compress.groups import position_groups
 from adagrow.packed import column_groups
 from adagrow.compress.layer import geometry, input_columns, weight_matrix
-from adagrow.compress.pack import dequantize_packed
+from adagrow.packed import dequantize_packed
 
 OV5 = torch.tensor([[1, 1, 1, 1, 1],
                     [1, 2, 3, 2, 1],
