@@ -285,3 +285,47 @@ def load_tuning(path: str | os.PathLike) -> int:
             raise ValueError(f"tuning cache {path}: bad entry {k!r}: {v!r}")
         _TUNED[k] = tuple(int(t) for t in v)
     return len(data)
+
+
+# ----------------------------------------------------------------------------- static inspection
+STATIC_SHAPES = [(8192, 8192), (4096, 4096)]  # (N, K) of the benchmark, group 128
+STATIC_MS = [1, 16, 128]
+
+
+def static_specs(arch: int) -> list:
+    """One :class:`~adagrow.kernels.static.StaticSpec` per (table config, benchmark shape) of
+    M's path, fp16 activations, group 128 (see benchmarks/kernels_static.py)."""
+    from .static import StaticSpec, runtime_signature
+    specs = []
+    g = 128
+    for n, k in STATIC_SHAPES:
+        for m in STATIC_MS:
+            path = path_for(m)
+            for cfg in CONFIGS[path]:
+                bm, bn, bk, split, warps, stages = cfg
+                consts = {"GROUP": g, "PER_CHANNEL": False, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
+                ydt = "*fp32" if split > 1 else "*fp16"
+                if path == "gemv":
+                    fn, name = _w4a16_gemv_kernel, "_w4a16_gemv_kernel"
+                    args = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": ydt,
+                            "N": n, "K": k, "K_PAD": k, "sxk": 1, "sqk": n, "sqn": 1, "ssg": n, "ssn": 1, "syn": 1}
+                    grid = triton.cdiv(n, bn) * split
+                else:
+                    fn, name = _w4a16_gemm_kernel, "_w4a16_gemm_kernel"
+                    consts["BLOCK_M"] = bm
+                    args = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": ydt,
+                            "M": m, "N": n, "K": k, "K_PAD": k, "sxm": k, "sxk": 1, "sqk": n, "sqn": 1,
+                            "ssg": n, "ssn": 1, "sym": n, "syn": 1}
+                    grid = triton.cdiv(m, bm) * triton.cdiv(n, bn) * split
+                sig, consts, aligned = runtime_signature(args, consts)
+                rows = min(bm, m)
+                unique = bk // 8 * bn * 4 + rows * bk * 2 + 2 * bn * 2 * bk // g
+                out_bytes = rows * bn * (4 if split > 1 else 2)
+                specs.append(StaticSpec(
+                    kernel=name, path=path, fn=fn, signature=sig, constexprs=consts, num_warps=warps,
+                    num_stages=stages, config=dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps",
+                                                        "num_stages"), cfg)),
+                    shape={"M": m, "N": n, "K": k, "G": g}, unique_bytes_per_iter=unique,
+                    iters_per_program=triton.cdiv(k, bk * split), n_programs=grid, aligned=aligned,
+                    extra_bytes=out_bytes))
+    return specs
