@@ -13,13 +13,14 @@ table picks and for the best config, against fp16's memory time for the same sha
 (fp16 weights + activations + output / HBM bandwidth). Estimates, not measurements.
 
 Usage: ``python benchmarks/kernels_static.py --arch 90 --out benchmarks/results/kernels_static_sm90.json
---sass-dir DIR [--paths gemv splitk] [--max-configs N]``
+--sass-dir DIR [--paths gemv splitk] [--max-configs N] [--table kernels/tables/w4a16.json]``
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import importlib
+import json
 import platform
 import sys
 from pathlib import Path
@@ -98,6 +99,22 @@ def run(arch: int, sass_dir: Path | None, paths: list[str] | None = None,
             "triton": triton.__version__, "records": records, "estimates": shape_estimates(records, arch)}
 
 
+def update_table(table: Path, doc: dict) -> None:
+    """Write the best-estimate config per matmul shape into the package's per-GPU table
+    (``kernels/tables/w4a16.json``) under the arch's reference GPU, marked as static estimates."""
+    data = json.loads(table.read_text())
+    key = static.ARCH[doc["arch"]]["table_key"]
+    rows = data["gpus"].setdefault(key, {})
+    for e in doc["estimates"]:
+        shape = e["shape"]
+        if e["path"] in ("gemv", "splitk", "gemm"):
+            m = shape["M"]
+            bucket = 1 if m == 1 else min(1 << (m - 1).bit_length(), 256)
+            rows[f"{shape['N']},{shape['K']},{bucket}"] = list(e["best"]["config"].values())
+    data["sources"][key] = f"static estimate, {doc['command']}, {doc['date']} (not measured on a GPU)"
+    write_json(table, data)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Compile the Triton kernels for sm_XX and inspect the SASS (no GPU)")
     ap.add_argument("--arch", type=int, choices=sorted(static.ARCH), required=True)
@@ -105,10 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sass-dir", type=Path, default=None, help="folder for the SASS listings")
     ap.add_argument("--paths", nargs="*", default=None, help="only these kernel paths (gemv splitk gemm conv dwconv)")
     ap.add_argument("--max-configs", type=int, default=None, help="first N configs per (kernel, shape)")
+    ap.add_argument("--table", type=Path, default=None,
+                    help="also write the best-estimate W4A16 configs into this per-GPU table (kernels/tables/w4a16.json)")
     args = ap.parse_args(argv)
     doc = run(args.arch, args.sass_dir, args.paths, args.max_configs)
     doc["command"] = "python benchmarks/kernels_static.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(args.out, doc)
+    if args.table:
+        update_table(args.table, doc)
     bad = [r for r in doc["records"] if r["spill_bytes"] or not r["fits"] or (r["w4"] and r["i2f_in_main_loop"])]
     for e in doc["estimates"]:
         d = e["default"]
