@@ -115,6 +115,9 @@ def compile_spec(spec: StaticSpec, arch: int):
     names = list(spec.signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in spec.signature.items()
              if t.startswith("*") or n in spec.aligned}
+    if not hasattr(spec.fn, "cache_key"):
+        raise RuntimeError(f"{spec.kernel} is not a compilable @triton.jit function (TRITON_INTERPRET=1 turns "
+                           "kernels into interpreter functions): run static inspection without TRITON_INTERPRET")
     src = ASTSource(spec.fn, spec.signature, spec.constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
