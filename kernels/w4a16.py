@@ -36,16 +36,19 @@ from adagrow.files import write_json
 from ._triton import HAS_TRITON, interpreting, smem_limit, tl, triton
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per path, default first. Every
-# row compiles for sm_90 and sm_80 without spills and within shared memory, and the GEMV /
+# row compiles for sm_90 and sm_80 (ARCH_ONLY rows: for their archs) without spills and within shared memory, and the GEMV /
 # split-K rows load at most 1.25x their tile's unique bytes (benchmarks/results/kernels_static_sm*.json).
 CONFIGS: dict[str, list[tuple[int, int, int, int, int, int]]] = {
     "gemv": [(1, 128, 128, 8, 4, 3), (1, 128, 128, 16, 4, 3), (1, 128, 128, 4, 4, 3), (1, 256, 128, 4, 8, 4),
              (1, 256, 128, 8, 8, 3)],
     "splitk": [(16, 256, 64, 4, 8, 3), (16, 256, 128, 4, 8, 3), (16, 128, 128, 4, 4, 3), (16, 128, 128, 8, 4, 3),
                (32, 256, 64, 4, 8, 3)],
-    "gemm": [(128, 128, 64, 2, 8, 4), (128, 128, 64, 4, 8, 4), (128, 128, 64, 1, 8, 3), (64, 128, 64, 2, 4, 3),
+    "gemm": [(128, 256, 64, 2, 8, 3), (128, 128, 64, 2, 8, 4), (128, 128, 64, 4, 8, 4), (128, 128, 64, 1, 8, 3), (64, 128, 64, 2, 4, 3),
              (128, 64, 64, 2, 4, 3)],
 }
+# Rows checked (spill-free) only on some archs (compute capability as 10 * major + minor):
+# 128x256 tiles keep a 128-register fp32 accumulator that spills with sm_80's mma.sync.
+ARCH_ONLY: dict[tuple[int, ...], tuple[int, ...]] = {(128, 256, 64, 2, 8, 3): (90,)}
 SPLITK_MAX_M = 32
 PER_CHANNEL_GROUP = 1 << 30  # GROUP constexpr of group_size=-1: every K tile is in group 0
 _TUNED: dict[str, tuple[int, ...]] = {}
@@ -300,6 +303,9 @@ def config_problem(path: str, cfg: tuple[int, ...], group_size: int, dtype: torc
     config handles every group size (tiles spanning groups load scales per word row)."""
     if device is None or device.type != "cuda" or not HAS_TRITON:
         return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if cfg in ARCH_ONLY and 10 * major + minor not in ARCH_ONLY[cfg]:
+        return f"checked only for sm_{'/sm_'.join(map(str, ARCH_ONLY[cfg]))} (this device is sm_{major}{minor})"
     key = (path, cfg, group_size, dtype, device)
     if key not in _SMEM:
         m = 1 if path == "gemv" else cfg[0]
@@ -493,8 +499,8 @@ CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_s
 
 
 def static_specs(arch: int) -> list:
-    """One :class:`~adagrow.kernels.static.StaticSpec` per (table config of M's path, benchmark
-    shape), fp16 activations, group 128, for ``benchmarks/kernels_static.py``. The spec of the
+    """One :class:`~adagrow.kernels.static.StaticSpec` per (table config of M's path for this
+    arch, benchmark shape), fp16 activations, group 128, for ``benchmarks/kernels_static.py``. The spec of the
     config :func:`lookup_config` would pick on the arch's reference GPU is marked
     ``table_default``."""
     from .static import ARCH, StaticSpec, runtime_signature
@@ -506,6 +512,8 @@ def static_specs(arch: int) -> list:
             path = path_for(m)
             default = tuple(gpu_rows.get(f"{n},{k},{m_bucket(m)}", CONFIGS[path][0]))
             for cfg in CONFIGS[path]:
+                if arch not in ARCH_ONLY.get(cfg, (arch,)):
+                    continue
                 bm, bn, bk, split, warps, stages = cfg
                 ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16",
                         "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
