@@ -121,6 +121,24 @@ def test_w4a16_dispatch_and_group_support() -> None:
                         path="splitk", config=(8, 64, 32, 1, 4, 1))
 
 
+def test_w4a16_configs_that_do_not_fit_are_skipped_with_reason(monkeypatch) -> None:
+    """CUDA launch-time check (faked here): the compiled kernel's shared memory against the
+    device limit, and rows restricted to other archs; nothing that fails is returned."""
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(w4, "smem_limit", lambda device: 100_000)
+    sm90_row = next(iter(w4.ARCH_ONLY))
+    assert "only for sm_90" in w4.config_problem("gemm", sm90_row, 128, torch.float16, dev)
+    rows = [c for c in w4.CONFIGS["gemm"] if c not in w4.ARCH_ONLY]
+    smem = {("gemm", c, 128, torch.float16, dev): 120_000 if i == 0 else 50_000 for i, c in enumerate(rows)}
+    monkeypatch.setattr(w4, "_SMEM", smem)
+    assert "needs 120000 B of shared memory" in w4.config_problem("gemm", rows[0], 128, torch.float16, dev)
+    assert w4.valid_configs("gemm", 128, torch.float16, dev) == rows[1:]
+    monkeypatch.setattr(w4, "_SMEM", {k: 120_000 for k in smem})
+    with pytest.raises(ValueError, match="no w4a16 gemm config can run here"):
+        w4.valid_configs("gemm", 128, torch.float16, dev)
+
+
 def test_w4a16_config_lookup_order(monkeypatch) -> None:
     """User tuning cache, then the shipped per-GPU table (rows not in CONFIGS ignored), then the
     table's default row; the shipped file's rows are all table configs."""
