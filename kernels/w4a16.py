@@ -157,11 +157,12 @@ if HAS_TRITON:
             kw = t * (BLOCK_K // 8) + rw
             offs = (kw * 8 // GROUP)[:, None] * N + rn[None, :]
             mask = (kw < K_PAD // 8)[:, None] & nmask[None, :]
-        else:
-            offs = (t * BLOCK_K // GROUP) * N + rn[None, :]
-            mask = nmask[None, :]
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:  # 1-D loads: the [BN] vectors, not a 2-D tile, get converted to the weights' layout
+            offs = (t * BLOCK_K // GROUP) * N + rn
+            s = tl.load(s_ptr + offs, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + offs, mask=nmask, other=0.0).to(tl.float32)[None, :]
         return s, z
 
     @triton.jit
