@@ -265,7 +265,9 @@ _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The device's split-K workspace: fp32 partial sums and int32 tile counters, zeroed once
-    and left zeroed by every launch (the last program of a tile resets its part)."""
+    and left zeroed by every launch (the last program of a tile resets its part). Shared by
+    the device's launches, which must therefore run on one stream at a time (as a model's
+    layers do); it only grows outside CUDA graph capture."""
     ws, cnt = _WORKSPACE.get(device, (None, None))
     if ws is None or ws.numel() < floats or cnt.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
