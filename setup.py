@@ -33,6 +33,7 @@ setup(
         "torch>=2.4",
         "numpy>=1.24",
         "safetensors>=0.4",
+        "jsonschema>=4.18",
         "tqdm>=4.66",
         "scikit-learn>=1.3",
         "onnx>=1.16",

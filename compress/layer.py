@@ -32,6 +32,14 @@ class LayerGeometry:
     def rows_per_group(self) -> int:
         return self.out_features // self.groups
 
+    def meta(self) -> dict:
+        """The geometry fields a quantized layer's checkpoint metadata records (JSON-ready)."""
+        out = {"kind": self.kind, "out_features": self.out_features, "k": self.k}
+        if self.kind == "conv":
+            out.update(groups=self.groups, in_channels=self.in_channels, kernel_size=list(self.kernel_size),
+                       stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation))
+        return out
+
 
 def geometry(layer: nn.Module, name: str = "layer") -> LayerGeometry:
     """Describe a supported layer, or raise a clear error for anything else."""

@@ -65,9 +65,11 @@ def load_grown(path: str | os.PathLike) -> nn.Module:
         tensors = load_file(str(path))
     except Exception as exc:
         raise ValueError(f"{path}: not a readable grown checkpoint (truncated or corrupt): {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a grown-model checkpoint (format {meta.get('format')!r})")
-    model = build_from_arch(meta["arch"])
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a grown-model checkpoint (format "
+                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    from adagrow.compress.archs import build_arch, grown_record  # checks every field of the record
+    model = build_arch(grown_record(meta.get("arch")), str(path), args_root="arch")
     if meta.get("deploy"):
         model = reparameterize(model.eval())
     try:
