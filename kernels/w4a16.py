@@ -36,15 +36,16 @@ from adagrow.files import write_json
 from ._triton import HAS_TRITON, interpreting, smem_limit, tl, triton
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per path, default first. Every
-# row compiles for sm_90 and sm_80 (ARCH_ONLY rows: for their archs) without spills and within shared memory, and the GEMV /
-# split-K rows load at most 1.25x their tile's unique bytes (benchmarks/results/kernels_static_sm*.json).
+# row compiles for sm_90 and sm_80 (ARCH_ONLY rows: for their archs) without spills and within
+# shared memory, and the GEMV / split-K rows load at most 1.25x their tile's unique bytes
+# (benchmarks/results/kernels_static_sm*.json).
 CONFIGS: dict[str, list[tuple[int, int, int, int, int, int]]] = {
     "gemv": [(1, 128, 128, 8, 4, 3), (1, 128, 128, 16, 4, 3), (1, 128, 128, 4, 4, 3), (1, 256, 128, 4, 8, 4),
              (1, 256, 128, 8, 8, 3)],
     "splitk": [(16, 256, 64, 4, 8, 3), (16, 256, 128, 4, 8, 3), (16, 128, 128, 4, 4, 3), (16, 128, 128, 8, 4, 3),
                (32, 256, 64, 4, 8, 3)],
-    "gemm": [(128, 256, 64, 2, 8, 3), (128, 128, 64, 2, 8, 4), (128, 128, 64, 4, 8, 4), (128, 128, 64, 1, 8, 3), (64, 128, 64, 2, 4, 3),
-             (128, 64, 64, 2, 4, 3)],
+    "gemm": [(128, 256, 64, 2, 8, 3), (128, 128, 64, 2, 8, 4), (128, 128, 64, 4, 8, 4), (128, 128, 64, 1, 8, 3),
+             (64, 128, 64, 2, 4, 3), (128, 64, 64, 2, 4, 3)],
 }
 # Rows checked (spill-free) only on some archs (compute capability as 10 * major + minor):
 # 128x256 tiles keep a 128-register fp32 accumulator that spills with sm_80's mma.sync.
