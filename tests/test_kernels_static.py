@@ -1,6 +1,7 @@
 """Static verification of the W4A16 kernels for sm_90 / sm_80 (no GPU): compile with Triton for
 the target, read the SASS, check the targets of DESIGN §6 on live compiles and on the committed
 ``benchmarks/results/kernels_static_sm*.json`` (which must match what the kernels compile to now)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from adagrow.kernels import static
 from adagrow.kernels import w4a16 as w4
@@ -127,3 +129,12 @@ def test_static_estimate_m1_8192_target() -> None:
     doc = json.loads(RESULTS[90].read_text())
     est = next(e for e in doc["estimates"] if e["shape"] == {"M": 1, "N": 8192, "K": 8192, "G": 128})
     assert "estimate" in est["label"] and est["default"]["speedup_vs_fp16_estimate"] >= 2.5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_gpu_benchmark_imports_and_explains_without_cuda(capsys) -> None:
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
