@@ -359,6 +359,8 @@ def w4a16_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
     path = path or path_for(m)
+    if path == "gemv" and m != 1:
+        raise ValueError(f"w4a16 gemv path computes one row; x has {m} rows")
     if config is None:
         config = lookup_config(m, n, k_pad, group_size, x.dtype, x.device)
     elif path != "gemv" and config[0] < 16:

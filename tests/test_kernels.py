@@ -116,6 +116,8 @@ def test_w4a16_dispatch_and_group_support() -> None:
     for path in w4.CONFIGS:  # off CUDA every row can run every group size
         assert w4.valid_configs(path, 24) == w4.CONFIGS[path]
     res = _packed_linear(72, 24, 8, False)
+    with pytest.raises(ValueError, match="gemv path computes one row"):
+        w4.w4a16_triton(torch.randn(2, 72, dtype=torch.float16), res.qweight, res.scales, res.zeros, 8, path="gemv")
     with pytest.raises(ValueError, match="BLOCK_M must be >= 16"):
         w4.w4a16_triton(torch.randn(2, 72, dtype=torch.float16), res.qweight, res.scales, res.zeros, 8,
                         path="splitk", config=(8, 64, 32, 1, 4, 1))
