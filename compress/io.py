@@ -24,6 +24,7 @@ from adagrow.files import save_state
 from adagrow.packed import padded_k
 
 from .archs import build_arch
+from .checks import check_finite
 from .groups import GROUP_MODES
 from .layer import geometry, set_module
 from .order import ORDERS
@@ -55,14 +56,6 @@ _META = record({"format": {"const": FORMAT}, "format_version": integer(1, FORMAT
                            "additionalProperties": _LAYER},
                 "report": {"type": "object"}, "arch": {"type": ["object", "null"]}, "deploy": {"type": "boolean"}},
                optional=("adagrow_version", "config", "report"))
-
-
-def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Raise ``ValueError`` naming the first floating-point tensor holding NaN or inf."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            what = "NaN" if bool(torch.isnan(t).any()) else "inf"
-            raise ValueError(f"{where}: tensor {name!r} contains {what}")
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -210,4 +203,4 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None,
     return qmodel.to(map_location)
 
 
-__all__ = ["save_quantized", "load_quantized", "read_metadata", "check_finite", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_quantized", "load_quantized", "read_metadata", "FORMAT", "FORMAT_VERSION"]
