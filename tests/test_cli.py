@@ -2,6 +2,7 @@
 every bad input answered with a named error before anything is written, bench skips, demo --fast."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,12 @@ def _usage_error(capsys, *argv: str) -> str:
         main(list(argv))
     assert info.value.code == 2
     return capsys.readouterr().err
+
+
+def _raising(exc: Exception):
+    def fail(*args, **kwargs):
+        raise exc
+    return fail
 
 
 def _umask() -> int:
@@ -221,3 +228,37 @@ def test_demo_fast_writes_every_output(tmp_path, capsys) -> None:
     for r in result["suite"]["rows"]:  # skipped exactly where this machine lacks the backend
         assert r.get("reason") == unavailable(r["backend"], r["precision"], "grown"), r
     assert main(["demo", "--fast", "--out", str(out), "--quiet"]) == 2  # refuses to overwrite
+
+
+def test_export_failure_exits_non_zero_and_writes_nothing(grown, tmp_path, capsys, monkeypatch) -> None:
+    import adagrow.compress.export as export
+
+    real = export.export_onnx
+    monkeypatch.setattr(export, "export_onnx", _raising(ValueError("ONNX Runtime cosine 0.70 is below 0.9999")))
+    argv = ["export", str(grown), "--precision", "fp32", "--out", str(tmp_path / "m.onnx"), "--triton-repo",
+            str(tmp_path / "repo"), *SMALL]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2 and "cosine 0.70 is below" in err
+    monkeypatch.setattr(export, "export_onnx", real)  # a later step fails: the ONNX file is not placed either
+    monkeypatch.setattr(export, "export_triton_repository", _raising(OSError("disk full")))
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2 and "disk full" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_follow_the_umask_and_keep_the_old_file(tmp_path) -> None:
+    from adagrow.files import atomic_directory, atomic_write, write_text
+    old = os.umask(0o027)
+    try:
+        path = write_text(tmp_path / "a.txt", "old")
+        folder = atomic_directory(tmp_path / "repo" / "m", lambda d: (d / "1").mkdir() or (d / "f").write_text("x"))
+        assert path.stat().st_mode & 0o777 == 0o640 and (folder / "f").stat().st_mode & 0o777 == 0o640
+        assert folder.stat().st_mode & 0o777 == 0o750 and (folder / "1").stat().st_mode & 0o777 == 0o750
+        with pytest.raises(RuntimeError, match="interrupted"):
+            atomic_write(path, lambda tmp: Path(tmp).write_text("half") and _raising(RuntimeError("interrupted"))())
+        with pytest.raises(FileExistsError, match="overwrite=True"):
+            atomic_directory(folder, lambda d: None)
+    finally:
+        os.umask(old)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "repo"]
+    assert [p.name for p in (tmp_path / "repo").iterdir()] == ["m"]
