@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", nargs="*", default=None, help="only these kernel paths (gemv splitk gemm conv dwconv)")
     ap.add_argument("--max-configs", type=int, default=None, help="first N configs per (kernel, shape)")
     ap.add_argument("--table", type=Path, default=None,
-                    help="also write the best-estimate W4A16 configs into this per-GPU table (kernels/tables/w4a16.json)")
+                    help="also write the best-estimate W4A16 configs into this per-GPU table "
+                    "(kernels/tables/w4a16.json)")
     args = ap.parse_args(argv)
     doc = run(args.arch, args.sass_dir, args.paths, args.max_configs)
     doc["command"] = "python benchmarks/kernels_static.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -23,10 +23,10 @@ from typing import Any
 # Opt-in shared memory per block (what Triton checks ``metadata.shared`` against), per SM,
 # SM count, HBM bandwidth (bytes/s) and boost clock (Hz) of the reference GPU of each arch.
 ARCH = {
-    90: {"gpu": "H100 SXM5", "table_key": "H100", "smem_limit": 232448, "smem_per_sm": 233472, "sms": 132, "hbm": 3.35e12,
-         "clock": 1.98e9},
-    80: {"gpu": "A100 SXM4 80GB", "table_key": "A100", "smem_limit": 166912, "smem_per_sm": 167936, "sms": 108, "hbm": 2.039e12,
-         "clock": 1.41e9},
+    90: {"gpu": "H100 SXM5", "table_key": "H100", "smem_limit": 232448, "smem_per_sm": 233472, "sms": 132,
+         "hbm": 3.35e12, "clock": 1.98e9},
+    80: {"gpu": "A100 SXM4 80GB", "table_key": "A100", "smem_limit": 166912, "smem_per_sm": 167936, "sms": 108,
+         "hbm": 2.039e12, "clock": 1.41e9},
 }
 REGS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM, SCHEDULERS = 65536, 64, 32, 4
 SMEM_RESERVED_PER_BLOCK = 1024  # the driver reserves 1 KiB of each block's shared memory (sm_80+)

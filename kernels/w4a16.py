@@ -2,11 +2,23 @@
 
 ``qweight`` int32 ``[K_pad/8, N]`` (8 nibbles along K, lowest nibble = lowest k), ``scales`` /
 ``zeros`` ``[K_pad/G, N]`` (``[1, N]`` per channel, ``group_size=-1``), fp32 accumulation, output
-in x's dtype. Three paths, chosen by M (rows of x): a GEMV for M = 1, split-K for small M
-(atomic fp32 reduction over K slices), a tiled GEMM otherwise. Each path has a small table of
-configs below; :func:`tune` times them on the GPU once (a warm-up, never on the serving path) and
-caches the winner per (path, bucketed M, N, K, G, dtype, device), which :func:`save_tuning` /
-:func:`load_tuning` persist. Untuned shapes use the first valid config of the table.
+in x's dtype. Every packed word is loaded once (evict-first) and its 8 nibbles are unpacked in
+registers; dequant uses no int->float conversion: nibble i is shifted under the exponent of 1.0
+(``(w << (19 - 4i)) & 0x780000 | 0x3F800000`` = 1 + q/16 as fp32), so
+``(q - z) s = fma(1 + q/16, 16 s, -(16 + z) s)`` is one FMA, exact before its rounding.
+
+Paths by M (rows of x): a GEMV for M = 1 (per-element fp32 accumulator, one cross-thread
+reduction after the K loop), a tensor-core kernel for small M ("splitk", BLOCK_M 16-32) and
+large M ("gemm", BLOCK_M up to 128), both with software-pipelined loads. SPLIT_K > 1 programs
+add fp32 partials into a per-device workspace; the last program of each output tile (atomic
+counter) writes y in its dtype and re-zeroes the workspace, so no zero-fill or cast kernel runs.
+
+Configs: :data:`CONFIGS` per path; a launch takes the user's tuning cache (:func:`tune`,
+:func:`load_tuning`), then the shipped per-GPU table ``tables/w4a16.json`` keyed by
+(N, K, M-bucket), then the path's first row (:func:`lookup_config`); nothing is tuned on the
+request path. On CUDA a config whose compiled kernel needs more shared memory than the device
+allows is skipped with its reason, never launched. :func:`static_specs` lists every table
+config at the benchmark shapes for ``benchmarks/kernels_static.py``.
 """
 from __future__ import annotations
 
@@ -24,16 +36,20 @@ from adagrow.files import write_json
 from ._triton import HAS_TRITON, interpreting, smem_limit, tl, triton
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per path, default first. Every
-# row compiles for sm_90 and sm_80 without spills and within shared memory, and the GEMV /
-# split-K rows load at most 1.25x their tile's unique bytes (benchmarks/results/kernels_static_sm*.json).
+# row compiles for sm_90 and sm_80 (ARCH_ONLY rows: for their archs) without spills and within
+# shared memory, and the GEMV / split-K rows load at most 1.25x their tile's unique bytes
+# (benchmarks/results/kernels_static_sm*.json).
 CONFIGS: dict[str, list[tuple[int, int, int, int, int, int]]] = {
     "gemv": [(1, 128, 128, 8, 4, 3), (1, 128, 128, 16, 4, 3), (1, 128, 128, 4, 4, 3), (1, 256, 128, 4, 8, 4),
              (1, 256, 128, 8, 8, 3)],
     "splitk": [(16, 256, 64, 4, 8, 3), (16, 256, 128, 4, 8, 3), (16, 128, 128, 4, 4, 3), (16, 128, 128, 8, 4, 3),
                (32, 256, 64, 4, 8, 3)],
-    "gemm": [(128, 128, 64, 2, 8, 4), (128, 128, 64, 4, 8, 4), (128, 128, 64, 1, 8, 3), (64, 128, 64, 2, 4, 3),
-             (128, 64, 64, 2, 4, 3)],
+    "gemm": [(128, 256, 64, 2, 8, 3), (128, 128, 64, 2, 8, 4), (128, 128, 64, 4, 8, 4), (128, 128, 64, 1, 8, 3),
+             (64, 128, 64, 2, 4, 3), (128, 64, 64, 2, 4, 3)],
 }
+# Rows checked (spill-free) only on some archs (compute capability as 10 * major + minor):
+# 128x256 tiles keep a 128-register fp32 accumulator that spills with sm_80's mma.sync.
+ARCH_ONLY: dict[tuple[int, ...], tuple[int, ...]] = {(128, 256, 64, 2, 8, 3): (90,)}
 SPLITK_MAX_M = 32
 PER_CHANNEL_GROUP = 1 << 30  # GROUP constexpr of group_size=-1: every K tile is in group 0
 _TUNED: dict[str, tuple[int, ...]] = {}
@@ -46,6 +62,21 @@ def w4a16_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     k = x.shape[-1]
     w = dequantize_packed(qweight, scales, zeros, 4, k, group_size).to(x.device)  # [N, K]
     return (x.float() @ w.t()).to(x.dtype)
+
+
+def error_bound(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, weight_err: float = 0.0) -> torch.Tensor:
+    """Elementwise bound ``[M, N]`` on ``|kernel(x) - x @ w.T|`` for x ``[M, K]`` fp16/bf16, w and
+    s ``[N, K]`` float32 (dequantized weight and the scale of each weight).
+
+    The tensor-core paths round the weight and the output to x's dtype (unit roundoff eps) with
+    fp32 accumulation: ``2 eps |x| @ |w|``. The GEMV keeps weights in fp32 and forms
+    ``16 s sum x (1 + q/16) - (16 + z) s sum x`` per group, whose fp32 cancellation error is at
+    most ``K 2^-24 |x| @ (|w| + 32 s)``. ``weight_err``: extra per-weight error in units of
+    ``eps * s`` (other kernels' dequant roundings)."""
+    eps = 2.0**-11 if x.dtype == torch.float16 else 2.0**-8
+    xa = x.float().abs()
+    return 2 * eps * (xa @ w.abs().t()) + x.shape[-1] * 2.0**-24 * (xa @ (w.abs() + 32 * s).t()) \
+        + eps * weight_err * (xa @ s.t())
 
 
 def check_w4a16_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -127,11 +158,12 @@ if HAS_TRITON:
             kw = t * (BLOCK_K // 8) + rw
             offs = (kw * 8 // GROUP)[:, None] * N + rn[None, :]
             mask = (kw < K_PAD // 8)[:, None] & nmask[None, :]
-        else:
-            offs = (t * BLOCK_K // GROUP) * N + rn[None, :]
-            mask = nmask[None, :]
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:  # 1-D loads: the [BN] vectors, not a 2-D tile, get converted to the weights' layout
+            offs = (t * BLOCK_K // GROUP) * N + rn
+            s = tl.load(s_ptr + offs, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + offs, mask=nmask, other=0.0).to(tl.float32)[None, :]
         return s, z
 
     @triton.jit
@@ -234,7 +266,9 @@ _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The device's split-K workspace: fp32 partial sums and int32 tile counters, zeroed once
-    and left zeroed by every launch (the last program of a tile resets its part)."""
+    and left zeroed by every launch (the last program of a tile resets its part). Shared by
+    the device's launches, which must therefore run on one stream at a time (as a model's
+    layers do); it only grows outside CUDA graph capture."""
     ws, cnt = _WORKSPACE.get(device, (None, None))
     if ws is None or ws.numel() < floats or cnt.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -273,6 +307,9 @@ def config_problem(path: str, cfg: tuple[int, ...], group_size: int, dtype: torc
     config handles every group size (tiles spanning groups load scales per word row)."""
     if device is None or device.type != "cuda" or not HAS_TRITON:
         return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if cfg in ARCH_ONLY and 10 * major + minor not in ARCH_ONLY[cfg]:
+        return f"checked only for sm_{'/sm_'.join(map(str, ARCH_ONLY[cfg]))} (this device is sm_{major}{minor})"
     key = (path, cfg, group_size, dtype, device)
     if key not in _SMEM:
         m = 1 if path == "gemv" else cfg[0]
@@ -360,6 +397,7 @@ def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
 # ----------------------------------------------------------------------------- tuned configs
 TABLE_FILE = Path(__file__).parent / "tables" / "w4a16.json"
 _TABLE: dict[str, dict[str, list[int]]] | None = None
+_LOOKUP: dict[tuple, tuple[int, ...]] = {}  # memo of lookup_config, cleared when _TUNED changes
 
 
 def _device_name(device: torch.device) -> str:
@@ -385,6 +423,14 @@ def lookup_config(m: int, n: int, k_pad: int, group_size: int, dtype: torch.dtyp
     :func:`load_tuning`), then the shipped per-GPU table keyed by (N, K, M-bucket), then the
     first valid row of the path's table. Entries that cannot run here are passed over."""
     path = path_for(m)
+    memo = (path, m_bucket(m), n, k_pad, group_size, dtype, device)
+    if memo not in _LOOKUP:
+        _LOOKUP[memo] = _resolve_config(path, m, n, k_pad, group_size, dtype, device)
+    return _LOOKUP[memo]
+
+
+def _resolve_config(path: str, m: int, n: int, k_pad: int, group_size: int, dtype: torch.dtype,
+                    device: torch.device) -> tuple[int, ...]:
     candidates = [_TUNED.get(_key(path, m, n, k_pad, group_size, dtype, device))]
     name = _device_name(device)
     for gpu, rows in shipped_table().items():
@@ -426,6 +472,7 @@ def tune(m: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
         raise ValueError(f"w4a16 tune: no {path} config can run group_size={group_size} here")
     best = min(times, key=times.get)
     _TUNED[_key(path, m, n, k_pad, group_size, dtype, qweight.device)] = best
+    _LOOKUP.clear()
     return best
 
 
@@ -445,6 +492,7 @@ def load_tuning(path: str | os.PathLike) -> int:
         if path_name not in CONFIGS or tuple(v) not in CONFIGS[path_name]:
             raise ValueError(f"tuning cache {path}: bad entry {k!r}: {v!r} (not a row of the {path_name!r} table)")
         _TUNED[k] = tuple(int(t) for t in v)
+    _LOOKUP.clear()
     return len(data)
 
 
@@ -455,8 +503,8 @@ CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_s
 
 
 def static_specs(arch: int) -> list:
-    """One :class:`~adagrow.kernels.static.StaticSpec` per (table config of M's path, benchmark
-    shape), fp16 activations, group 128, for ``benchmarks/kernels_static.py``. The spec of the
+    """One :class:`~adagrow.kernels.static.StaticSpec` per (table config of M's path for this
+    arch, benchmark shape), fp16 activations, group 128, for ``benchmarks/kernels_static.py``. The spec of the
     config :func:`lookup_config` would pick on the arch's reference GPU is marked
     ``table_default``."""
     from .static import ARCH, StaticSpec, runtime_signature
@@ -468,6 +516,8 @@ def static_specs(arch: int) -> list:
             path = path_for(m)
             default = tuple(gpu_rows.get(f"{n},{k},{m_bucket(m)}", CONFIGS[path][0]))
             for cfg in CONFIGS[path]:
+                if arch not in ARCH_ONLY.get(cfg, (arch,)):
+                    continue
                 bm, bn, bk, split, warps, stages = cfg
                 ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16",
                         "ws_ptr": "*fp32", "cnt_ptr": "*i32"}

@@ -1,11 +1,9 @@
 """Triton kernels against the float32 dequantized reference (interpreter mode on CPU).
 
-Tolerance (W4A16): the tensor-core paths round the dequantized weight to the activation dtype
-(unit roundoff eps: 2^-11 fp16, 2^-8 bf16) and the output once more, with fp32 accumulation;
-the GEMV keeps weights in fp32 and forms ``16 s * sum x (1 + q/16) - (16 + z) s * sum x`` per
-group, whose fp32 cancellation error is at most ~K * 2^-24 * sum |x| (|w| + 32 s). Hence
-``|y - ref| <= 2 eps (|x| @ |W|) + K 2^-24 (|x| @ (|W| + 32 S))`` elementwise, S the scale of
-each weight. The bound grows with K; an indexing or packing bug gives errors of the size of y.
+W4A16 tolerance: :func:`adagrow.kernels.w4a16.error_bound`, the fp16/bf16 rounding bound
+``2 eps (|x| @ |W|) + K 2^-24 (|x| @ (|W| + 32 S))`` elementwise (weight and output rounding,
+fp32 accumulation and the GEMV's per-group cancellation). It grows with K; an indexing or
+packing bug gives errors of the size of y itself.
 """
 import pytest
 import torch
@@ -18,7 +16,7 @@ from adagrow.kernels import FusedConv2d, fused_conv2d, fused_conv2d_ref, w4a16_m
 from adagrow.kernels import w4a16 as w4
 from adagrow.kernels.conv import conv_weight_matrix, fused_conv2d_triton
 
-EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # unit roundoff (conv bounds)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compile, CUDA graphs)")
 # Triton's CPU interpreter computes tl.dot on bfloat16 operands wrongly (garbage ~1e10, checked
 # with a 16x16 kernel of nothing but tl.dot); bf16 paths without tl.dot run in the interpreter.
@@ -41,8 +39,7 @@ def _scales(res, k: int, gs: int) -> torch.Tensor:
 
 def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, s: torch.Tensor) -> None:
     """``w``, ``s``: ``[N, K]`` float32 weight and scales; ref float32."""
-    xa = x.float().abs()
-    bound = 2 * EPS[x.dtype] * (xa @ w.abs().t()) + x.shape[-1] * 2.0**-24 * (xa @ (w.abs() + 32 * s).t())
+    bound = w4.error_bound(x, w, s)
     err = (y.float() - ref).abs()
     assert torch.all(err <= bound), f"max err {err.max():.3e}, bound there {bound.flatten()[err.argmax()]:.3e}"
 
@@ -124,6 +121,24 @@ def test_w4a16_dispatch_and_group_support() -> None:
                         path="splitk", config=(8, 64, 32, 1, 4, 1))
 
 
+def test_w4a16_configs_that_do_not_fit_are_skipped_with_reason(monkeypatch) -> None:
+    """CUDA launch-time check (faked here): the compiled kernel's shared memory against the
+    device limit, and rows restricted to other archs; nothing that fails is returned."""
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(w4, "smem_limit", lambda device: 100_000)
+    sm90_row = next(iter(w4.ARCH_ONLY))
+    assert "only for sm_90" in w4.config_problem("gemm", sm90_row, 128, torch.float16, dev)
+    rows = [c for c in w4.CONFIGS["gemm"] if c not in w4.ARCH_ONLY]
+    smem = {("gemm", c, 128, torch.float16, dev): 120_000 if i == 0 else 50_000 for i, c in enumerate(rows)}
+    monkeypatch.setattr(w4, "_SMEM", smem)
+    assert "needs 120000 B of shared memory" in w4.config_problem("gemm", rows[0], 128, torch.float16, dev)
+    assert w4.valid_configs("gemm", 128, torch.float16, dev) == rows[1:]
+    monkeypatch.setattr(w4, "_SMEM", {k: 120_000 for k in smem})
+    with pytest.raises(ValueError, match="no w4a16 gemm config can run here"):
+        w4.valid_configs("gemm", 128, torch.float16, dev)
+
+
 def test_w4a16_config_lookup_order(monkeypatch) -> None:
     """User tuning cache, then the shipped per-GPU table (rows not in CONFIGS ignored), then the
     table's default row; the shipped file's rows are all table configs."""
@@ -134,9 +149,11 @@ def test_w4a16_config_lookup_order(monkeypatch) -> None:
     dev, dt = torch.device("cpu"), torch.float16
     monkeypatch.setattr(w4, "_TABLE", {"cpu": {"40,256,1": list(w4.CONFIGS["gemv"][2]), "40,256,16": [1, 2, 3]}})
     monkeypatch.setattr(w4, "_TUNED", {})
+    monkeypatch.setattr(w4, "_LOOKUP", {})
     assert w4.lookup_config(1, 40, 256, 128, dt, dev) == w4.CONFIGS["gemv"][2]
     assert w4.lookup_config(9, 40, 256, 128, dt, dev) == w4.CONFIGS["splitk"][0]
     w4._TUNED[w4._key("gemv", 1, 40, 256, 128, dt, dev)] = w4.CONFIGS["gemv"][1]
+    w4._LOOKUP.clear()
     assert w4.lookup_config(1, 40, 256, 128, dt, dev) == w4.CONFIGS["gemv"][1]
 
 
@@ -165,6 +182,7 @@ def test_w4a16_opcheck() -> None:
 
 def test_tuning_cache_round_trip(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(w4, "_TUNED", {})
+    monkeypatch.setattr(w4, "_LOOKUP", {})
     monkeypatch.setitem(w4.CONFIGS, "gemv", w4.CONFIGS["gemv"][:2])  # keep the interpreter quick
     res = _packed_linear(64, 32, 32, False)
     best = w4.tune(1, res.qweight, res.scales, res.zeros, 32, rep=1)
