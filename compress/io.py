@@ -24,11 +24,12 @@ from adagrow.files import save_state
 from adagrow.packed import padded_k
 
 from .archs import build_arch
+from .checks import check_finite
 from .groups import GROUP_MODES
 from .layer import geometry, set_module
 from .order import ORDERS
 from .qmodules import _DTYPES, _QuantLayer, quant_layer_from_meta
-from .schema import MODULE_PATH, check, field_name, int_list, integer, record
+from .schema import MODULE_PATH, check, field_name, input_shape, int_list, integer, record
 
 FORMAT = "adagrow-quantized"
 FORMAT_VERSION = 2  # 2: the architecture is {"name", "args"} (version 1 named a builder function)
@@ -53,16 +54,9 @@ _META = record({"format": {"const": FORMAT}, "format_version": integer(1, FORMAT
                 "adagrow_version": {"type": "string"}, "config": {"type": ["object", "null"]},
                 "layers": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": MODULE_PATH},
                            "additionalProperties": _LAYER},
-                "report": {"type": "object"}, "arch": {"type": ["object", "null"]}, "deploy": {"type": "boolean"}},
-               optional=("adagrow_version", "config", "report"))
-
-
-def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Raise ``ValueError`` naming the first floating-point tensor holding NaN or inf."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            what = "NaN" if bool(torch.isnan(t).any()) else "inf"
-            raise ValueError(f"{where}: tensor {name!r} contains {what}")
+                "report": {"type": "object"}, "arch": {"type": ["object", "null"]}, "deploy": {"type": "boolean"},
+                "input_shape": input_shape()},
+               optional=("adagrow_version", "config", "report", "input_shape"))
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -80,7 +74,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
             "config": getattr(model, "adagrow_quant", {}).get("config"), "layers": layers,
             "report": getattr(model, "adagrow_quant", {}).get("layers", {}),
             "arch": model.adagrow_arch() if hasattr(model, "adagrow_arch") else None,
-            "deploy": bool(getattr(model, "adagrow_deploy", False))}
+            "deploy": bool(getattr(model, "adagrow_deploy", False)),
+            "input_shape": getattr(model, "adagrow_input_shape", None)}
     return save_state(path, state, meta)
 
 
@@ -207,7 +202,8 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None,
     _check_tensors(path, tensors, qmodel, qlayers)
     qmodel.load_state_dict(tensors, strict=True)
     qmodel.adagrow_quant = {"config": meta.get("config"), "layers": meta.get("report", {})}
+    qmodel.adagrow_input_shape = meta.get("input_shape")
     return qmodel.to(map_location)
 
 
-__all__ = ["save_quantized", "load_quantized", "read_metadata", "check_finite", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_quantized", "load_quantized", "read_metadata", "FORMAT", "FORMAT_VERSION"]

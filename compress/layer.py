@@ -59,6 +59,18 @@ def geometry(layer: nn.Module, name: str = "layer") -> LayerGeometry:
                     "adagrow quantizes nn.Linear and nn.Conv2d")
 
 
+def check_parameters(layer: nn.Module, name: str = "layer") -> None:
+    """Raise ``ValueError`` naming the layer if its weight or bias holds NaN or inf (quantizing
+    it would store a NaN model)."""
+    for what in ("weight", "bias"):
+        t = getattr(layer, what, None)
+        if t is not None and not bool(torch.isfinite(t).all()):
+            n_bad = int((~torch.isfinite(t)).sum())
+            kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise ValueError(f"{name}: {what} contains {kind} ({n_bad} of {t.numel()} values non-finite); the "
+                             "float model is broken (check its training or the checkpoint it came from)")
+
+
 def weight_matrix(weight: torch.Tensor, geo: LayerGeometry) -> torch.Tensor:
     """``[N, K]`` view of a layer weight in canonical column order."""
     if geo.kind == "linear":

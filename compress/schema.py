@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from jsonschema import Draft202012Validator, validators
-from jsonschema.exceptions import best_match
 
 _TYPES = (Draft202012Validator.TYPE_CHECKER
           .redefine("integer", lambda _c, v: isinstance(v, int) and not isinstance(v, bool))
@@ -31,6 +30,11 @@ def int_list(lo: int, hi: int, min_len: int, max_len: int) -> dict[str, Any]:
     return {"type": "array", "items": integer(lo, hi), "minItems": min_len, "maxItems": max_len}
 
 
+def input_shape() -> dict[str, Any]:
+    """Schema of a recorded model input shape without the batch (``[C, H, W]``, ``[T]``) or null."""
+    return {"type": ["array", "null"], "items": integer(1, 1 << 20), "minItems": 1, "maxItems": 4}
+
+
 def record(properties: dict[str, Any], optional: Iterable[str] = ()) -> dict[str, Any]:
     """Schema of an object with exactly these keys (those in ``optional`` may be absent)."""
     return {"type": "object", "properties": properties, "additionalProperties": False,
@@ -44,7 +48,7 @@ def field_name(root: str, path: Iterable[Any]) -> str:
         if isinstance(p, int):
             out += f"[{p}]"
         elif _IDENT.match(p):
-            out += f".{p}"
+            out += f".{p}" if out else p
         else:
             out += f"[{p!r}]"
     return out
@@ -52,7 +56,9 @@ def field_name(root: str, path: Iterable[Any]) -> str:
 
 def check(value: Any, schema: dict[str, Any], where: str, root: str) -> None:
     """Raise ``ValueError("<where>: field <root...>: <problem>")`` if ``value`` breaks ``schema``."""
-    err = best_match(_Strict(schema).iter_errors(value))
-    if err is not None:
+    # the first problem in document order (a container's own problem before its items')
+    errors = sorted(_Strict(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
         shown = err.message if len(err.message) <= 300 else err.message[:300] + "..."
         raise ValueError(f"{where}: field {field_name(root, err.absolute_path)}: {shown}")
