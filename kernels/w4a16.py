@@ -200,9 +200,9 @@ if HAS_TRITON:
         rw = tl.arange(0, BK8)
         acc = tl.zeros((BK8, BLOCK_N), dtype=tl.float32)
         for t in range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K):
-            kw = t * BK8 + rw
-            qw = tl.load(qw_ptr + kw[:, None] * N + rn[None, :], mask=nmask[None, :], other=0,
-                         eviction_policy="evict_first")
+            kw = t * BK8 + rw  # word rows past K_PAD/8 (last tile) are masked: no out-of-bounds reads
+            qw = tl.load(qw_ptr + kw[:, None] * N + rn[None, :], mask=(kw < K_PAD // 8)[:, None] & nmask[None, :],
+                         other=0, eviction_policy="evict_first")
             xk = t * BLOCK_K + tl.arange(0, BLOCK_K)  # 1-D: each x element loaded by one thread
             x = tl.reshape(tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32), (BK8, 8))
             x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
@@ -236,8 +236,9 @@ if HAS_TRITON:
         for t in range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K):
             xk = t * BLOCK_K + rk
             xt = tl.load(x_ptr + rm[None, :] * K + xk[:, None], mask=mmask[None, :] & (xk < K)[:, None], other=0.0)
-            qw = tl.load(qw_ptr + (t * BK8 + rw)[:, None] * N + rn[None, :], mask=nmask[None, :], other=0,
-                         eviction_policy="evict_first")
+            kw = t * BK8 + rw
+            qw = tl.load(qw_ptr + kw[:, None] * N + rn[None, :], mask=(kw < K_PAD // 8)[:, None] & nmask[None, :],
+                         other=0, eviction_policy="evict_first")
             s, z = _group_scales(s_ptr, z_ptr, t, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
             acc = tl.dot(_dequant_tile_t(qw, 16.0 * s, (16.0 + z) * s, x_ptr.dtype.element_ty), xt, acc)
         tile = pid_m * tl.num_programs(1) + pid_n
