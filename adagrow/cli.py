@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ def _check_out(path: Path, overwrite: bool, folder: bool = False) -> None:
     goes (or the reverse), or under a file."""
     if path.exists() and folder != path.is_dir():
         raise ValueError(f"{path} is {'a file' if folder else 'a directory'}; give a {'folder' if folder else 'file'} path")
-    if path.exists() and not overwrite and not folder:
+    if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     parent = next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
@@ -45,7 +46,7 @@ def _positive(kind: type):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
+        if not (value > 0 and math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
         return value
     parse.__name__ = f"positive {kind.__name__}"
@@ -166,8 +167,6 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         _import_tensorrt()  # TensorRT and a GPU, or a clear error now
     if args.triton_repo:
         _check_out(Path(args.triton_repo) / args.name, args.overwrite, folder=True)
-        if (Path(args.triton_repo) / args.name).exists() and not args.overwrite:
-            raise FileExistsError(f"{Path(args.triton_repo) / args.name} exists; pass --overwrite to replace it")
     x_tr, _, x_te, _ = _data(args)
     model = load_quantized(args.checkpoint) if _source(args.checkpoint) == "quantized" else load_deploy(args.checkpoint)
     _check_input_shape(model, x_te, args)
@@ -220,7 +219,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from adagrow.demo import run_demo
-    _check_out(Path(args.out), args.overwrite, folder=True)
+    _check_out(Path(args.out), True, folder=True)  # run_demo itself refuses a non-empty folder
     return run_demo(Path(args.out), fast=args.fast, overwrite=args.overwrite, progress=not args.quiet)
 
 

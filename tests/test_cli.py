@@ -132,6 +132,8 @@ def test_data_errors(grown, tmp_path, capsys) -> None:
     (["grow", "--epochs", "0"], "argument --epochs: expected a positive int, got '0'"),
     (["grow", "--epochs", "-3"], "argument --epochs: expected a positive int, got '-3'"),
     (["grow", "--lr", "0"], "argument --lr: expected a positive float, got '0'"),
+    (["grow", "--lr", "nan"], "argument --lr: expected a positive float, got 'nan'"),
+    (["grow", "--lr", "inf"], "argument --lr: expected a positive float, got 'inf'"),
     (["grow", "--size", "0"], "argument --size: expected a positive int, got '0'"),
     (["grow", "--widths", "8,8"], "argument --widths: expected 3 or 4 positive channel counts"),
     (["grow", "--interval", "0"], "argument --interval: expected a positive int"),
