@@ -157,7 +157,8 @@ def test_registry_covers_every_adagrow_arch() -> None:
      "architecture 'vgg' cannot be built"),
     (lambda m: m["arch"]["convs"]["stem.0"].update(kernel_size=[3, 2]),
      r"field arch\.convs\['stem\.0'\]\.kernel_size\[1\]: 2 should not be valid"),
-], ids=["no-arch", "bad-type", "short-widths", "dunder-conv", "even-kernel"])
+    (lambda m: m.update(input_shape=[1, -8, 8]), r"field input_shape\[1\]: -8 is less than the minimum of 1"),
+], ids=["no-arch", "bad-type", "short-widths", "dunder-conv", "even-kernel", "input-shape"])
 def test_grown_checkpoint_fields_are_checked(grown, tmp_path, edit, match) -> None:
     _refused(tmp_path, grown[0], match, edit, loader=load_grown)
 
@@ -176,6 +177,7 @@ def test_edited_geometry_is_refused(ckpt, tmp_path, key, value) -> None:
 
 @pytest.mark.parametrize("edit,match", [
     (lambda m: m.pop("layers"), "metadata: 'layers' is a required property"),
+    (lambda m: m.pop("arch"), "metadata: 'arch' is a required property"),
     (lambda m: m.pop("deploy"), "metadata: 'deploy' is a required property"),
     (lambda m: m.pop("format_version"), "metadata: 'format_version' is a required property"),
     (lambda m: m.update(format_version="2"), r"metadata\.format_version: '2' is not of type 'integer'"),
@@ -184,6 +186,7 @@ def test_edited_geometry_is_refused(ckpt, tmp_path, key, value) -> None:
     (lambda m: m.update(format="adagrow-grown"), r"field format: unknown format 'adagrow-grown'"),
     (lambda m: m.update(deploy="yes"), r"metadata\.deploy: 'yes' is not of type 'boolean'"),
     (lambda m: m.update(layers=[]), r"metadata\.layers: \[\] is not of type 'object'"),
+    (lambda m: m.update(input_shape="1x8x8"), r"metadata\.input_shape: '1x8x8' is not of type 'array', 'null'"),
     (lambda m: m.update(layers={}), r"metadata\.layers: \{\} should be non-empty"),
     (lambda m: m.update(arch=None), r"field arch: the checkpoint records no architecture"),
     (lambda m: m["layers"]["fc"].update(kernel_size=[1, 1]), r"layers\.fc\.kernel_size: a linear layer has no kernel_size"),
@@ -201,12 +204,14 @@ def test_edited_geometry_is_refused(ckpt, tmp_path, key, value) -> None:
     (lambda m: m["layers"][CONV].update(scale_dtype="bfloat16"),
      r"tensor 'features.2.scales' is float16 \[\d+, 8\] in the file; the metadata and model expect bfloat16"),
     (lambda m: m["layers"].update({"features.99": m["layers"][CONV]}), r"layers\['features\.99'\]: no such layer"),
+    (lambda m: m["layers"].update({"__class__": m["layers"][CONV]}), r"layers\.__class__: no such layer"),
+    (lambda m: m["layers"].update({"a..b": m["layers"][CONV]}), r"metadata\.layers: 'a\.\.b' does not match"),
     (lambda m: m["layers"].update({"features.1": m["layers"][CONV]}), r"layers\['features\.1'\]: the model's "
                                                                        "layer cannot be quantized"),
-], ids=["no-layers", "no-deploy", "no-version", "version-str", "version-bool", "version-new", "format",
-        "deploy-str", "layers-list", "layers-empty", "arch-null", "linear-conv-field", "no-bits", "no-padding",
+], ids=["no-layers", "no-arch", "no-deploy", "no-version", "version-str", "version-bool", "version-new", "format",
+        "deploy-str", "layers-list", "input-shape", "layers-empty", "arch-null", "linear-conv-field", "no-bits", "no-padding",
         "bits-str", "bits-9", "bits-8", "gs-12", "gs-position", "gs-16", "linear-tier", "n-groups",
-        "scale-f32", "scale-bf16", "no-such-layer", "relu-layer"])
+        "scale-f32", "scale-bf16", "no-such-layer", "dunder-layer", "bad-layer-name", "relu-layer"])
 def test_metadata_fields_are_checked(ckpt, tmp_path, edit, match) -> None:
     _refused(tmp_path, ckpt[0], match, edit)
 
