@@ -82,10 +82,12 @@ def _folder_name(text: str) -> str:
 
 
 def cmd_grow(args: argparse.Namespace) -> dict[str, Any]:
-    from adagrow.grow import GrowingCNN, GrowingTransformer, GrowthConfig, grow, save_grown
+    from adagrow.data import train_val_split
+    from adagrow.grow import DeployBudget, GrowingCNN, GrowingTransformer, GrowthConfig, grow, save_grown
     out = Path(args.out)
     _check_out(out, args.overwrite)
-    x_tr, y_tr, x_te, y_te = _data(args)
+    x_tr, y_tr, _, _ = _data(args)  # growth decisions read a validation split of the training data
+    fit, val = train_val_split(x_tr, y_tr, args.val_fraction, args.seed)
     if args.family == "vit":
         if args.widths:
             raise ValueError("--widths applies to the CNN families (a ViT grows heads and layers)")
@@ -95,14 +97,16 @@ def cmd_grow(args: argparse.Namespace) -> dict[str, Any]:
         model = GrowingCNN(args.family, widths=args.widths, in_channels=x_tr.shape[1],
                            num_classes=int(y_tr.max()) + 1)
     stop = int(args.stop) if args.stop.isdigit() else args.stop
-    res = grow(model, (x_tr, y_tr), (x_te, y_te), args.epochs, GrowthConfig(stop=stop, zero_init=args.zero_init,
-                                                                               seed=args.seed, interval=args.interval),
-               lr=args.lr, progress=not args.quiet)
+    limits = {"params": args.budget_params, "macs": args.budget_macs, "latency_ms": args.budget_latency_ms}
+    budget = DeployBudget(**limits, backend=args.backend) if any(v is not None for v in limits.values()) else None
+    config = GrowthConfig(stop=stop, budget=budget, preserve=not args.thesis_init, retrain=args.retrain,
+                          seed=args.seed, interval=args.interval)
+    res = grow(model, fit, val, args.epochs, config, lr=args.lr, progress=not args.quiet)
     spec = res.model.spec()
-    reached = not isinstance(stop, str) or stop in ("auto", spec)
+    reached = not isinstance(stop, str) or stop in ("auto", "budget", spec)
     if not reached:
-        msg = (f"--stop {stop} not reached in {args.epochs} epochs: the model grew to {spec} (growth steps come "
-               "every few epochs); train longer with --epochs")
+        msg = (f"--stop {stop} not reached in {args.epochs} epochs: the model grew to {spec}; "
+               "train longer with --epochs")
         if args.strict:
             raise RuntimeError(msg + "; nothing written (--strict)")
         print(f"adagrow grow: warning: {msg}", file=sys.stderr)
@@ -110,8 +114,8 @@ def cmd_grow(args: argparse.Namespace) -> dict[str, Any]:
     save_grown(res.model, out, overwrite=args.overwrite)
     deploy, train = res.model.param_counts()
     return {"spec": spec, "stop_reached": reached, "val_acc": res.history[-1]["val_acc"], "deploy_params": deploy,
-            "train_params": train, "out": str(out),
-            "growth": [h["growth"] | {"epoch": h["epoch"]} for h in res.history if "growth" in h]}
+            "train_params": train, "out": str(out), "retrained": args.retrain,
+            "growth": [h["growth"] | {"epoch": h["epoch"], "step": h["step"]} for h in res.history if "growth" in h]}
 
 
 def cmd_reparam(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,12 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", type=_widths, default=None, help="CNN channels per stage, e.g. 64,96,128 "
                    "(default: the family's)")
     p.add_argument("--epochs", type=_positive(int), default=15)
-    p.add_argument("--stop", default="auto", help="auto | an architecture spec (VGG-2-3-2, ViT-D4-H6) | a "
-                   "deploy-parameter budget (int)")
+    p.add_argument("--stop", default="auto", help="auto | budget (grow until a --budget-* limit) | an "
+                   "architecture spec (VGG-2-3-2, ViT-D4-H6) | a deploy-parameter budget (int)")
     p.add_argument("--interval", type=_positive(int), default=None,
-                   help="epochs between growth steps (default: CNN 3, ViT 5)")
+                   help="optimizer steps between growth steps (default: 7.5%% of all steps)")
     p.add_argument("--lr", type=_positive(float), default=None)
-    p.add_argument("--zero-init", action="store_true", help="function-preserving growth")
+    p.add_argument("--thesis-init", action="store_true", help="init new layers as the thesis (default: "
+                   "function-preserving growth)")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="validation split carved from the training "
+                   "data for growth decisions (the test split is never read)")
+    p.add_argument("--budget-params", type=_positive(int), help="stop before the deploy model exceeds this many "
+                   "parameters")
+    p.add_argument("--budget-macs", type=_positive(int), help="... this many multiply-accumulates at batch 1")
+    p.add_argument("--budget-latency-ms", type=_positive(float), help="... this batch-1 latency on --backend "
+                   "(1 thread)")
+    p.add_argument("--backend", default="ort-cpu", choices=["ort-cpu", "torch"], help="latency budget backend: "
+                   "ONNX Runtime CPU on the fp32 export, or the deploy PyTorch model")
+    p.add_argument("--retrain", action="store_true", help="grow to find the architecture, then train it "
+                   "from scratch for the same epochs")
     p.add_argument("--strict", action="store_true", help="fail (exit 2, write nothing) if --stop is not reached")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="grown checkpoint to write (.safetensors)")

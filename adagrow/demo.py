@@ -83,7 +83,7 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
     say("[1/5] growing a VGG-family CNN on the bundled digits")
     t0 = time.perf_counter()
     res = grow(GrowingCNN("vgg", widths=(16, 24, 32) if fast else (64, 96, 128)), (x_tr, y_tr), (x_te, y_te),
-               epochs=3 if fast else 12, config=GrowthConfig(stop="auto", interval=1 if fast else 3), lr=0.05,
+               epochs=3 if fast else 12, config=GrowthConfig(stop="auto", interval=22 if fast else 66), lr=0.05,
                progress=progress)
     grow_s = time.perf_counter() - t0
     save_grown(res.model, out / "grown.safetensors", overwrite=True)
