@@ -45,9 +45,9 @@ def _umask() -> int:
 
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory):
-    """A ResNet grown for 4 epochs with a growth step every epoch: two depth steps, one width step."""
+    """A ResNet grown for 3 epochs (54 steps), a growth step every 12: two depth steps, one width step."""
     path = tmp_path_factory.mktemp("cli") / "grown.safetensors"
-    assert main(["grow", "--family", "resnet", "--widths", "8,16,16", "--epochs", "4", "--interval", "1",
+    assert main(["grow", "--family", "resnet", "--widths", "8,16,16", "--epochs", "3", "--interval", "12",
                  "--stop", "10000000", "--out", str(path), *SMALL]) == 0
     model = load_grown(path)
     assert sum(model.depths) == 2  # depth grew
@@ -57,7 +57,7 @@ def grown(tmp_path_factory):
 
 
 def test_grow_reparam_quantize_export(grown, tmp_path, capsys) -> None:
-    rc, data, _ = _run(capsys, "grow", "--widths", "8,8,8", "--epochs", "3", "--interval", "1", "--stop",
+    rc, data, _ = _run(capsys, "grow", "--widths", "8,8,8", "--epochs", "3", "--interval", "12", "--stop",
                        "VGG-1-0-0", "--out", str(tmp_path / "g.safetensors"), *SMALL, "--json")
     assert rc == 0 and data["spec"] == "VGG-1-0-0" and data["stop_reached"] and (tmp_path / "g.safetensors").exists()
     rc, data, _ = _run(capsys, "reparam", str(grown), "--out", str(tmp_path / "d.safetensors"), *SMALL, "--json")
@@ -81,11 +81,12 @@ def test_grow_reparam_quantize_export(grown, tmp_path, capsys) -> None:
 
 
 def test_grow_warns_when_the_stop_spec_is_not_reached(tmp_path, capsys) -> None:
-    """CNNs grow every 3 epochs by default, so 2 epochs cannot reach VGG-1-0-0."""
-    argv = ["grow", "--widths", "8,8,8", "--epochs", "2", "--stop", "VGG-1-0-0", *SMALL, "--json"]
+    """One epoch of 18 steps with a growth step every 12 grows one layer: VGG-3-3-3 is out of reach."""
+    argv = ["grow", "--widths", "8,8,8", "--epochs", "1", "--interval", "12", "--stop", "VGG-3-3-3", *SMALL,
+            "--json"]
     rc, data, err = _run(capsys, *argv, "--out", str(tmp_path / "a.safetensors"))
-    assert rc == 0 and data["spec"] == "VGG-0-0-0" and not data["stop_reached"]
-    assert "warning: --stop VGG-1-0-0 not reached in 2 epochs: the model grew to VGG-0-0-0" in err
+    assert rc == 0 and data["spec"] != "VGG-3-3-3" and not data["stop_reached"] and len(data["growth"]) == 1
+    assert f"warning: --stop VGG-3-3-3 not reached in 1 epochs: the model grew to {data['spec']}" in err
     rc, _, err = _run(capsys, *argv, "--strict", "--out", str(tmp_path / "b.safetensors"))
     assert rc == 2 and "nothing written (--strict)" in err and not (tmp_path / "b.safetensors").exists()
 
