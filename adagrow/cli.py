@@ -34,8 +34,9 @@ def _check_out(path: Path, overwrite: bool, folder: bool = False) -> None:
 
 def _check_input_shape(model, x, args: argparse.Namespace) -> None:
     """Data must have the input shape the checkpoint was grown on (e.g. --size)."""
-    shape = getattr(model, "adagrow_input_shape", None)
-    if shape is not None and list(x.shape[1:]) != list(shape):
+    from adagrow.compress.checks import input_shape_mismatch
+    shape = input_shape_mismatch(model, x)
+    if shape is not None:
         raise ValueError(f"{args.checkpoint} was grown on inputs {list(shape)}, but --data {args.data} --size "
                          f"{args.size} gives {list(x.shape[1:])}; pass --size {shape[-1]}")
 

@@ -107,6 +107,9 @@ def test_bench_reports_unavailable_backends(grown, tmp_path, capsys) -> None:
     rc, data, _ = _run(capsys, "bench", str(suite), "--compare", str(tmp_path / "r.json"), "--json", "--quiet")
     n_ok = sum(r["status"] == "ok" for r in rows.values())
     assert rc == 0 and len(data["compare"]) == n_ok and all(" -> " in line for line in data["compare"])
+    suite.write_text(suite.read_text().replace("size = 8", "size = 16"))  # not the grown input shape
+    rc, _, err = _run(capsys, "bench", str(suite), "--quiet")
+    assert rc == 2 and "was grown on inputs [1, 8, 8], but the suite's data / size give [1, 16, 16]" in err
 
 
 def test_data_errors(grown, tmp_path, capsys) -> None:
