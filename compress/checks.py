@@ -21,6 +21,8 @@ def check_calibration(model: nn.Module, batches: list[torch.Tensor]) -> None:
     """
     param = next(iter(model.parameters()), None)
     for i, x in enumerate(batches):
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"calibration batch {i} has shape {list(x.shape)}: no samples")
         if not x.is_floating_point():
             continue
         if param is not None and x.dtype != param.dtype:
