@@ -225,7 +225,7 @@ def test_demo_fast_writes_every_output(tmp_path, capsys) -> None:
     acc = {(r["method"], r["precision"], r["backend"]): r["accuracy"] for r in result["table"]}
     assert len(acc) == 9 and all(r["cpu_latency_ms"] > 0 for r in result["table"])
     flt = acc[("float (fused)", "FP32", "PyTorch eager")]
-    # measured here (AVX-512 VNNI CPU): float 79.5%, INT8 Q/DQ 78.8%, W8 79.5-79.7%, W4 OBS 78.4-79.1%
+    # measured here (AVX-512 VNNI CPU): float 88.4%, INT8 Q/DQ 88.2%, W8 88.2-88.4%, W4 87.1-88.2%
     assert flt > 0.7
     assert acc[("float (fused)", "FP32", "ONNX Runtime CPU")] == pytest.approx(flt, abs=0.005)
     assert abs(acc[("OBS W8 weights + calibrated activations", "INT8 QDQ", "ONNX Runtime CPU")] - flt) < 0.03
