@@ -246,3 +246,14 @@ def test_untouched_checkpoint_still_loads(ckpt, tmp_path) -> None:
     path = _craft(ckpt[0], tmp_path / "copy.safetensors")
     x = torch.randn(4, 1, 9, 9)
     assert torch.equal(load_quantized(path)(x), ckpt[2](x))
+
+
+def test_version_1_checkpoint_loads_only_onto_a_given_model(ckpt, tmp_path) -> None:
+    """Format 1 recorded a builder import path: never called, but the weights load onto model=."""
+    def v1(meta):
+        meta.update(format_version=1, arch={"builder": "adagrow.grow.nets:RepCNN", "kwargs": meta["arch"]["args"]})
+    path = _craft(ckpt[0], tmp_path / "v1.safetensors", v1)
+    with pytest.raises(ValueError, match=r"field arch: Additional properties are not allowed \('builder', 'kwargs'"):
+        load_quantized(path)
+    x = torch.randn(4, 1, 9, 9)
+    assert torch.equal(load_quantized(path, model=ckpt[1])(x), ckpt[2](x))
