@@ -76,7 +76,8 @@ def load_suite(path: str | Path) -> dict[str, Any]:
     models = raw["model"]
     names = [m["name"] for m in models]
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: field model: duplicate model names {sorted({n for n in names if names.count(n) > 1})}")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{path}: field model: duplicate model names {dup}")
     for m in models:
         m["path"] = str((path.parent / m["path"]) if not Path(m["path"]).is_absolute() else m["path"])
         m.setdefault("backends", ["eager", "ort-cpu"])

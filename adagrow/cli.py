@@ -24,7 +24,8 @@ def _check_out(path: Path, overwrite: bool, folder: bool = False) -> None:
     """Refuse an output path before any work: existing without --overwrite, a folder where a file
     goes (or the reverse), or under a file."""
     if path.exists() and folder != path.is_dir():
-        raise ValueError(f"{path} is {'a file' if folder else 'a directory'}; give a {'folder' if folder else 'file'} path")
+        want, got = ("folder", "a file") if folder else ("file", "a directory")
+        raise ValueError(f"{path} is {got}; give a {want} path")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     parent = next((p for p in path.parents if p.exists()), Path("."))

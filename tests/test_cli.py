@@ -94,7 +94,8 @@ def test_grow_warns_when_the_stop_spec_is_not_reached(tmp_path, capsys) -> None:
 def test_bench_reports_unavailable_backends(grown, tmp_path, capsys) -> None:
     suite = tmp_path / "suite.toml"
     suite.write_text(f'[suite]\nwarmup = 1\nruns = 3\nbatch_sizes = [1, 4]\nsize = 8\n\n'
-                     f'[[model]]\nname = "cnn"\npath = "{grown}"\nbackends = ["eager", "ort-cpu", "ort-cuda", "tensorrt"]\n'
+                     f'[[model]]\nname = "cnn"\npath = "{grown}"\n'
+                     f'backends = ["eager", "ort-cpu", "ort-cuda", "tensorrt"]\n'
                      f'precisions = ["fp32", "int8"]\n')
     rc, data, _ = _run(capsys, "bench", str(suite), "--out", str(tmp_path / "r.json"), "--json", "--quiet")
     assert rc == 0
@@ -112,7 +113,7 @@ def test_bench_reports_unavailable_backends(grown, tmp_path, capsys) -> None:
     assert rc == 2 and "was grown on inputs [1, 8, 8], but the suite's data / size give [1, 16, 16]" in err
 
 
-def test_data_errors(grown, tmp_path, capsys) -> None:
+def test_data_errors(tmp_path, capsys) -> None:
     rc, _, err = _run(capsys, "grow", "--data", "npz:/nope/x.npz", "--out", str(tmp_path / "a.safetensors"))
     assert rc == 2 and "npz file not found: /nope/x.npz" in err
     rc, _, err = _run(capsys, "grow", "--data", "cifar10:/nope", "--out", str(tmp_path / "a.safetensors"))
