@@ -163,6 +163,12 @@ def test_grown_checkpoint_fields_are_checked(grown, tmp_path, edit, match) -> No
     _refused(tmp_path, grown[0], match, edit, loader=load_grown)
 
 
+def test_grown_checkpoint_with_nan_weights_is_refused(grown, tmp_path) -> None:
+    _refused(tmp_path, grown[0], r"tensor 'head.weight' contains NaN",
+             tensor_edit=_set("head.weight", lambda w: w.index_fill(0, torch.tensor([2]), float("nan"))),
+             loader=load_grown)
+
+
 # ----------------------------------------------------------------------------- layer metadata
 @pytest.mark.parametrize("key,value", [("padding", [0, 0]), ("stride", [2, 2]), ("dilation", [2, 2]),
                                        ("kernel_size", [3, 3]), ("groups", 2), ("in_channels", 3),
