@@ -64,7 +64,7 @@ def test_grow_reparam_quantize_export(grown, tmp_path, capsys) -> None:
     assert rc == 0 and data["max_abs_diff_vs_train_form"] < 1e-4
     rc, data, _ = _run(capsys, "quantize", str(tmp_path / "d.safetensors"), "--bits", "4", "--calib", "128",
                        "--out", str(tmp_path / "q.safetensors"), *SMALL, "--json")
-    # measured: float 94.7%, W4 tier-group OBS 95.5% on the 449 test digits
+    # measured: float 94.2%, W4 tier-group OBS 95.1% on the 449 test digits
     assert rc == 0 and data["config"]["group_size"] == "tier" and abs(data["quant_acc"] - data["float_acc"]) < 0.03
     for prec, ckpt, cos in (("fp32", grown, 0.9999), ("int8", grown, 0.99), ("w4", tmp_path / "q.safetensors", 0.99)):
         out = tmp_path / f"m_{prec}.onnx"
