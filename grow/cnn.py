@@ -184,7 +184,8 @@ class GrowingCNN(nn.Module):
                           for n, m in self.named_modules() if isinstance(m, RepConv2d)}}
 
     def adagrow_arch(self) -> dict[str, Any]:
-        return {"builder": "adagrow.grow.checkpoint:build_from_arch", "kwargs": {"arch": self.arch()}}
+        """The architecture record (``adagrow.compress.archs``): the family names it."""
+        return {"name": self.family, "args": {k: v for k, v in self.arch().items() if k not in ("type", "family")}}
 
     # ------------------------------------------------------------------ growth operations
     def insert_layer(self, stage: int, position: int, preserve: bool = False) -> nn.Module:

@@ -134,7 +134,8 @@ class GrowingTransformer(nn.Module):
         return {"type": "transformer", **self.cfg, "layer_heads": [layer.heads for layer in self.layers]}
 
     def adagrow_arch(self) -> dict[str, Any]:
-        return {"builder": "adagrow.grow.checkpoint:build_from_arch", "kwargs": {"arch": self.arch()}}
+        """The architecture record (``adagrow.compress.archs``)."""
+        return {"name": "transformer", "args": {k: v for k, v in self.arch().items() if k != "type"}}
 
     def param_counts(self) -> tuple[int, int]:
         n = sum(p.numel() for p in self.parameters())
