@@ -377,3 +377,21 @@ def test_bert_encoder_grows_on_token_ids() -> None:
                config=GrowthConfig(stop="BERT-D3-H5", interval=1), progress=False)
     kinds = [h["growth"]["kind"] for h in res.history if "growth" in h]  # growth points: steps 1, 2, 3
     assert res.model.spec() == "BERT-D3-H5" and kinds == ["width", "depth"]
+
+
+def test_cli_grows_to_a_latency_budget(tmp_path, capsys) -> None:
+    import json
+
+    from adagrow.cli import main
+    out = tmp_path / "g.safetensors"
+    argv = ["grow", "--family", "vgg", "--widths", "8,8,16", "--epochs", "1", "--size", "8", "--stop", "budget",
+            "--budget-latency-ms", "50", "--backend", "ort-cpu", "--out", str(out), "--quiet", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert out.exists() and result["growth"] and result["spec"].startswith("VGG-")
+    deploy = reparameterize(load_grown(out))
+    assert deploy_cost(deploy, torch.zeros(1, 1, 8, 8), DeployBudget(latency_ms=50.0, backend="ort-cpu",
+                                                                     runs=5))["latency_ms"] < 50
+    argv[argv.index("50")] = "0.000001"
+    assert main(argv[:-4] + ["--out", str(tmp_path / "h.safetensors")]) == 2
+    assert "already breaks the budget" in capsys.readouterr().err
