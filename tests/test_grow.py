@@ -247,13 +247,15 @@ def test_default_growth_preserves_function(family: str) -> None:
     config = GrowthConfig()
     assert config.preserve
     model.eval()
-    before = model(x)
+    x2 = torch.randn(5, 1, 8, 8)
+    before, before2 = model(x), model(x2)
     for stage, position in ((0, 0), (1, 1), (1, 3), (2, 1)):  # after the stem, after downsampling, at the end
         apply_growth(model, {"kind": "depth", "stage": stage, "position": position}, config)
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
     branches = {name: branch_space(conv)[-1] for name, conv in model.rep_convs().items()}  # bn / avg3x3 / conv1x1
     apply_growth(model, {"kind": "width", "branches": branches}, config)
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x2), before2, atol=1e-5, rtol=1e-5)  # inputs the new layers have not seen
     if family != "vgg":  # residual layers add exactly zero in train mode too (BN batch statistics)
         model.train()
         torch.manual_seed(1)
