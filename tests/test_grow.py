@@ -304,13 +304,13 @@ def test_transformer_head_growth_widens_the_residual() -> None:
 
 def test_retrain_trains_the_found_architecture_from_scratch() -> None:
     train, val = _data()
-    res = grow(_cnn(), train, val, epochs=4, config=GrowthConfig(stop="VGG-1-0-1", interval=1, retrain=True),
+    res = grow(_cnn(), train, val, epochs=2, config=GrowthConfig(stop="VGG-1-0-1", interval=1, retrain=True),
                lr=0.01, progress=False)
     assert res.grown is not None and res.model is not res.grown
     assert res.model.arch() == res.grown.arch() and res.model.spec() == "VGG-1-0-1"
     assert not torch.equal(res.model.head.weight, res.grown.head.weight)
     retrain = [h for h in res.history if h.get("retrain")]
-    assert len(retrain) == 4 and not any("growth" in h for h in retrain)
+    assert len(retrain) == 2 and not any("growth" in h for h in retrain)
 
 
 @pytest.mark.parametrize("make", [_cnn, _vit])
@@ -386,7 +386,7 @@ def test_cli_grows_to_a_latency_budget(tmp_path, capsys) -> None:
 
     from adagrow.cli import main
     out = tmp_path / "g.safetensors"
-    argv = ["grow", "--family", "vgg", "--widths", "8,8,16", "--epochs", "1", "--size", "8", "--stop", "budget",
+    argv = ["grow", "--family", "vgg", "--widths", "8,8,16", "--epochs", "1", "--interval", "6", "--size", "8", "--stop", "budget",
             "--budget-latency-ms", "50", "--backend", "ort-cpu", "--out", str(out), "--quiet", "--json"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
