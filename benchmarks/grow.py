@@ -91,10 +91,11 @@ def run_unit(family: str, seed: int, args: argparse.Namespace, budget_ms: float 
         return res.model
 
     torch.manual_seed(seed)
-    grown = train("grown", seed, make(None), GrowthConfig(stop="auto", seed=seed))
+    init = {"preserve": not args.thesis_init}
+    grown = train("grown", seed, make(None), GrowthConfig(stop="auto", seed=seed, **init))
     if family in args.random_families:
         torch.manual_seed(seed)
-        train("grown-random", seed, make(None), GrowthConfig(stop="auto", location="random", seed=seed))
+        train("grown-random", seed, make(None), GrowthConfig(stop="auto", location="random", seed=seed, **init))
     torch.manual_seed(seed + 1000)
     fresh = build_from_arch(grown.arch())
     train("retrained", seed, fresh, GrowthConfig(stop=fresh.spec(), seed=seed))
@@ -105,7 +106,7 @@ def run_unit(family: str, seed: int, args: argparse.Namespace, budget_ms: float 
     if budget_ms is not None and family in args.budget_families:
         torch.manual_seed(seed)
         budget = DeployBudget(latency_ms=budget_ms, backend="ort-cpu", runs=args.runs)
-        train("budget", seed, make(None), GrowthConfig(stop="budget", budget=budget, seed=seed))
+        train("budget", seed, make(None), GrowthConfig(stop="budget", budget=budget, seed=seed, **init))
     return rows
 
 
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runs", type=int, default=100, help="timed calls per latency figure")
     ap.add_argument("--threads", type=int, default=1, help="training threads per job")
     ap.add_argument("--jobs", type=int, default=1, help="(family, seed) units run in parallel processes")
+    ap.add_argument("--thesis-init", action="store_true", help="grow with the thesis' init (preserve=False)")
     ap.add_argument("--quick", action="store_true", help="CI-sized: 16x16, 600 images, 2 epochs, 1 seed")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "grow_cpu.json")
     args = ap.parse_args(argv)
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "grow", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
               "command": command, "machine": machine,
               "task": {"data": "cluttered_digits", "size": args.size, "difficulty": args.difficulty,
-                       "n_train": args.n_train, "val_fraction": 0.15, "epochs": args.epochs, "seeds": args.seeds},
+                       "n_train": args.n_train, "val_fraction": 0.15, "epochs": args.epochs, "seeds": args.seeds,
+                       "growth_init": "thesis" if args.thesis_init else "function-preserving"},
               "budget_latency_ms": budget_ms, "wall_s": wall, "cpu_s": cpu, "rows": rows,
               "summary": list(summary.values()), "targets": tgts}
     write_json(args.out, result)
