@@ -33,3 +33,5 @@ class StaticSpec:
     n_programs: int
     w4: bool = True                  # W4 main loop: must contain no I2F
     extra: dict[str, Any] = field(default_factory=dict)
+    aligned: tuple[str, ...] = ()
+    extra_bytes: int = 0

@@ -1,0 +1,159 @@
+"""Fused convs: Triton kernels (interpreter on CPU) against the float32 PyTorch reference, the
+model-path conversion ``to_kernels`` and the sm_90 SASS of the benchmark's conv configs.
+
+Tolerance: the kernels round the (dequantized) weight to fp16/bf16 (unit roundoff eps = 2^-11 /
+2^-8) and the output once more, accumulating in fp32, so before the activation
+``|y - ref| <= 2 * eps * (|x| conv |W| + |b| + |r|)`` elementwise; the activations here have
+slope <= 1.5. An indexing or packing bug gives errors the size of ``y`` itself.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adagrow.compress import rtn_quantize
+from adagrow.kernels import FusedConv2d, fused_conv2d, fused_conv2d_ref
+from adagrow.kernels.conv import conv_weight_matrix, fused_conv2d_triton, igemm_plan
+from adagrow.packed import dequantize_packed
+
+EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+bf16_dot = pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="Triton's interpreter mis-computes bfloat16 tl.dot; runs on CUDA")
+
+
+def _conv_case(cin, cout, k, stride, dil, groups, hw, mode, act, residual, dtype=torch.float16, seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride, padding=(k[0] // 2 * dil, k[1] // 2 * dil), dilation=dil, groups=groups)
+    if mode == "tier":
+        kh, kw = k
+        ov = torch.ones(kh, kw, dtype=torch.int64)
+        ov[kh // 2, :] += 1
+        ov[kh // 2, kw // 2] += 2
+        conv.register_buffer("reparam_overlap", ov)
+    x = torch.randn(2, *hw, cin, dtype=dtype)
+    geo = (list(k), [stride, stride], list(conv.padding), [dil, dil], groups)
+    if mode == "fp":
+        wmat = conv_weight_matrix(conv.weight.detach())
+        wargs = (wmat.to(dtype), conv.bias.detach().to(dtype), None, None, None)
+        gs = -1
+    else:
+        res = rtn_quantize(conv, bits=4, group_size=mode)
+        gs = mode if isinstance(mode, int) else -1
+        wargs = (res.qweight, conv.bias.detach().to(dtype), res.scales, res.zeros, res.position_group)
+        wmat = dequantize_packed(res.qweight, res.scales, res.zeros, 4, wargs[0].shape[0] * 8, mode,
+                                 cin // groups, res.position_group)[:, : k[0] * k[1] * cin // groups].t()
+    w4d = wmat.float().reshape(k[0], k[1], cin // groups, cout).permute(3, 2, 0, 1)
+    out_hw = F.conv2d(x.permute(0, 3, 1, 2).float(), w4d, None, geo[1], geo[2], geo[3], groups).shape[-2:]
+    r = torch.randn(2, *out_hw, cout, dtype=dtype) if residual else None
+    return x, wargs, r, geo, gs, w4d
+
+
+CONV_CASES = [  # cin, cout, kernel, stride, dilation, groups, input, weight mode, act, residual
+    # flat-K path (C_in/g without a power-of-two divisor >= 16)
+    (8, 24, (3, 3), 1, 1, 1, (7, 9), "fp", "relu", True),
+    (8, 24, (1, 1), 2, 1, 1, (7, 9), -1, "none", False),
+    (6, 40, (5, 5), 1, 1, 1, (9, 9), 32, "silu", True),
+    (8, 16, (1, 3), 2, 2, 2, (7, 9), "position", "hardswish", False),
+    (6, 16, (5, 5), 2, 1, 1, (9, 9), "tier", "gelu", True),
+    (12, 24, (3, 3), 1, 2, 3, (9, 9), "fp", "gelu", False),
+    # channel path (kernel position outer, C_in blocks of BLOCK_C inner)
+    (32, 40, (3, 3), 1, 1, 1, (5, 7), "fp", "relu", True),
+    (32, 48, (3, 3), 2, 1, 1, (5, 7), "position", "silu", False),
+    (48, 24, (3, 3), 1, 2, 1, (5, 7), 16, "hardswish", True),   # 3 channel blocks per position
+    (64, 24, (5, 3), 1, 1, 2, (5, 7), -1, "gelu", False),       # 2 conv groups of 32 channels
+    (32, 32, (3, 3), 1, 1, 1, (5, 7), "tier", "none", True),
+    # depthwise (also run through the implicit GEMM)
+    (16, 16, (3, 3), 1, 2, 16, (9, 9), 8, "relu", True),
+    (16, 16, (5, 5), 2, 1, 16, (7, 9), "fp", "silu", False),
+    (24, 24, (5, 5), 1, 1, 24, (7, 9), "tier", "none", True),
+    (16, 16, (1, 3), 1, 1, 16, (7, 9), -1, "hardswish", False),
+]
+
+def _reference(x, wargs, r, geo, gs, act):
+    return fused_conv2d_ref(x.float(), wargs[0], wargs[1].float(), *wargs[2:], None if r is None else r.float(),
+                            *geo, gs, act)
+
+
+def _assert_within_rounding(y, x, wargs, r, geo, w4d, ref, what="") -> None:
+    """``|y - ref| <= 1.5 * 2 * eps * (|x| conv |W| + |b| + |r|)`` elementwise (module docstring)."""
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    mag = F.conv2d(x.permute(0, 3, 1, 2).float().abs(), w4d.abs(), None, *geo[1:]).permute(0, 2, 3, 1)
+    mag = mag + wargs[1].float().abs() + (0 if r is None else r.float().abs())
+    bound = 1.5 * 2 * EPS[x.dtype] * mag + 1e-5
+    err = (y.float() - ref).abs()
+    assert torch.all(err <= bound), f"{what}: max err {err.max():.3e}, bound there {bound.flatten()[err.argmax()]:.3e}"
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}-{c[1]}-k{c[2][0]}x{c[2][1]}-s{c[3]}-d{c[4]}-g{c[5]}-{c[7]}-{c[8]}")
+def test_fused_conv_matches_reference(case) -> None:
+    x, wargs, r, geo, gs, w4d = _conv_case(*case)
+    ref = _reference(x, wargs, r, geo, gs, case[8])
+    kernels = [True, False] if geo[4] == x.shape[-1] == wargs[0].shape[1] else [False]
+    for depthwise in kernels:  # depthwise layers also go through the implicit GEMM
+        y = fused_conv2d_triton(x, *wargs, r, *geo, gs, case[8], depthwise_kernel=depthwise)
+        _assert_within_rounding(y, x, wargs, r, geo, w4d, ref, f"depthwise kernel={depthwise}")
+
+
+def test_fused_conv_op_and_opcheck() -> None:
+    x, wargs, r, geo, gs, w4d = _conv_case(32, 24, (3, 3), 2, 1, 1, (7, 9), 32, "relu", True)
+    y = torch.ops.adagrow.fused_conv2d(x, *wargs, r, *geo, gs, "relu")
+    _assert_within_rounding(y, x, wargs, r, geo, w4d, _reference(x, wargs, r, geo, gs, "relu"), "op")
+    torch.library.opcheck(torch.ops.adagrow.fused_conv2d.default, (x, *wargs, r, *geo, gs, "relu"))
+
+
+def test_fused_conv_bf16_depthwise() -> None:
+    x, wargs, r, geo, gs, w4d = _conv_case(16, 16, (3, 3), 1, 1, 16, (7, 9), "tier", "silu", True,
+                                           dtype=torch.bfloat16)
+    y = fused_conv2d_triton(x, *wargs, r, *geo, gs, "silu")
+    _assert_within_rounding(y, x, wargs, r, geo, w4d, _reference(x, wargs, r, geo, gs, "silu"), "bf16 dw")
+
+
+@bf16_dot
+def test_fused_conv_bf16_implicit_gemm() -> None:
+    x, wargs, r, geo, gs, w4d = _conv_case(32, 24, (3, 3), 2, 1, 1, (7, 9), 32, "relu", True, dtype=torch.bfloat16)
+    args = [None if t is None else t.cuda() for t in (x, *wargs, r)]
+    y = torch.ops.adagrow.fused_conv2d(*args, *geo, gs, "relu").cpu()
+    _assert_within_rounding(y, x, wargs, r, geo, w4d, _reference(x, wargs, r, geo, gs, "relu"), "bf16 gemm")
+
+
+def test_fused_conv_errors() -> None:
+    x, wargs, r, geo, gs, _ = _conv_case(6, 16, (5, 5), 1, 1, 1, (7, 9), 32, "relu", True)
+    with pytest.raises(ValueError, match="NHWC"):
+        fused_conv2d(x[0], *wargs, r, *geo, gs, "relu")
+    with pytest.raises(ValueError, match="act must be one of"):
+        fused_conv2d(x, *wargs, r, *geo, gs, "tanh")
+    with pytest.raises(ValueError, match="scales/zeros must be"):
+        fused_conv2d(x, *wargs, r, *geo, 64, "relu")
+    with pytest.raises(ValueError, match="K_pad"):
+        fused_conv2d(x, *wargs, r, [3, 3], *geo[1:], gs, "relu")
+    with pytest.raises(ValueError, match="residual must be NHWC"):
+        fused_conv2d(x, *wargs, r[:, :-1], *geo, gs, "relu")
+    with pytest.raises(ValueError, match="needs scales and zeros"):
+        fused_conv2d(x, wargs[0], wargs[1], None, None, None, r, *geo, gs, "relu")
+    with pytest.raises(ValueError, match="bias must be"):
+        fused_conv2d(x, wargs[0], wargs[1][:3], *wargs[2:], r, *geo, gs, "relu")
+
+
+
+def test_fused_conv2d_module() -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, groups=2)
+    mod = FusedConv2d(conv, act="silu")
+    x = torch.randn(2, 6, 9, 7)
+    res = torch.randn(2, 10, 5, 4)
+    expected = F.silu(conv(x) + res)
+    assert torch.allclose(mod(x, res), expected, atol=1e-6)
+    y = mod.half()(x.half(), res.half())
+    assert (y.float() - expected).abs().max() < 1e-2 * expected.abs().max()
+    with pytest.raises(ValueError, match="act must be one of"):
+        FusedConv2d(conv, act="tanh")
+
+
+
+
+def test_igemm_plan_picks_channel_path() -> None:
+    # (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages, channel_loop) for C_out/g, C_in/g, group size, W4, K rows
+    assert igemm_plan((64, 64, 64, 4, 3), 96, 96, -1, True, 864) == (64, 64, 32, 4, 3, True)
+    assert igemm_plan((64, 64, 64, 4, 3), 64, 128, 32, True, 1152) == (64, 64, 32, 4, 3, True)
+    assert igemm_plan((64, 64, 64, 4, 3), 64, 3, -1, False, 27) == (64, 64, 32, 4, 3, False)
+    assert igemm_plan((64, 64, 64, 4, 3), 24, 40, -1, False, 360) == (64, 32, 64, 4, 3, False)  # 40 = 8 * 5
