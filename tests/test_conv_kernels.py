@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adagrow.compress import rtn_quantize
-from adagrow.kernels import FusedConv2d, fused_conv2d, fused_conv2d_ref
+from adagrow.compress import QuantConfig, quantize, rtn_quantize
+from adagrow.grow import GrowingCNN
+from adagrow.grow.reparam import reparameterize
+from adagrow.kernels import FusedConv2d, fused_conv2d, fused_conv2d_ref, to_kernels
 from adagrow.kernels.conv import conv_weight_matrix, fused_conv2d_triton, igemm_plan
 from adagrow.packed import dequantize_packed
 
@@ -157,3 +159,68 @@ def test_igemm_plan_picks_channel_path() -> None:
     assert igemm_plan((64, 64, 64, 4, 3), 64, 128, 32, True, 1152) == (64, 64, 32, 4, 3, True)
     assert igemm_plan((64, 64, 64, 4, 3), 64, 3, -1, False, 27) == (64, 64, 32, 4, 3, False)
     assert igemm_plan((64, 64, 64, 4, 3), 24, 40, -1, False, 360) == (64, 32, 64, 4, 3, False)  # 40 = 8 * 5
+
+
+# ----------------------------------------------------------------------------- model path
+def _grown_deploy(family: str, depths: tuple[int, ...]) -> nn.Module:
+    """A small grown CNN (channel widths that take the channel path), branches fused."""
+    torch.manual_seed(0)
+    model = GrowingCNN(family, widths=(16, 32, 32), in_channels=3, depths=depths)
+    for i, conv in enumerate(model.rep_convs().values()):
+        if conv.kernel_size != (1, 1) and conv.groups == 1:
+            conv.add_branch("conv5x5" if i % 2 else "conv1x3", grow_kernel=True)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # non-trivial fused weights
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+    return reparameterize(model.eval())
+
+
+def _fused(model: nn.Module) -> list[FusedConv2d]:
+    return [m for m in model.modules() if isinstance(m, FusedConv2d)]
+
+
+def test_to_kernels_mobilenet_structure_and_float_path() -> None:
+    deploy = _grown_deploy("mobilenetv3", (1, 0, 0))
+    x = torch.randn(2, 3, 8, 8)
+    swapped = to_kernels(deploy, x)
+    convs = [m for m in deploy.modules() if isinstance(m, nn.Conv2d)]
+    fused = _fused(swapped)
+    assert len(fused) == len(convs) and not any(isinstance(m, nn.Conv2d) for m in swapped.modules())
+    # stem, expand, dw: SiLU; SE fc1: ReLU; SE fc2 (sigmoid follows) and project (+ residual): none
+    assert [f.act for f in fused[:6]] == ["silu", "silu", "silu", "relu", "none", "none"]
+    code = swapped.code
+    assert "fused_stages_0_0_project(mul, fused_stem_0)" in code, code  # the residual went into the kernel
+    assert torch.allclose(swapped(x), deploy(x), atol=1e-6)  # float32: the PyTorch path, same function
+
+
+def test_to_kernels_resnet_fp16_kernels_match_float_model() -> None:
+    deploy = _grown_deploy("resnet", (1, 0, 0))
+    x = torch.randn(2, 3, 8, 8)
+    swapped = to_kernels(deploy, x)
+    assert [f.act for f in _fused(swapped)] == ["relu"] * 5  # conv2 + residual + ReLU in one kernel
+    assert "torch.relu" not in swapped.code and " + " not in swapped.code
+    ref = deploy(x)
+    assert torch.allclose(swapped(x), ref, atol=1e-6)
+    y = swapped.half()(x.half())  # Triton kernels (interpreter on CPU), NHWC end to end
+    eager = deploy.half()(x.half())  # PyTorch's own fp16 path, for the error scale of fp16 itself
+    err, err_eager = (y.float() - ref).abs().max(), (eager.float() - ref).abs().max()
+    assert err <= 2 * err_eager + EPS[torch.float16] * ref.abs().max(), (err, err_eager)
+
+
+def test_to_kernels_w4_convs_fuse_activation() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.SiLU(),
+                          nn.Flatten(), nn.Linear(32 * 25, 10)).eval()
+    x = torch.randn(2, 3, 5, 5)
+    qmodel = quantize(model, [x], QuantConfig(bits=4, group_size="position", linear_group_size=32), progress=False)
+    swapped = to_kernels(qmodel, x)
+    fused = _fused(swapped)
+    assert [(f.act, f.weight is None) for f in fused] == [("relu", True), ("silu", True)]
+    assert type(swapped.get_submodule("5")).__name__ == "QuantLinear"  # stays on its own Triton path
+    ref = qmodel(x)  # float32: dequantize reference
+    assert torch.allclose(swapped(x), ref, atol=1e-5)
+    y = swapped.half()(x.half())
+    eager = qmodel.half()(x.half())  # the unfused quantized layers, also on the kernels
+    err, err_eager = (y.float() - ref).abs().max(), (eager.float() - ref).abs().max()
+    assert err <= 2 * err_eager + EPS[torch.float16] * ref.abs().max(), (err, err_eager)
