@@ -168,6 +168,48 @@ if HAS_TRITON:
             y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
         return y
 
+    # _nibble, _split8, _dequant_tile: the W4A16 matmul's tile dequant (kernels/w4a16.py on branch k9)
+    @triton.jit
+    def _nibble(qw, I: tl.constexpr):
+        """Nibble I of each int32 word as the fp32 value 1 + q/16, by moving it to mantissa bits
+        19..22 under the exponent of 1.0 (shift, mask | 0x3F800000, bitcast): no I2F."""
+        if I < 5:
+            t = qw << (19 - 4 * I)
+        else:
+            t = qw >> (4 * I - 19)
+        return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _split8(x):
+        """``[R, 8] -> 8 x [R]`` columns 0..7 (register shuffles, no memory traffic)."""
+        r: tl.constexpr = x.shape[0]
+        even, odd = tl.split(tl.reshape(x, (r, 4, 2)))
+        e0, e1 = tl.split(tl.reshape(even, (r, 2, 2)))
+        o0, o1 = tl.split(tl.reshape(odd, (r, 2, 2)))
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e1)
+        x1, x5 = tl.split(o0)
+        x3, x7 = tl.split(o1)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _dequant_tile(qw, s16, c, dtype: tl.constexpr):
+        """Packed words ``[BK/8, BN]`` -> dequantized ``[BK, BN]`` in ``dtype`` (row 8*w + i is
+        nibble i of word row w): ``(q - z) * s = fma(1 + q/16, 16 s, -(16 + z) s)``, one FMA,
+        exact before the final rounding."""
+        bk8: tl.constexpr = qw.shape[0]
+        bn: tl.constexpr = qw.shape[1]
+        w0 = (_nibble(qw, 0) * s16 - c).to(dtype)
+        w1 = (_nibble(qw, 1) * s16 - c).to(dtype)
+        w2 = (_nibble(qw, 2) * s16 - c).to(dtype)
+        w3 = (_nibble(qw, 3) * s16 - c).to(dtype)
+        w4 = (_nibble(qw, 4) * s16 - c).to(dtype)
+        w5 = (_nibble(qw, 5) * s16 - c).to(dtype)
+        w6 = (_nibble(qw, 6) * s16 - c).to(dtype)
+        w7 = (_nibble(qw, 7) * s16 - c).to(dtype)
+        t = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
+        return tl.reshape(tl.permute(tl.reshape(t, (bk8, bn, 8)), (0, 2, 1)), (bk8 * 8, bn))
+
     @triton.jit
     def _dequant(q, s, zs):
         """``q * s + zs`` in fp32 from int32 4-bit codes without I2F: ``q | 0x4B000000`` read as
@@ -218,6 +260,8 @@ if HAS_TRITON:
         rc = tl.arange(0, BLOCK_C)
         if W4 and GROUP_MODE == 0:  # one scale row for the whole K walk
             s, zs = _scale_zero(s_ptr, z_ptr, 0, cout, nmask, COUT)
+            s16 = 16.0 * s[None, :]  # the tile dequant's form: (1 + q/16) * 16 s - (16 s - zs)
+            c = s16 - zs[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if CHANNEL_LOOP:  # CG % BLOCK_C == 0: a K block is BLOCK_C channels of one kernel position
             t = 0  # kernel position and channel offset, carried (no runtime division in the loop)
@@ -231,15 +275,16 @@ if HAS_TRITON:
                             mask=inb[:, None], other=0.0)
                 k0 = t * CG + c0
                 if W4:
-                    rw = k0 // 8 + tl.arange(0, BLOCK_C // 8)
+                    rw = k0 // 8 + tl.arange(0, BLOCK_C // 8)  # each packed word loaded once
                     qw = tl.load(w_ptr + rw[:, None] * COUT + cout[None, :], mask=nmask[None, :], other=0)
-                    q = (qw[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
-                    q = tl.reshape(q, (BLOCK_C, BLOCK_N))
-                    if GROUP_MODE == 2:  # the block lies in one kernel position: one table row
-                        s, zs = _scale_zero(s_ptr, z_ptr, tl.load(pg_ptr + t), cout, nmask, COUT)
-                    elif GROUP_MODE == 1:  # GROUP % BLOCK_C == 0: the block lies in one group
-                        s, zs = _scale_zero(s_ptr, z_ptr, k0 // GROUP, cout, nmask, COUT)
-                    w = _dequant(q, s[None, :], zs[None, :])
+                    if GROUP_MODE != 0:  # the block lies in one kernel position / one group: one row
+                        if GROUP_MODE == 2:
+                            s, zs = _scale_zero(s_ptr, z_ptr, tl.load(pg_ptr + t), cout, nmask, COUT)
+                        else:
+                            s, zs = _scale_zero(s_ptr, z_ptr, k0 // GROUP, cout, nmask, COUT)
+                        s16 = 16.0 * s[None, :]
+                        c = s16 - zs[None, :]
+                    w = _dequant_tile(qw, s16, c, x.dtype)
                 else:
                     w = tl.load(w_ptr + (k0 + rc)[:, None] * COUT + cout[None, :], mask=nmask[None, :], other=0.0)
                 acc = tl.dot(x, w.to(x.dtype), acc)
