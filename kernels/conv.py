@@ -16,8 +16,8 @@ Kernels:
   folded into one FMA; ``tl.dot`` on tensor cores.
 - implicit GEMM, flat-K path: layers whose C_in/g has no power-of-two divisor >= 16 (the RGB stem,
   tiny groups) walk K linearly with per-element index math (they are a few percent of the work).
-- depthwise (groups == C_in == C_out): taps unrolled, channels vectorised, packed words loaded
-  once per 8 taps.
+- depthwise (groups == C_in == C_out): a loop over kernel rows, the row's taps unrolled,
+  channels vectorised (16-byte loads); fp32 FMAs on CUDA cores.
 The residual is added before the activation (ResNet style); pass ``act="none"`` for a linear
 bottleneck. Configs that need more shared memory than the device has are skipped (the compiled
 kernel's own ``metadata.shared`` is checked before launch) and the reason is recorded.
@@ -239,13 +239,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _conv_igemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, pg_ptr, b_ptr, r_ptr, y_ptr,
-                           M, H, W, OH, OW, COUT, CG, NG, K, KP, SH, SW, PH, PW, DH, DW, sxb, sxh, sxw,
-                           KH: tl.constexpr, KW: tl.constexpr, W4: tl.constexpr, GROUP_MODE: tl.constexpr,
-                           GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                           ACT: tl.constexpr, CHANNEL_LOOP: tl.constexpr,
+                           M, H, W, OH, OW, COUT, NG, K, KP, SH, SW, PH, PW, DH, DW, sxb, sxh, sxw,
+                           CG: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, W4: tl.constexpr,
+                           GROUP_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           HAS_RES: tl.constexpr, ACT: tl.constexpr, CHANNEL_LOOP: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
         """Implicit GEMM: a BLOCK_M x BLOCK_N tile of (output pixels, output channels of group
-        ``program_id(2)``). ``K``: real K, ``KP``: K rows the weight holds (padded for W4)."""
+        ``program_id(2)``). ``K``: real K, ``KP``: K rows the weight holds (padded for W4).
+        ``CG`` (C_in/g) is a compile-time constant: index math by it needs no division."""
         pid_m, pid_n, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mmask = rm < M
@@ -264,9 +265,10 @@ if HAS_TRITON:
             c = s16 - zs[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if CHANNEL_LOOP:  # CG % BLOCK_C == 0: a K block is BLOCK_C channels of one kernel position
-            t = 0  # kernel position and channel offset, carried (no runtime division in the loop)
-            c0 = 0
-            for _ in range(0, KH * KW * (CG // BLOCK_C)):
+            NCB: tl.constexpr = CG // BLOCK_C
+            for i in range(0, KH * KW * NCB):  # one pipelined loop over (kernel position, C_in block)
+                t = i // NCB  # constant divisors: multiply-shift, no I2F
+                c0 = (i % NCB) * BLOCK_C
                 ky = t // KW
                 iy = iy0 + ky * DH
                 ix = ix0 + (t - ky * KW) * DW
@@ -288,10 +290,6 @@ if HAS_TRITON:
                 else:
                     w = tl.load(w_ptr + (k0 + rc)[:, None] * COUT + cout[None, :], mask=nmask[None, :], other=0.0)
                 acc = tl.dot(x, w.to(x.dtype), acc)
-                c0 += BLOCK_C
-                wrap = c0 == CG
-                t = tl.where(wrap, t + 1, t)
-                c0 = tl.where(wrap, 0, c0)
         else:  # flat K with per-element index math (C_in/g without a power-of-two divisor >= 16)
             for k0 in range(0, KP, BLOCK_C):
                 rk = k0 + rc
@@ -328,7 +326,7 @@ if HAS_TRITON:
                                GROUP_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                                HAS_RES: tl.constexpr, ACT: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Depthwise: a BLOCK_P x BLOCK_C tile of (output pixels, channels); taps unrolled."""
+        """Depthwise: a BLOCK_P x BLOCK_C tile of (output pixels, channels)."""
         pid_p, pid_c = tl.program_id(0), tl.program_id(1)
         rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -341,24 +339,25 @@ if HAS_TRITON:
         if W4 and GROUP_MODE == 0:
             s, zs = _scale_zero(s_ptr, z_ptr, 0, rc, cmask, C)
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for t in tl.static_range(KH * KW):
-            iy = iy0 + (t // KW) * DH
-            ix = ix0 + (t % KW) * DW
-            inb = pmask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-            x = tl.load(x_ptr + (xrow + iy * sxh + ix * sxw)[:, None] + rc[None, :],
-                        mask=inb[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            if W4:
-                if t % 8 == 0:  # one packed word holds 8 taps of a channel
-                    qw = tl.load(w_ptr + (t // 8) * C + rc, mask=cmask, other=0)
-                q = (qw >> ((t % 8) * 4)) & 0xF
-                if GROUP_MODE == 2:
-                    s, zs = _scale_zero(s_ptr, z_ptr, tl.load(pg_ptr + t), rc, cmask, C)
-                elif GROUP_MODE == 1:
-                    s, zs = _scale_zero(s_ptr, z_ptr, t // GROUP, rc, cmask, C)
-                w = _dequant(q, s, zs)
-            else:
-                w = tl.load(w_ptr + t * C + rc, mask=cmask, other=0.0).to(tl.float32)
-            acc += x * w[None, :]
+        for ky in range(0, KH):  # kernel rows in a loop, the taps of a row unrolled
+            iy = iy0 + ky * DH
+            rmask = pmask & (iy >= 0) & (iy < H)
+            for kx in tl.static_range(KW):
+                t = ky * KW + kx
+                ix = ix0 + kx * DW
+                inb = rmask & (ix >= 0) & (ix < W)
+                x = tl.load(x_ptr + (xrow + iy * sxh + ix * sxw)[:, None] + rc[None, :],
+                            mask=inb[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                if W4:  # one packed word holds 8 taps of a channel (cache hits after the first)
+                    q = (tl.load(w_ptr + (t // 8) * C + rc, mask=cmask, other=0) >> ((t % 8) * 4)) & 0xF
+                    if GROUP_MODE == 2:
+                        s, zs = _scale_zero(s_ptr, z_ptr, tl.load(pg_ptr + t), rc, cmask, C)
+                    elif GROUP_MODE == 1:
+                        s, zs = _scale_zero(s_ptr, z_ptr, t // GROUP, rc, cmask, C)
+                    w = _dequant(q, s, zs)
+                else:
+                    w = tl.load(w_ptr + t * C + rc, mask=cmask, other=0.0).to(tl.float32)
+                acc += x * w[None, :]
         _epilogue(acc, rp, pmask, rc, cmask, b_ptr, r_ptr, y_ptr, C, HAS_BIAS, HAS_RES, ACT)
 
 
@@ -474,10 +473,10 @@ def fused_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         ng, cg = cout // groups, c // groups
         m = b * oh * ow
         k_rows = weight.shape[0] * 8 if w4 else k
-        args = (*ptrs, m, h, w_, oh, ow, cout, cg, ng, k, k_rows, *geom)
+        args = (*ptrs, m, h, w_, oh, ow, cout, ng, k, k_rows, *geom)
         for cfg in [config] if config else igemm_candidates(m, ng, groups, x.device):
             bm, bn, bc, warps, stages, chan = igemm_plan(cfg, ng, cg, group_size, w4, k_rows)
-            meta = dict(flags, CHANNEL_LOOP=chan, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps,
+            meta = dict(flags, CG=cg, CHANNEL_LOOP=chan, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps,
                         num_stages=stages)
             why = _misfit(_conv_igemm_kernel, args, meta, x.device)
             if why is None:
@@ -566,13 +565,13 @@ def static_specs(arch: int, batch: int = 1) -> list[StaticSpec]:
         for cin, cout, k, stride, hw, groups in BENCH_CONV_SHAPES:
             a = _shape_args(cin, cout, k, stride, hw, batch, w4)
             k_rows = (k * k * cin + 7) // 8 * 8 if w4 else k * k * cin
-            ints = {"M": a["m"], "H": hw, "W": hw, "OH": a["oh"], "OW": a["oh"], "COUT": cout, "CG": cin,
-                    "NG": cout, "K": k * k * cin, "KP": k_rows, **a["geom"]}
+            ints = {"M": a["m"], "H": hw, "W": hw, "OH": a["oh"], "OW": a["oh"], "COUT": cout, "NG": cout,
+                    "K": k * k * cin, "KP": k_rows, **a["geom"]}
             shape = {"B": batch, "Cin": cin, "Cout": cout, "k": k, "s": stride, "H": hw}
             for cfg in CONV_CONFIGS:
                 bm, bn, bc, warps, stages, chan = igemm_plan((cfg[0], 32 if cout <= 32 else cfg[1], *cfg[2:]),
                                                              cout, cin, -1, w4, k_rows)
-                consts = dict(flags, KH=k, KW=k, CHANNEL_LOOP=chan, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc)
+                consts = dict(flags, CG=cin, KH=k, KW=k, CHANNEL_LOOP=chan, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc)
                 sig, consts, aligned = _runtime_signature({**a["ptrs"], **ints}, consts)
                 iters = k * k * cin // bc if chan else -(-k_rows // bc)
                 uniq = bm * bc * 2 + int(bc * bn * wbytes) + (2 * bn * 2 if w4 else 0)

@@ -6,6 +6,11 @@ Tolerance: the kernels round the (dequantized) weight to fp16/bf16 (unit roundof
 ``|y - ref| <= 2 * eps * (|x| conv |W| + |b| + |r|)`` elementwise; the activations here have
 slope <= 1.5. An indexing or packing bug gives errors the size of ``y`` itself.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,7 +91,8 @@ def _assert_within_rounding(y, x, wargs, r, geo, w4d, ref, what="") -> None:
     assert torch.all(err <= bound), f"{what}: max err {err.max():.3e}, bound there {bound.flatten()[err.argmax()]:.3e}"
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}-{c[1]}-k{c[2][0]}x{c[2][1]}-s{c[3]}-d{c[4]}-g{c[5]}-{c[7]}-{c[8]}")
+@pytest.mark.parametrize("case", CONV_CASES,
+                         ids=lambda c: f"{c[0]}-{c[1]}-k{c[2][0]}x{c[2][1]}-s{c[3]}-d{c[4]}-g{c[5]}-{c[7]}-{c[8]}")
 def test_fused_conv_matches_reference(case) -> None:
     x, wargs, r, geo, gs, w4d = _conv_case(*case)
     ref = _reference(x, wargs, r, geo, gs, case[8])
@@ -224,3 +230,76 @@ def test_to_kernels_w4_convs_fuse_activation() -> None:
     eager = qmodel.half()(x.half())  # the unfused quantized layers, also on the kernels
     err, err_eager = (y.float() - ref).abs().max(), (eager.float() - ref).abs().max()
     assert err <= 2 * err_eager + EPS[torch.float16] * ref.abs().max(), (err, err_eager)
+
+
+# ----------------------------------------------------------------------------- sm_90 SASS
+# Run in a subprocess without TRITON_INTERPRET (the test session sets it; interpreted kernels do
+# not compile). Prints one JSON record per selected spec of conv.static_specs(90).
+_INSPECT = r"""
+import json, re, subprocess, sys, tempfile
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from adagrow.kernels.conv import static_specs
+tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+if not tool.is_file() or not tool.with_name("ptxas").is_file():
+    print(json.dumps({"skip": f"the triton wheel has no ptxas/cuobjdump next to {tool}"}))
+    sys.exit(0)
+line = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+out = []
+for want in json.loads(sys.argv[1]):
+    spec = next(s for s in static_specs(90) if s.path == want["path"] and all(
+        s.shape.get(k) == v or s.config.get(k) == v for k, v in want.items() if k != "path"))
+    names = list(spec.signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in spec.signature.items()
+             if t.startswith("*") or n in spec.aligned}
+    kern = triton.compile(ASTSource(spec.fn, spec.signature, spec.constexprs, attrs),
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kern.asm["cubin"])
+        sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+    ins = [(int(a, 16), op, args) for a, op, args in line.findall(sass)]
+    loops = []  # backward branches; the main loop is the body with the most global loads
+    for addr, op, args in ins:
+        m = re.match(r"0x([0-9a-f]+)", args)
+        if op.startswith("BRA") and m and int(m.group(1), 16) < addr:
+            body = [i for i in ins if int(m.group(1), 16) <= i[0] <= addr]
+            loops.append((sum(i[1].startswith(("LDG", "LDGSTS")) for i in body), body))
+    loop = [op for _, op, _ in max(loops)[1]] if loops else []
+    res = dict(re.findall(r"(STACK|LOCAL):(\d+)", usage))
+    out.append({"want": want, "spill": int(res["STACK"]) + int(res["LOCAL"]), "smem": kern.metadata.shared,
+                "loop": loop, "has_loop": bool(loops)})
+print(json.dumps(out))
+"""
+
+
+def test_conv_sass_for_sm90() -> None:
+    """Benchmark-shape specs compiled for sm_90: no spills, smem within the H100 limit, 16-byte
+    (or 8-byte) activation loads and tensor-core ops in the main loop, no I2F there (W4 too)."""
+    pytest.importorskip("triton")
+    picks = [  # channel path fp16 / W4 (5x5, 64 -> 64), flat-K W4 stem (3 -> 64), depthwise W4
+        {"path": "conv", "Cin": 64, "Cout": 64, "W4": 0, "BLOCK_M": 64},
+        {"path": "conv", "Cin": 96, "Cout": 128, "W4": 1, "BLOCK_M": 128},
+        {"path": "conv", "Cin": 3, "Cout": 64, "W4": 1, "BLOCK_M": 32},
+        {"path": "dwconv", "C": 256, "W4": 1, "BLOCK_P": 32},
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _INSPECT, json.dumps(picks)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = json.loads(proc.stdout.strip().splitlines()[-1])
+    if isinstance(recs, dict):
+        pytest.skip(recs["skip"])
+    for rec in recs:
+        want, loop = rec["want"], rec["loop"]
+        assert rec["spill"] == 0 and rec["smem"] <= 232448 and rec["has_loop"], rec | {"loop": len(loop)}
+        assert not [op for op in loop if op.startswith("I2F")], f"I2F in the main loop: {want}"
+        if want["Cin" if "Cin" in want else "C"] % 16 == 0:  # channel-contiguous activation rows
+            assert any(op.startswith(("LDG", "LDGSTS")) and op.endswith((".128", ".64")) for op in loop), want
+        if want["path"] == "conv":
+            assert any(op.startswith(("HMMA", "HGMMA")) for op in loop), f"no tensor-core op: {want}"
