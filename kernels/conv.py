@@ -458,30 +458,44 @@ def fused_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                  HAS_RES=res is not None, ACT=ACTS[act])
     geom = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             x.stride(0), x.stride(1), x.stride(2))
+    dw = depthwise_kernel and groups == c == cout
+    m = b * oh * ow
+    k_rows = weight.shape[0] * 8 if w4 else k
+    if dw:
+        args = (*ptrs, m, h, w_, oh, ow, c, *geom)
+    else:
+        args = (*ptrs, m, h, w_, oh, ow, cout, cout // groups, k, k_rows, *geom)
+    key = (dw, args[8:], tuple(flags.items()), group_size, groups, config, x.dtype, weight.dtype, str(x.device))
+    if key not in _PLANS:  # the table choice and the shared-memory check run once per layer shape
+        _PLANS[key] = _plan(dw, args, flags, m, c, cout, groups, group_size, w4, k_rows, config, x.device)
+    kernel, grid, meta = _PLANS[key]
+    kernel[grid](*args, **meta)
+    return y
+
+
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _plan(dw: bool, args: tuple, flags: dict, m: int, c: int, cout: int, groups: int, group_size: int, w4: bool,
+          k_rows: int, config: tuple[int, ...] | None, device: torch.device) -> tuple[Any, tuple[int, ...], dict]:
+    """(kernel, grid, launch meta) of the first table row (or ``config``) that fits the device."""
     reasons = []
-    if depthwise_kernel and groups == c == cout:
-        p = b * oh * ow
-        args = (*ptrs, p, h, w_, oh, ow, c, *geom)
-        for bp, bc, warps in [config] if config else dw_candidates(p, c, x.device):
+    if dw:
+        for bp, bc, warps in [config] if config else dw_candidates(m, c, device):
             meta = dict(flags, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
-            why = _misfit(_conv_depthwise_kernel, args, meta, x.device)
+            why = _misfit(_conv_depthwise_kernel, args, meta, device)
             if why is None:
-                _conv_depthwise_kernel[(triton.cdiv(p, bp), triton.cdiv(c, bc))](*args, **meta)
-                return y
+                return _conv_depthwise_kernel, (triton.cdiv(m, bp), triton.cdiv(c, bc)), meta
             reasons.append(f"{(bp, bc, warps)}: {why}")
     else:
         ng, cg = cout // groups, c // groups
-        m = b * oh * ow
-        k_rows = weight.shape[0] * 8 if w4 else k
-        args = (*ptrs, m, h, w_, oh, ow, cout, ng, k, k_rows, *geom)
-        for cfg in [config] if config else igemm_candidates(m, ng, groups, x.device):
+        for cfg in [config] if config else igemm_candidates(m, ng, groups, device):
             bm, bn, bc, warps, stages, chan = igemm_plan(cfg, ng, cg, group_size, w4, k_rows)
             meta = dict(flags, CG=cg, CHANNEL_LOOP=chan, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps,
                         num_stages=stages)
-            why = _misfit(_conv_igemm_kernel, args, meta, x.device)
+            why = _misfit(_conv_igemm_kernel, args, meta, device)
             if why is None:
-                _conv_igemm_kernel[(triton.cdiv(m, bm), triton.cdiv(ng, bn), groups)](*args, **meta)
-                return y
+                return _conv_igemm_kernel, (triton.cdiv(m, bm), triton.cdiv(ng, bn), groups), meta
             reasons.append(f"{cfg}: {why}")
     raise RuntimeError("fused_conv2d_triton: no config fits this device: " + "; ".join(reasons))
 
