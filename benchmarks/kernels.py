@@ -32,7 +32,7 @@ from adagrow.packed import dequantize_packed, unpack_codes
 from adagrow.grow import GrowingCNN
 from adagrow.grow.reparam import reparameterize
 from adagrow.kernels import fused_conv2d, w4a16 as w4
-from adagrow.kernels.conv import BENCH_CONV_SHAPES, BENCH_DW_SHAPES, conv_weight_matrix
+from adagrow.kernels.conv import BENCH_CONV_SHAPES, BENCH_DW_SHAPES, conv_weight_matrix, skipped_configs
 
 PEAK_GBPS = {"H100 SXM": 3350, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350, "H200": 4800,
              "A100-SXM4-80GB": 2039, "A100": 1555, "L40S": 864}
@@ -205,7 +205,8 @@ def bench_convs(batches) -> list[dict]:
                    "input": size, "layout": "channels_last", "ms_eager": t_e, "ms_compile": t_c,
                    "ms_fused_fp16": t_o, "ms_fused_w4": t_w, "speedup_vs_eager": t_e / t_o,
                    "speedup_vs_compile": t_c / t_o, "speedup_w4_vs_eager": t_e / t_w,
-                   "err_over_bound_fp16": errs["fp16"], "err_over_bound_w4": errs["w4"]}
+                   "err_over_bound_fp16": errs["fp16"], "err_over_bound_w4": errs["w4"],
+                   "skipped_configs_so_far": skipped_configs()}
             rows.append(row)
             print(f"conv{i} b={batch:>2} {conv.in_channels:>3}->{conv.out_channels:<3} g{conv.groups:<3} "
                   f"k{conv.kernel_size[0]} s{conv.stride[0]}: eager {t_e * 1e3:7.1f}us compile {t_c * 1e3:7.1f}us "

@@ -49,7 +49,6 @@ CONV_CONFIGS: list[tuple[int, int, int, int, int]] = [
 # Depthwise: (BLOCK_P output pixels, BLOCK_C channels, num_warps).
 DW_CONFIGS: list[tuple[int, int, int]] = [(64, 64, 4), (32, 64, 4), (16, 64, 2)]
 MIN_DOT_K = 16  # tl.dot needs K blocks of at least 16
-_SKIPPED: dict[tuple, str] = {}  # (kernel, config, device) -> why it was not launched
 
 
 def _torch_act(y: torch.Tensor, act: str) -> torch.Tensor:
@@ -168,7 +167,8 @@ if HAS_TRITON:
             y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
         return y
 
-    # _nibble, _split8, _dequant_tile: the W4A16 matmul's tile dequant (kernels/w4a16.py on branch k9)
+    # _nibble, _dequant_tile: the W4A16 matmul's tile dequant, copied from kernels/w4a16.py of the
+    # kernels rewrite (branch k9) until both land; then imported from there.
     @triton.jit
     def _nibble(qw, I: tl.constexpr):
         """Nibble I of each int32 word as the fp32 value 1 + q/16, by moving it to mantissa bits
@@ -178,19 +178,6 @@ if HAS_TRITON:
         else:
             t = qw >> (4 * I - 19)
         return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _split8(x):
-        """``[R, 8] -> 8 x [R]`` columns 0..7 (register shuffles, no memory traffic)."""
-        r: tl.constexpr = x.shape[0]
-        even, odd = tl.split(tl.reshape(x, (r, 4, 2)))
-        e0, e1 = tl.split(tl.reshape(even, (r, 2, 2)))
-        o0, o1 = tl.split(tl.reshape(odd, (r, 2, 2)))
-        x0, x4 = tl.split(e0)
-        x2, x6 = tl.split(e1)
-        x1, x5 = tl.split(o0)
-        x3, x7 = tl.split(o1)
-        return x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
     def _dequant_tile(qw, s16, c, dtype: tl.constexpr):
@@ -404,21 +391,24 @@ def dw_candidates(p: int, c: int, device: torch.device) -> list[tuple[int, int, 
     return DW_CONFIGS[first:] + DW_CONFIGS[:first][::-1]
 
 
-_FITS: dict[tuple, str | None] = {}
+_FITS: dict[tuple, str | None] = {}  # (kernel, meta, device, int args) -> why it cannot launch, or None
+
+
+def skipped_configs() -> list[str]:
+    """Configs this process compiled but never launched, each with the reason."""
+    return [f"{name} {dict(meta)} on {dev}: {why}" for (name, meta, dev, _), why in _FITS.items() if why]
 
 
 def _misfit(kernel, args: tuple, meta: dict, device: torch.device) -> str | None:
     """Why this launch cannot run (None if it can): compiles without launching and compares the
-    kernel's own ``metadata.shared`` with the device's limit; misfits are also kept in
-    ``_SKIPPED``. The interpreter has no shared memory: always None there."""
+    kernel's own ``metadata.shared`` with the device's limit (see :func:`skipped_configs`). The
+    interpreter has no shared memory: always None there."""
     if interpreting() or device.type != "cuda":
         return None
-    key = (kernel.fn.__name__, tuple(sorted(meta.items())), str(device))
+    key = (kernel.fn.__name__, tuple(sorted(meta.items())), str(device), args[8:])  # ints specialize too
     if key not in _FITS:
         need, limit = kernel.warmup(*args, grid=(1,), **meta).metadata.shared, smem_limit(device)
         _FITS[key] = None if need <= limit else f"needs {need} B of shared memory, the device allows {limit} B"
-        if _FITS[key]:
-            _SKIPPED[key] = _FITS[key]
     return _FITS[key]
 
 

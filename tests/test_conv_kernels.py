@@ -232,6 +232,20 @@ def test_to_kernels_w4_convs_fuse_activation() -> None:
     assert err <= 2 * err_eager + EPS[torch.float16] * ref.abs().max(), (err, err_eager)
 
 
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if x.sum() > 0 else x  # data-dependent: fx cannot trace it
+
+
+def test_to_kernels_explains_untraceable_models() -> None:
+    with pytest.raises(ValueError, match="cannot trace _Branchy"):
+        to_kernels(_Branchy())
+
+
 # ----------------------------------------------------------------------------- sm_90 SASS
 # Run in a subprocess without TRITON_INTERPRET (the test session sets it; interpreted kernels do
 # not compile). Prints one JSON record per selected spec of conv.static_specs(90).
