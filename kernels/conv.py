@@ -32,8 +32,11 @@ import torch.nn.functional as F
 from adagrow.packed import dequantize_packed
 
 from ._triton import HAS_TRITON, interpreting, smem_limit, tl, triton
-from .static import StaticSpec
+from .static import StaticSpec, runtime_signature
 from .w4a16 import use_triton
+
+if HAS_TRITON:
+    from .w4a16 import _dequant_tile  # packed words -> dequantized tile, shared with the W4A16 matmul
 
 ACTS = {"none": 0, "relu": 1, "silu": 2, "hardswish": 3, "gelu": 4}
 # Implicit GEMM: (BLOCK_M output pixels, BLOCK_N output channels, BLOCK_C input channels per K
@@ -166,36 +169,6 @@ if HAS_TRITON:
         elif ACT == 4:
             y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
         return y
-
-    # _nibble, _dequant_tile: the W4A16 matmul's tile dequant, copied from kernels/w4a16.py of the
-    # kernels rewrite (branch k9) until both land; then imported from there.
-    @triton.jit
-    def _nibble(qw, I: tl.constexpr):
-        """Nibble I of each int32 word as the fp32 value 1 + q/16, by moving it to mantissa bits
-        19..22 under the exponent of 1.0 (shift, mask | 0x3F800000, bitcast): no I2F."""
-        if I < 5:
-            t = qw << (19 - 4 * I)
-        else:
-            t = qw >> (4 * I - 19)
-        return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _dequant_tile(qw, s16, c, dtype: tl.constexpr):
-        """Packed words ``[BK/8, BN]`` -> dequantized ``[BK, BN]`` in ``dtype`` (row 8*w + i is
-        nibble i of word row w): ``(q - z) * s = fma(1 + q/16, 16 s, -(16 + z) s)``, one FMA,
-        exact before the final rounding."""
-        bk8: tl.constexpr = qw.shape[0]
-        bn: tl.constexpr = qw.shape[1]
-        w0 = (_nibble(qw, 0) * s16 - c).to(dtype)
-        w1 = (_nibble(qw, 1) * s16 - c).to(dtype)
-        w2 = (_nibble(qw, 2) * s16 - c).to(dtype)
-        w3 = (_nibble(qw, 3) * s16 - c).to(dtype)
-        w4 = (_nibble(qw, 4) * s16 - c).to(dtype)
-        w5 = (_nibble(qw, 5) * s16 - c).to(dtype)
-        w6 = (_nibble(qw, 6) * s16 - c).to(dtype)
-        w7 = (_nibble(qw, 7) * s16 - c).to(dtype)
-        t = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
-        return tl.reshape(tl.permute(tl.reshape(t, (bk8, bn, 8)), (0, 2, 1)), (bk8 * 8, bn))
 
     @triton.jit
     def _dequant(q, s, zs):
@@ -527,24 +500,6 @@ BENCH_DW_SHAPES: list[tuple[int, int, int, int, int, int]] = [
 ]
 
 
-def _runtime_signature(args: dict[str, str | int], constexprs: dict[str, Any]
-                       ) -> tuple[dict[str, str], dict[str, Any], tuple[str, ...]]:
-    """Signature, constexprs and 16-divisible int names, as Triton's runtime specializes a launch
-    (ints equal to 1 become constexprs; multiples of 16 get the divisibility hint)."""
-    sig, consts, aligned = {}, dict(constexprs), []
-    for name, val in args.items():
-        if isinstance(val, str):
-            sig[name] = val
-        elif val == 1:
-            sig[name], consts[name] = "constexpr", 1
-        else:
-            sig[name] = "i32"
-            if val % 16 == 0:
-                aligned.append(name)
-    sig.update({name: "constexpr" for name in constexprs})
-    return sig, consts, tuple(aligned)
-
-
 def _shape_args(cin: int, cout: int, k: int, stride: int, hw: int, batch: int, w4: bool) -> dict:
     pad = k // 2
     oh = out_size(hw, k, stride, pad, 1)
@@ -576,7 +531,7 @@ def static_specs(arch: int, batch: int = 1) -> list[StaticSpec]:
                 bm, bn, bc, warps, stages, chan = igemm_plan((cfg[0], 32 if cout <= 32 else cfg[1], *cfg[2:]),
                                                              cout, cin, -1, w4, k_rows)
                 consts = dict(flags, CG=cin, KH=k, KW=k, CHANNEL_LOOP=chan, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc)
-                sig, consts, aligned = _runtime_signature({**a["ptrs"], **ints}, consts)
+                sig, consts, aligned = runtime_signature({**a["ptrs"], **ints}, consts)
                 iters = k * k * cin // bc if chan else -(-k_rows // bc)
                 uniq = bm * bc * 2 + int(bc * bn * wbytes) + (2 * bn * 2 if w4 else 0)
                 specs.append(StaticSpec(
@@ -594,7 +549,7 @@ def static_specs(arch: int, batch: int = 1) -> list[StaticSpec]:
             shape = {"B": batch, "C": cin, "k": k, "s": stride, "H": hw, "W4": int(w4)}
             for bp, bc, warps in DW_CONFIGS:
                 consts = dict(flags, KH=k, KW=k, BLOCK_P=bp, BLOCK_C=bc)
-                sig, consts, aligned = _runtime_signature({**a["ptrs"], **ints}, consts)
+                sig, consts, aligned = runtime_signature({**a["ptrs"], **ints}, consts)
                 uniq = bp * bc * 2 + int(bc * wbytes) + (2 * bc * 2 if w4 else 0)
                 specs.append(StaticSpec(
                     kernel="_conv_depthwise_kernel", path="dwconv", fn=_conv_depthwise_kernel, signature=sig,

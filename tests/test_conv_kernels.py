@@ -19,7 +19,7 @@ from torch import nn
 from adagrow.compress import QuantConfig, quantize, rtn_quantize
 from adagrow.grow import GrowingCNN
 from adagrow.grow.reparam import reparameterize
-from adagrow.kernels import FusedConv2d, fused_conv2d, fused_conv2d_ref, to_kernels
+from adagrow.kernels import FusedConv2d, fused_conv2d, fused_conv2d_ref, static, to_kernels
 from adagrow.kernels.conv import conv_weight_matrix, fused_conv2d_triton, igemm_plan
 from adagrow.packed import dequantize_packed
 
@@ -247,55 +247,30 @@ def test_to_kernels_explains_untraceable_models() -> None:
 
 
 # ----------------------------------------------------------------------------- sm_90 SASS
-# Run in a subprocess without TRITON_INTERPRET (the test session sets it; interpreted kernels do
-# not compile). Prints one JSON record per selected spec of conv.static_specs(90).
-_INSPECT = r"""
-import json, re, subprocess, sys, tempfile
+# adagrow.kernels.static in a subprocess without TRITON_INTERPRET (the test session sets it, and
+# interpreted kernels do not compile): one record per picked spec of conv.static_specs(90), plus
+# the opcodes of its main loop.
+_INSPECT = """
+import json, sys, tempfile
 from pathlib import Path
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from adagrow.kernels import static
 from adagrow.kernels.conv import static_specs
-tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-if not tool.is_file() or not tool.with_name("ptxas").is_file():
-    print(json.dumps({"skip": f"the triton wheel has no ptxas/cuobjdump next to {tool}"}))
-    sys.exit(0)
-line = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
-out = []
+out, sass_dir = [], Path(tempfile.mkdtemp())
 for want in json.loads(sys.argv[1]):
     spec = next(s for s in static_specs(90) if s.path == want["path"] and all(
         s.shape.get(k) == v or s.config.get(k) == v for k, v in want.items() if k != "path"))
-    names = list(spec.signature)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in spec.signature.items()
-             if t.startswith("*") or n in spec.aligned}
-    kern = triton.compile(ASTSource(spec.fn, spec.signature, spec.constexprs, attrs),
-                          target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(kern.asm["cubin"])
-        sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True,
-                               check=True).stdout
-    ins = [(int(a, 16), op, args) for a, op, args in line.findall(sass)]
-    loops = []  # backward branches; the main loop is the body with the most global loads
-    for addr, op, args in ins:
-        m = re.match(r"0x([0-9a-f]+)", args)
-        if op.startswith("BRA") and m and int(m.group(1), 16) < addr:
-            body = [i for i in ins if int(m.group(1), 16) <= i[0] <= addr]
-            loops.append((sum(i[1].startswith(("LDG", "LDGSTS")) for i in body), body))
-    loop = [op for _, op, _ in max(loops)[1]] if loops else []
-    res = dict(re.findall(r"(STACK|LOCAL):(\d+)", usage))
-    out.append({"want": want, "spill": int(res["STACK"]) + int(res["LOCAL"]), "smem": kern.metadata.shared,
-                "loop": loop, "has_loop": bool(loops)})
+    rec = static.inspect_spec(spec, 90, sass_dir)
+    loop = static.main_loop(static.parse_sass((sass_dir / rec["sass"]).read_text()))
+    out.append({"want": want, "loop_ops": [op for _, op, _ in loop], **rec})
 print(json.dumps(out))
 """
 
 
+@pytest.mark.skipif(static.unavailable_reason() is not None,
+                    reason=f"static inspection unavailable: {static.unavailable_reason()}")
 def test_conv_sass_for_sm90() -> None:
     """Benchmark-shape specs compiled for sm_90: no spills, smem within the H100 limit, 16-byte
     (or 8-byte) activation loads and tensor-core ops in the main loop, no I2F there (W4 too)."""
-    pytest.importorskip("triton")
     picks = [  # channel path fp16 / W4 (5x5, 64 -> 64), flat-K W4 stem (3 -> 64), depthwise W4
         {"path": "conv", "Cin": 64, "Cout": 64, "W4": 0, "BLOCK_M": 64},
         {"path": "conv", "Cin": 96, "Cout": 128, "W4": 1, "BLOCK_M": 128},
@@ -306,14 +281,12 @@ def test_conv_sass_for_sm90() -> None:
     proc = subprocess.run([sys.executable, "-c", _INSPECT, json.dumps(picks)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    recs = json.loads(proc.stdout.strip().splitlines()[-1])
-    if isinstance(recs, dict):
-        pytest.skip(recs["skip"])
-    for rec in recs:
-        want, loop = rec["want"], rec["loop"]
-        assert rec["spill"] == 0 and rec["smem"] <= 232448 and rec["has_loop"], rec | {"loop": len(loop)}
-        assert not [op for op in loop if op.startswith("I2F")], f"I2F in the main loop: {want}"
-        if want["Cin" if "Cin" in want else "C"] % 16 == 0:  # channel-contiguous activation rows
-            assert any(op.startswith(("LDG", "LDGSTS")) and op.endswith((".128", ".64")) for op in loop), want
+    for rec in json.loads(proc.stdout.strip().splitlines()[-1]):
+        want, loop = rec["want"], rec["loop_ops"]
+        assert rec["spill_bytes"] == 0 and rec["local_mem_ops"] == 0, f"spills: {want}"
+        assert rec["smem_bytes"] <= rec["smem_limit"] and rec["has_loop"], want
+        assert rec["i2f_in_main_loop"] == 0, f"I2F in the main loop: {want}"
+        if want.get("Cin", want.get("C")) % 16 == 0:  # channel-contiguous activation rows
+            assert any(static.is_global_load(op) and static.load_bytes(op) >= 8 for op in loop), want
         if want["path"] == "conv":
-            assert any(op.startswith(("HMMA", "HGMMA")) for op in loop), f"no tensor-core op: {want}"
+            assert rec["tensor_core_ops_in_main_loop"] > 0, f"no tensor-core op: {want}"

@@ -14,6 +14,7 @@ from adagrow.compress import QuantConfig, quantize
 from adagrow.compress.export import (build_engine, export_onnx, export_triton_repository, fused_node_counts,
                                      profile_shapes)
 from adagrow.compress.export.calibrate import TensorStats, threshold
+from adagrow.compress.export.saturation import emulate_avx2, saturation_check, u8s8_accumulate
 from adagrow.grow.nets import RepCNN, TinyViT
 from adagrow.grow.reparam import reparameterize
 
@@ -54,6 +55,11 @@ def _run(path, x, optimize: bool = True):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _cos(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def _init(model, name):
@@ -98,7 +104,10 @@ def test_int8_onnxruntime_flavour_fuses(tmp_path) -> None:
     assert all(inits[n.input[0]].data_type == TensorProto.INT32 for n in g.graph.node
                if n.op_type == "DequantizeLinear" and n.input[0].endswith("_int32"))
     assert any(n.input[0].endswith("_int32") for n in g.graph.node if n.op_type == "DequantizeLinear")
-    assert rep.cosine > 0.999
+    assert rep.cosine > 0.999 and rep.weight_range == "reduced"
+    # what a CPU without VNNI computes (saturating u8 x s8 pair sums) is as close to PyTorch
+    emulated = emulate_avx2(rep.path, [{"input": x.numpy()}])[0][0].ravel()
+    assert _cos(emulated, model(x).detach().numpy().ravel()) > 0.999
 
 
 def test_int8_tensorrt_flavour_rules(tmp_path) -> None:
@@ -125,7 +134,8 @@ def test_int8_tensorrt_flavour_rules(tmp_path) -> None:
 def test_int8_uses_obs_weights(tmp_path) -> None:
     model, x, calib = _cnn()
     rep = export_onnx(model, x, tmp_path / "o.onnx", "int8", calib=calib, weights="obs", progress=False)
-    q = quantize(model, calib, QuantConfig(bits=8, sym=True, group_size=-1, linear_group_size=-1, order="act"),
+    # the default ORT weight range is 7-bit: OBS runs at 7 bits so its error compensation matches
+    q = quantize(model, calib, QuantConfig(bits=7, sym=True, group_size=-1, linear_group_size=-1, order="act"),
                  progress=False)
     g = onnx.load(rep.path)
     w = _init(g, "features.2.weight_int8").astype(np.float32) * _init(g, "features.2.weight_wscale")[:, None, None, None]
@@ -294,3 +304,45 @@ def test_bert_token_id_inputs_stay_integer(tmp_path) -> None:
     g = onnx.load(rep.path)
     assert g.graph.input[0].type.tensor_type.elem_type == TensorProto.INT64
     assert rep.cosine > 0.999
+
+
+def test_u8s8_pair_saturation_reference() -> None:
+    """vpmaddubsw: adjacent u8 x s8 products summed and clipped to int16, then exact int32 sums."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    w = rng.integers(-127, 128, (7, 3), dtype=np.int8)
+    a[0], w[:, 0] = 250, 120  # one row x column whose pairs overflow int16
+    sat, exact = u8s8_accumulate(a, w)
+    ref_exact = a.astype(np.int64) @ w.astype(np.int64)
+    ref_sat = np.zeros_like(ref_exact)
+    for m in range(5):
+        for n in range(3):
+            for k in range(0, 7, 2):
+                pair = sum(int(a[m, j]) * int(w[j, n]) for j in (k, k + 1) if j < 7)
+                ref_sat[m, n] += min(max(pair, -32768), 32767)
+    np.testing.assert_array_equal(exact, ref_exact)
+    np.testing.assert_array_equal(sat, ref_sat)
+    assert sat[0, 0] == 3 * 32767 + 250 * 120 < exact[0, 0] == 7 * 250 * 120
+    sat, exact = u8s8_accumulate(np.full((1, 2), 255, np.uint8), np.full((2, 1), 63, np.int8))
+    assert sat[0, 0] == exact[0, 0] == 32130  # the largest 7-bit pair sum fits int16
+
+
+@pytest.mark.parametrize("make", [_cnn, _vit])
+def test_int8_for_onnxruntime_cannot_saturate(tmp_path, make) -> None:
+    """The default ORT INT8 graph gives the same int32 accumulations on every x86 CPU: emulated
+    saturating pair sums equal exact ones for the calibration inputs; full-range weights do not."""
+    model, x, calib = make()
+    feeds = [{"input": b.numpy()} for b in calib]
+    rep = export_onnx(model, x, tmp_path / "r.onnx", "int8", calib=calib, progress=False)
+    stats = saturation_check(rep.path, feeds)
+    assert len(stats) == rep.quantized_weights and all(s.outputs > 0 for s in stats)
+    assert all(s.max_abs_weight <= 63 for s in stats)
+    assert [s.node for s in stats if s.outputs_differing] == []
+    full = export_onnx(model, x, tmp_path / "f.onnx", "int8", calib=calib, weight_range="full", progress=False)
+    assert full.weight_range == "full" and full.cosine > 0.999  # exact on this (VNNI) CPU...
+    stats = saturation_check(full.path, feeds)
+    assert max(s.max_abs_weight for s in stats) == 127
+    assert sum(s.outputs_differing for s in stats) > 0  # ...but saturates on AVX2
+    ref = model(x).detach().numpy()
+    assert _cos(emulate_avx2(full.path, [{"input": x.numpy()}])[0][0], ref) < 0.995
+    assert _cos(emulate_avx2(rep.path, [{"input": x.numpy()}])[0][0], ref) > 0.999

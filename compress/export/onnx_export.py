@@ -37,6 +37,10 @@ TARGETS = ("onnxruntime", "tensorrt")
 FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
 INPUT, OUTPUT = "input", "output"
 DEFAULT_CALIB = "mse"  # expected clipping + rounding error: no outlier blow-up, no KL heuristics
+# int8 weight grids: "reduced" (7 bits, |q| <= 63) cannot saturate the int16 pair sums of u8 x s8
+# kernels on x86 without VNNI (see saturation.py); "full" (|q| <= 127) is for VNNI / ARM / GPUs.
+WEIGHT_RANGES = {"reduced": (7, 63), "full": (8, 127)}  # name -> (OBS bits, largest |code|)
+DEFAULT_WEIGHT_RANGE = {"onnxruntime": "reduced", "tensorrt": "full"}
 
 
 @dataclass
@@ -51,6 +55,7 @@ class ExportReport:
     cosine: float
     qdq_tensors: int = 0
     quantized_weights: int = 0
+    weight_range: str | None = None  # int8 weight grid: "reduced" (|q| <= 63) or "full" (|q| <= 127)
     notes: list[str] = field(default_factory=list)
 
 
@@ -198,7 +203,8 @@ def compare(path: Path, reference: nn.Module, example: torch.Tensor) -> tuple[fl
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, precision: str = "fp32",
                 *, calib: Iterable | None = None, calib_method: str = DEFAULT_CALIB, percentile: float = 99.99,
                 target: str = "onnxruntime", weights: str = "obs", quant_config: QuantConfig | None = None,
-                opset: int = 17, overwrite: bool = False, progress: bool = True) -> ExportReport:
+                weight_range: str | None = None, opset: int = 17, overwrite: bool = False,
+                progress: bool = True) -> ExportReport:
     """Export a deploy-form model to ONNX and verify it with ONNX Runtime.
 
     Args:
@@ -210,7 +216,11 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
         calib_method: ``mse`` (default) | ``minmax`` | ``percentile`` | ``entropy``.
         target: INT8 flavour: ``onnxruntime`` (Q/DQ placed so ORT fuses QLinearConv / QGemm,
             int32 biases) or ``tensorrt`` (int8 zero points 0, float biases, Q/DQ on residual adds).
-        weights: INT8 weights from ``obs`` (8-bit error-compensated) or ``rtn`` (rounding).
+        weights: INT8 weights from ``obs`` (error-compensated at the weight range) or ``rtn`` (rounding).
+        weight_range: INT8 weight grid: ``reduced`` (7-bit, |q| <= 63; default for ``onnxruntime``:
+            exact on every x86 CPU, since u8 x s8 kernels without VNNI saturate int16 pair sums of
+            full-range weights) or ``full`` (|q| <= 127; default for ``tensorrt``, or for ORT on
+            CPUs with VNNI / ARM dot products only).
         quant_config: W4 quantizer settings (default: OBS, tier groups for convs, g32 for Linear).
     """
     if precision not in PRECISIONS:
@@ -221,6 +231,10 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
         raise ValueError(f"calib_method must be one of {CALIB_METHODS}, got {calib_method!r}")
     if weights not in ("obs", "rtn"):
         raise ValueError(f"weights must be 'obs' or 'rtn', got {weights!r}")
+    weight_range = weight_range or DEFAULT_WEIGHT_RANGE[target]
+    if weight_range not in WEIGHT_RANGES:
+        raise ValueError(f"weight_range must be one of {tuple(WEIGHT_RANGES)}, got {weight_range!r}")
+    wbits, wlevels = WEIGHT_RANGES[weight_range]
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -241,7 +255,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     w4: dict[str, W4Weight] = {}
     calib_t = [torch.from_numpy(b) for b in batches]
     if precision == "int8" and weights == "obs":
-        cfg = QuantConfig(bits=8, sym=True, group_size=-1, linear_group_size=-1, order="act")
+        cfg = QuantConfig(bits=wbits, sym=True, group_size=-1, linear_group_size=-1, order="act")
         qmodel = quantize(model, calib_t, cfg, progress=progress)
         model, qlayers = _float_twin(qmodel)
         scales = {f"{n}.weight": q.scales[0].float().numpy() for n, q in qlayers.items()}
@@ -288,7 +302,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
         if missing:
             notes.append(f"OBS scales not matched to ONNX weights (re-derived by rounding): {missing}")
         report.quantized_weights = quantize_weights_int8(graph, {match[k]: v for k, v in scales.items() if k in match},
-                                                         plan, int32_bias=target == "onnxruntime")
+                                                         plan, int32_bias=target == "onnxruntime", levels=wlevels)
+        report.weight_range = weight_range
         report.qdq_tensors = insert_act_qdq(graph, plan)
     elif precision == "w4":
         graph = version_converter.convert_version(graph, 21)

@@ -151,11 +151,11 @@ def _bshape(axis: int, ndim: int) -> list[int]:
 
 
 def quantize_weights_int8(model: onnx.ModelProto, scales: dict[str, np.ndarray],
-                          plan: dict[str, ActQuant], int32_bias: bool) -> int:
+                          plan: dict[str, ActQuant], int32_bias: bool, levels: int = 127) -> int:
     """Replace each quantizable node's float weight by an int8 initializer + DequantizeLinear.
 
     ``scales`` may give a weight's per-channel scales (from the OBS quantizer); others use
-    max|w|/127. With ``int32_bias`` the bias becomes int32 with scale ``s_x * s_w`` (ORT's QDQ
+    max|w|/levels; codes are clipped to ``[-levels, levels]``. With ``int32_bias`` the bias becomes int32 with scale ``s_x * s_w`` (ORT's QDQ
     rule); otherwise it stays float (TensorRT's rule).
     """
     graph = model.graph
@@ -169,8 +169,8 @@ def quantize_weights_int8(model: onnx.ModelProto, scales: dict[str, np.ndarray],
         done.add(wname)
         w = numpy_helper.to_array(inits[wname]).astype(np.float32)
         s = scales.get(wname)
-        s = weight_scales(w, axis) if s is None else s.astype(np.float32)
-        q = np.clip(np.round(w / s.reshape(_bshape(axis, w.ndim))), -128, 127).astype(np.int8)
+        s = weight_scales(w, axis, levels) if s is None else s.astype(np.float32)
+        q = np.clip(np.round(w / s.reshape(_bshape(axis, w.ndim))), -levels, levels).astype(np.int8)
         graph.initializer.remove(inits[wname])
         graph.initializer.extend([numpy_helper.from_array(q, f"{wname}_int8"),
                                   numpy_helper.from_array(s, f"{wname}_wscale"),
