@@ -33,7 +33,8 @@ from adagrow.packed import column_groups, dequantize_packed, unpack_codes
 from adagrow.grow import GrowingCNN
 from adagrow.grow.reparam import reparameterize
 from adagrow.kernels import fused_conv2d, w4a16 as w4
-from adagrow.kernels.conv import BENCH_CONV_SHAPES, BENCH_DW_SHAPES, conv_weight_matrix, skipped_configs
+from adagrow.kernels.conv import (BENCH_CONV_SHAPES, BENCH_DW_SHAPES, conv_error_bound, conv_weight_matrix,
+                                  skipped_configs)
 
 PEAK_GBPS = {"H100 SXM": 3350, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350, "H200": 4800,
              "A100-SXM4-80GB": 2039, "A100": 1555, "L40S": 864}
@@ -156,14 +157,6 @@ def conv_layers() -> list[tuple[nn.Conv2d, int]]:
     return layers
 
 
-def conv_error_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Elementwise fp16 rounding bound of ``relu(conv(x) + b)`` computed with fp32 accumulation:
-    ``2 * 2^-11 * (|x| conv |w| + |b|)`` (weight rounded once, output once; relu has slope 1)."""
-    mag = F.conv2d(x.float().abs(), w.float().abs(), b.float().abs(), conv.stride, conv.padding, conv.dilation,
-                   conv.groups)
-    return 2 * 2.0**-11 * mag + 1e-6
-
-
 def bench_convs(batches) -> list[dict]:
     """conv + bias + ReLU per layer and batch, all on the same channels_last fp16 input:
 
@@ -175,7 +168,7 @@ def bench_convs(batches) -> list[dict]:
       input is free and happens inside the timed call (the model path, ``to_kernels``, runs NHWC
       end to end the same way).
     Before timing, the fused outputs are asserted against the float32 reference within the fp16
-    rounding bound (W4 against its own dequantized weight).
+    rounding bound ``adagrow.kernels.conv.conv_error_bound`` (W4 against its own dequantized weight).
     """
     rows = []
     for batch in batches:
@@ -189,9 +182,12 @@ def bench_convs(batches) -> list[dict]:
             geo = (list(conv.kernel_size), list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
             wmat = conv_weight_matrix(w).contiguous()
             qargs = (res.qweight.cuda(), b, res.scales.cuda(), res.zeros.cuda(), res.position_group.cuda())
-            wdq = dequantize_packed(res.qweight, res.scales, res.zeros, 4, wmat.shape[0], "position",
-                                    conv.in_channels // conv.groups, res.position_group)
-            wdq = wdq.reshape(conv.out_channels, *conv.kernel_size, -1).permute(0, 3, 1, 2).cuda()
+            cin_g, k_pad = conv.in_channels // conv.groups, res.qweight.shape[0] * 8
+            as_conv = lambda m: m.reshape(conv.out_channels, *conv.kernel_size, -1).permute(0, 3, 1, 2).cuda()  # noqa: E731
+            wdq = as_conv(dequantize_packed(res.qweight, res.scales, res.zeros, 4, wmat.shape[0], "position", cin_g,
+                                            res.position_group))
+            sdq = as_conv(res.scales.float().t()[:, column_groups(k_pad, "position", cin_g, res.position_group)]
+                          [:, :wmat.shape[0]])
 
             def eager(x=x, w=w, b=b, conv=conv):
                 return F.relu(F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups))
@@ -204,10 +200,11 @@ def bench_convs(batches) -> list[dict]:
                 return fused_conv2d(x.permute(0, 2, 3, 1), *qargs, None, *geo, -1, "relu").permute(0, 3, 1, 2)
 
             errs = {}
-            for name, fn, wref in (("fp16", ours, w), ("w4", ours_w4, wdq)):
-                ref = F.relu(F.conv2d(x.float(), wref.float(), b.float(), conv.stride, conv.padding, conv.dilation,
-                                      conv.groups))
-                ratio = float(((fn().float() - ref).abs() / conv_error_bound(x, wref, b, conv)).max())
+            for name, fn, wref, sref in (("fp16", ours, w, None), ("w4", ours_w4, wdq, sdq)):
+                geo_nchw = (conv.stride, conv.padding, conv.dilation, conv.groups)
+                ref = F.relu(F.conv2d(x.float(), wref.float(), b.float(), *geo_nchw))
+                bound = conv_error_bound(x, wref, sref, b, None, *geo_nchw, slope=1.0)
+                ratio = float(((fn().float() - ref).abs() / bound).max())
                 if not ratio <= 1.0:
                     raise AssertionError(f"conv{i} b={batch} fused {name}: output exceeds the fp16 rounding "
                                          f"bound ({ratio:.2f}x the bound)")

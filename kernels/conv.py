@@ -97,6 +97,27 @@ def fused_conv2d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _torch_act(y, act).to(x.dtype)
 
 
+def conv_error_bound(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, bias: torch.Tensor | None,
+                     residual: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+                     groups: int, slope: float = 1.5) -> torch.Tensor:
+    """Elementwise bound (NCHW, float32) on ``|kernel - reference|`` of ``act(conv(x) + b + r)``.
+
+    ``x`` NCHW fp16/bf16, ``w`` the float32 (dequantized) weight ``[C_out, C_in/g, kh, kw]``, ``s``
+    the scale of each weight (same shape; None for float weights). Weight and output rounded to
+    x's dtype (unit roundoff eps), fp32 accumulation over K = C_in/g*kh*kw and the fp32 dequant
+    ``fma(q, s, -z s)``: ``slope * (2 eps (|x| * |w| + |b| + |r|) + K 2^-24 |x| * (|w| + 32 s))``
+    plus fp16's subnormal spacing; ``slope`` bounds the activation's derivative (1.5 covers
+    ReLU, SiLU, Hardswish, GELU)."""
+    eps = 2.0**-11 if x.dtype == torch.float16 else 2.0**-8
+    xa, wa = x.float().abs(), w.float().abs()
+    geo = (stride, padding, dilation, groups)
+    mag = F.conv2d(xa, wa, None, *geo)
+    mag = mag + (0 if bias is None else bias.float().abs()[None, :, None, None]) \
+        + (0 if residual is None else residual.float().abs())
+    acc = F.conv2d(xa, wa + (0 if s is None else 32 * s.float()), None, *geo)
+    return slope * (2 * eps * mag + w[0].numel() * 2.0**-24 * acc) + 2.0**-24
+
+
 def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 

@@ -1,10 +1,11 @@
 """Fused convs: Triton kernels (interpreter on CPU) against the float32 PyTorch reference, the
 model-path conversion ``to_kernels`` and the sm_90 SASS of the benchmark's conv configs.
 
-Tolerance: the kernels round the (dequantized) weight to fp16/bf16 (unit roundoff eps = 2^-11 /
-2^-8) and the output once more, accumulating in fp32, so before the activation
-``|y - ref| <= 2 * eps * (|x| conv |W| + |b| + |r|)`` elementwise; the activations here have
-slope <= 1.5. An indexing or packing bug gives errors the size of ``y`` itself.
+Tolerance: ``adagrow.kernels.conv.conv_error_bound``, elementwise: the kernels round the
+(dequantized) weight and the output to fp16/bf16 (unit roundoff eps = 2^-11 / 2^-8) and
+accumulate in fp32, so ``|y - ref| <= 1.5 (2 eps (|x| conv |W| + |b| + |r|) + K 2^-24 |x| conv
+(|W| + 32 S))`` (S: each weight's scale; 1.5 bounds the activations' slopes). An indexing or
+packing bug gives errors the size of ``y`` itself.
 """
 import json
 import os
@@ -20,8 +21,8 @@ from adagrow.compress import QuantConfig, quantize, rtn_quantize
 from adagrow.grow import GrowingCNN
 from adagrow.grow.reparam import reparameterize
 from adagrow.kernels import FusedConv2d, fused_conv2d, fused_conv2d_ref, static, to_kernels
-from adagrow.kernels.conv import conv_weight_matrix, fused_conv2d_triton, igemm_plan
-from adagrow.packed import dequantize_packed
+from adagrow.kernels.conv import conv_error_bound, conv_weight_matrix, fused_conv2d_triton, igemm_plan
+from adagrow.packed import column_groups, dequantize_packed
 
 EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 bf16_dot = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -39,20 +40,24 @@ def _conv_case(cin, cout, k, stride, dil, groups, hw, mode, act, residual, dtype
         conv.register_buffer("reparam_overlap", ov)
     x = torch.randn(2, *hw, cin, dtype=dtype)
     geo = (list(k), [stride, stride], list(conv.padding), [dil, dil], groups)
+    kk = k[0] * k[1] * cin // groups
     if mode == "fp":
-        wmat = conv_weight_matrix(conv.weight.detach())
+        wmat, smat = conv_weight_matrix(conv.weight.detach()), None
         wargs = (wmat.to(dtype), conv.bias.detach().to(dtype), None, None, None)
         gs = -1
     else:
         res = rtn_quantize(conv, bits=4, group_size=mode)
         gs = mode if isinstance(mode, int) else -1
         wargs = (res.qweight, conv.bias.detach().to(dtype), res.scales, res.zeros, res.position_group)
-        wmat = dequantize_packed(res.qweight, res.scales, res.zeros, 4, wargs[0].shape[0] * 8, mode,
-                                 cin // groups, res.position_group)[:, : k[0] * k[1] * cin // groups].t()
-    w4d = wmat.float().reshape(k[0], k[1], cin // groups, cout).permute(3, 2, 0, 1)
+        k_pad = res.qweight.shape[0] * 8
+        wmat = dequantize_packed(res.qweight, res.scales, res.zeros, 4, k_pad, mode, cin // groups,
+                                 res.position_group)[:, :kk].t()
+        smat = res.scales.float().t()[:, column_groups(k_pad, mode, cin // groups, res.position_group)][:, :kk].t()
+    as_conv = lambda m: None if m is None else m.float().reshape(*k, cin // groups, cout).permute(3, 2, 0, 1)  # noqa: E731
+    w4d = as_conv(wmat)
     out_hw = F.conv2d(x.permute(0, 3, 1, 2).float(), w4d, None, geo[1], geo[2], geo[3], groups).shape[-2:]
     r = torch.randn(2, *out_hw, cout, dtype=dtype) if residual else None
-    return x, wargs, r, geo, gs, w4d
+    return x, wargs, r, geo, gs, (w4d, as_conv(smat))
 
 
 CONV_CASES = [  # cin, cout, kernel, stride, dilation, groups, input, weight mode, act, residual
@@ -81,12 +86,11 @@ def _reference(x, wargs, r, geo, gs, act):
                             *geo, gs, act)
 
 
-def _assert_within_rounding(y, x, wargs, r, geo, w4d, ref, what="") -> None:
-    """``|y - ref| <= 1.5 * 2 * eps * (|x| conv |W| + |b| + |r|)`` elementwise (module docstring)."""
+def _assert_within_rounding(y, x, wargs, r, geo, ws, ref, what="") -> None:
+    """``|y - ref| <= conv_error_bound(...)`` elementwise (fp16/bf16 rounding, see its docstring)."""
     assert y.shape == ref.shape and y.dtype == x.dtype
-    mag = F.conv2d(x.permute(0, 3, 1, 2).float().abs(), w4d.abs(), None, *geo[1:]).permute(0, 2, 3, 1)
-    mag = mag + wargs[1].float().abs() + (0 if r is None else r.float().abs())
-    bound = 1.5 * 2 * EPS[x.dtype] * mag + 1e-5
+    nchw = lambda t: None if t is None else t.permute(0, 3, 1, 2)  # noqa: E731
+    bound = conv_error_bound(nchw(x), *ws, wargs[1], nchw(r), *geo[1:]).permute(0, 2, 3, 1)
     err = (y.float() - ref).abs()
     assert torch.all(err <= bound), f"{what}: max err {err.max():.3e}, bound there {bound.flatten()[err.argmax()]:.3e}"
 
@@ -94,34 +98,34 @@ def _assert_within_rounding(y, x, wargs, r, geo, w4d, ref, what="") -> None:
 @pytest.mark.parametrize("case", CONV_CASES,
                          ids=lambda c: f"{c[0]}-{c[1]}-k{c[2][0]}x{c[2][1]}-s{c[3]}-d{c[4]}-g{c[5]}-{c[7]}-{c[8]}")
 def test_fused_conv_matches_reference(case) -> None:
-    x, wargs, r, geo, gs, w4d = _conv_case(*case)
+    x, wargs, r, geo, gs, ws = _conv_case(*case)
     ref = _reference(x, wargs, r, geo, gs, case[8])
     kernels = [True, False] if geo[4] == x.shape[-1] == wargs[0].shape[1] else [False]
     for depthwise in kernels:  # depthwise layers also go through the implicit GEMM
         y = fused_conv2d_triton(x, *wargs, r, *geo, gs, case[8], depthwise_kernel=depthwise)
-        _assert_within_rounding(y, x, wargs, r, geo, w4d, ref, f"depthwise kernel={depthwise}")
+        _assert_within_rounding(y, x, wargs, r, geo, ws, ref, f"depthwise kernel={depthwise}")
 
 
 def test_fused_conv_op_and_opcheck() -> None:
-    x, wargs, r, geo, gs, w4d = _conv_case(32, 24, (3, 3), 2, 1, 1, (7, 9), 32, "relu", True)
+    x, wargs, r, geo, gs, ws = _conv_case(32, 24, (3, 3), 2, 1, 1, (7, 9), 32, "relu", True)
     y = torch.ops.adagrow.fused_conv2d(x, *wargs, r, *geo, gs, "relu")
-    _assert_within_rounding(y, x, wargs, r, geo, w4d, _reference(x, wargs, r, geo, gs, "relu"), "op")
+    _assert_within_rounding(y, x, wargs, r, geo, ws, _reference(x, wargs, r, geo, gs, "relu"), "op")
     torch.library.opcheck(torch.ops.adagrow.fused_conv2d.default, (x, *wargs, r, *geo, gs, "relu"))
 
 
 def test_fused_conv_bf16_depthwise() -> None:
-    x, wargs, r, geo, gs, w4d = _conv_case(16, 16, (3, 3), 1, 1, 16, (7, 9), "tier", "silu", True,
+    x, wargs, r, geo, gs, ws = _conv_case(16, 16, (3, 3), 1, 1, 16, (7, 9), "tier", "silu", True,
                                            dtype=torch.bfloat16)
     y = fused_conv2d_triton(x, *wargs, r, *geo, gs, "silu")
-    _assert_within_rounding(y, x, wargs, r, geo, w4d, _reference(x, wargs, r, geo, gs, "silu"), "bf16 dw")
+    _assert_within_rounding(y, x, wargs, r, geo, ws, _reference(x, wargs, r, geo, gs, "silu"), "bf16 dw")
 
 
 @bf16_dot
 def test_fused_conv_bf16_implicit_gemm() -> None:
-    x, wargs, r, geo, gs, w4d = _conv_case(32, 24, (3, 3), 2, 1, 1, (7, 9), 32, "relu", True, dtype=torch.bfloat16)
+    x, wargs, r, geo, gs, ws = _conv_case(32, 24, (3, 3), 2, 1, 1, (7, 9), 32, "relu", True, dtype=torch.bfloat16)
     args = [None if t is None else t.cuda() for t in (x, *wargs, r)]
     y = torch.ops.adagrow.fused_conv2d(*args, *geo, gs, "relu").cpu()
-    _assert_within_rounding(y, x, wargs, r, geo, w4d, _reference(x, wargs, r, geo, gs, "relu"), "bf16 gemm")
+    _assert_within_rounding(y, x, wargs, r, geo, ws, _reference(x, wargs, r, geo, gs, "relu"), "bf16 gemm")
 
 
 def test_fused_conv_errors() -> None:
