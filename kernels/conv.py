@@ -10,12 +10,14 @@ Kernels:
 - implicit GEMM (any groups), channel path: one loop over (kernel position, C_in block) with
   ``BLOCK_C`` a compile-time divisor of C_in/g, so each activation row is a contiguous, aligned
   NHWC run (vectorised 16-byte loads, no per-element div/mod); the W4 tile is ``BLOCK_C/8``
-  packed words per column, unpacked in registers; scales/zeros are loaded once per program (per
-  channel) or once per K block (a block never straddles a kernel position or a group); dequant by
-  the magic-number trick (``(q | 0x4B000000)`` as fp32 is ``2^23 + q``; no I2F) with the zero
-  folded into one FMA; ``tl.dot`` on tensor cores.
+  packed words per column, each loaded once and unpacked in registers by the W4A16 matmul's tile
+  dequant (the nibble moved under the exponent of 1.0 reads as ``1 + q/16``: no I2F; the zero
+  folded into one FMA); scales/zeros are loaded once per program (per channel) or once per K
+  block (a block never straddles a kernel position or a group); ``tl.dot`` on tensor cores.
 - implicit GEMM, flat-K path: layers whose C_in/g has no power-of-two divisor >= 16 (the RGB stem,
-  tiny groups) walk K linearly with per-element index math (they are a few percent of the work).
+  tiny groups) walk K linearly with per-element index math by the compile-time C_in/g (they are
+  a few percent of the work); W4 codes dequantized as ``(q | 0x4B000000)`` read as fp32, which is
+  ``2^23 + q`` (no I2F), minus 2^23, then one FMA with the folded zero.
 - depthwise (groups == C_in == C_out): a loop over kernel rows, the row's taps unrolled,
   channels vectorised (16-byte loads); fp32 FMAs on CUDA cores.
 The residual is added before the activation (ResNet style); pass ``act="none"`` for a linear
