@@ -249,7 +249,8 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if CHANNEL_LOOP:  # CG % BLOCK_C == 0: a K block is BLOCK_C channels of one kernel position
             NCB: tl.constexpr = CG // BLOCK_C
-            for i in range(0, KH * KW * NCB):  # one pipelined loop over (kernel position, C_in block)
+            for i in range(0, K // BLOCK_C):  # one pipelined loop over (kernel position, C_in block);
+                # the runtime trip count (K = KH*KW*CG) keeps the compiler from unrolling it fully
                 t = i // NCB  # constant divisors: multiply-shift, no I2F
                 c0 = (i % NCB) * BLOCK_C
                 ky = t // KW
@@ -573,12 +574,12 @@ def static_specs(arch: int, batch: int = 1) -> list[StaticSpec]:
             for bp, bc, warps in DW_CONFIGS:
                 consts = dict(flags, KH=k, KW=k, BLOCK_P=bp, BLOCK_C=bc)
                 sig, consts, aligned = runtime_signature({**a["ptrs"], **ints}, consts)
-                uniq = bp * bc * 2 + int(bc * wbytes) + (2 * bc * 2 if w4 else 0)
+                uniq = k * (bp * bc * 2 + int(bc * wbytes) + (2 * bc * 2 if w4 else 0))  # a kernel row: k taps
                 specs.append(StaticSpec(
                     kernel="_conv_depthwise_kernel", path="dwconv", fn=_conv_depthwise_kernel, signature=sig,
                     constexprs=consts, num_warps=warps, num_stages=1,
                     config={"BLOCK_P": bp, "BLOCK_C": bc, "warps": warps}, shape=shape,
-                    unique_bytes_per_iter=uniq, iters_per_program=k * k,
+                    unique_bytes_per_iter=uniq, iters_per_program=k,
                     n_programs=triton.cdiv(a["m"], bp) * triton.cdiv(cin, bc), w4=w4, aligned=aligned,
                     extra_bytes=bp * bc * 2 + bc * 2))
     return specs
