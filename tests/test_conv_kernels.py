@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +23,10 @@ from adagrow.grow import GrowingCNN
 from adagrow.grow.reparam import reparameterize
 from adagrow.kernels import FusedConv2d, fused_conv2d, fused_conv2d_ref, static, to_kernels
 from adagrow.kernels.conv import conv_error_bound, conv_weight_matrix, fused_conv2d_triton, igemm_plan
+from adagrow.kernels.conv import static_specs as conv_static_specs
 from adagrow.packed import column_groups, dequantize_packed
 
+ROOT = Path(__file__).resolve().parents[1]
 EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 bf16_dot = pytest.mark.skipif(not torch.cuda.is_available(),
                               reason="Triton's interpreter mis-computes bfloat16 tl.dot; runs on CUDA")
@@ -294,3 +297,17 @@ def test_conv_sass_for_sm90() -> None:
             assert any(static.is_global_load(op) and static.load_bytes(op) >= 8 for op in loop), want
         if want["path"] == "conv":
             assert rec["tensor_core_ops_in_main_loop"] > 0, f"no tensor-core op: {want}"
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_committed_conv_json_covers_every_spec(arch: int) -> None:
+    """benchmarks/results/kernels_static_conv_sm<arch>.json has a record for every conv spec
+    (every table row x benchmark shape x fp16/W4), each meeting the static targets."""
+    doc = json.loads((ROOT / "benchmarks" / "results" / f"kernels_static_conv_sm{arch}.json").read_text())
+    records = {(r["kernel"], json.dumps(r["config"]), json.dumps(r["shape"])): r for r in doc["records"]}
+    specs = conv_static_specs(arch)
+    assert len(records) == len(specs)
+    for spec in specs:
+        r = records[(spec.kernel, json.dumps(spec.config), json.dumps(spec.shape))]
+        assert r["spill_bytes"] == 0 and r["fits"] and r["has_loop"] and r["i2f_in_main_loop"] == 0, r["sass"]
+        assert spec.path == "dwconv" or r["tensor_core_ops_in_main_loop"] > 0, r["sass"]
