@@ -263,6 +263,12 @@ def _runner(prep: _Prepared, backend: str, precision: str, threads: int):
     model = model.to(dtype) if precision != "w4a16" else model
     if backend == "compile":
         model = torch.compile(model)
+    if backend == "triton":  # fused NHWC conv kernels (float or W4 weights); residuals checked on an example
+        from adagrow.kernels import to_kernels
+        try:
+            model = to_kernels(model, prep.example[:1].to(device, dtype))
+        except ValueError as exc:  # a model fx cannot trace: reported as skipped with the reason
+            raise RuntimeError(str(exc)) from exc
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
