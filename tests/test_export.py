@@ -470,3 +470,15 @@ def test_verification_fails_loudly(tmp_path) -> None:
         export_onnx(model, x, tmp_path / "z.onnx", "int8", calib=[torch.zeros_like(b) for b in calib])
     with pytest.warns(UserWarning, match="also appear in the calibration"):
         export_onnx(model, calib[0][:4], tmp_path / "o.onnx", "int8", calib=calib, progress=False)
+
+
+def test_bench_suite_sequence_axis(tmp_path) -> None:
+    """Bench suites time token-input ONNX models at every sequence length; image models stay per batch."""
+    from adagrow.bench import SUITE_DEFAULTS, run_suite
+    model, batch = _tiny_bert()
+    rep = export_onnx(model, batch(2, 8, 0), tmp_path / "b.onnx")
+    suite = {**SUITE_DEFAULTS, "warmup": 1, "runs": 2, "batch_sizes": [1, 3], "seq_lens": [5, 17],
+             "models": [{"name": "bert", "path": rep.path, "backends": ["ort-cpu"], "precisions": ["fp32"]}]}
+    rows = run_suite(suite, progress=False)["rows"]
+    assert [(r["batch"], r["seq"], r["status"]) for r in rows] == [(1, 5, "ok"), (1, 17, "ok"), (3, 5, "ok"),
+                                                                   (3, 17, "ok")]
