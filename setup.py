@@ -28,10 +28,12 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
+    package_data={"adagrow.kernels": ["tables/*.json"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
         "safetensors>=0.4",
+        "jsonschema>=4.18",
         "tqdm>=4.66",
         "scikit-learn>=1.3",
         "onnx>=1.16",
@@ -41,6 +43,6 @@ setup(
         "matplotlib>=3.7",
         "triton>=3.0; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8"], "gemlite": ["gemlite"]},
     entry_points={"console_scripts": ["adagrow = adagrow.cli:main"]},
 )

@@ -46,32 +46,43 @@ SUITE_DEFAULTS = {"warmup": 10, "runs": 50, "threads": 2, "batch_sizes": [1, 32]
                   "size": 16}
 
 
+def _suite_schema() -> dict[str, Any]:
+    from adagrow.compress.schema import int_list, integer, record
+    name = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"}  # also a file-name stem
+    model = record({"name": name, "path": {"type": "string", "minLength": 1},
+                    "backends": {"type": "array", "items": {"enum": list(BACKENDS)}, "minItems": 1,
+                                 "uniqueItems": True},
+                    "precisions": {"type": "array", "items": {"enum": list(PRECISIONS)}, "minItems": 1,
+                                   "uniqueItems": True}}, optional=("backends", "precisions"))
+    suite = record({"warmup": integer(0, 100_000), "runs": integer(1, 1_000_000), "threads": integer(1, 1024),
+                    "batch_sizes": {**int_list(1, 65536, 1, 64), "uniqueItems": True},
+                    "data": {"type": "string"}, "size": integer(1, 4096)}, optional=SUITE_DEFAULTS)
+    return record({"suite": suite, "model": {"type": "array", "items": model, "minItems": 1}}, optional=("suite",))
+
+
 def load_suite(path: str | Path) -> dict[str, Any]:
-    """Read and validate a suite file; errors name the file and the problem."""
+    """Read and validate a suite file; errors name the file and the field (unknown or misspelled
+    keys, runs < 1, batch sizes < 1, unknown backends / precisions, duplicate model names)."""
+    from adagrow.compress.schema import check
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"suite file not found: {path}")
     try:
         raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-    suite = {**SUITE_DEFAULTS, **raw.get("suite", {})}
-    unknown = set(suite) - set(SUITE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"{path}: unknown [suite] keys {sorted(unknown)}")
-    models = raw.get("model", [])
-    if not models:
+    if not raw.get("model"):
         raise ValueError(f"{path}: no [[model]] entries")
+    check(raw, _suite_schema(), str(path), "")
+    suite = {**SUITE_DEFAULTS, **raw.get("suite", {})}
+    models = raw["model"]
+    names = [m["name"] for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: field model: duplicate model names {sorted({n for n in names if names.count(n) > 1})}")
     for m in models:
-        if "name" not in m or "path" not in m:
-            raise ValueError(f"{path}: every [[model]] needs name and path, got {m}")
         m["path"] = str((path.parent / m["path"]) if not Path(m["path"]).is_absolute() else m["path"])
         m.setdefault("backends", ["eager", "ort-cpu"])
         m.setdefault("precisions", ["fp32"])
-        bad = [b for b in m["backends"] if b not in BACKENDS] + [p for p in m["precisions"] if p not in PRECISIONS]
-        if bad:
-            raise ValueError(f"{path}: model {m['name']!r}: unknown backends/precisions {bad}; "
-                             f"backends are {BACKENDS}, precisions {PRECISIONS}")
     suite["models"] = models
     return suite
 
@@ -97,6 +108,8 @@ def unavailable(backend: str, precision: str, source: str) -> str | None:
             return "tensorrt is not installed"
         if not cuda:
             return "TensorRT needs an NVIDIA GPU"
+        if precision == "w4a16":
+            return "the w4 ONNX graph uses ONNX Runtime's weight-only operators; TensorRT runs fp32, fp16 and int8 here"
     if backend == "triton":
         if not cuda:
             return "adagrow's Triton kernels need a CUDA GPU (on CPU only the interpreter runs them, for tests)"
@@ -160,18 +173,63 @@ class _Prepared:
                                 else quantize(self.float_model(), self.calib, QuantConfig(bits=4), progress=False))
         return self.cache["w4"]
 
-    def onnx(self, precision: str) -> Path:
+    def onnx(self, precision: str, target: str = "onnxruntime") -> Path:
         if self.source == "onnx":
             return Path(self.spec["path"])
-        key = f"onnx-{precision}"
+        key = f"onnx-{precision}-{target}"
         if key not in self.cache:
             from adagrow.compress.export import export_onnx
             prec = {"w4a16": "w4"}.get(precision, precision)
             model = self.quant_model() if prec == "w4" else self.float_model()
-            path = self.workdir / f"{self.spec['name']}_{prec}.onnx"
-            export_onnx(model, self.example[:8], path, prec, calib=self.calib, overwrite=True, progress=False)
+            path = self.workdir / f"{self.spec['name']}_{prec}_{target}.onnx"
+            export_onnx(model, self.example[:8], path, prec, calib=self.calib, target=target, overwrite=True,
+                        progress=False)
             self.cache[key] = path
         return self.cache[key]
+
+    def engine(self, precision: str) -> Path:
+        """A TensorRT engine of the ONNX export (Q/DQ in TensorRT's flavour for int8)."""
+        key = f"engine-{precision}"
+        if key not in self.cache:
+            from adagrow.compress.export import build_engine
+            onnx_path = self.onnx(precision, target="tensorrt")
+            path = self.workdir / f"{onnx_path.stem}.plan"
+            batches = self.suite["batch_sizes"]
+            self.cache[key] = build_engine(onnx_path, path, min_batch=min(batches), opt_batch=max(batches),
+                                           max_batch=max(batches), overwrite=True)
+        return self.cache[key]
+
+
+def _tensorrt_runner(plan: Path):
+    """A callable running a serialized engine on CUDA tensors (TensorRT 10 tensor API)."""
+    import tensorrt as trt
+    dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+              trt.DataType.INT64: torch.int64, trt.DataType.BF16: torch.bfloat16, trt.DataType.BOOL: torch.bool}
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
+    if engine is None:
+        raise RuntimeError(f"TensorRT could not deserialize {plan}")
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    if len(inputs) != 1:
+        raise RuntimeError(f"{plan}: the bench feeds one input, the engine has {inputs}")
+
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.to("cuda", dtypes[engine.get_tensor_dtype(inputs[0])]).contiguous()
+        context.set_input_shape(inputs[0], tuple(x.shape))
+        context.set_tensor_address(inputs[0], x.data_ptr())
+        outs = []
+        for name in outputs:
+            out = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtypes[engine.get_tensor_dtype(name)],
+                              device="cuda")
+            context.set_tensor_address(name, out.data_ptr())
+            outs.append(out)
+        if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError(f"TensorRT execution of {plan} failed")
+        return outs
+
+    return run
 
 
 def _token_inputs(sess: ort.InferenceSession) -> bool:
@@ -212,8 +270,7 @@ def _runner(prep: _Prepared, backend: str, precision: str, threads: int):
             return (lambda x: sess.run(None, x)), dev, sess
         return (lambda x: sess.run(None, {name: (x.numpy().astype(np.float16) if half else x.numpy())})), dev, None
     if backend == "tensorrt":
-        raise RuntimeError("TensorRT execution needs the tensorrt runtime; build the engine with "
-                           "adagrow.compress.export.build_engine and time it with trtexec")
+        return _tensorrt_runner(prep.engine(precision)), "cuda"
     model = prep.quant_model() if precision == "w4a16" else prep.float_model()
     device = "cuda" if (cuda or backend == "triton" or (precision == "w4a16" and torch.cuda.is_available())) else "cpu"
     model = model.to(device)

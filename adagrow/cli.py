@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,30 +19,102 @@ def _data(args: argparse.Namespace):
     return load_dataset(args.data, args.size)
 
 
-def _check_out(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
+def _check_out(path: Path, overwrite: bool, folder: bool = False) -> None:
+    """Refuse an output path before any work: existing without --overwrite, a folder where a file
+    goes (or the reverse), or under a file."""
+    if path.exists() and folder != path.is_dir():
+        raise ValueError(f"{path} is {'a file' if folder else 'a directory'}; give a {'folder' if folder else 'file'} path")
+    if path.exists() and not overwrite and not folder:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ValueError(f"{path}: {parent} is a file, not a folder")
+
+
+def _check_input_shape(model, x, args: argparse.Namespace) -> None:
+    """Data must have the input shape the checkpoint was grown on (e.g. --size)."""
+    shape = getattr(model, "adagrow_input_shape", None)
+    if shape is not None and list(x.shape[1:]) != list(shape):
+        raise ValueError(f"{args.checkpoint} was grown on inputs {list(shape)}, but --data {args.data} --size "
+                         f"{args.size} gives {list(x.shape[1:])}; pass --size {shape[-1]}")
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) not in (3, 4) or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected 3 or 4 positive channel counts such as 64,96,128, got {text!r}")
+    return widths
+
+
+def _group_size(text: str) -> int | str:
+    if text in ("tier", "position"):
+        return text
+    try:
+        gs = int(text)
+    except ValueError:
+        gs = 0
+    if gs != -1 and (gs <= 0 or gs % 8):
+        raise argparse.ArgumentTypeError(f"expected -1, a positive multiple of 8, 'position' or 'tier', got {text!r}")
+    return gs
+
+
+def _folder_name(text: str) -> str:
+    if not text or "/" in text or "\\" in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"expected a plain folder name, got {text!r}")
+    return text
 
 
 def cmd_grow(args: argparse.Namespace) -> dict[str, Any]:
-    from adagrow.grow import GrowingCNN, GrowingTransformer, GrowthConfig, grow, save_grown
+    from adagrow.data import train_val_split
+    from adagrow.grow import DeployBudget, GrowingCNN, GrowingTransformer, GrowthConfig, grow, save_grown
     out = Path(args.out)
     _check_out(out, args.overwrite)
-    x_tr, y_tr, x_te, y_te = _data(args)
+    x_tr, y_tr, _, _ = _data(args)  # growth decisions read a validation split of the training data
+    fit, val = train_val_split(x_tr, y_tr, args.val_fraction, args.seed)
     if args.family == "vit":
+        if args.widths:
+            raise ValueError("--widths applies to the CNN families (a ViT grows heads and layers)")
         model = GrowingTransformer("vit", img_size=x_tr.shape[-1], in_channels=x_tr.shape[1],
                                    num_classes=int(y_tr.max()) + 1, patch=4)
     else:
-        model = GrowingCNN(args.family, in_channels=x_tr.shape[1], num_classes=int(y_tr.max()) + 1)
+        model = GrowingCNN(args.family, widths=args.widths, in_channels=x_tr.shape[1],
+                           num_classes=int(y_tr.max()) + 1)
     stop = int(args.stop) if args.stop.isdigit() else args.stop
-    res = grow(model, (x_tr, y_tr), (x_te, y_te), args.epochs, GrowthConfig(stop=stop, zero_init=args.zero_init,
-                                                                               seed=args.seed),
-               lr=args.lr, progress=not args.quiet)
+    limits = {"params": args.budget_params, "macs": args.budget_macs, "latency_ms": args.budget_latency_ms}
+    budget = DeployBudget(**limits, backend=args.backend) if any(v is not None for v in limits.values()) else None
+    config = GrowthConfig(stop=stop, budget=budget, preserve=not args.thesis_init, retrain=args.retrain,
+                          seed=args.seed, interval=args.interval)
+    res = grow(model, fit, val, args.epochs, config, lr=args.lr, progress=not args.quiet)
+    spec = res.model.spec()
+    reached = not isinstance(stop, str) or stop in ("auto", "budget", spec)
+    if not reached:
+        msg = (f"--stop {stop} not reached in {args.epochs} epochs: the model grew to {spec}; "
+               "train longer with --epochs")
+        if args.strict:
+            raise RuntimeError(msg + "; nothing written (--strict)")
+        print(f"adagrow grow: warning: {msg}", file=sys.stderr)
+    res.model.adagrow_input_shape = list(x_tr.shape[1:])
     save_grown(res.model, out, overwrite=args.overwrite)
     deploy, train = res.model.param_counts()
-    return {"spec": res.model.spec(), "val_acc": res.history[-1]["val_acc"], "deploy_params": deploy,
-            "train_params": train, "out": str(out),
-            "growth": [h["growth"] | {"epoch": h["epoch"]} for h in res.history if "growth" in h]}
+    return {"spec": spec, "stop_reached": reached, "val_acc": res.history[-1]["val_acc"], "deploy_params": deploy,
+            "train_params": train, "out": str(out), "retrained": args.retrain,
+            "growth": [h["growth"] | {"epoch": h["epoch"], "step": h["step"]} for h in res.history if "growth" in h]}
 
 
 def cmd_reparam(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,6 +127,7 @@ def cmd_reparam(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"{args.checkpoint} is already in deploy form")
     deploy = reparameterize(model)
     x = _data(args)[2][:64]
+    _check_input_shape(model, x, args)
     with torch.no_grad():
         diff = float((deploy(x) - model(x)).abs().max())
     save_grown(model, out, overwrite=args.overwrite, deploy=True)
@@ -67,11 +141,11 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from adagrow.grow.train import accuracy
     out = Path(args.out)
     _check_out(out, args.overwrite)
+    cfg = QuantConfig(bits=args.bits, group_size=args.group_size, order=args.order, method=args.method,
+                      sym=args.sym, mse=args.mse, skip=tuple(args.skip)).validate()
     deploy = load_deploy(args.checkpoint)
     x_tr, _, x_te, y_te = _data(args)
-    gs = args.group_size if args.group_size in ("tier", "position") else int(args.group_size)
-    cfg = QuantConfig(bits=args.bits, group_size=gs, order=args.order, method=args.method, sym=args.sym,
-                      mse=args.mse, skip=tuple(args.skip))
+    _check_input_shape(deploy, x_tr, args)
     t0 = time.perf_counter()
     qmodel = quantize(deploy, x_tr[: args.calib].split(128), cfg, progress=not args.quiet)
     q_s = time.perf_counter() - t0
@@ -81,26 +155,42 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    """Every output is checked before any work, and written only once every step has succeeded."""
+    import tempfile
+    from adagrow.bench import _source
     from adagrow.compress import load_quantized
     from adagrow.compress.export import build_engine, export_onnx, export_triton_repository
-    from adagrow.bench import _source
+    from adagrow.files import atomic_write
     from adagrow.grow import load_deploy
-    x_tr, _, x_te, _ = _data(args)
-    if _source(args.checkpoint) == "quantized":
-        model = load_quantized(args.checkpoint)
-    else:
-        model = load_deploy(args.checkpoint)
-    rep = export_onnx(model, x_te[:8], args.out, args.precision, calib=x_tr[: args.calib].split(64),
-                      target=args.target, calib_method=args.calib_method, overwrite=args.overwrite,
-                      progress=not args.quiet)
-    result: dict[str, Any] = {"out": rep.path, "precision": rep.precision, "max_abs_diff": rep.max_abs_diff,
-                              "cosine": rep.cosine, "notes": rep.notes}
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
     if args.engine:
-        result["engine"] = str(build_engine(rep.path, args.engine, overwrite=args.overwrite))
+        from adagrow.compress.export.tensorrt import _import_tensorrt
+        _check_out(Path(args.engine), args.overwrite)
+        _import_tensorrt()  # TensorRT and a GPU, or a clear error now
     if args.triton_repo:
-        result["triton_model"] = str(export_triton_repository(
-            args.triton_repo, args.name, rep.path, args.engine, kind="KIND_GPU" if args.engine else "KIND_CPU",
-            overwrite=args.overwrite))
+        _check_out(Path(args.triton_repo) / args.name, args.overwrite, folder=True)
+        if (Path(args.triton_repo) / args.name).exists() and not args.overwrite:
+            raise FileExistsError(f"{Path(args.triton_repo) / args.name} exists; pass --overwrite to replace it")
+    x_tr, _, x_te, _ = _data(args)
+    model = load_quantized(args.checkpoint) if _source(args.checkpoint) == "quantized" else load_deploy(args.checkpoint)
+    _check_input_shape(model, x_te, args)
+    result: dict[str, Any] = {"out": str(out)}
+    with tempfile.TemporaryDirectory(prefix="adagrow-export-") as tmp:
+        rep = export_onnx(model, x_te[:8], Path(tmp) / "model.onnx", args.precision,
+                          calib=x_tr[: args.calib].split(64), target=args.target, calib_method=args.calib_method,
+                          progress=not args.quiet)
+        result.update(precision=rep.precision, max_abs_diff=rep.max_abs_diff, cosine=rep.cosine, notes=rep.notes)
+        engine = build_engine(rep.path, Path(tmp) / "model.plan") if args.engine else None
+        if args.triton_repo:
+            result["triton_model"] = str(export_triton_repository(
+                args.triton_repo, args.name, rep.path, engine, kind="KIND_GPU" if engine else "KIND_CPU",
+                overwrite=args.overwrite))
+        for src, dest in ((Path(rep.path), out), (engine, args.engine)):
+            if src is not None:
+                atomic_write(dest, lambda tmp_path, src=src: shutil.copyfile(src, tmp_path))
+    if args.engine:
+        result["engine"] = str(args.engine)
     return result
 
 
@@ -113,15 +203,16 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
             old = json.loads(Path(args.compare).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read --compare file {args.compare}: {exc}") from exc
+    from adagrow.files import write_json, write_text
     for p in (args.out, args.markdown):
         if p:
             _check_out(Path(p), args.overwrite)
     result = run_suite(suite, progress=not args.quiet)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     md = markdown(result)
     if args.markdown:
-        Path(args.markdown).write_text(md)
+        write_text(args.markdown, md)
     if not args.json:
         print(md)
     if old is not None:
@@ -133,6 +224,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from adagrow.demo import run_demo
+    _check_out(Path(args.out), args.overwrite, folder=True)
     return run_demo(Path(args.out), fast=args.fast, overwrite=args.overwrite, progress=not args.quiet)
 
 
@@ -143,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--overwrite", action="store_true", help="replace existing output files")
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument("--data", default="digits", help=DATA_HELP)
-    data.add_argument("--size", type=int, default=16, help="resize images to size x size (default 16)")
+    data.add_argument("--size", type=_positive(int), default=16, help="resize images to size x size (default 16)")
 
     parser = argparse.ArgumentParser(prog="adagrow", description="Grow, reparameterize, quantize (OBS, "
                                      "overlap-aware) and deploy PyTorch models.")
@@ -154,11 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Reads --data, grows a CNN family or a ViT from its empty start, writes OUT "
                        "(safetensors + architecture record).")
     p.add_argument("--family", default="vgg", choices=["vgg", "resnet", "bottleneck", "mobilenetv3", "vit"])
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--stop", default="auto", help="auto | an architecture spec (VGG-2-3-2, ViT-D4-H6) | a "
-                   "deploy-parameter budget (int)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--zero-init", action="store_true", help="function-preserving growth")
+    p.add_argument("--widths", type=_widths, default=None, help="CNN channels per stage, e.g. 64,96,128 "
+                   "(default: the family's)")
+    p.add_argument("--epochs", type=_positive(int), default=15)
+    p.add_argument("--stop", default="auto", help="auto | budget (grow until a --budget-* limit) | an "
+                   "architecture spec (VGG-2-3-2, ViT-D4-H6) | a deploy-parameter budget (int)")
+    p.add_argument("--interval", type=_positive(int), default=None,
+                   help="optimizer steps between growth steps (default: 7.5%% of all steps)")
+    p.add_argument("--lr", type=_positive(float), default=None)
+    p.add_argument("--thesis-init", action="store_true", help="init new layers as the thesis (default: "
+                   "function-preserving growth)")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="validation split carved from the training "
+                   "data for growth decisions (the test split is never read)")
+    p.add_argument("--budget-params", type=_positive(int), help="stop before the deploy model exceeds this many "
+                   "parameters")
+    p.add_argument("--budget-macs", type=_positive(int), help="... this many multiply-accumulates at batch 1")
+    p.add_argument("--budget-latency-ms", type=_positive(float), help="... this batch-1 latency on --backend "
+                   "(1 thread)")
+    p.add_argument("--backend", default="ort-cpu", choices=["ort-cpu", "torch"], help="latency budget backend: "
+                   "ONNX Runtime CPU on the fp32 export, or the deploy PyTorch model")
+    p.add_argument("--retrain", action="store_true", help="grow to find the architecture, then train it "
+                   "from scratch for the same epochs")
+    p.add_argument("--strict", action="store_true", help="fail (exit 2, write nothing) if --stop is not reached")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="grown checkpoint to write (.safetensors)")
     p.set_defaults(func=cmd_grow)
@@ -174,14 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Reads a grown or deploy checkpoint and --data (calibration and accuracy), "
                        "writes the quantized checkpoint OUT.")
     p.add_argument("checkpoint")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", default="tier", help="-1 | multiple of 8 | position | tier (default)")
+    p.add_argument("--bits", type=int, default=4, choices=range(2, 9), metavar="{2..8}")
+    p.add_argument("--group-size", type=_group_size, default="tier",
+                   help="-1 | multiple of 8 | position | tier (default)")
     p.add_argument("--order", default="reparam", choices=["none", "act", "reparam", "reparam-dynamic"])
     p.add_argument("--method", default="obs", choices=["obs", "rtn"])
     p.add_argument("--sym", action="store_true")
     p.add_argument("--mse", action="store_true", help="search the clipping ratio")
     p.add_argument("--skip", nargs="*", default=[], help="layer names / patterns kept in float")
-    p.add_argument("--calib", type=int, default=512, help="calibration images")
+    p.add_argument("--calib", type=_positive(int), default=512, help="calibration images (first N)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_quantize)
 
@@ -192,11 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "w4"])
     p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     p.add_argument("--calib-method", default="mse", choices=["minmax", "percentile", "entropy", "mse"])
-    p.add_argument("--calib", type=int, default=256)
+    p.add_argument("--calib", type=_positive(int), default=256, help="calibration images (first N)")
     p.add_argument("--out", required=True)
     p.add_argument("--engine", help="also build a TensorRT engine here (needs tensorrt and a GPU)")
     p.add_argument("--triton-repo", help="also write a Triton Inference Server model folder under this repo")
-    p.add_argument("--name", default="model", help="model name in the Triton repository")
+    p.add_argument("--name", type=_folder_name, default="model", help="model name in the Triton repository")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", parents=[common], help="run a latency suite (TOML); writes JSON and markdown",
@@ -226,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         result = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"adagrow {args.command}: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

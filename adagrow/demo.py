@@ -4,7 +4,6 @@ everything on the backends this machine has, and write a table, JSON, markdown a
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from adagrow.bench import SUITE_DEFAULTS, markdown, run_suite, time_calls
 from adagrow.compress import QuantConfig, quantize, save_quantized
 from adagrow.compress.export import export_onnx, ort_session
 from adagrow.data import digits
+from adagrow.files import write_json, write_text
 from adagrow.grow import GrowingCNN, GrowthConfig, grow, reparameterize, save_grown
 from adagrow.grow.train import accuracy
 
@@ -67,6 +67,8 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
              threads: int = 2) -> dict[str, Any]:
     """Run the whole pipeline; every figure in the table is measured in this run."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; the demo writes a folder of results (choose --out)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its files or choose --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,7 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
     say("[1/5] growing a VGG-family CNN on the bundled digits")
     t0 = time.perf_counter()
     res = grow(GrowingCNN("vgg", widths=(16, 24, 32) if fast else (64, 96, 128)), (x_tr, y_tr), (x_te, y_te),
-               epochs=3 if fast else 12, config=GrowthConfig(stop="auto", interval=1 if fast else 3), lr=0.05,
+               epochs=3 if fast else 12, config=GrowthConfig(stop="auto", interval=22 if fast else 66), lr=0.05,
                progress=progress)
     grow_s = time.perf_counter() - t0
     save_grown(res.model, out / "grown.safetensors", overwrite=True)
@@ -143,8 +145,8 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
     result = {"grown_spec": res.model.spec(), "grow_s": grow_s, "fuse_max_abs_diff": fuse_diff,
               "growth_events": [h["growth"] | {"epoch": h["epoch"]} for h in res.history if "growth" in h],
               "table": rows, "suite": bench, "fast": fast}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "results.md").write_text("# adagrow demo\n\n" + table + "\n\n## Latency suite\n\n" + markdown(bench))
+    write_json(out / "results.json", result)
+    write_text(out / "results.md", "# adagrow demo\n\n" + table + "\n\n## Latency suite\n\n" + markdown(bench))
     _plot(rows, out / "accuracy_vs_latency.png")
     say(f"\nwrote {out}/: results.json, results.md, accuracy_vs_latency.png, grown.safetensors, "
         "digits_w4_overlap.safetensors, fp32.onnx, int8_ort.onnx, w4.onnx")

@@ -4,8 +4,9 @@ Matmul: N x K = 4096x4096, 8192x8192, 14336x4096 (K=4096 -> N=14336) and the gro
 layers' implicit-GEMM shapes, M in 1..256, group 128; against torch fp16 matmul (cuBLAS) and,
 when importable, GemLite. Each shape is tuned once (warm-up, not timed), then timed with
 ``triton.testing.do_bench`` (L2 flushed before every call, median). Reports time, speedup over
-fp16 and achieved bandwidth as a share of the GPU's peak. A correctness check against the
-dequantized reference runs first on every shape.
+fp16 and achieved bandwidth as a share of the GPU's peak. Before timing, the tuned config's
+output (and GemLite's) is asserted against the dequantized reference within the fp16 rounding
+bound (``adagrow.kernels.w4a16.error_bound``). The JSON is rewritten after every matmul shape.
 
 Convs: the deploy layers of a grown-shaped CNN (VGG-1-2-2, branches fused, 3x3 and 5x5) on
 32x32 inputs at batch 1, 8, 64:
@@ -28,7 +29,7 @@ from torch import nn
 
 from adagrow.compress import rtn_quantize
 from adagrow.files import write_json
-from adagrow.packed import dequantize_packed, unpack_codes
+from adagrow.packed import column_groups, dequantize_packed, unpack_codes
 from adagrow.grow import GrowingCNN
 from adagrow.grow.reparam import reparameterize
 from adagrow.kernels import fused_conv2d, w4a16 as w4
@@ -55,23 +56,35 @@ def bench(fn, rep: int = 200) -> float:
 
 
 def gemlite_layer(res, k: int, n: int, group: int):
-    """A GemLite W4A16 layer built from the same codes/scales/zeros, or the reason there is none."""
+    """A GemLite W4A16 layer built from the same codes/scales/zeros, or the reason there is none.
+
+    GemLite's ``pack`` takes uint8 codes ``[N, K]`` and scales / zeros ``[N, K/G]``; errors from
+    an installed GemLite propagate (no silent skip)."""
     try:
         from gemlite.core import DType, GemLiteLinearTriton
     except ImportError as exc:
-        return None, f"gemlite not installed ({exc})"
-    try:
-        q = unpack_codes(res.qweight, 4)[:, :k].cuda()  # [N, K] codes
-        layer = GemLiteLinearTriton(4, group_size=group, in_features=k, out_features=n,
-                                    input_dtype=DType.FP16, output_dtype=DType.FP16)
-        layer.pack(q, res.scales.t().contiguous().cuda().half(), res.zeros.t().contiguous().cuda().half(),
-                   bias=None)
-        return layer, None
-    except Exception as exc:  # GemLite's API moves between releases: report, do not crash the run
-        return None, f"gemlite API error: {type(exc).__name__}: {exc}"
+        return None, f"gemlite not installed ({exc}); pip install 'adagrow[gemlite]'"
+    codes = unpack_codes(res.qweight, 4)[:, :k].to(torch.uint8).cuda()
+    layer = GemLiteLinearTriton(4, group_size=group, in_features=k, out_features=n,
+                                input_dtype=DType.FP16, output_dtype=DType.FP16)
+    layer.pack(codes, res.scales.t().contiguous().cuda().half(), res.zeros.t().contiguous().cuda().half(), bias=None)
+    return layer, None
 
 
-def bench_matmul(shapes, ms, group: int, peak: float | None) -> list[dict]:
+def assert_close(name: str, y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
+                 weight_err: float = 0.0) -> float:
+    """Check ``y`` against ``x @ w.T`` within the fp16 rounding bound of
+    :func:`adagrow.kernels.w4a16.error_bound`; returns the largest error / bound."""
+    ref = x.float() @ w.t()
+    ratio = float(((y.float() - ref).abs() / w4.error_bound(x, w, s, weight_err)).max())
+    if not ratio <= 1.0:
+        raise AssertionError(f"{name}: output exceeds the fp16 rounding bound ({ratio:.2f}x the bound)")
+    return ratio
+
+
+def bench_matmul(shapes, ms, group: int, peak: float | None, save) -> list[dict]:
+    """Each shape: tune ours per M (warm-up), check the tuned config's and GemLite's outputs
+    against the reference, then time; ``save(rows)`` runs after every shape."""
     rows = []
     for n, k in shapes:
         torch.manual_seed(0)
@@ -80,30 +93,33 @@ def bench_matmul(shapes, ms, group: int, peak: float | None) -> list[dict]:
         qw, sc, zr = res.qweight.cuda(), res.scales.cuda(), res.zeros.cuda()
         w16 = lin.weight.detach().t().contiguous().half().cuda()  # [K, N]
         wdq = dequantize_packed(res.qweight, res.scales, res.zeros, 4, k, group).cuda()
+        sfull = res.scales.float().t()[:, column_groups(qw.shape[0] * 8, group)][:, :k].cuda()
         glayer, gl_skip = gemlite_layer(res, k, n, group)
         if gl_skip:
             print(f"GemLite skipped: {gl_skip}")
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            y = w4.w4a16_matmul(x, qw, sc, zr, group)
-            ref = x.float() @ wdq.t()
-            max_err = float((y.float() - ref).abs().max() / ref.abs().max())
-            w4.tune(m, qw, sc, zr, group)
+            cfg = w4.tune(m, qw, sc, zr, group)
+            err = assert_close(f"w4a16 {cfg}", w4.w4a16_matmul(x, qw, sc, zr, group), x, wdq, sfull)
             t_ours = bench(lambda: w4.w4a16_matmul(x, qw, sc, zr, group))
             t_fp16 = bench(lambda: x @ w16)
-            t_gl = bench(lambda: glayer(x)) if glayer is not None else None
+            t_gl = gl_err = None
+            if glayer is not None:  # GemLite rounds -z*s to fp16 in its fma-mode dequant
+                gl_err = assert_close("gemlite", glayer(x), x, wdq, sfull, weight_err=32.0)
+                t_gl = bench(lambda: glayer(x))
             nbytes = qw.numel() * 4 + sc.numel() * 2 * 2 + x.numel() * 2 + m * n * 2
             gbps = nbytes / t_ours / 1e6
-            row = {"N": n, "K": k, "M": m, "group": group, "path": w4.path_for(m), "ms_w4a16": t_ours,
-                   "ms_fp16": t_fp16, "speedup_vs_fp16": t_fp16 / t_ours, "GBps": gbps,
-                   "peak_share": gbps / peak if peak else None, "rel_max_err": max_err,
+            row = {"N": n, "K": k, "M": m, "group": group, "path": w4.path_for(m), "config": list(cfg),
+                   "ms_w4a16": t_ours, "ms_fp16": t_fp16, "speedup_vs_fp16": t_fp16 / t_ours, "GBps": gbps,
+                   "peak_share": gbps / peak if peak else None, "err_over_bound": err,
                    "ms_gemlite": t_gl, "speedup_gemlite_vs_fp16": t_fp16 / t_gl if t_gl else None,
-                   "gemlite_skipped": gl_skip}
+                   "gemlite_err_over_bound": gl_err, "gemlite_skipped": gl_skip}
             rows.append(row)
-            print(f"N={n:>6} K={k:>6} M={m:>4} {row['path']:>6}: ours {t_ours * 1e3:8.1f}us fp16 "
+            print(f"N={n:>6} K={k:>6} M={m:>4} {row['path']:>6} {cfg}: ours {t_ours * 1e3:8.1f}us fp16 "
                   f"{t_fp16 * 1e3:8.1f}us x{row['speedup_vs_fp16']:.2f} {gbps:7.0f} GB/s"
                   + (f" ({100 * gbps / peak:.0f}% peak)" if peak else "")
-                  + (f" gemlite x{t_fp16 / t_gl:.2f}" if t_gl else "") + f" err {max_err:.1e}", flush=True)
+                  + (f" gemlite x{t_fp16 / t_gl:.2f}" if t_gl else "") + f" err/bound {err:.2f}", flush=True)
+        save(rows)
     return rows
 
 
@@ -180,7 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [(8192, 8192)] if args.quick else MATMUL_SHAPES + [(c.out_channels, c.weight[0].numel())
                                                               for c in deploy_convs()[1:]]
     ms = [1, 16, 128] if args.quick else MS
-    matmul = bench_matmul(shapes, ms, args.group, peak)
+    date = dt.date.today().isoformat()
+    result = {"benchmark": "kernels", "gpu": name, "date": date, "torch": torch.__version__,
+              "triton": triton.__version__, "peak_GBps": peak,
+              "command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "matmul": [], "convs": [], "targets": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"kernels_{re.sub(r'[^A-Za-z0-9]+', '_', name)}_{date}.json"
+
+    def save_matmul(rows: list[dict]) -> None:
+        result["matmul"] = rows
+        write_json(path, result)
+
+    matmul = bench_matmul(shapes, ms, args.group, peak, save_matmul)
     convs = bench_convs([1] if args.quick else [1, 8, 64])
     targets = []
     for m, goal in TARGETS.items():
@@ -188,19 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         if r:
             targets.append({"target": f"8192x8192 g{args.group} M={m} speedup >= {goal}",
                             "measured": r["speedup_vs_fp16"], "met": r["speedup_vs_fp16"] >= goal})
+            if r["ms_gemlite"]:
+                targets.append({"target": f"8192x8192 g{args.group} M={m} ahead of GemLite",
+                                "measured": r["ms_gemlite"] / r["ms_w4a16"], "met": r["ms_w4a16"] < r["ms_gemlite"]})
     b1 = [r["speedup_vs_eager"] for r in convs if r["batch"] == 1]
     targets.append({"target": "fused fp16 conv >= 1.5x eager at batch 1 (geometric mean over layers)",
                     "measured": float(torch.tensor(b1).log().mean().exp()), "met": None})
     targets[-1]["met"] = targets[-1]["measured"] >= 1.5
     for t in targets:
         print(f"{t['target']}: {t['measured']:.2f} ({'met' if t['met'] else 'NOT met'})")
-    date = dt.date.today().isoformat()
-    result = {"benchmark": "kernels", "gpu": name, "date": date, "torch": torch.__version__,
-              "triton": triton.__version__, "peak_GBps": peak,
-              "command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "matmul": matmul, "convs": convs, "targets": targets}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"kernels_{re.sub(r'[^A-Za-z0-9]+', '_', name)}_{date}.json"
+    result.update(matmul=matmul, convs=convs, targets=targets)
     write_json(path, result)
     print(f"wrote {path}")
     return 0

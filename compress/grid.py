@@ -33,6 +33,18 @@ def _params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool,
     return scale, zero
 
 
+def check_scales(scales: torch.Tensor, w: torch.Tensor, scale_dtype: torch.dtype, name: str = "layer") -> None:
+    """Refuse scales that overflowed their storage dtype (inf after rounding to fp16): never stored.
+
+    ``scales`` are the rounded scales (float32), ``w`` the weights they were computed from.
+    """
+    if not bool(torch.isfinite(scales).all()):
+        limit = torch.finfo(scale_dtype).max
+        raise ValueError(f"{name}: weights up to |w| = {float(w.abs().max()):.3g} need quantization scales "
+                         f"above the {str(scale_dtype)[6:]} maximum {limit:.6g}; quantize with "
+                         "scale_dtype='bfloat16' or leave this layer in float (skip it)")
+
+
 def grid_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False,
                 scale_dtype: torch.dtype = torch.float16, grid: int = 100,
                 maxshrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:

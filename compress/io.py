@@ -1,9 +1,14 @@
-"""Quantized checkpoints: one safetensors file whose header carries JSON metadata
-(format version, config, per-layer shapes/bits/groups, and how to rebuild the architecture)."""
+"""Quantized checkpoints: one safetensors file whose header carries JSON metadata (format
+version, config, per-layer geometry/bits/groups, and the architecture record).
+
+Everything read from a file is data: the architecture is a registered name with checked
+arguments (:mod:`.archs`), each quantized layer's metadata is checked against the rebuilt model's
+layer and against the tensors in the file, and tensors must be finite. Every problem raises a
+``ValueError`` naming the file and the field or tensor.
+"""
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 from pathlib import Path
@@ -16,33 +21,67 @@ from torch import nn
 
 from adagrow import __version__
 from adagrow.files import save_state
+from adagrow.packed import padded_k
 
+from .archs import build_arch
+from .checks import check_finite
+from .groups import GROUP_MODES
 from .layer import geometry, set_module
-from .qmodules import _QuantLayer, quant_layer_from_meta
+from .order import ORDERS
+from .qmodules import _DTYPES, _QuantLayer, quant_layer_from_meta
+from .schema import MODULE_PATH, check, field_name, input_shape, int_list, integer, record
 
 FORMAT = "adagrow-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the architecture is {"name", "args"} (version 1 named a builder function)
+
+_BIG = 1 << 24
+_CONV_FIELDS = ("groups", "in_channels", "kernel_size", "stride", "padding", "dilation")
+_LAYER = {
+    **record({"kind": {"enum": ["linear", "conv"]}, "out_features": integer(1, _BIG), "k": integer(1, _BIG),
+              "bits": integer(2, 8),
+              "group_size": {"anyOf": [{"type": "integer", "const": -1},
+                                       {"type": "integer", "minimum": 8, "maximum": _BIG, "multipleOf": 8},
+                                       {"enum": list(GROUP_MODES)}]},
+              "sym": {"type": "boolean"}, "order": {"enum": list(ORDERS)}, "n_groups": integer(1, _BIG),
+              "scale_dtype": {"enum": list(_DTYPES)}, "bias": {"type": "boolean"},
+              "groups": integer(1, _BIG), "in_channels": integer(1, _BIG), "kernel_size": int_list(1, 1024, 2, 2),
+              "stride": int_list(1, 1024, 2, 2), "padding": int_list(0, 1024, 2, 2),
+              "dilation": int_list(1, 1024, 2, 2)}, optional=_CONV_FIELDS),
+    "if": {"properties": {"kind": {"const": "conv"}}},
+    "then": {"required": list(_CONV_FIELDS)},
+}
+_META = record({"format": {"const": FORMAT}, "format_version": integer(1, FORMAT_VERSION),
+                "adagrow_version": {"type": "string"}, "config": {"type": ["object", "null"]},
+                "layers": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": MODULE_PATH},
+                           "additionalProperties": _LAYER},
+                "report": {"type": "object"}, "arch": {"type": ["object", "null"]}, "deploy": {"type": "boolean"},
+                "input_shape": input_shape()},
+               optional=("adagrow_version", "config", "report", "input_shape"))
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a quantized model atomically (temp file + rename). Refuses to replace an existing
-    file unless ``overwrite=True``. Returns the path written."""
+    file unless ``overwrite=True``, and refuses a model with NaN/inf tensors. Returns the path."""
     path = Path(path)
     layers = {n: m.meta for n, m in model.named_modules() if isinstance(m, _QuantLayer)}
     if not layers:
         raise ValueError("save_quantized: the model has no quantized layers; run quantize() first")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    arch = model.adagrow_arch() if hasattr(model, "adagrow_arch") else None
+    state = model.state_dict()
+    check_finite(state, f"save_quantized({path})")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "adagrow_version": __version__,
             "config": getattr(model, "adagrow_quant", {}).get("config"), "layers": layers,
             "report": getattr(model, "adagrow_quant", {}).get("layers", {}),
-            "arch": arch, "deploy": bool(getattr(model, "adagrow_deploy", False))}
-    return save_state(path, model.state_dict(), meta)
+            "arch": model.adagrow_arch() if hasattr(model, "adagrow_arch") else None,
+            "deploy": bool(getattr(model, "adagrow_deploy", False)),
+            "input_shape": getattr(model, "adagrow_input_shape", None)}
+    return save_state(path, state, meta)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The adagrow metadata of a quantized checkpoint, with clear errors for bad files."""
+    """The adagrow metadata of a quantized checkpoint, checked field by field (``ValueError``
+    naming the file and the field for anything missing, mistyped or out of range)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"quantized checkpoint not found: {path}")
@@ -57,27 +96,84 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(header["adagrow"])
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: adagrow metadata is not valid JSON: {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {meta['format_version']} is newer than this adagrow "
-                         f"supports ({FORMAT_VERSION}); upgrade adagrow")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: field format: unknown format {fmt!r}, expected {FORMAT!r}")
+    version = meta.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise ValueError(f"{path}: field format_version: {version} is newer than this adagrow supports "
+                         f"({FORMAT_VERSION}); upgrade adagrow")
+    check(meta, _META, str(path), "metadata")
     return meta
 
 
 def _build_arch(arch: dict[str, Any] | None, deploy: bool, path: Path) -> nn.Module:
-    if not arch:
-        raise ValueError(f"{path}: the checkpoint records no architecture (the model has no "
+    if arch is None:
+        raise ValueError(f"{path}: field arch: the checkpoint records no architecture (the model has no "
                          "adagrow_arch()); pass model= with a float model of the same architecture")
-    builder = arch.get("builder", "")
-    if not builder.startswith("adagrow.") or ":" not in builder:
-        raise ValueError(f"{path}: architecture builder {builder!r} is not an adagrow builder")
-    mod_name, _, attr = builder.partition(":")
-    model = getattr(importlib.import_module(mod_name), attr)(**arch.get("kwargs", {})).eval()
+    model = build_arch(arch, str(path)).eval()
     if deploy:
         from adagrow.grow.reparam import reparameterize
         model = reparameterize(model)
     return model
+
+
+def _check_layer(path: Path, name: str, lmeta: dict[str, Any], layer: nn.Module) -> None:
+    """The layer metadata must describe the model's layer exactly and a valid group layout."""
+    field = field_name("layers", [name])
+    try:
+        geo = layer.geo if isinstance(layer, _QuantLayer) else geometry(layer, name)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: field {field}: the model's layer cannot be quantized: {exc}") from exc
+    expected = {**geo.meta(), "bias": layer.bias is not None}
+    for key, value in expected.items():
+        if lmeta.get(key) != value:
+            raise ValueError(f"{path}: field {field}.{key}: {lmeta.get(key)!r} in the file, but the model's "
+                             f"layer has {value!r} ({geo.kind} {geo.out_features}x{geo.k})")
+    for key in _CONV_FIELDS:
+        if key in lmeta and key not in expected:
+            raise ValueError(f"{path}: field {field}.{key}: a {geo.kind} layer has no {key}")
+    gs, kk = lmeta["group_size"], geo.kernel_size[0] * geo.kernel_size[1]
+    if isinstance(gs, str) and geo.kind != "conv":
+        raise ValueError(f"{path}: field {field}.group_size: {gs!r} groups kernel positions; a Linear layer "
+                         "has none")
+    if gs == "tier":  # one group per overlap tier: at most one per kernel position
+        fits = lmeta["n_groups"] <= kk
+    else:
+        fits = lmeta["n_groups"] == (kk if gs == "position" else 1 if gs == -1 else padded_k(geo.k, gs) // gs)
+    if not fits:
+        raise ValueError(f"{path}: field {field}.n_groups: {lmeta['n_groups']} does not fit group_size {gs!r} "
+                         f"of a layer with K={geo.k} and kernel {list(geo.kernel_size)}")
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], qmodel: nn.Module,
+                   qlayers: dict[str, _QuantLayer]) -> None:
+    """Every tensor the model needs is in the file with the right shape and dtype, finite, and
+    the group parameters are valid for their metadata."""
+    expected = qmodel.state_dict()
+    missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or extra:
+        raise ValueError(f"{path}: tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, ref in expected.items():
+        t = tensors[key]
+        if t.dtype != ref.dtype or t.shape != ref.shape:
+            raise ValueError(f"{path}: tensor {key!r} is {str(t.dtype)[6:]} {list(t.shape)} in the file; the "
+                             f"metadata and model expect {str(ref.dtype)[6:]} {list(ref.shape)}")
+    check_finite(tensors, str(path))
+    for name, q in qlayers.items():
+        scales, zeros = tensors[f"{name}.scales"], tensors[f"{name}.zeros"]
+        if not bool((scales > 0).all()):
+            raise ValueError(f"{path}: tensor {name + '.scales'!r} has scales <= 0")
+        if not bool(((zeros >= 0) & (zeros <= 2**q.bits - 1) & (zeros == zeros.round())).all()):
+            raise ValueError(f"{path}: tensor {name + '.zeros'!r} holds zero points that are not integers in "
+                             f"0..{2**q.bits - 1} (bits={q.bits})")
+        pg = tensors.get(f"{name}.position_group")
+        if pg is not None and not bool(((pg >= 0) & (pg < q.meta["n_groups"])).all()):
+            raise ValueError(f"{path}: tensor {name + '.position_group'!r} points outside the "
+                             f"{q.meta['n_groups']} scale rows")
+        if pg is not None and q.group_size == "position" and not torch.equal(pg.cpu(), torch.arange(
+                pg.numel(), dtype=torch.int32)):
+            raise ValueError(f"{path}: tensor {name + '.position_group'!r} is not one group per position")
 
 
 def load_quantized(path: str | os.PathLike, model: nn.Module | None = None,
@@ -85,29 +181,29 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None,
     """Rebuild a quantized model saved by :func:`save_quantized`.
 
     ``model`` (optional) is a float model of the same architecture; its quantized layers are
-    replaced. Without it, the architecture recorded in the file is rebuilt.
+    replaced. Without it, the registered architecture recorded in the file is rebuilt.
     """
     path = Path(path)
     meta = read_metadata(path)
-    qmodel = copy.deepcopy(model).eval() if model is not None else _build_arch(meta.get("arch"), meta.get("deploy", False), path)
+    qmodel = copy.deepcopy(model).eval() if model is not None else _build_arch(meta["arch"], meta["deploy"], path)
+    qlayers = {}
     for name, lmeta in meta["layers"].items():
         try:
             layer = qmodel.get_submodule(name)
         except AttributeError as exc:
-            raise ValueError(f"{path}: quantized layer {name!r} does not exist in the model") from exc
-        if not isinstance(layer, _QuantLayer):
-            geo = geometry(layer, name)
-            if geo.kind != lmeta["kind"] or geo.out_features != lmeta["out_features"] or geo.k != lmeta["k"]:
-                raise ValueError(f"{path}: layer {name!r} is {geo.kind} {geo.out_features}x{geo.k} in the "
-                                 f"model but {lmeta['kind']} {lmeta['out_features']}x{lmeta['k']} in the file")
-        set_module(qmodel, name, quant_layer_from_meta(lmeta))
+            raise ValueError(f"{path}: field {field_name('layers', [name])}: no such layer in the model") from exc
+        _check_layer(path, name, lmeta, layer)
+        qlayers[name] = quant_layer_from_meta(lmeta)
+        set_module(qmodel, name, qlayers[name])
     try:
         tensors = load_file(str(path), device=str(map_location))
     except Exception as exc:
         raise ValueError(f"{path}: tensor data is unreadable (truncated or corrupt): {exc}") from exc
-    try:
-        qmodel.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: tensors do not match the model: {exc}") from exc
+    _check_tensors(path, tensors, qmodel, qlayers)
+    qmodel.load_state_dict(tensors, strict=True)
     qmodel.adagrow_quant = {"config": meta.get("config"), "layers": meta.get("report", {})}
+    qmodel.adagrow_input_shape = meta.get("input_shape")
     return qmodel.to(map_location)
+
+
+__all__ = ["save_quantized", "load_quantized", "read_metadata", "FORMAT", "FORMAT_VERSION"]

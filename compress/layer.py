@@ -32,6 +32,14 @@ class LayerGeometry:
     def rows_per_group(self) -> int:
         return self.out_features // self.groups
 
+    def meta(self) -> dict:
+        """The geometry fields a quantized layer's checkpoint metadata records (JSON-ready)."""
+        out = {"kind": self.kind, "out_features": self.out_features, "k": self.k}
+        if self.kind == "conv":
+            out.update(groups=self.groups, in_channels=self.in_channels, kernel_size=list(self.kernel_size),
+                       stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation))
+        return out
+
 
 def geometry(layer: nn.Module, name: str = "layer") -> LayerGeometry:
     """Describe a supported layer, or raise a clear error for anything else."""
@@ -49,6 +57,18 @@ def geometry(layer: nn.Module, name: str = "layer") -> LayerGeometry:
                              tuple(layer.padding), tuple(layer.dilation))
     raise TypeError(f"{name}: unsupported layer type {type(layer).__name__}; "
                     "adagrow quantizes nn.Linear and nn.Conv2d")
+
+
+def check_parameters(layer: nn.Module, name: str = "layer") -> None:
+    """Raise ``ValueError`` naming the layer if its weight or bias holds NaN or inf (quantizing
+    it would store a NaN model)."""
+    for what in ("weight", "bias"):
+        t = getattr(layer, what, None)
+        if t is not None and not bool(torch.isfinite(t).all()):
+            n_bad = int((~torch.isfinite(t)).sum())
+            kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise ValueError(f"{name}: {what} contains {kind} ({n_bad} of {t.numel()} values non-finite); the "
+                             "float model is broken (check its training or the checkpoint it came from)")
 
 
 def weight_matrix(weight: torch.Tensor, geo: LayerGeometry) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_calibration
 from .grid import check_bits
 from .groups import check_group_size
 from .layer import geometry, set_module
@@ -151,6 +152,7 @@ def quantize(model: nn.Module, calib: Iterable | None, config: QuantConfig | Non
         raise ValueError("OBS quantization needs calibration data: calib is empty")
     device = next(iter(qmodel.parameters())).device
     batches = [b.to(device) for b in batches]
+    check_calibration(qmodel, batches)
     if batches:
         calls = _forward_order(qmodel, targets, batches[0])
         unused = [n for n in targets if n not in calls]

@@ -6,6 +6,7 @@ Round-to-nearest (:func:`rtn_quantize`) shares the grid, groups and packing.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -13,12 +14,17 @@ from torch import nn
 
 from adagrow.packed import column_groups, pack_codes, padded_k
 
-from .grid import check_bits, dequantize_codes, quantize_codes
+from .grid import check_bits, check_scales, dequantize_codes, quantize_codes
 from .groups import check_group_size, group_params, position_groups
-from .layer import LayerGeometry, geometry, input_columns, matrix_to_weight, weight_matrix
+from .layer import LayerGeometry, check_parameters, geometry, input_columns, matrix_to_weight, weight_matrix
 from .order import check_order, column_overlap, saliency, static_order, tiered_order
 
 DAMP_RETRIES = 4  # lambda is multiplied by 10 up to this many times before giving up
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration data that quantization can handle but that deserves a look (fp16 range, dead groups)."""
 
 
 @dataclass
@@ -95,10 +101,12 @@ def rtn_quantize(layer: nn.Module, bits: int = 4, group_size: int | str = 128, s
     """Round-to-nearest on the same grid, groups and packed format as OBS (the baseline)."""
     geo = geometry(layer, name)
     check_bits(bits)
+    check_parameters(layer, name)
     group_size = check_group_size(group_size, geo.kind == "conv")
     grouping = _Grouping(geo, group_size, _resolve_overlap(layer, geo, overlap, name))
     w = weight_matrix(layer.weight.detach(), geo).float().cpu()
     s, z = group_params(w, grouping.gid, grouping.n_groups, bits, sym, mse, scale_dtype)
+    check_scales(s, w, scale_dtype, name)
     codes = quantize_codes(w, s[:, grouping.gid], z[:, grouping.gid], bits)
     perm = torch.arange(geo.k).repeat(geo.groups, 1)
     return _finish(layer, geo, grouping, codes, s, z, scale_dtype, perm, float("nan"), 0.0, bits, sym, "none")
@@ -184,6 +192,7 @@ class OBSQuantizer:
         self.geo = geometry(layer, name)
         self.H: torch.Tensor | None = None  # float64 [conv groups, K, K]
         self.nsamples = 0
+        self._warned_fp16 = False
 
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor) -> None:
@@ -192,7 +201,15 @@ class OBSQuantizer:
         Each batch's product is taken in float32 (fast BLAS) and added to a float64 running mean.
         """
         if not torch.isfinite(inp).all():
-            raise ValueError(f"{self.name}: calibration activations contain NaN or inf")
+            raise ValueError(f"{self.name}: the layer's calibration inputs contain NaN or inf: the calibration "
+                             f"data does, or a layer before {self.name} produces them (overflow or non-finite "
+                             "weights)")
+        amax = float(inp.detach().abs().max()) if inp.numel() else 0.0
+        if amax > FP16_MAX and not self._warned_fp16:
+            self._warned_fp16 = True
+            warnings.warn(CalibrationWarning(
+                f"{self.name}: calibration inputs reach |x| = {amax:.3g}, beyond the float16 maximum "
+                f"{FP16_MAX:.0f}: this layer overflows in fp16 (W4A16 kernels, fp16 ONNX)"), stacklevel=2)
         x = input_columns(inp.detach(), self.geo, self.name).float()
         n = x.shape[-1]
         if n == 0:
@@ -202,7 +219,10 @@ class OBSQuantizer:
                                  device=x.device)
         self.H *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
-        self.H += (x @ x.transpose(1, 2)).double() * (2 / self.nsamples)
+        xx = x @ x.transpose(1, 2)
+        if not bool(torch.isfinite(xx).all()):  # |x| beyond ~1.8e19 overflows float32 products
+            xx = x.double() @ x.double().transpose(1, 2)
+        self.H += xx.double() * (2 / self.nsamples)
 
     def _inverse(self, h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
         """Dampened ``H^-1`` (checked to have an upper Cholesky factor) and the damping used."""
@@ -244,6 +264,16 @@ class OBSQuantizer:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if self.H is None:
             raise RuntimeError(f"{name}: quantize() called before any add_batch(); feed calibration inputs first")
+        check_parameters(self.layer, name)
+        dead_groups = [g for g in range(geo.groups) if not bool((self.H[g].diagonal() > 0).any())]
+        if len(dead_groups) == geo.groups:
+            raise ValueError(f"{name}: every calibration input of this layer is zero ({self.nsamples} samples), "
+                             "so OBS would zero all its weights; check the calibration data, or quantize this "
+                             "layer with method='rtn' or skip it")
+        if dead_groups:
+            warnings.warn(CalibrationWarning(
+                f"{name}: conv groups {dead_groups[:8]}{'...' if len(dead_groups) > 8 else ''} saw only zero "
+                "inputs in calibration; their weights are rounded to nearest instead of zeroed"), stacklevel=2)
         overlap = _resolve_overlap(self.layer, geo, overlap, name)
         grouping = _Grouping(geo, group_size, overlap)
         col_ov = column_overlap(overlap, geo.k, geo.cin_per_group)
@@ -256,11 +286,13 @@ class OBSQuantizer:
         perms, loss, damp = [], 0.0, percdamp
         for g in range(geo.groups):
             w = w_all[g * rows:(g + 1) * rows].clone()
-            h = self.H[g].clone()
+            # a group without any input keeps its weights: identity Hessian = round to nearest
+            h = torch.eye(geo.k, dtype=self.H.dtype, device=self.H.device) if g in dead_groups else self.H[g].clone()
             dead = h.diagonal() == 0
             h[dead, dead] = 1
             w[:, dead] = 0
             s, z = group_params(w.float().cpu(), grouping.gid, grouping.n_groups, bits, sym, mse, scale_dtype)
+            check_scales(s, w, scale_dtype, name)
             scales[g * rows:(g + 1) * rows], zeros[g * rows:(g + 1) * rows] = s, z
             sc, zc = s.to(w)[:, gid], z.to(w)[:, gid]
             hinv, pd = self._inverse(h, percdamp)

@@ -87,13 +87,9 @@ class QuantConv2d(_QuantLayer):
 def from_result(layer: nn.Module, res: QuantResult, name: str = "layer") -> _QuantLayer:
     """A QuantLinear / QuantConv2d holding ``res``'s packed weights and the float layer's bias."""
     geo = geometry(layer, name)
-    meta = {"kind": geo.kind, "out_features": geo.out_features, "k": geo.k, "bits": res.bits,
-            "group_size": res.group_size, "sym": res.sym, "order": res.order,
+    meta = {**geo.meta(), "bits": res.bits, "group_size": res.group_size, "sym": res.sym, "order": res.order,
             "n_groups": res.scales.shape[0], "scale_dtype": str(res.scales.dtype).split(".")[-1],
             "bias": layer.bias is not None}
-    if geo.kind == "conv":
-        meta.update(groups=geo.groups, in_channels=geo.in_channels, kernel_size=list(geo.kernel_size),
-                    stride=list(geo.stride), padding=list(geo.padding), dilation=list(geo.dilation))
     mod = (QuantConv2d if geo.kind == "conv" else QuantLinear)(meta)
     mod.qweight.copy_(res.qweight)
     mod.scales.copy_(res.scales)

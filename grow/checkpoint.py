@@ -50,7 +50,8 @@ def save_grown(model: GrowingCNN | GrowingTransformer, path: str | os.PathLike, 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    meta = {"format": FORMAT, "version": 1, "arch": model.arch(), "spec": model.spec(), "deploy": deploy}
+    meta = {"format": FORMAT, "version": 1, "arch": model.arch(), "spec": model.spec(), "deploy": deploy,
+            "input_shape": getattr(model, "adagrow_input_shape", None)}
     return save_state(path, (reparameterize(model.eval()) if deploy else model).state_dict(), meta)
 
 
@@ -65,15 +66,20 @@ def load_grown(path: str | os.PathLike) -> nn.Module:
         tensors = load_file(str(path))
     except Exception as exc:
         raise ValueError(f"{path}: not a readable grown checkpoint (truncated or corrupt): {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a grown-model checkpoint (format {meta.get('format')!r})")
-    model = build_from_arch(meta["arch"])
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a grown-model checkpoint (format "
+                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    from adagrow.compress.archs import build_arch, grown_record  # checks every field of the record
+    from adagrow.compress.schema import check, input_shape
+    model = build_arch(grown_record(meta.get("arch")), str(path), args_root="arch")
+    check(meta.get("input_shape"), input_shape(), str(path), "input_shape")
     if meta.get("deploy"):
         model = reparameterize(model.eval())
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not match the recorded architecture: {exc}") from exc
+    model.adagrow_input_shape = meta.get("input_shape")  # [C, H, W] it was trained on, or None
     return model.eval()
 
 

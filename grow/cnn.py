@@ -103,10 +103,34 @@ def make_layer(family: str, c: int) -> nn.Module:
     raise ValueError(f"unknown CNN family {family!r}; expected one of {FAMILIES}")
 
 
-def importance(module: nn.Module) -> float:
-    """Mean |gamma| over every BatchNorm inside ``module`` (0 if none)."""
-    gammas = [m.weight.detach().abs().flatten() for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
-    return float(torch.cat(gammas).mean()) if gammas else 0.0
+def importance(module: nn.Module, exclude: set[int] = frozenset()) -> float | None:
+    """Mean |gamma| over the BatchNorms inside ``module``, skipping every submodule whose ``id`` is
+    in ``exclude`` (just-inserted layers and branches, whose gamma is still its initial value).
+    None when no BatchNorm is left."""
+    gammas, stack = [], [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in exclude:
+            continue
+        if isinstance(m, nn.BatchNorm2d):
+            gammas.append(m.weight.detach().abs().flatten())
+        stack.extend(m.children())
+    return float(torch.cat(gammas).mean()) if gammas else None
+
+
+def _preserving_init(layer: nn.Module) -> None:
+    """Make a new layer add nothing (residual: last BN gamma = 0) or pass its input through
+    (plain VGG layer: Dirac kernel, BN scaled to undo its eval-mode normalisation; exact because
+    the input is non-negative after the previous ReLU)."""
+    if hasattr(layer, "last_bn"):
+        nn.init.zeros_(layer.last_bn().weight)
+        return
+    branch = layer[0].branch_modules[0]
+    with torch.no_grad():
+        nn.init.dirac_(branch.conv.weight)
+        bn = branch.bn
+        bn.weight.copy_((bn.running_var + bn.eps).sqrt())
+        bn.bias.copy_(bn.running_mean)
 
 
 class GrowingCNN(nn.Module):
@@ -160,17 +184,22 @@ class GrowingCNN(nn.Module):
                           for n, m in self.named_modules() if isinstance(m, RepConv2d)}}
 
     def adagrow_arch(self) -> dict[str, Any]:
-        return {"builder": "adagrow.grow.checkpoint:build_from_arch", "kwargs": {"arch": self.arch()}}
+        """The architecture record (``adagrow.compress.archs``): the family names it."""
+        return {"name": self.family, "args": {k: v for k, v in self.arch().items() if k not in ("type", "family")}}
 
     # ------------------------------------------------------------------ growth operations
-    def insert_layer(self, stage: int, position: int, zero_init: bool = False) -> nn.Module:
-        """Insert a family layer at ``position`` of ``stage`` (0 = first). Residual layers with
-        ``zero_init`` get their last BN's gamma = 0, so they add exactly zero (function preserved)."""
+    def insert_layer(self, stage: int, position: int, preserve: bool = False) -> nn.Module:
+        """Insert a family layer at ``position`` of ``stage`` (0 = first; in a later stage position
+        0 is before its downsampling layer, so use >= 1). ``preserve``: residual layers get their
+        last BN's gamma = 0 (they add exactly zero), plain VGG layers an identity kernel, so the
+        eval-mode output is unchanged; otherwise the family's own init (the thesis)."""
+        if not 0 <= stage < len(self.stages) or not (1 if stage else 0) <= position <= len(self.stages[stage]):
+            raise ValueError(f"cannot insert at stage {stage} position {position} of {self.spec()}")
         layer = make_layer(self.family, self.widths[stage])
         ref = next(self.parameters())
         layer.to(device=ref.device, dtype=ref.dtype).train(self.training)
-        if zero_init and hasattr(layer, "last_bn"):
-            nn.init.zeros_(layer.last_bn().weight)
+        if preserve:
+            _preserving_init(layer)
         self.stages[stage].insert(position, layer)
         return layer
 
@@ -188,13 +217,17 @@ class GrowingCNN(nn.Module):
         return train + fused, sum(p.numel() for p in self.parameters())
 
 
-def branch_space(conv: RepConv2d, max_kernel: int = 5) -> list[str]:
-    """Branch specs a conv may gain: footprints within ``max_kernel`` (1x1 convs stay 1x1)."""
-    if conv.kernel_size == (1, 1):
+def branch_space(conv: RepConv2d, max_kernel: int | None = None) -> list[str]:
+    """Branch specs a conv may gain. ``max_kernel=None`` keeps the deploy kernel: only footprints
+    that fit in it (they fuse at no deploy cost); an int lets a kxk conv grow its kernel up to
+    ``max_kernel`` x ``max_kernel`` (1x1 convs stay 1x1)."""
+    kh, kw = conv.kernel_size
+    if (kh, kw) == (1, 1):
         specs = ["conv1x1"]
     else:
+        lim = (kh, kw) if max_kernel is None else (max(kh, max_kernel), max(kw, max_kernel))
         specs = [s for s in ("conv1x1", "conv3x3", "conv1x3", "conv3x1", "conv3x5", "conv5x3", "conv5x5", "avg3x3")
-                 if max(int(v) for v in s[-3:].split("x")) <= max_kernel]
+                 if all(int(v) <= m for v, m in zip(s[-3:].split("x"), lim))]
     if conv.in_channels == conv.out_channels and conv.stride == 1:
         specs.append("bn")
     return specs

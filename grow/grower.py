@@ -1,15 +1,18 @@
 """The growth loop (DESIGN §8): train, grow on a schedule, stop, fine-tune.
 
-Every ``interval`` epochs a growth step picks depth or width by the ratio (CNN: two depth growths
-per width growth; Transformer: two width growths per depth growth), finds the location
-(greedy by BN/LayerNorm scale, or random / sequential), applies it, and rebuilds the optimizer
-with the old state. Growth stops by an architecture spec, a parameter budget or automatically;
-the remaining epochs fine-tune. Under ``torchrun`` every rank applies rank 0's decision and
+Every ``interval`` optimizer steps (during the first ``grow_fraction`` of training) a growth step
+picks depth or width by the ratio (CNN: two depth growths per width growth; Transformer: two
+width growths per depth growth), finds the location (greedy by BN/LayerNorm scale of layers that
+have trained at least two intervals, or random / sequential), applies it function-preservingly
+by default, and rebuilds the optimizer with the old state. Growth stops by an architecture spec,
+a deploy budget (params / MACs / measured latency; a step that would break it is replaced by a
+cheaper one first) or automatically; the remaining steps fine-tune. Under ``torchrun`` every rank applies rank 0's decision and
 rank 0's new parameters, and the DDP wrapper is rebuilt after each growth.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import re
@@ -22,10 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .budget import DeployBudget, deploy_cost, over_budget
+from .checkpoint import build_from_arch
 from .cnn import SPEC_NAMES, GrowingCNN, branch_space, importance
 from .optim import rebuild_optimizer
 from .train import accuracy
-from .transformer import GrowingTransformer
+from .transformer import Carry, GrowingTransformer
 
 LOCATIONS = ("greedy", "random", "sequential")
 
@@ -35,18 +40,31 @@ class GrowthConfig:
     """How and when to grow.
 
     ``stop``: an architecture spec (``"VGG-2-3-2"``, ``"ViT-D4-H6"``), a deploy-parameter budget
-    (int P: deploy params <= P and train-time params <= 1.5 P), or ``"auto"`` (EMA of validation
+    (int P: deploy params <= P and train-time params <= 1.5 P), ``"auto"`` (EMA of validation
     accuracy; stop once the gain since the previous growth stays under ``auto_threshold`` more than
-    ``auto_tolerance`` times).
+    ``auto_tolerance`` times) or ``"budget"`` (grow until ``budget`` would be broken).
+    ``budget``: a :class:`DeployBudget` (deploy params / MACs / measured latency) that every step
+    must keep; a step that would break it is replaced by a cheaper one, or growth stops.
+    ``interval``: optimizer steps between growths (None: 7.5% of all steps); no growth after
+    ``grow_fraction`` of the steps (the rest fine-tunes). ``preserve``: function-preserving new
+    layers / branches / heads (see ``insert_layer``, ``add_branch``, ``add_head``); False gives the
+    thesis' init. ``max_kernel``: None keeps every conv's deploy kernel (new branches fuse into it),
+    an int lets branches grow kernels up to that size. ``widen_dim``: Transformer head growth also
+    widens the residual stream by one head_dim (as the thesis). ``retrain``: after growing, train
+    the found architecture from scratch for the same epochs and return that model.
     """
 
     stop: str | int = "auto"
-    interval: int | None = None          # epochs between growths (CNN 3, Transformer 5)
+    budget: DeployBudget | None = None
+    interval: int | None = None
+    grow_fraction: float = 0.75
     location: str = "greedy"
     branch_sampling: str = "with"        # "with" replacement (thesis) or "without" (greedy)
     width_fraction: float = 0.7
-    max_kernel: int = 5
-    zero_init: bool = False
+    max_kernel: int | None = None
+    preserve: bool = True
+    widen_dim: bool = True
+    retrain: bool = False
     auto_threshold: float = 0.03
     auto_tolerance: int = 1
     ema: float = 0.5
@@ -59,15 +77,33 @@ class GrowthConfig:
             raise ValueError(f"branch_sampling must be 'with' or 'without', got {self.branch_sampling!r}")
         if not 0 < self.width_fraction <= 1:
             raise ValueError(f"width_fraction must be in (0, 1], got {self.width_fraction}")
+        if not 0 <= self.grow_fraction <= 1:
+            raise ValueError(f"grow_fraction must be in [0, 1], got {self.grow_fraction}")
+        if self.interval is not None and self.interval < 1:
+            raise ValueError(f"interval must be >= 1 optimizer step, got {self.interval}")
+        if self.max_kernel is not None and (self.max_kernel < 1 or self.max_kernel % 2 == 0):
+            raise ValueError(f"max_kernel must be an odd kernel size or None, got {self.max_kernel}")
         if isinstance(self.stop, bool) or not isinstance(self.stop, (str, int)):
-            raise ValueError(f"stop must be a spec string, an int budget or 'auto', got {self.stop!r}")
+            raise ValueError(f"stop must be a spec string, an int budget, 'auto' or 'budget', got {self.stop!r}")
+        if self.budget is not None:
+            self.budget.validate()
+        if self.stop == "budget" and self.budget is None:
+            raise ValueError("stop='budget' needs a DeployBudget in budget=")
         if isinstance(self.stop, int):
             deploy, train = model.param_counts()
             if self.stop <= 0 or deploy > self.stop or train > 1.5 * self.stop:
                 raise ValueError(f"parameter budget {self.stop} is below the starting model "
                                  f"(deploy {deploy}, train-time {train})")
-        elif self.stop != "auto":
+        elif self.stop not in ("auto", "budget"):
             parse_spec(self.stop, model)
+
+    def budgets(self) -> DeployBudget | None:
+        """The deploy budget every step must keep (an int ``stop`` is a params budget)."""
+        if isinstance(self.stop, int):
+            if self.budget is None:
+                return DeployBudget(params=self.stop)
+            return dataclasses.replace(self.budget, params=min(self.stop, self.budget.params or self.stop))
+        return self.budget
 
 
 def parse_spec(spec: str, model: nn.Module) -> tuple[int, ...]:
@@ -91,24 +127,55 @@ def parse_spec(spec: str, model: nn.Module) -> tuple[int, ...]:
 
 
 class Grower:
-    """Decides and applies growth steps. Decisions are plain dicts (broadcastable under DDP)."""
+    """Decides and applies growth steps. Decisions are plain dicts (broadcastable under DDP).
 
-    def __init__(self, model: nn.Module, config: GrowthConfig):
+    ``total_steps``: optimizer steps of the whole run (sets the default interval and the end of
+    the growth phase). ``example``: one input batch, for MACs and latency budgets.
+    """
+
+    def __init__(self, model: nn.Module, config: GrowthConfig, total_steps: int = 1000,
+                 example: torch.Tensor | None = None):
         config.validate(model)
         self.config = config
         self.is_cnn = isinstance(model, GrowingCNN)
         self.pattern = ("depth", "depth", "width") if self.is_cnn else ("width", "width", "depth")
-        self.interval = config.interval or (3 if self.is_cnn else 5)
+        self.interval = config.interval or max(1, round(0.075 * total_steps))
+        self.last_step = int(config.grow_fraction * total_steps)
+        self.budget = config.budgets()
+        self.example = example
+        if self.budget is not None and (self.budget.macs or self.budget.latency_ms) and example is None:
+            raise ValueError("a MACs or latency budget needs an example input")
         self.rng = random.Random(config.seed)
-        self.steps = 0
+        self.growths = 0
         self.stopped = False
         self.ema: float | None = None
         self.ema_at_growth: float | None = None
         self.strikes = 0
+        self.born: dict[int, int] = {}     # id(new layer / branch) -> optimizer step of its growth
+        self.step = 0
+        self.cost: dict[str, float] | None = None
+        if self.budget is not None:
+            self.cost = deploy_cost(model, example, self.budget)
+            if over_budget(self.cost, self.budget):
+                raise ValueError(f"the starting model ({self._describe(self.cost)}) already breaks the budget "
+                                 f"{self.budget}")
+
+    @staticmethod
+    def _describe(cost: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.4g}" for k, v in cost.items())
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) is a growth point."""
+        return not self.stopped and step % self.interval == 0 and step <= self.last_step
+
+    def _fresh(self) -> set[int]:
+        """Modules grown at the previous growth step: their BN scales are still their initial
+        values, so importance ignores them until they have trained for two intervals."""
+        return {k for k, born in self.born.items() if self.step - born <= self.interval}
 
     # -------------------------------------------------------------- decisions
     def _kinds_left(self, model: nn.Module) -> list[str]:
-        if not isinstance(self.config.stop, str) or self.config.stop == "auto":
+        if not isinstance(self.config.stop, str) or self.config.stop in ("auto", "budget"):
             return ["depth", "width"]
         target = parse_spec(self.config.stop, model)
         if self.is_cnn:
@@ -120,54 +187,95 @@ class Grower:
             kinds.append("width")
         return kinds
 
-    def _depth(self, model: nn.Module) -> dict[str, Any]:
-        loc = self.config.location
-        if not self.is_cnn:
-            scales = [layer.norm_scale() for layer in model.layers]
-            after = {"greedy": max(range(len(scales)), key=scales.__getitem__),
-                     "random": self.rng.randrange(len(scales)), "sequential": self.steps % len(scales)}[loc]
-            return {"kind": "depth", "after": after}
+    def _stages(self, model: GrowingCNN) -> list[int]:
         stages = list(range(len(model.stages)))
-        if isinstance(self.config.stop, str) and self.config.stop != "auto":
+        if isinstance(self.config.stop, str) and self.config.stop not in ("auto", "budget"):
             target = parse_spec(self.config.stop, model)
             stages = [i for i in stages if model.depths[i] < target[i]]
-        score = {i: importance(model.stages[i]) if len(model.stages[i]) else importance(model.stem) for i in stages}
-        stage = {"greedy": max(stages, key=score.__getitem__), "random": self.rng.choice(stages),
-                 "sequential": stages[self.steps % len(stages)]}[loc]
-        layers = list(model.stages[stage])
-        if not layers:
-            position = 0
-        elif loc == "greedy":  # after the most important layer of the stage
-            position = max(range(len(layers)), key=lambda j: importance(layers[j])) + 1
-        else:
-            position = self.rng.randint(1 if stage else 0, len(layers))
-        return {"kind": "depth", "stage": stage, "position": position}
+        return stages
 
-    def _width(self, model: nn.Module) -> dict[str, Any]:
+    def _stage_score(self, model: GrowingCNN, stage: int, fresh: set[int]) -> float:
+        score = importance(model.stages[stage], fresh)
+        return importance(model.stem) if score is None else score
+
+    def _position(self, model: GrowingCNN, stage: int, fresh: set[int]) -> int:
+        layers = list(model.stages[stage])
+        first = 1 if stage else 0
+        if self.config.location != "greedy":
+            return self.rng.randint(first, len(layers))
+        scored = [(importance(layers[j], fresh), j) for j in range(len(layers))]
+        scored = [(v, j) for v, j in scored if v is not None]
+        return max(scored)[1] + 1 if scored else first  # after the most important trained layer
+
+    def _depth(self, model: nn.Module) -> dict[str, Any]:
+        loc, fresh = self.config.location, self._fresh()
+        if not self.is_cnn:
+            scales = {i: layer.norm_scale() for i, layer in enumerate(model.layers) if id(layer) not in fresh}
+            scales = scales or {i: layer.norm_scale() for i, layer in enumerate(model.layers)}
+            after = {"greedy": max(scales, key=scales.__getitem__), "random": self.rng.randrange(model.depth),
+                     "sequential": self.growths % model.depth}[loc]
+            return {"kind": "depth", "after": after}
+        stages = self._stages(model)
+        score = {i: self._stage_score(model, i, fresh) for i in stages}
+        stage = {"greedy": max(stages, key=score.__getitem__), "random": self.rng.choice(stages),
+                 "sequential": stages[self.growths % len(stages)]}[loc]
+        return {"kind": "depth", "stage": stage, "position": self._position(model, stage, fresh)}
+
+    def _width(self, model: nn.Module, fraction: float | None = None, specs: list[str] | None = None) -> dict[str, Any]:
         if not self.is_cnn:
             return {"kind": "width"}
         convs = model.rep_convs()
         names = list(convs)
-        n = max(1, math.ceil(self.config.width_fraction * len(names)))
+        n = max(1, math.ceil((fraction or self.config.width_fraction) * len(names)))
         if self.config.location == "greedy":
-            chosen = sorted(names, key=lambda k: importance(convs[k]), reverse=True)[:n]
+            fresh = self._fresh()
+            chosen = sorted(names, key=lambda k: importance(convs[k], fresh) or 0.0, reverse=True)[:n]
         elif self.config.location == "random":
             chosen = self.rng.sample(names, n)
         else:
-            start = (self.steps * n) % len(names)
+            start = (self.growths * n) % len(names)
             chosen = [names[(start + j) % len(names)] for j in range(n)]
         branches = {}
         for name in chosen:
             space = branch_space(convs[name], self.config.max_kernel)
+            if specs is not None:
+                space = [s for s in space if s in specs] or space[:1]
             if self.config.branch_sampling == "without":
                 space = [s for s in space if s not in convs[name].branches] or space
             branches[name] = self.rng.choice(space)
         return {"kind": "width", "branches": branches}
 
-    def decide(self, model: nn.Module, val_acc: float | None) -> dict[str, Any] | None:
-        """The next growth step, or None once growth has stopped (then it stays stopped)."""
+    def _candidates(self, model: nn.Module, kind: str, kinds: list[str]) -> list[dict[str, Any]]:
+        """The step the schedule asks for, then (under a budget) cheaper ones to try if it does not fit."""
+        first = self._depth(model) if kind == "depth" else self._width(model)
+        if self.budget is None:
+            return [first]
+        out = [first]
+        if self.is_cnn and kind == "depth":  # the same layer in the next most important stages
+            fresh = self._fresh()
+            for stage in sorted(self._stages(model), key=lambda i: -self._stage_score(model, i, fresh)):
+                if stage != first["stage"]:
+                    out.append({"kind": "depth", "stage": stage, "position": self._position(model, stage, fresh)})
+        if self.is_cnn:  # width: fewer convs, cheapest branches (fused, they add no deploy cost)
+            out.append(self._width(model, fraction=self.config.width_fraction / 2, specs=["bn", "conv1x1"]))
+        elif "width" in kinds and kind == "depth":
+            out.append(self._width(model))
+        elif "depth" in kinds and kind == "width":
+            out.append(self._depth(model))
+        return [c for c in out if c["kind"] in kinds]
+
+    def _fits(self, model: nn.Module, decision: dict[str, Any]) -> dict[str, float] | None:
+        trial = copy.deepcopy(model)
+        apply_growth(trial, decision, self.config)
+        cost = deploy_cost(trial, self.example, self.budget)
+        return None if over_budget(cost, self.budget) else cost
+
+    def decide(self, model: nn.Module, val_acc: float | None, step: int | None = None) -> dict[str, Any] | None:
+        """The next growth step at optimizer step ``step``, or None once growth has stopped (then
+        it stays stopped)."""
         if self.stopped:
             return None
+        self.step = self.step if step is None else step
         if self.config.stop == "auto" and val_acc is not None:
             self.ema = val_acc if self.ema is None else self.config.ema * val_acc + (1 - self.config.ema) * self.ema
             if self.ema_at_growth is not None and self.ema - self.ema_at_growth < self.config.auto_threshold:
@@ -180,44 +288,59 @@ class Grower:
         if not kinds:
             self.stopped = True
             return None
-        kind = self.pattern[self.steps % len(self.pattern)]
+        kind = self.pattern[self.growths % len(self.pattern)]
         kind = kind if kind in kinds else kinds[0]
-        decision = self._depth(model) if kind == "depth" else self._width(model)
-        if isinstance(self.config.stop, int):
-            trial = copy.deepcopy(model)
-            apply_growth(trial, decision, self.config)
-            deploy, train = trial.param_counts()
-            if deploy > self.config.stop or train > 1.5 * self.config.stop:
-                self.stopped = True
-                return None
-        self.steps += 1
+        decision = None
+        for candidate in self._candidates(model, kind, kinds):
+            if self.budget is None:
+                decision = candidate
+                break
+            cost = self._fits(model, candidate)
+            if cost is not None:
+                decision, self.cost = candidate, cost
+                break
+        if decision is None:
+            self.stopped = True
+            return None
+        self.growths += 1
         return decision
 
+    def apply(self, model: nn.Module, decision: dict[str, Any], step: int) -> Carry:
+        """Apply ``decision`` at optimizer step ``step``; remembers what it grew (see ``_fresh``)."""
+        carry, new = apply_growth(model, decision, self.config)
+        self.born.update({id(m): step for m in new})
+        return carry
 
-def apply_growth(model: nn.Module, decision: dict[str, Any], config: GrowthConfig) -> dict:
-    """Apply a decision in place; returns the optimizer carry records for widened parameters."""
+
+def apply_growth(model: nn.Module, decision: dict[str, Any], config: GrowthConfig) -> tuple[Carry, list[nn.Module]]:
+    """Apply a decision in place; returns (optimizer carry records for regrown parameters, the
+    new layers / branches)."""
     if decision["kind"] == "depth":
         if isinstance(model, GrowingCNN):
-            model.insert_layer(decision["stage"], decision["position"], config.zero_init)
-        else:
-            model.insert_layer(decision["after"], config.zero_init)
-        return {}
+            return {}, [model.insert_layer(decision["stage"], decision["position"], config.preserve)]
+        return {}, [model.insert_layer(decision["after"], config.preserve)]
     if isinstance(model, GrowingTransformer):
-        return model.add_head(config.zero_init)
+        widen = model.layers[0].head_dim if config.widen_dim else 0
+        return model.add_head(config.preserve, widen=widen), []
     convs = model.rep_convs()
-    for name, spec in decision["branches"].items():
-        convs[name].add_branch(spec, zero_init=config.zero_init, grow_kernel=True)
-    return {}
+    new = [convs[name].add_branch(spec, zero_init=config.preserve, grow_kernel=config.max_kernel is not None)
+           for name, spec in decision["branches"].items()]
+    return {}, new
 
 
 @dataclass
 class GrowResult:
+    """``model``: the result (with ``retrain``: the found architecture trained from scratch);
+    ``grown``: the model as grown (with ``retrain`` only); ``history``: one record per epoch and
+    one per growth step (``growth``, ``step``, ``epoch``, ``val_acc``, ``spec``)."""
+
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
+    grown: nn.Module | None = None
 
 
-def _cosine(base: float, epoch: int, total: int) -> float:
-    return base * 0.5 * (1 + math.cos(math.pi * epoch / max(total, 1)))
+def _cosine(base: float, step: int, total: int) -> float:
+    return base * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
 
 
 def _distributed() -> tuple[int, int]:
@@ -231,14 +354,34 @@ def grow(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[
          batch_size: int = 64, weight_decay: float = 5e-4, progress: bool = True) -> GrowResult:
     """Grow ``model`` (GrowingCNN or GrowingTransformer) while training for ``epochs`` epochs.
 
-    Defaults follow the thesis: SGD (momentum 0.9) at lr 0.1 for CNNs, AdamW at 1e-3 for
-    Transformers, cosine LR over all epochs. Under torchrun (process group initialised) each rank
-    trains on its shard and every growth decision comes from rank 0.
+    ``val`` must not be the test set: growth decisions and automatic stopping read it (carve it
+    from the training data, :func:`adagrow.data.train_val_split`). Defaults follow the thesis:
+    SGD (momentum 0.9) at lr 0.1 for CNNs, AdamW at 1e-3 for Transformers, cosine LR per step over
+    all steps. Under torchrun (process group initialised) each rank trains on its shard and every
+    growth decision comes from rank 0.
     """
     if not isinstance(model, (GrowingCNN, GrowingTransformer)):
         raise TypeError(f"grow() needs a GrowingCNN or GrowingTransformer, got {type(model).__name__}")
     config = config or GrowthConfig()
-    grower = Grower(model, config)
+    rank, world = _distributed()
+    x = train[0]
+    total = epochs * math.ceil(len(range(rank, len(x), world)) / batch_size)
+    grower = Grower(model, config, total, example=x[:1])
+    history = _train(model, train, val, epochs, grower, lr, optimizer, batch_size, weight_decay, progress)
+    if not config.retrain:
+        return GrowResult(model.eval(), history)
+    fresh = build_from_arch(model.arch()).to(x.device)
+    if world > 1:
+        for t in [*fresh.parameters(), *fresh.buffers()]:
+            dist.broadcast(t.data, src=0)
+    retrain = _train(fresh, train, val, epochs, None, lr, optimizer, batch_size, weight_decay, progress)
+    return GrowResult(fresh.eval(), history + [dict(h, retrain=True) for h in retrain], grown=model.eval())
+
+
+def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+           epochs: int, grower: Grower | None, lr: float | None, optimizer: str | None, batch_size: int,
+           weight_decay: float, progress: bool) -> list[dict[str, Any]]:
+    """The training loop; grows at the grower's growth points (``grower=None``: plain training)."""
     rank, world = _distributed()
     is_cnn = isinstance(model, GrowingCNN)
     optimizer = optimizer or ("sgd" if is_cnn else "adamw")
@@ -257,39 +400,45 @@ def grow(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[
 
     opt, net = make_opt(), wrap()
     x, y = train
-    gen = torch.Generator().manual_seed(config.seed)
+    seed = grower.config.seed if grower else 0
+    gen = torch.Generator().manual_seed(seed)
+    total = epochs * math.ceil(len(range(rank, len(x), world)) / batch_size)
     history: list[dict[str, Any]] = []
-    since = 0
-    for epoch in tqdm(range(epochs), desc="grow", disable=not progress or rank != 0):
-        for g in opt.param_groups:
-            g["lr"] = _cosine(lr, epoch, epochs)
+    step = 0
+    for epoch in tqdm(range(epochs), desc="grow" if grower else "train", disable=not progress or rank != 0):
         model.train()
         order = torch.randperm(len(x), generator=gen)[rank::world]
         for idx in order.split(batch_size):
+            for g in opt.param_groups:
+                g["lr"] = _cosine(lr, step, total)
             loss = F.cross_entropy(net(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        val_acc = accuracy(model, *val) if rank == 0 else None
-        since += 1
-        event = {"epoch": epoch + 1, "val_acc": val_acc, "spec": model.spec()}
-        if since >= grower.interval and not grower.stopped and epoch < epochs - 1:
-            since = 0
-            payload = [grower.decide(model, val_acc) if rank == 0 else None]
+            step += 1
+            if grower is None or not grower.due(step):
+                continue
+            val_acc = accuracy(model, *val) if rank == 0 else None
+            model.train()
+            payload = [grower.decide(model, val_acc, step) if rank == 0 else None]
             if world > 1:
                 dist.broadcast_object_list(payload, src=0)
                 grower.stopped = payload[0] is None
             decision = payload[0]
-            if decision is not None:
-                carry = apply_growth(model, decision, config)
-                if world > 1:  # every rank continues from rank 0's new parameters
-                    for t in [*model.parameters(), *model.buffers()]:
-                        dist.broadcast(t.data, src=0)
-                opt, net = rebuild_optimizer(opt, model, carry), wrap()
-                event.update(growth=decision, spec=model.spec())
-        event["params_deploy"], event["params_train"] = model.param_counts()
-        history.append(event)
+            if decision is None:
+                continue
+            carry = grower.apply(model, decision, step)
+            if world > 1:  # every rank continues from rank 0's new parameters
+                for t in [*model.parameters(), *model.buffers()]:
+                    dist.broadcast(t.data, src=0)
+            opt, net = rebuild_optimizer(opt, model, carry), wrap()
+            deploy, params_train = model.param_counts()
+            history.append({"epoch": epoch + 1, "step": step, "val_acc": val_acc, "growth": decision,
+                            "spec": model.spec(), "params_deploy": deploy, "params_train": params_train})
+        deploy, params_train = model.param_counts()
+        history.append({"epoch": epoch + 1, "step": step, "val_acc": accuracy(model, *val) if rank == 0 else None,
+                        "spec": model.spec(), "params_deploy": deploy, "params_train": params_train})
     if world > 1:  # DDP keeps parameters equal; BN running statistics last moved per rank
         for t in model.buffers():
             dist.broadcast(t.data, src=0)
-    return GrowResult(model.eval(), history)
+    return history

@@ -45,8 +45,9 @@ class RepCNN(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
     def adagrow_arch(self) -> dict[str, Any]:
-        """How :func:`adagrow.compress.load_quantized` rebuilds this architecture."""
-        return {"builder": "adagrow.grow.nets:RepCNN", "kwargs": dict(self._kwargs)}
+        """How :func:`adagrow.compress.load_quantized` rebuilds this architecture (a record
+        checked by ``adagrow.compress.archs``)."""
+        return {"name": "repcnn", "args": dict(self._kwargs)}
 
 
 class _ViTBlock(nn.Module):
@@ -92,4 +93,4 @@ class TinyViT(nn.Module):
         return self.head(self.norm(self.blocks(x)).mean(1))
 
     def adagrow_arch(self) -> dict[str, Any]:
-        return {"builder": "adagrow.grow.nets:TinyViT", "kwargs": dict(self._kwargs)}
+        return {"name": "tinyvit", "args": dict(self._kwargs)}

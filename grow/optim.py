@@ -21,14 +21,15 @@ def rebuild_optimizer(old: torch.optim.Optimizer, model: nn.Module, carry: Carry
         if p in old.state:
             new.state[p] = old.state[p]
         elif p in carry:
-            src, dim, idx = carry[p]
+            src, idx = carry[p]
             if src not in old.state:
                 continue
             state = {}
+            where = torch.meshgrid(*(i.to(p.device) for i in idx), indexing="ij")
             for key, val in old.state[src].items():
                 if torch.is_tensor(val) and val.shape == src.shape:
                     fresh = torch.zeros_like(p)
-                    fresh.index_copy_(dim, idx.to(p.device), val)
+                    fresh[where] = val
                     state[key] = fresh
                 else:  # step counters and other scalars
                     state[key] = val.clone() if torch.is_tensor(val) else val

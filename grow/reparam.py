@@ -219,9 +219,15 @@ class RepConv2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.groups = ks, stride, groups
         self.padding = (ks[0] // 2, ks[1] // 2)
+        if isinstance(branches, str):
+            raise ValueError(f"branches must be a list of branch specs, not the string {branches!r} "
+                             f"(did you mean [{branches!r}]?)")
+        specs = list(branches) if branches is not None else [f"conv{ks[0]}x{ks[1]}"]
+        if not specs:
+            raise ValueError("RepConv2d needs at least one branch (branches=() would compute nothing)")
         self._specs: list[str] = []
         self.branch_modules = nn.ModuleList()
-        for spec in branches if branches is not None else (f"conv{ks[0]}x{ks[1]}",):
+        for spec in specs:
             self.add_branch(spec)
 
     @property

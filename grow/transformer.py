@@ -1,10 +1,11 @@
 """A growable Transformer encoder: ViT (image patches) or BERT-style (token ids).
 
-The residual width ``dim`` is fixed; each layer has ``heads`` attention heads of fixed
-``head_dim``, its attention width (QKV rows, proj columns) and MLP width (``mlp_per_head``
-units per head) follow the head count. Width growth adds one head to every layer; depth growth
-inserts a layer. New parameters are drawn from N(0, 0.1^2), or zero where ``zero_init`` makes
-growth function-preserving (new proj columns / fc2 columns, and new layers' proj / fc2).
+Each layer has ``heads`` attention heads of fixed ``head_dim``; its attention width (QKV rows,
+proj columns) and MLP width (``mlp_per_head`` units per head) follow the head count. Width
+growth adds one head to every layer and (optionally, as the thesis does) widens the residual
+stream ``dim``; depth growth inserts a layer. New parameters are drawn from N(0, 0.1^2), or zero
+where ``zero_init`` makes growth function-preserving (new proj / fc2 columns and rows, new
+layers' proj / fc2).
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 from torch import nn
 
 KINDS = ("vit", "bert")
-# (new parameter, dim, index) records: new[index along dim] = old values
-Carry = dict[nn.Parameter, tuple[nn.Parameter, int, torch.Tensor]]
+# new parameter -> (old parameter, index per dimension): new[meshgrid(index)] holds the old values
+Carry = dict[nn.Parameter, tuple[nn.Parameter, tuple[torch.Tensor, ...]]]
 
 
 class EncoderLayer(nn.Module):
@@ -39,32 +40,41 @@ class EncoderLayer(nn.Module):
         return float(torch.cat([self.norm1.weight.detach().abs(), self.norm2.weight.detach().abs()]).mean())
 
 
-def _init_new(t: torch.Tensor, zero: bool) -> None:
+def _init_new(t: torch.Tensor, fill: str) -> None:
+    """``fill``: ``zero`` | ``one`` | ``normal`` (N(0, 0.1^2), the thesis' init for new parameters)."""
     with torch.no_grad():
-        t.zero_() if zero else t.normal_(0.0, 0.1)
-
-
-def _widen(old: nn.Linear, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None, n_out: int, n_in: int,
-           zero_new: bool, carry: Carry) -> nn.Linear:
-    """A larger Linear holding ``old`` at rows ``out_idx`` / columns ``in_idx``; the rest is new."""
-    new = nn.Linear(n_in, n_out).to(old.weight)
-    _init_new(new.weight, zero_new)
-    _init_new(new.bias, zero_new)
-    rows = out_idx if out_idx is not None else torch.arange(n_out)
-    cols = in_idx if in_idx is not None else torch.arange(n_in)
-    with torch.no_grad():
-        new.weight[rows[:, None], cols[None, :]] = old.weight
-        if out_idx is not None:
-            new.bias[rows] = old.bias
+        if fill == "normal":
+            t.normal_(0.0, 0.1)
         else:
-            new.bias.copy_(old.bias)
-    if out_idx is not None:
-        carry[new.weight] = (old.weight, 0, rows)
-        carry[new.bias] = (old.bias, 0, rows)
-    else:
-        carry[new.weight] = (old.weight, 1, cols)
-        carry[new.bias] = (old.bias, 0, torch.arange(n_out))
-    return new
+            t.fill_(1.0 if fill == "one" else 0.0)
+
+
+def _regrow(module: nn.Module, name: str, shape: tuple[int, ...], index: tuple[torch.Tensor | None, ...],
+            fill: str, carry: Carry) -> None:
+    """Replace ``module.<name>`` by a parameter of ``shape`` that holds the old values at ``index``
+    (per dimension; None = all of the old extent) and ``fill`` elsewhere; records the carry."""
+    old = getattr(module, name)
+    idx = tuple(torch.arange(n) if i is None else i for i, n in zip(index, old.shape))
+    new = nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device))
+    _init_new(new, fill)
+    with torch.no_grad():
+        new[torch.meshgrid(*idx, indexing="ij")] = old
+    carry[new] = (old, idx)
+    setattr(module, name, new)
+
+
+def _grow_linear(lin: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None, n_out: int, n_in: int,
+                 fill: str, carry: Carry) -> None:
+    """Widen ``lin`` in place to ``n_in -> n_out``, old weights at ``rows`` x ``cols``."""
+    _regrow(lin, "weight", (n_out, n_in), (rows, cols), fill, carry)
+    _regrow(lin, "bias", (n_out,), (rows,), fill, carry)
+    lin.in_features, lin.out_features = n_in, n_out
+
+
+def _grow_norm(norm: nn.LayerNorm, dim: int, carry: Carry) -> None:
+    _regrow(norm, "weight", (dim,), (None,), "one", carry)
+    _regrow(norm, "bias", (dim,), (None,), "zero", carry)
+    norm.normalized_shape = (dim,)
 
 
 class GrowingTransformer(nn.Module):
@@ -124,35 +134,72 @@ class GrowingTransformer(nn.Module):
         return {"type": "transformer", **self.cfg, "layer_heads": [layer.heads for layer in self.layers]}
 
     def adagrow_arch(self) -> dict[str, Any]:
-        return {"builder": "adagrow.grow.checkpoint:build_from_arch", "kwargs": {"arch": self.arch()}}
+        """The architecture record (``adagrow.compress.archs``)."""
+        return {"name": "transformer", "args": {k: v for k, v in self.arch().items() if k != "type"}}
 
     def param_counts(self) -> tuple[int, int]:
         n = sum(p.numel() for p in self.parameters())
         return n, n
 
     # ------------------------------------------------------------------ growth operations
-    def add_head(self, zero_init: bool = False) -> Carry:
-        """Add one head to every layer; returns where each widened parameter's old values went."""
+    @property
+    def dim(self) -> int:
+        """The residual width."""
+        return self.norm.normalized_shape[0]
+
+    def add_head(self, zero_init: bool = False, widen: int = 0) -> Carry:
+        """Add one head to every layer (its QKV rows, proj columns and ``mlp_per_head`` MLP units)
+        and widen the residual stream by ``widen`` features (the thesis grows both together).
+
+        New parameters ~ N(0, 0.1^2). ``zero_init`` zeroes the new proj / fc2 columns, and with
+        ``widen`` the new embedding rows, positions, proj / fc2 rows and head columns, so the new
+        residual features start at 0. Without ``widen`` this preserves the function exactly; with
+        it the LayerNorms also average over the (zero) new features, which rescales the old ones.
+        Returns where each regrown parameter's old values went (for the optimizer state).
+        """
+        if widen < 0:
+            raise ValueError(f"widen must be >= 0 features, got {widen}")
         carry: Carry = {}
+        d = self.dim
+        big, keep = d + widen, torch.arange(d)
+        fill = "zero" if zero_init else "normal"
         for layer in self.layers:
             h, hd, mh = layer.heads, layer.head_dim, layer.mlp_per_head
-            dim = layer.norm1.normalized_shape[0]
-            s, hh, d = torch.meshgrid(torch.arange(3), torch.arange(h), torch.arange(hd), indexing="ij")
-            qkv_rows = (s * (h + 1) * hd + hh * hd + d).reshape(-1)
-            layer.qkv = _widen(layer.qkv, qkv_rows, None, 3 * (h + 1) * hd, dim, False, carry)
-            layer.proj = _widen(layer.proj, None, torch.arange(h * hd), dim, (h + 1) * hd, zero_init, carry)
-            layer.fc1 = _widen(layer.fc1, torch.arange(h * mh), None, (h + 1) * mh, dim, False, carry)
-            layer.fc2 = _widen(layer.fc2, None, torch.arange(h * mh), dim, (h + 1) * mh, zero_init, carry)
+            s, hh, j = torch.meshgrid(torch.arange(3), torch.arange(h), torch.arange(hd), indexing="ij")
+            qkv_rows = (s * (h + 1) * hd + hh * hd + j).reshape(-1)
+            _grow_linear(layer.qkv, qkv_rows, keep, 3 * (h + 1) * hd, big, "normal", carry)
+            _grow_linear(layer.proj, keep, torch.arange(h * hd), big, (h + 1) * hd, fill, carry)
+            _grow_linear(layer.fc1, torch.arange(h * mh), keep, (h + 1) * mh, big, "normal", carry)
+            _grow_linear(layer.fc2, keep, torch.arange(h * mh), big, (h + 1) * mh, fill, carry)
+            if widen:
+                _grow_norm(layer.norm1, big, carry)
+                _grow_norm(layer.norm2, big, carry)
             layer.heads = h + 1
+        if widen:
+            if self.kind == "vit":
+                c, p = self.embed.in_channels, self.embed.kernel_size
+                _regrow(self.embed, "weight", (big, c, *p), (keep, None, None, None), fill, carry)
+                _regrow(self.embed, "bias", (big,), (keep,), fill, carry)
+                self.embed.out_channels = big
+            else:
+                _regrow(self.embed, "weight", (self.embed.num_embeddings, big), (None, keep), fill, carry)
+                self.embed.embedding_dim = big
+            _regrow(self, "pos", (1, self.pos.shape[1], big), (None, None, keep), fill, carry)
+            _grow_norm(self.norm, big, carry)
+            _regrow(self.head, "weight", (self.head.out_features, big), (None, keep), fill, carry)
+            self.head.in_features = big
+            self.cfg["dim"] = big
         return carry
 
     def insert_layer(self, after: int, zero_init: bool = False) -> EncoderLayer:
-        """Insert a layer after layer ``after`` (-1: first); zero_init makes it the identity."""
+        """Insert a layer after layer ``after`` (-1: first); new parameters ~ N(0, 0.1^2);
+        ``zero_init`` zeroes its proj and fc2, so the layer is the identity."""
         ref = self.layers[max(after, 0)]
-        layer = EncoderLayer(ref.norm1.normalized_shape[0], ref.heads, ref.head_dim, ref.mlp_per_head)
+        layer = EncoderLayer(self.dim, ref.heads, ref.head_dim, ref.mlp_per_head)
         layer.to(ref.qkv.weight)
         for lin in (layer.qkv, layer.proj, layer.fc1, layer.fc2):
-            _init_new(lin.weight, zero_init and lin in (layer.proj, layer.fc2))
-            _init_new(lin.bias, zero_init and lin in (layer.proj, layer.fc2))
+            fill = "zero" if zero_init and lin in (layer.proj, layer.fc2) else "normal"
+            _init_new(lin.weight, fill)
+            _init_new(lin.bias, fill)
         self.layers.insert(after + 1, layer)
         return layer

@@ -9,7 +9,7 @@ for torch.compile / CUDA graphs. On CPU the kernels run only under ``TRITON_INTE
 """
 from .conv import fused_conv2d, fused_conv2d_ref
 from .modules import FusedConv2d
-from .w4a16 import load_tuning, save_tuning, tune, w4a16_matmul, w4a16_matmul_ref
+from .w4a16 import load_tuning, lookup_config, save_tuning, tune, w4a16_matmul, w4a16_matmul_ref
 
 __all__ = ["w4a16_matmul", "w4a16_matmul_ref", "fused_conv2d", "fused_conv2d_ref", "FusedConv2d",
-           "tune", "save_tuning", "load_tuning"]
+           "tune", "save_tuning", "load_tuning", "lookup_config"]

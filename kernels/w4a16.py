@@ -2,15 +2,28 @@
 
 ``qweight`` int32 ``[K_pad/8, N]`` (8 nibbles along K, lowest nibble = lowest k), ``scales`` /
 ``zeros`` ``[K_pad/G, N]`` (``[1, N]`` per channel, ``group_size=-1``), fp32 accumulation, output
-in x's dtype. Three paths, chosen by M (rows of x): a GEMV for M = 1, split-K for small M
-(atomic fp32 reduction over K slices), a tiled GEMM otherwise. Each path has a small table of
-configs below; :func:`tune` times them on the GPU once (a warm-up, never on the serving path) and
-caches the winner per (path, bucketed M, N, K, G, dtype, device), which :func:`save_tuning` /
-:func:`load_tuning` persist. Untuned shapes use the first valid config of the table.
+in x's dtype. Every packed word is loaded once (evict-first) and its 8 nibbles are unpacked in
+registers; dequant uses no int->float conversion: nibble i is shifted under the exponent of 1.0
+(``(w << (19 - 4i)) & 0x780000 | 0x3F800000`` = 1 + q/16 as fp32), so
+``(q - z) s = fma(1 + q/16, 16 s, -(16 + z) s)`` is one FMA, exact before its rounding.
+
+Paths by M (rows of x): a GEMV for M = 1 (per-element fp32 accumulator, one cross-thread
+reduction after the K loop), a tensor-core kernel for small M ("splitk", BLOCK_M 16-32) and
+large M ("gemm", BLOCK_M up to 128), both with software-pipelined loads. SPLIT_K > 1 programs
+add fp32 partials into a per-device workspace; the last program of each output tile (atomic
+counter) writes y in its dtype and re-zeroes the workspace, so no zero-fill or cast kernel runs.
+
+Configs: :data:`CONFIGS` per path; a launch takes the user's tuning cache (:func:`tune`,
+:func:`load_tuning`), then the shipped per-GPU table ``tables/w4a16.json`` keyed by
+(N, K, M-bucket), then the path's first row (:func:`lookup_config`); nothing is tuned on the
+request path. On CUDA a config whose compiled kernel needs more shared memory than the device
+allows is skipped with its reason, never launched. :func:`static_specs` lists every table
+config at the benchmark shapes for ``benchmarks/kernels_static.py``.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -22,17 +35,23 @@ from adagrow.files import write_json
 
 from ._triton import HAS_TRITON, interpreting, smem_limit, tl, triton
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per path, best-guess first.
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per path, default first. Every
+# row compiles for sm_90 and sm_80 (ARCH_ONLY rows: for their archs) without spills and within
+# shared memory, and the GEMV / split-K rows load at most 1.25x their tile's unique bytes
+# (benchmarks/results/kernels_static_sm*.json).
 CONFIGS: dict[str, list[tuple[int, int, int, int, int, int]]] = {
-    "gemv": [(1, 128, 128, 4, 4, 3), (1, 64, 256, 4, 4, 3), (1, 256, 128, 2, 4, 3), (1, 128, 64, 8, 4, 4),
-             (1, 64, 128, 16, 2, 4), (1, 128, 32, 8, 4, 4)],
-    "splitk": [(16, 64, 128, 4, 4, 3), (16, 128, 64, 4, 4, 3), (16, 64, 64, 8, 4, 4), (32, 64, 128, 4, 4, 3),
-               (16, 128, 128, 2, 4, 3), (16, 64, 32, 8, 4, 4)],
-    "gemm": [(64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 64, 128, 1, 4, 4),
-             (32, 128, 128, 1, 4, 4), (64, 64, 32, 1, 4, 4)],
+    "gemv": [(1, 128, 128, 8, 4, 3), (1, 128, 128, 16, 4, 3), (1, 128, 128, 4, 4, 3), (1, 256, 128, 4, 8, 4),
+             (1, 256, 128, 8, 8, 3)],
+    "splitk": [(16, 256, 64, 4, 8, 3), (16, 256, 128, 4, 8, 3), (16, 128, 128, 4, 4, 3), (16, 128, 128, 8, 4, 3),
+               (32, 256, 64, 4, 8, 3)],
+    "gemm": [(128, 256, 64, 2, 8, 3), (128, 128, 64, 2, 8, 4), (128, 128, 64, 4, 8, 4), (128, 128, 64, 1, 8, 3),
+             (64, 128, 64, 2, 4, 3), (128, 64, 64, 2, 4, 3)],
 }
+# Rows checked (spill-free) only on some archs (compute capability as 10 * major + minor):
+# 128x256 tiles keep a 128-register fp32 accumulator that spills with sm_80's mma.sync.
+ARCH_ONLY: dict[tuple[int, ...], tuple[int, ...]] = {(128, 256, 64, 2, 8, 3): (90,)}
 SPLITK_MAX_M = 32
-MIN_GROUP = 32  # smallest BLOCK_K in the tables: contiguous groups must be multiples of it
+PER_CHANNEL_GROUP = 1 << 30  # GROUP constexpr of group_size=-1: every K tile is in group 0
 _TUNED: dict[str, tuple[int, ...]] = {}
 
 
@@ -43,6 +62,21 @@ def w4a16_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     k = x.shape[-1]
     w = dequantize_packed(qweight, scales, zeros, 4, k, group_size).to(x.device)  # [N, K]
     return (x.float() @ w.t()).to(x.dtype)
+
+
+def error_bound(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, weight_err: float = 0.0) -> torch.Tensor:
+    """Elementwise bound ``[M, N]`` on ``|kernel(x) - x @ w.T|`` for x ``[M, K]`` fp16/bf16, w and
+    s ``[N, K]`` float32 (dequantized weight and the scale of each weight).
+
+    The tensor-core paths round the weight and the output to x's dtype (unit roundoff eps) with
+    fp32 accumulation: ``2 eps |x| @ |w|``. The GEMV keeps weights in fp32 and forms
+    ``16 s sum x (1 + q/16) - (16 + z) s sum x`` per group, whose fp32 cancellation error is at
+    most ``K 2^-24 |x| @ (|w| + 32 s)``. ``weight_err``: extra per-weight error in units of
+    ``eps * s`` (other kernels' dequant roundings)."""
+    eps = 2.0**-11 if x.dtype == torch.float16 else 2.0**-8
+    xa = x.float().abs()
+    return 2 * eps * (xa @ w.abs().t()) + x.shape[-1] * 2.0**-24 * (xa @ (w.abs() + 32 * s).t()) \
+        + eps * weight_err * (xa @ s.t())
 
 
 def check_w4a16_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -75,126 +109,239 @@ def check_w4a16_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 # ----------------------------------------------------------------------------- Triton kernels
 if HAS_TRITON:
     @triton.jit
-    def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PAD,
-                           sxm, sxk, sqk, sqn, ssg, ssn, sym, syn,
-                           GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    def _nibble(qw, I: tl.constexpr):
+        """Nibble I of each int32 word as the fp32 value 1 + q/16, by moving it to mantissa bits
+        19..22 under the exponent of 1.0 (shift, mask | 0x3F800000, bitcast): no I2F."""
+        if I < 5:
+            t = qw << (19 - 4 * I)
+        else:
+            t = qw >> (4 * I - 19)
+        return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _split8(x):
+        """``[R, 8] -> 8 x [R]`` columns 0..7 (register shuffles, no memory traffic)."""
+        r: tl.constexpr = x.shape[0]
+        even, odd = tl.split(tl.reshape(x, (r, 4, 2)))
+        e0, e1 = tl.split(tl.reshape(even, (r, 2, 2)))
+        o0, o1 = tl.split(tl.reshape(odd, (r, 2, 2)))
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e1)
+        x1, x5 = tl.split(o0)
+        x3, x7 = tl.split(o1)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _dequant_tile(qw, s16, c, dtype: tl.constexpr):
+        """Packed words ``[BK/8, BN]`` -> dequantized ``[BK, BN]`` in ``dtype`` (row 8*w + i is
+        nibble i of word row w): ``(q - z) * s = fma(1 + q/16, 16 s, -(16 + z) s)``, one FMA,
+        exact before the final rounding."""
+        bk8: tl.constexpr = qw.shape[0]
+        bn: tl.constexpr = qw.shape[1]
+        w0 = (_nibble(qw, 0) * s16 - c).to(dtype)
+        w1 = (_nibble(qw, 1) * s16 - c).to(dtype)
+        w2 = (_nibble(qw, 2) * s16 - c).to(dtype)
+        w3 = (_nibble(qw, 3) * s16 - c).to(dtype)
+        w4 = (_nibble(qw, 4) * s16 - c).to(dtype)
+        w5 = (_nibble(qw, 5) * s16 - c).to(dtype)
+        w6 = (_nibble(qw, 6) * s16 - c).to(dtype)
+        w7 = (_nibble(qw, 7) * s16 - c).to(dtype)
+        t = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
+        return tl.reshape(tl.permute(tl.reshape(t, (bk8, bn, 8)), (0, 2, 1)), (bk8 * 8, bn))
+
+    @triton.jit
+    def _group_scales(s_ptr, z_ptr, t, rw, rn, nmask, N, K_PAD, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                      ROW_GROUPS: tl.constexpr):
+        """fp32 scales and zeros of K tile t: ``[1, BN]`` when the tile lies in one group
+        (GROUP a multiple of BLOCK_K), else ``[BK/8, BN]``, one group per word row."""
+        if ROW_GROUPS:
+            kw = t * (BLOCK_K // 8) + rw
+            offs = (kw * 8 // GROUP)[:, None] * N + rn[None, :]
+            mask = (kw < K_PAD // 8)[:, None] & nmask[None, :]
+            s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:  # 1-D loads: the [BN] vectors, not a 2-D tile, get converted to the weights' layout
+            offs = (t * BLOCK_K // GROUP) * N + rn
+            s = tl.load(s_ptr + offs, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + offs, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        return s, z
+
+    @triton.jit
+    def _finish(acc, y_ptrs, mask, ws_ptrs, cnt_ptr, SPLIT_K: tl.constexpr):
+        """Store a program's fp32 partial. Split-K: add it into the fp32 workspace; the last of
+        the tile's SPLIT_K programs (atomic counter) reads the sum (L2, after the counter's acquire),
+        re-zeroes the workspace,
+        stores it in y's dtype and resets the counter, so no zero-fill or cast kernel runs."""
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(ws_ptrs, acc, mask=mask)
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr, 1) == SPLIT_K - 1:
+                total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(ws_ptrs, tl.zeros_like(acc), mask=mask)
+                tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr, 0)
+
+    @triton.jit
+    def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, K_PAD,
+                           GROUP: tl.constexpr, ROW_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        """M = 1. Each program streams a [BLOCK_K/8, BLOCK_N] tile of words per iteration (each
+        word loaded once, evict-first) over K tiles pid_k, pid_k + SPLIT_K, ...; the per-element
+        fp32 accumulator is reduced across threads once, after the loop. Per group:
+        ``s * (sum x q - z sum x) = 16 s * sum x (1 + q/16) - (16 + z) s * sum x``."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        BK8: tl.constexpr = BLOCK_K // 8
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rw = tl.arange(0, BK8)
+        acc = tl.zeros((BK8, BLOCK_N), dtype=tl.float32)
+        for t in range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K):
+            kw = t * BK8 + rw
+            qw = tl.load(qw_ptr + kw[:, None] * N + rn[None, :], mask=nmask[None, :], other=0,
+                         eviction_policy="evict_first")
+            xk = t * BLOCK_K + tl.arange(0, BLOCK_K)  # 1-D: each x element loaded by one thread
+            x = tl.reshape(tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32), (BK8, 8))
+            x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
+            s, z = _group_scales(s_ptr, z_ptr, t, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
+            inner = x0[:, None] * _nibble(qw, 0) + x1[:, None] * _nibble(qw, 1) + x2[:, None] * _nibble(qw, 2) \
+                + x3[:, None] * _nibble(qw, 3) + x4[:, None] * _nibble(qw, 4) + x5[:, None] * _nibble(qw, 5) \
+                + x6[:, None] * _nibble(qw, 6) + x7[:, None] * _nibble(qw, 7)
+            xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+            acc += 16.0 * s * inner - (16.0 + z) * s * xsum[:, None]
+        _finish(tl.sum(acc, axis=0), y_ptr + rn, nmask, ws_ptr + rn, cnt_ptr + pid_n, SPLIT_K)
+
+    @triton.jit
+    def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_PAD,
+                          GROUP: tl.constexpr, ROW_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Tensor-core path (split-K for small M, tiled GEMM): each program dequantizes its
+        [BLOCK_K, BLOCK_N] weight tile once per K step (words loaded once, nibbles unpacked in
+        registers) and feeds tl.dot with the [BLOCK_M, BLOCK_K] activation tile."""
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        BK8: tl.constexpr = BLOCK_K // 8
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
+        mmask = rm < M
+        rw = tl.arange(0, BK8)
+        rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        s = tl.load(s_ptr + rn * ssn, mask=nmask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn * ssn, mask=nmask, other=0.0).to(tl.float32)
-        for k0 in range(pid_k * BLOCK_K, K_PAD, BLOCK_K * SPLIT_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk,
-                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-            qw = tl.load(qw_ptr + (rk // 8)[:, None] * sqk + rn[None, :] * sqn,
-                         mask=(rk[:, None] < K_PAD) & nmask[None, :], other=0)
-            q = ((qw >> ((rk % 8) * 4)[:, None]) & 0xF).to(tl.float32)
-            if PER_CHANNEL:  # integer-valued (q - z) is exact in fp16/bf16; scale after the dot
-                w = q - z[None, :]
-            else:  # BLOCK_K divides GROUP: one scale row per tile
-                g = k0 // GROUP
-                s = tl.load(s_ptr + g * ssg + rn * ssn, mask=nmask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g * ssg + rn * ssn, mask=nmask, other=0.0).to(tl.float32)
-                w = (q - z[None, :]) * s[None, :]
-            acc += tl.dot(x, w.to(x.dtype))
-        if PER_CHANNEL:
-            acc = acc * s[None, :]
-        ptrs = y_ptr + rm[:, None] * sym + rn[None, :] * syn
-        mask = (rm[:, None] < M) & nmask[None, :]
-        if SPLIT_K > 1:
-            tl.atomic_add(ptrs, acc, mask=mask)
-        else:
-            tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, K_PAD, sxk, sqk, sqn, ssg, ssn, syn,
-                           GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = rn < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        s = tl.load(s_ptr + rn * ssn, mask=nmask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn * ssn, mask=nmask, other=0.0).to(tl.float32)
-        for k0 in range(pid_k * BLOCK_K, K_PAD, BLOCK_K * SPLIT_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rk * sxk, mask=rk < K, other=0.0).to(tl.float32)
-            qw = tl.load(qw_ptr + (rk // 8)[:, None] * sqk + rn[None, :] * sqn,
-                         mask=(rk[:, None] < K_PAD) & nmask[None, :], other=0)
-            q = ((qw >> ((rk % 8) * 4)[:, None]) & 0xF).to(tl.float32)
-            if PER_CHANNEL:
-                acc += tl.sum(x[:, None] * (q - z[None, :]), axis=0)
-            else:
-                g = k0 // GROUP
-                s = tl.load(s_ptr + g * ssg + rn * ssn, mask=nmask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + g * ssg + rn * ssn, mask=nmask, other=0.0).to(tl.float32)
-                acc += tl.sum(x[:, None] * ((q - z[None, :]) * s[None, :]), axis=0)
-        if PER_CHANNEL:
-            acc = acc * s
-        if SPLIT_K > 1:
-            tl.atomic_add(y_ptr + rn * syn, acc, mask=nmask)
-        else:
-            tl.store(y_ptr + rn * syn, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+        for t in range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K):
+            xk = t * BLOCK_K + rk
+            x = tl.load(x_ptr + rm[:, None] * K + xk[None, :], mask=mmask[:, None] & (xk < K)[None, :], other=0.0)
+            qw = tl.load(qw_ptr + (t * BK8 + rw)[:, None] * N + rn[None, :], mask=nmask[None, :], other=0,
+                         eviction_policy="evict_first")
+            s, z = _group_scales(s_ptr, z_ptr, t, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
+            w = _dequant_tile(qw, 16.0 * s, (16.0 + z) * s, x_ptr.dtype.element_ty)
+            acc = tl.dot(x, w, acc)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        offs = rm[:, None] * N + rn[None, :]
+        _finish(acc, y_ptr + offs, mmask[:, None] & nmask[None, :], ws_ptr + offs, cnt_ptr + tile, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- dispatch
 def path_for(m: int) -> str:
-    """The kernel path for M rows: gemv (M = 1), splitk (M <= 32) or gemm."""
+    """The kernel path for M rows: gemv (M = 1), splitk (M <= SPLITK_MAX_M) or gemm."""
     return "gemv" if m == 1 else "splitk" if m <= SPLITK_MAX_M else "gemm"
+
+
+def m_bucket(m: int) -> int:
+    """Tuning bucket of M: 1, then the next power of two, capped at 256."""
+    return 1 if m == 1 else min(1 << (m - 1).bit_length(), 256)
+
+
+def _kernel_for(path: str):
+    return _w4a16_gemv_kernel if path == "gemv" else _w4a16_mma_kernel
+
+
+def _grid(path: str, cfg: tuple[int, ...], m: int, n: int) -> tuple[int, ...]:
+    bm, bn, _, split, _, _ = cfg
+    return (triton.cdiv(n, bn), split) if path == "gemv" else (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+
+
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device's split-K workspace: fp32 partial sums and int32 tile counters, zeroed once
+    and left zeroed by every launch (the last program of a tile resets its part). Shared by
+    the device's launches, which must therefore run on one stream at a time (as a model's
+    layers do); it only grows outside CUDA graph capture."""
+    ws, cnt = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < floats or cnt.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("w4a16_matmul: the split-K workspace must grow during CUDA graph capture; "
+                               "run the model once eagerly (same shapes) before capturing")
+        ws = torch.zeros(max(floats, 0 if ws is None else ws.numel()), device=device, dtype=torch.float32)
+        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), device=device, dtype=torch.int32)
+        _WORKSPACE[device] = (ws, cnt)
+    return ws, cnt
+
+
+def _args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+          path: str, cfg: tuple[int, ...], y: torch.Tensor) -> tuple[list, dict]:
+    m, k = x2.shape
+    k_pad, n = qweight.shape[0] * 8, qweight.shape[1]
+    bm, bn, bk, split, warps, stages = cfg
+    grid = _grid(path, cfg, m, n)
+    ws, cnt = _workspace(x2.device, m * n if split > 1 else 1, grid[0] * (grid[1] if path != "gemv" else 1))
+    args = [x2, qweight, scales, zeros, y, ws, cnt] + ([n] if path == "gemv" else [m, n]) + [k, k_pad]
+    group = PER_CHANNEL_GROUP if group_size == -1 else group_size
+    meta = {"GROUP": group, "ROW_GROUPS": group % bk != 0, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+            "num_warps": warps, "num_stages": stages}
+    if path != "gemv":
+        meta["BLOCK_M"] = bm
+    return args, meta
+
+
+_SMEM: dict[tuple, int] = {}
+
+
+def config_problem(path: str, cfg: tuple[int, ...], group_size: int, dtype: torch.dtype = torch.float16,
+                   device: torch.device | None = None) -> str | None:
+    """Why ``cfg`` cannot run ``path`` here (None if it can). On CUDA the compiled kernel's
+    shared memory (``metadata.shared``, what Triton checks at launch) must fit the device's
+    per-block limit; the compile is cached per (path, config, group, dtype, device). Every
+    config handles every group size (tiles spanning groups load scales per word row)."""
+    if device is None or device.type != "cuda" or not HAS_TRITON:
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if cfg in ARCH_ONLY and 10 * major + minor not in ARCH_ONLY[cfg]:
+        return f"checked only for sm_{'/sm_'.join(map(str, ARCH_ONLY[cfg]))} (this device is sm_{major}{minor})"
+    key = (path, cfg, group_size, dtype, device)
+    if key not in _SMEM:
+        m = 1 if path == "gemv" else cfg[0]
+        x = torch.empty(m, 64 * 8, device=device, dtype=dtype)
+        qw = torch.empty(64, 256, device=device, dtype=torch.int32)
+        sz = torch.empty(64 * 8 // (group_size if group_size > 0 else 512), 256, device=device, dtype=dtype)
+        args, meta = _args(x, qw, sz, sz, group_size, path, cfg, torch.empty(m, 256, device=device, dtype=dtype))
+        _SMEM[key] = int(_kernel_for(path).warmup(*args, grid=_grid(path, cfg, m, 256), **meta).metadata.shared)
+    if _SMEM[key] > smem_limit(device):
+        return f"needs {_SMEM[key]} B of shared memory, the device allows {smem_limit(device)} B per block"
+    return None
 
 
 def valid_configs(path: str, group_size: int, dtype: torch.dtype = torch.float16,
                   device: torch.device | None = None) -> list[tuple[int, ...]]:
-    """The table's configs for ``path`` that respect the group size and shared memory."""
-    limit = smem_limit(device)
-    elt = torch.finfo(dtype).bits // 8
-    out = []
-    for cfg in CONFIGS[path]:
-        bm, bn, bk, _, _, stages = cfg
-        if group_size != -1 and (bk > group_size or group_size % bk):
-            continue
-        if path != "gemv" and stages * (bm * bk + bk * bn) * elt > limit:
-            continue
-        out.append(cfg)
+    """The table's configs for ``path`` that can run (see :func:`config_problem`); raises with
+    every config's reason when none can."""
+    problems = {cfg: config_problem(path, cfg, group_size, dtype, device) for cfg in CONFIGS[path]}
+    out = [cfg for cfg, why in problems.items() if why is None]
     if not out:
-        raise ValueError(f"w4a16 kernels support group_size -1 or a multiple of {MIN_GROUP}; "
-                         f"no {path} config fits group_size={group_size}")
+        raise ValueError(f"no w4a16 {path} config can run here: "
+                         + "; ".join(f"{c}: {w}" for c, w in problems.items()))
     return out
-
-
-def _key(path: str, m: int, n: int, k_pad: int, group_size: int, dtype: torch.dtype, device: torch.device) -> str:
-    bucket = 1 if m == 1 else min(1 << (m - 1).bit_length(), 256)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"{path}|{bucket}|{n}|{k_pad}|{group_size}|{str(dtype).split('.')[-1]}|{name}"
 
 
 def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
             group_size: int, path: str, cfg: tuple[int, ...]) -> torch.Tensor:
-    m, k = x2.shape
-    k_pad, n = qweight.shape[0] * 8, qweight.shape[1]
-    bm, bn, bk, split, warps, stages = cfg
-    per_channel = group_size == -1
-    group = k_pad if per_channel else group_size
-    y = torch.zeros(m, n, device=x2.device, dtype=torch.float32) if split > 1 else \
-        torch.empty(m, n, device=x2.device, dtype=x2.dtype)
-    if path == "gemv":
-        grid = (triton.cdiv(n, bn), split)
-        _w4a16_gemv_kernel[grid](x2, qweight, scales, zeros, y, n, k, k_pad, x2.stride(1),
-                                 qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-                                 y.stride(1), GROUP=group, PER_CHANNEL=per_channel, BLOCK_N=bn, BLOCK_K=bk,
-                                 SPLIT_K=split, num_warps=warps, num_stages=stages)
-    else:
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-        _w4a16_gemm_kernel[grid](x2, qweight, scales, zeros, y, m, n, k, k_pad, x2.stride(0), x2.stride(1),
-                                 qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-                                 y.stride(0), y.stride(1), GROUP=group, PER_CHANNEL=per_channel,
-                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-                                 num_warps=warps, num_stages=stages)
-    return y.to(x2.dtype)
+    m, n = x2.shape[0], qweight.shape[1]
+    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    args, meta = _args(x2, qweight, scales, zeros, group_size, path, cfg, y)
+    _kernel_for(path)[_grid(path, cfg, m, n)](*args, **meta)
+    return y
 
 
 def w4a16_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -202,25 +349,27 @@ def w4a16_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     """Run the Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1).
 
     ``path`` / ``config`` force a kernel path and config (tests, tuning); by default the path
-    follows M and the config comes from the tuning cache or the table.
+    follows M and the config comes from :func:`lookup_config` (nothing is tuned here).
     """
     if not HAS_TRITON:
         raise RuntimeError("w4a16_triton needs the 'triton' package (pip install triton)")
     _, k_pad, n = check_w4a16_args(x, qweight, scales, zeros, group_size)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
     path = path or path_for(m)
     if config is None:
-        config = _TUNED.get(_key(path, m, n, k_pad, group_size, x.dtype, x.device)) or \
-            valid_configs(path, group_size, x.dtype, x.device)[0]
-    return _launch(x2, qweight, scales, zeros, group_size, path, config).reshape(*x.shape[:-1], n)
+        config = lookup_config(m, n, k_pad, group_size, x.dtype, x.device)
+    elif path != "gemv" and config[0] < 16:
+        raise ValueError(f"w4a16 {path} config {config}: BLOCK_M must be >= 16 (tensor-core tiles)")
+    return _launch(x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), group_size, path,
+                   config).reshape(*x.shape[:-1], n)
 
 
 def kernel_supports(group_size: int) -> bool:
-    """Whether the kernels handle this contiguous group size (-1 or a multiple of MIN_GROUP)."""
-    return group_size == -1 or group_size % MIN_GROUP == 0
+    """Whether the kernels handle this contiguous group size (-1 or a positive multiple of 8)."""
+    return group_size == -1 or (group_size > 0 and group_size % 8 == 0)
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -245,7 +394,55 @@ def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
     return x.new_empty(*x.shape[:-1], n)
 
 
-# ----------------------------------------------------------------------------- tuning
+# ----------------------------------------------------------------------------- tuned configs
+TABLE_FILE = Path(__file__).parent / "tables" / "w4a16.json"
+_TABLE: dict[str, dict[str, list[int]]] | None = None
+_LOOKUP: dict[tuple, tuple[int, ...]] = {}  # memo of lookup_config, cleared when _TUNED changes
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _key(path: str, m: int, n: int, k_pad: int, group_size: int, dtype: torch.dtype, device: torch.device) -> str:
+    return f"{path}|{m_bucket(m)}|{n}|{k_pad}|{group_size}|{str(dtype).split('.')[-1]}|{_device_name(device)}"
+
+
+def shipped_table() -> dict[str, dict[str, list[int]]]:
+    """The package's per-GPU table: ``{gpu name substring: {"N,K,M-bucket": config}}``."""
+    global _TABLE
+    if _TABLE is None:
+        data = json.loads(TABLE_FILE.read_text())
+        _TABLE = {gpu: {key: list(cfg) for key, cfg in rows.items()} for gpu, rows in data["gpus"].items()}
+    return _TABLE
+
+
+def lookup_config(m: int, n: int, k_pad: int, group_size: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[int, ...]:
+    """Config for a launch, without tuning: the user's tuning cache (:func:`tune` /
+    :func:`load_tuning`), then the shipped per-GPU table keyed by (N, K, M-bucket), then the
+    first valid row of the path's table. Entries that cannot run here are passed over."""
+    path = path_for(m)
+    memo = (path, m_bucket(m), n, k_pad, group_size, dtype, device)
+    if memo not in _LOOKUP:
+        _LOOKUP[memo] = _resolve_config(path, m, n, k_pad, group_size, dtype, device)
+    return _LOOKUP[memo]
+
+
+def _resolve_config(path: str, m: int, n: int, k_pad: int, group_size: int, dtype: torch.dtype,
+                    device: torch.device) -> tuple[int, ...]:
+    candidates = [_TUNED.get(_key(path, m, n, k_pad, group_size, dtype, device))]
+    name = _device_name(device)
+    for gpu, rows in shipped_table().items():
+        if gpu in name:
+            candidates.append(rows.get(f"{n},{k_pad},{m_bucket(m)}"))
+    for cfg in candidates:
+        if cfg is not None and tuple(cfg) in CONFIGS[path] and \
+                config_problem(path, tuple(cfg), group_size, dtype, device) is None:
+            return tuple(cfg)
+    return valid_configs(path, group_size, dtype, device)[0]
+
+
 def _time(fn, rep: int) -> float:
     if torch.cuda.is_available() and not interpreting():
         return float(triton.testing.do_bench(fn, rep=rep))
@@ -258,14 +455,24 @@ def _time(fn, rep: int) -> float:
 
 def tune(m: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
          dtype: torch.dtype = torch.float16, rep: int = 50) -> tuple[int, ...]:
-    """Time every valid config of M's path on random activations; cache and return the best."""
+    """Time every config of M's path that can run here (warm-up only, never on the request
+    path); cache and return the best. Configs that cannot run are skipped with their reason
+    printed; kernel errors propagate."""
     k_pad, n = qweight.shape[0] * 8, qweight.shape[1]
     x = torch.randn(m, k_pad, device=qweight.device, dtype=dtype)
     path = path_for(m)
-    times = {cfg: _time(lambda cfg=cfg: w4a16_triton(x, qweight, scales, zeros, group_size, path, cfg), rep)
-             for cfg in valid_configs(path, group_size, dtype, qweight.device)}
+    times = {}
+    for cfg in CONFIGS[path]:
+        why = config_problem(path, cfg, group_size, dtype, qweight.device)
+        if why:
+            print(f"w4a16 tune: skipping {path} {cfg}: {why}")
+            continue
+        times[cfg] = _time(lambda cfg=cfg: w4a16_triton(x, qweight, scales, zeros, group_size, path, cfg), rep)
+    if not times:
+        raise ValueError(f"w4a16 tune: no {path} config can run group_size={group_size} here")
     best = min(times, key=times.get)
     _TUNED[_key(path, m, n, k_pad, group_size, dtype, qweight.device)] = best
+    _LOOKUP.clear()
     return best
 
 
@@ -281,7 +488,52 @@ def load_tuning(path: str | os.PathLike) -> int:
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read tuning cache {path}: {exc}") from exc
     for k, v in data.items():
-        if k.split("|")[0] not in CONFIGS or len(v) != 6:
-            raise ValueError(f"tuning cache {path}: bad entry {k!r}: {v!r}")
+        path_name = k.split("|")[0]
+        if path_name not in CONFIGS or tuple(v) not in CONFIGS[path_name]:
+            raise ValueError(f"tuning cache {path}: bad entry {k!r}: {v!r} (not a row of the {path_name!r} table)")
         _TUNED[k] = tuple(int(t) for t in v)
+    _LOOKUP.clear()
     return len(data)
+
+
+# ----------------------------------------------------------------------------- static inspection
+STATIC_SHAPES = [(8192, 8192), (4096, 4096)]  # (N, K) of the benchmark, group 128
+STATIC_MS = [1, 16, 128]
+CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
+
+
+def static_specs(arch: int) -> list:
+    """One :class:`~adagrow.kernels.static.StaticSpec` per (table config of M's path for this
+    arch, benchmark shape), fp16 activations, group 128, for ``benchmarks/kernels_static.py``. The spec of the
+    config :func:`lookup_config` would pick on the arch's reference GPU is marked
+    ``table_default``."""
+    from .static import ARCH, StaticSpec, runtime_signature
+    g = 128
+    gpu_rows = next((rows for gpu, rows in shipped_table().items() if gpu in ARCH[arch]["gpu"]), {})
+    specs = []
+    for n, k in STATIC_SHAPES:
+        for m in STATIC_MS:
+            path = path_for(m)
+            default = tuple(gpu_rows.get(f"{n},{k},{m_bucket(m)}", CONFIGS[path][0]))
+            for cfg in CONFIGS[path]:
+                if arch not in ARCH_ONLY.get(cfg, (arch,)):
+                    continue
+                bm, bn, bk, split, warps, stages = cfg
+                ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16",
+                        "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+                ints = {"N": n} if path == "gemv" else {"M": m, "N": n}
+                consts = {"GROUP": g, "ROW_GROUPS": g % bk != 0, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
+                if path != "gemv":
+                    consts["BLOCK_M"] = bm
+                sig, consts, aligned = runtime_signature({**ptrs, **ints, "K": k, "K_PAD": k}, consts)
+                grid = _grid(path, cfg, m, n)
+                rows = min(bm, m)
+                unique = bk // 8 * bn * 4 + rows * bk * 2 + 2 * bn * 2  # words + x + this group's s, z
+                out = rows * bn * (2 if split == 1 else 4 * 3 + 2)  # store, or add + swap + store
+                specs.append(StaticSpec(
+                    kernel=_kernel_for(path).__name__, path=path, fn=_kernel_for(path), signature=sig,
+                    constexprs=consts, num_warps=warps, num_stages=stages, config=dict(zip(CONFIG_FIELDS, cfg)),
+                    shape={"M": m, "N": n, "K": k, "G": g}, unique_bytes_per_iter=unique,
+                    iters_per_program=triton.cdiv(k, bk * split), n_programs=math.prod(grid), aligned=aligned,
+                    extra_bytes=out, extra={"table_default": cfg == default}))
+    return specs

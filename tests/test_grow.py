@@ -7,8 +7,9 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from adagrow.grow import (GrowingCNN, GrowingTransformer, Grower, GrowthConfig, apply_growth, grow, load_grown,
-                          reparameterize, save_grown)
+from adagrow.grow import (DeployBudget, GrowingCNN, GrowingTransformer, Grower, GrowthConfig, apply_growth,
+                          build_from_arch, deploy_cost, grow, load_grown, reparameterize, save_grown)
+from adagrow.grow.cnn import branch_space
 from adagrow.grow.optim import rebuild_optimizer
 
 
@@ -31,39 +32,76 @@ def _vit() -> GrowingTransformer:
 
 
 @pytest.mark.parametrize("make,pattern", [(_cnn, ["depth", "depth", "width"]), (_vit, ["width", "width", "depth"])])
-def test_growth_follows_schedule(make, pattern) -> None:
-    train, val = _data()
-    res = grow(make(), train, val, epochs=7, config=GrowthConfig(stop=10**9, interval=2), lr=0.01, progress=False)
-    events = [(h["epoch"], h["growth"]["kind"]) for h in res.history if "growth" in h]
-    assert events == list(zip([2, 4, 6], pattern))
-    assert len(res.history) == 7 and res.history[-1]["params_train"] > res.history[0]["params_train"]
+def test_growth_follows_schedule_in_steps(make, pattern) -> None:
+    train, val = _data()  # 72 training samples, batch 64: 2 optimizer steps per epoch
+    res = grow(make(), train, val, epochs=7, config=GrowthConfig(stop=10**9, interval=3), lr=0.01, progress=False)
+    events = [(h["step"], h["epoch"], h["growth"]["kind"]) for h in res.history if "growth" in h]
+    # growth points every 3 steps, none in the last 25% of the 14 steps (after step 10.5)
+    assert events == [(3, 2, pattern[0]), (6, 3, pattern[1]), (9, 5, pattern[2])]
+    epochs = [h for h in res.history if "growth" not in h]
+    assert [h["epoch"] for h in epochs] == list(range(1, 8)) and epochs[-1]["step"] == 14
+    assert epochs[-1]["params_train"] > _cnn().param_counts()[1] if make is _cnn else True
 
 
-def test_greedy_location_is_largest_gamma_stage() -> None:
+def _set_gamma(module: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(value)
+
+
+def test_greedy_location_is_largest_gamma_stage_ignoring_fresh_layers() -> None:
     model = _cnn()
     model.insert_layer(1, 1)
     model.insert_layer(1, 2)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.fill_(0.5)
-        for m in model.stages[1][1].modules():  # the first family layer of stage 1 matters most
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.fill_(3.0)
+    _set_gamma(model, 0.5)
+    _set_gamma(model.stages[1][1], 3.0)  # the first family layer of stage 1 matters most
     decision = Grower(model, GrowthConfig(stop="auto")).decide(model, None)
     assert decision == {"kind": "depth", "stage": 1, "position": 2}  # right after that layer
+    # a just-inserted layer's gamma is its init, not a measure of importance: it is ignored ...
+    grower = Grower(model, GrowthConfig(stop="auto", interval=10))
+    fresh = model.insert_layer(2, 1, preserve=True)
+    _set_gamma(fresh, 5.0)
+    grower.born[id(fresh)] = 100
+    assert grower.decide(model, None, step=110) == {"kind": "depth", "stage": 1, "position": 2}
+    # ... until it has trained for two intervals
+    assert grower.decide(model, None, step=120) == {"kind": "depth", "stage": 2, "position": 2}
+
+
+def test_random_and_sequential_locations() -> None:
+    model = _cnn()
+    model.insert_layer(1, 1)
     grower = Grower(model, GrowthConfig(stop="auto", location="random", seed=3))
-    assert all(grower._depth(model)["stage"] in (0, 1, 2) for _ in range(5))
+    picks = [grower._depth(model) for _ in range(60)]
+    assert {d["stage"] for d in picks} == {0, 1, 2}  # not stuck on one stage
+    for d in picks:  # a valid place: after the downsampling layer of a later stage
+        assert (1 if d["stage"] else 0) <= d["position"] <= len(model.stages[d["stage"]])
+    again = Grower(model, GrowthConfig(stop="auto", location="random", seed=3))
+    assert [again._depth(model) for _ in range(60)] == picks  # seeded
+    seq = Grower(model, GrowthConfig(stop="auto", location="sequential"))
+    stages = []
+    for _ in range(4):
+        stages.append(seq._depth(model)["stage"])
+        seq.growths += 1
+    assert stages == [0, 1, 2, 0]
 
 
-def test_width_growth_targets_top_layers_and_grows_kernels() -> None:
+def test_width_growth_keeps_deploy_kernel_by_default() -> None:
     model = _cnn()
     model.insert_layer(0, 0)
     convs = model.rep_convs()
+    before = model.param_counts()[0]
     decision = Grower(model, GrowthConfig(stop="auto", seed=1))._width(model)
     assert len(decision["branches"]) == -(-7 * len(convs) // 10)  # ceil(70%)
-    apply_growth(model, {"kind": "width", "branches": {n: "conv5x5" for n in convs}}, GrowthConfig())
+    assert all(spec in ("conv1x1", "conv3x3", "conv1x3", "conv3x1", "avg3x3", "bn")
+               for spec in decision["branches"].values())
+    apply_growth(model, decision, GrowthConfig())
+    assert all(c.kernel_size == (3, 3) for c in model.rep_convs().values())
+    assert model.param_counts()[0] == before  # new branches fuse into the existing kernels
+    apply_growth(model, {"kind": "width", "branches": {n: "conv5x5" for n in convs}}, GrowthConfig(max_kernel=5))
     assert all(c.kernel_size == (5, 5) and c.branches[-1] == "conv5x5" for c in model.rep_convs().values())
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_growth(_cnn(), {"kind": "width", "branches": {"stem.0": "conv5x5"}}, GrowthConfig())
 
 
 def test_spec_and_budget_are_respected_exactly() -> None:
@@ -74,14 +112,62 @@ def test_spec_and_budget_are_respected_exactly() -> None:
     res = grow(_vit(), train, val, epochs=12, config=GrowthConfig(stop="ViT-D2-H3", interval=1), progress=False)
     assert res.model.spec() == "ViT-D2-H3"
     budget = _cnn().param_counts()[0] + 3000
-    res = grow(_cnn(), train, val, epochs=12, config=GrowthConfig(stop=budget, interval=1), lr=0.01, progress=False)
+    res = grow(_cnn(), train, val, epochs=6, config=GrowthConfig(stop=budget, interval=1), lr=0.01, progress=False)
     deploy, train_p = res.model.param_counts()
     assert deploy <= budget and train_p <= 1.5 * budget
-    trial = Grower(res.model, GrowthConfig(stop=10**9))  # the step it refused would have broken the budget
-    nxt = trial.decide(res.model, None)
-    apply_growth(res.model, nxt, GrowthConfig())
-    d2, t2 = res.model.param_counts()
-    assert d2 > budget or t2 > 1.5 * budget
+    assert any(h["growth"]["kind"] == "depth" for h in res.history if "growth" in h)
+    for stage in range(3):  # every further layer would have broken the budget
+        trial = _copy(res.model)
+        trial.insert_layer(stage, len(trial.stages[stage]))
+        d2, t2 = trial.param_counts()
+        assert d2 > budget or t2 > 1.5 * budget
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(model)
+
+
+def test_budget_overflow_tries_a_cheaper_step_first() -> None:
+    model = _cnn()
+    example = torch.randn(1, 1, 8, 8)
+    _set_gamma(model, 0.1)
+    _set_gamma(model.stem, 2.0)  # greedy wants a layer in stage 0 (full resolution, the most MACs) ...
+    _set_gamma(model.stages[2], 1.0)  # ... then in stage 2
+    macs = deploy_cost(model, example)["macs"]
+    stage0 = deploy_cost(_grown(model, 0), example)["macs"] - macs
+    stage2 = deploy_cost(_grown(model, 2), example)["macs"] - macs
+    assert stage2 < stage0
+    unlimited = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=10**12)), example=example)
+    assert unlimited.decide(model, None)["stage"] == 0
+    grower = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=macs + stage2)), example=example)
+    assert grower.decide(model, None) == {"kind": "depth", "stage": 2, "position": 1}
+    assert grower.cost["macs"] == macs + stage2
+    tight = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=macs + stage2 - 1)), example=example)
+    width = tight.decide(model, None)  # no layer fits: a width step (fused, no deploy MACs) does
+    assert width["kind"] == "width" and set(width["branches"].values()) <= {"bn", "conv1x1"}
+    with pytest.raises(ValueError, match="already breaks the budget"):
+        Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=macs - 1)), example=example)
+    with pytest.raises(ValueError, match="needs an example"):
+        Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=10**9)))
+
+
+def _grown(model: GrowingCNN, stage: int) -> GrowingCNN:
+    trial = _copy(model)
+    trial.insert_layer(stage, len(trial.stages[stage]))
+    return trial
+
+
+def test_latency_budget_measures_the_deploy_model() -> None:
+    model = _cnn()
+    example = torch.randn(1, 1, 8, 8)
+    for backend in ("torch", "ort-cpu"):
+        cost = deploy_cost(model, example, DeployBudget(latency_ms=100.0, backend=backend, runs=5))
+        assert 0 < cost["latency_ms"] < 100.0, backend
+    with pytest.raises(ValueError, match="already breaks the budget"):
+        Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(latency_ms=1e-6, runs=5)), example=example)
+    with pytest.raises(ValueError, match="backend"):
+        GrowthConfig(budget=DeployBudget(latency_ms=1.0, backend="tpu")).validate(model)
 
 
 def test_auto_stop_after_tolerated_small_gains() -> None:
@@ -103,6 +189,14 @@ def test_bad_specs_and_budgets() -> None:
         Grower(model, GrowthConfig(stop=100))
     with pytest.raises(ValueError, match="location"):
         Grower(model, GrowthConfig(location="best"))
+    with pytest.raises(ValueError, match="needs a DeployBudget"):
+        Grower(model, GrowthConfig(stop="budget"))
+    with pytest.raises(ValueError, match="at least one of"):
+        Grower(model, GrowthConfig(budget=DeployBudget()))
+    with pytest.raises(ValueError, match="max_kernel"):
+        Grower(model, GrowthConfig(max_kernel=4))
+    with pytest.raises(ValueError, match="cannot insert"):
+        model.insert_layer(1, 0)
     with pytest.raises(ValueError, match="smaller than the model"):
         Grower(_vit(), GrowthConfig(stop="ViT-D1-H1"))
     with pytest.raises(TypeError, match="GrowingCNN or GrowingTransformer"):
@@ -124,8 +218,9 @@ def test_optimizer_state_is_carried() -> None:
     new = rebuild_optimizer(opt, model, carry)
     assert new.state[embed] is opt.state[embed]  # surviving parameter: same state
     st = new.state[model.layers[0].qkv.weight]
-    rows = carry[model.layers[0].qkv.weight][2]
+    rows = carry[model.layers[0].qkv.weight][1][0]
     assert torch.equal(st["exp_avg"][rows], old_state["exp_avg"]) and torch.equal(st["step"], old_state["step"])
+    assert st["exp_avg"].shape == model.layers[0].qkv.weight.shape
     fresh = torch.ones(st["exp_avg"].shape[0], dtype=torch.bool)
     fresh[rows] = False
     assert fresh.sum() == 3 * 4 and not st["exp_avg"][fresh].any() and not st["exp_avg_sq"][fresh].any()
@@ -142,32 +237,78 @@ def test_optimizer_state_is_carried() -> None:
     assert sgd2.param_groups[0]["momentum"] == 0.9 and len(sgd2.param_groups[0]["params"]) > len(sgd.param_groups[0]["params"])
 
 
-@pytest.mark.parametrize("family", ["resnet", "bottleneck", "mobilenetv3"])
-def test_zero_init_preserves_function(family: str) -> None:
+@pytest.mark.parametrize("family", ["vgg", "resnet", "bottleneck", "mobilenetv3"])
+def test_default_growth_preserves_function(family: str) -> None:
     model = _cnn(family)
     model.insert_layer(1, 1)
     x = torch.randn(3, 1, 8, 8)
-    for mode in ("train", "eval"):
-        getattr(model, mode)()
+    train, val = _data()
+    grow(model, train, val, epochs=1, config=GrowthConfig(stop=model.spec()), lr=0.01, progress=False)  # trained BNs
+    config = GrowthConfig()
+    assert config.preserve
+    model.eval()
+    before = model(x)
+    for stage, position in ((0, 0), (1, 1), (1, 3), (2, 1)):  # after the stem, after downsampling, at the end
+        apply_growth(model, {"kind": "depth", "stage": stage, "position": position}, config)
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+    branches = {name: branch_space(conv)[-1] for name, conv in model.rep_convs().items()}  # bn / avg3x3 / conv1x1
+    apply_growth(model, {"kind": "width", "branches": branches}, config)
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+    if family != "vgg":  # residual layers add exactly zero in train mode too (BN batch statistics)
+        model.train()
         torch.manual_seed(1)
-        before = model(x)
-        model.insert_layer(1, 1, zero_init=True)
-        model.stem[0].add_branch("conv5x5", zero_init=True, grow_kernel=True)
+        ref = model(x)
+        model.insert_layer(2, 1, preserve=True)
         torch.manual_seed(1)
-        assert torch.allclose(model(x), before, atol=1e-6), mode
-    model.insert_layer(1, 1, zero_init=False)  # the thesis' default init does change the function
-    assert (model.eval()(x) - before).abs().max() > 1e-5
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+    model.eval()
+    before = model(x)
+    model.insert_layer(1, 1, preserve=False)  # the thesis' default init does change the function
+    assert (model(x) - before).abs().max() > 1e-5
 
 
-def test_zero_init_transformer_growth_preserves_function() -> None:
+def test_transformer_growth_preserves_function() -> None:
     model = _vit()
     x = torch.randn(3, 1, 8, 8)
     before = model(x)
     model.add_head(zero_init=True)
     model.insert_layer(0, zero_init=True)
-    assert model.spec() == "ViT-D2-H3" and torch.allclose(model(x), before, atol=1e-6)
+    assert model.spec() == "ViT-D2-H3"
+    torch.testing.assert_close(model(x), before, atol=1e-6, rtol=1e-6)
     model.add_head()
     assert not torch.allclose(model(x), before, atol=1e-3)
+
+
+def test_transformer_head_growth_widens_the_residual() -> None:
+    model = _vit()
+    x = torch.randn(3, 1, 8, 8)
+    before = model(x)
+    apply_growth(model, {"kind": "width"}, GrowthConfig())  # widen_dim: one head_dim more residual width
+    assert model.dim == 16 + 4 and model.layers[0].heads == 3 and model.arch()["dim"] == 20
+    assert model.pos.shape == (1, 4, 20) and model.head.weight.shape == (4, 20)
+    after = model(x)  # the new residual features start at 0; only the LayerNorm statistics move
+    assert (after - before).abs().max() < 0.5 * before.abs().max()
+    rebuilt = build_from_arch(model.arch())
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt(x), after)
+    opt = torch.optim.AdamW(model.parameters())
+    model(x).sum().backward()
+    opt.step()
+    carry, _ = apply_growth(model, {"kind": "width"}, GrowthConfig())
+    new = rebuild_optimizer(opt, model, carry)
+    pos_state = new.state[model.pos]["exp_avg"]
+    assert pos_state.shape == (1, 4, 24) and not pos_state[..., 20:].any() and pos_state[..., :20].any()
+
+
+def test_retrain_trains_the_found_architecture_from_scratch() -> None:
+    train, val = _data()
+    res = grow(_cnn(), train, val, epochs=4, config=GrowthConfig(stop="VGG-1-0-1", interval=1, retrain=True),
+               lr=0.01, progress=False)
+    assert res.grown is not None and res.model is not res.grown
+    assert res.model.arch() == res.grown.arch() and res.model.spec() == "VGG-1-0-1"
+    assert not torch.equal(res.model.head.weight, res.grown.head.weight)
+    retrain = [h for h in res.history if h.get("retrain")]
+    assert len(retrain) == 4 and not any("growth" in h for h in retrain)
 
 
 @pytest.mark.parametrize("make", [_cnn, _vit])
@@ -226,10 +367,13 @@ def test_bert_encoder_grows_on_token_ids() -> None:
     model.add_head(zero_init=True)
     model.insert_layer(0, zero_init=True)
     assert model.spec() == "BERT-D2-H3" and torch.allclose(model(ids), before, atol=1e-6)
+    model.add_head(zero_init=True, widen=4)
+    assert model.embed.weight.shape == (50, 20) and model.spec() == "BERT-D2-H4"
     with pytest.raises(ValueError, match="int64 token ids"):
         model(torch.randn(4, 10))
     y = torch.randint(0, 3, (32,))
     x = torch.randint(0, 50, (32, 10))
-    res = grow(model, (x[:24], y[:24]), (x[24:], y[24:]), epochs=3,
-               config=GrowthConfig(stop="BERT-D3-H4", interval=1), progress=False)
-    assert res.model.spec() in ("BERT-D2-H4", "BERT-D3-H3", "BERT-D3-H4")
+    res = grow(model, (x[:24], y[:24]), (x[24:], y[24:]), epochs=4,
+               config=GrowthConfig(stop="BERT-D3-H5", interval=1), progress=False)
+    kinds = [h["growth"]["kind"] for h in res.history if "growth" in h]  # growth points: steps 1, 2, 3
+    assert res.model.spec() == "BERT-D3-H5" and kinds == ["width", "depth"]

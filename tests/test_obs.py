@@ -234,3 +234,73 @@ def test_bad_input_errors() -> None:
     qc.add_batch(torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match="overlap map"):
         qc.quantize(overlap=torch.ones(5, 5))
+
+
+@pytest.mark.parametrize("method", ["rtn", "obs"])
+@pytest.mark.parametrize("what,value,cause", [("weight", float("nan"), "NaN"), ("weight", float("inf"), "inf"),
+                                              ("bias", float("nan"), "NaN")])
+def test_non_finite_parameters_are_named(method, what, value, cause) -> None:
+    lin = nn.Linear(16, 4)
+    with torch.no_grad():
+        getattr(lin, what).view(-1)[3] = value
+    with pytest.raises(ValueError, match=f"head: {what} contains {cause} \\(1 of \\d+ values non-finite\\)"):
+        if method == "rtn":
+            rtn_quantize(lin, name="head")
+        else:
+            q = OBSQuantizer(lin, name="head")
+            q.add_batch(torch.randn(32, 16))
+            q.quantize()
+
+
+@pytest.mark.parametrize("method", ["rtn", "obs"])
+def test_scale_overflowing_fp16_is_refused_not_stored_as_inf(method) -> None:
+    """|w| = 1e6 at 4 bits needs a scale of 1e6 / 15 * 2 ~ 1.3e5 > 65504 (fp16 max)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 4)
+    with torch.no_grad():
+        lin.weight[1, 2] = 1e6
+
+    def run(scale_dtype):
+        if method == "rtn":
+            return rtn_quantize(lin, bits=4, group_size=-1, scale_dtype=scale_dtype, name="fc1")
+        q = OBSQuantizer(lin, name="fc1")
+        q.add_batch(torch.randn(64, 16))
+        return q.quantize(bits=4, group_size=-1, scale_dtype=scale_dtype)
+
+    with pytest.raises(ValueError, match=r"fc1: weights up to \|w\| = 1e\+06 need quantization scales above the "
+                                         r"float16 maximum 65504; quantize with scale_dtype='bfloat16'"):
+        run(torch.float16)
+    res = run(torch.bfloat16)  # bf16 holds the scale: finite, and the big weight survives
+    assert torch.isfinite(res.scales).all() and torch.isfinite(res.weight).all()
+    assert res.weight[1, 2] == pytest.approx(1e6, rel=0.02)
+
+
+def test_all_zero_calibration_is_an_error_and_dead_groups_warn() -> None:
+    lin = nn.Linear(16, 4)
+    q = OBSQuantizer(lin, name="blocks.0.fc")
+    q.add_batch(torch.zeros(32, 16))
+    with pytest.raises(ValueError, match="blocks.0.fc: every calibration input of this layer is zero"):
+        q.quantize(group_size=-1)
+    # grouped conv, group 1's input channels always zero: warned, rounded to nearest (not zeroed)
+    conv = _conv(groups=2, cin=6, cout=8)
+    x = torch.randn(20, 6, 8, 8)
+    x[:, 3:] = 0
+    qc = OBSQuantizer(conv, name="dw")
+    qc.add_batch(x)
+    with pytest.warns(UserWarning, match=r"dw: conv groups \[1\] saw only zero inputs"):
+        res = qc.quantize(bits=4, group_size=-1, order="none")
+    rtn = rtn_quantize(conv, bits=4, group_size=-1)
+    assert torch.equal(res.weight[4:], rtn.weight[4:]) and res.weight[4:].abs().sum() > 0
+    assert not torch.equal(res.weight[:4], rtn.weight[:4])  # group 0 still gets OBS updates
+
+
+def test_fp16_range_of_calibration_inputs_warns_once() -> None:
+    from adagrow.compress.obs import CalibrationWarning
+    q = OBSQuantizer(nn.Linear(8, 4), name="proj")
+    with pytest.warns(CalibrationWarning, match=r"proj: calibration inputs reach \|x\| = 1e\+05, beyond the "
+                                                r"float16 maximum 65504"):
+        q.add_batch(torch.full((4, 8), 1e5))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q.add_batch(torch.full((4, 8), 1e5))  # once per layer

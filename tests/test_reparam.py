@@ -142,6 +142,10 @@ def test_errors() -> None:
         RepConv2d(4, 4, 4)
     with pytest.raises(ValueError, match="groups"):
         RepConv2d(4, 6, 3, groups=4)
+    with pytest.raises(ValueError, match=r"needs at least one branch \(branches=\(\) would compute nothing\)"):
+        RepConv2d(4, 4, 3, branches=())
+    with pytest.raises(ValueError, match=r"not the string 'conv3x3' \(did you mean \['conv3x3'\]\?\)"):
+        RepConv2d(4, 4, 3, branches="conv3x3")
     block = RepConv2d(4, 4, 3)
     with pytest.raises(RuntimeError, match="eval mode"):
         block.fuse()

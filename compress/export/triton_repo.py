@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto
+
+from adagrow.files import atomic_directory
 
 TRITON_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.BFLOAT16: "TYPE_BF16",
                 TensorProto.INT64: "TYPE_INT64", TensorProto.INT32: "TYPE_INT32", TensorProto.INT8: "TYPE_INT8",
@@ -66,18 +67,13 @@ def export_triton_repository(repo: str | os.PathLike, name: str, onnx_path: str 
         raise FileExistsError(f"{dest} exists; pass overwrite=True to replace it")
     platform, src, fname = (("tensorrt_plan", Path(engine_path), "model.plan") if engine_path
                             else ("onnxruntime_onnx", Path(onnx_path), "model.onnx"))
-    Path(repo).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
-    try:
+
+    def fill(staging: Path) -> None:
         (staging / "1").mkdir()
         shutil.copyfile(src, staging / "1" / fname)
         (staging / "config.pbtxt").write_text(config_pbtxt(name, platform, inputs, outputs, max_batch_size,
                                                            list(preferred_batch_sizes), max_queue_delay_us,
                                                            instances, kind))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+
+    atomic_directory(dest, fill, overwrite)  # umask permissions (0755 / 0644), fsynced, one rename
     return dest

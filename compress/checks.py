@@ -1,0 +1,37 @@
+"""Checks on data handed to the quantizer or read from files: finite tensors, calibration batches
+that fit the model. Errors name the tensor or batch and the cause."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ``ValueError`` naming the first floating-point tensor holding NaN or inf."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            what = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise ValueError(f"{where}: tensor {name!r} contains {what}")
+
+
+def check_calibration(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Calibration inputs must be finite, in the model's float dtype, and accepted by its forward.
+
+    ``batches``: input tensors (float images or integer token ids). Raises ``ValueError``.
+    """
+    param = next(iter(model.parameters()), None)
+    for i, x in enumerate(batches):
+        if not x.is_floating_point():
+            continue
+        if param is not None and x.dtype != param.dtype:
+            raise ValueError(f"calibration batch {i} is {str(x.dtype)[6:]} but the model computes in "
+                             f"{str(param.dtype)[6:]}; convert it (e.g. x.to({str(param.dtype)})")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"calibration batch {i} contains NaN or inf")
+    if batches:
+        try:
+            with torch.no_grad():
+                model(batches[0][:1])
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise ValueError(f"calibration batch 0 of shape {list(batches[0].shape)} does not fit the model: "
+                             f"{exc}") from exc

@@ -1,0 +1,140 @@
+"""Static verification of the W4A16 kernels for sm_90 / sm_80 (no GPU): compile with Triton for
+the target, read the SASS, check the targets of DESIGN §6 on live compiles and on the committed
+``benchmarks/results/kernels_static_sm*.json`` (which must match what the kernels compile to now)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adagrow.kernels import static
+from adagrow.kernels import w4a16 as w4
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = {arch: ROOT / "benchmarks" / "results" / f"kernels_static_sm{arch}.json" for arch in (90, 80)}
+needs_toolchain = pytest.mark.skipif(static.unavailable_reason() is not None,
+                                     reason=f"static inspection unavailable: {static.unavailable_reason()}")
+
+SASS = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   I2FP.F32.U32 R3, R2 ;
+        /*0030*/               @P0 LDG.E.EF.128 R8, desc[UR4][R6.64] ;
+        /*0040*/                   LDG.E.U16 R9, desc[UR4][R6.64] ;
+        /*0050*/                   LDGSTS.E.BYPASS.LTC128B.128 [R1], desc[UR4][R6.64] ;
+        /*0060*/                   HMMA.16816.F32 R12, R8, R10, R12 ;
+        /*0070*/                   I2F.F16 R3, R2 ;
+        /*0080*/               @P1 BRA 0x30 ;
+        /*0090*/                   STL [R1], R3 ;
+        /*00a0*/                   EXIT ;
+        /*00b0*/                   BRA 0xb0 ;
+"""
+
+
+def test_sass_analysis_counts_the_main_loop() -> None:
+    facts = static.analyze_sass(SASS, threads=128)
+    assert facts["instructions"] == 12 and facts["loop_instructions"] == 6  # 0x30..0x80
+    assert facts["i2f_in_main_loop"] == 1 and facts["i2f_total"] == 2
+    assert facts["global_loads_in_main_loop"] == 3
+    assert facts["global_load_bytes_per_iter"] == (16 + 2 + 16) * 128
+    assert facts["tensor_core_ops"] == 1 and facts["local_mem_ops"] == 1
+    assert static.load_bytes("LDG.E.64.CONSTANT") == 8 and static.load_bytes("LDG.E") == 4
+
+
+def test_runtime_signature_specializes_like_triton() -> None:
+    sig, consts, aligned = static.runtime_signature({"x": "*fp16", "n": 8192, "k": 100, "one": 1}, {"B": 64})
+    assert sig == {"x": "*fp16", "n": "i32", "k": "i32", "one": "constexpr", "B": "constexpr"}
+    assert consts == {"B": 64, "one": 1} and aligned == ("n",)
+
+
+def test_occupancy_and_estimate() -> None:
+    assert static.occupancy(regs=64, smem=0, num_warps=4, arch=90) == 8  # 65536 / (64 * 128)
+    assert static.occupancy(regs=32, smem=100_000, num_warps=4, arch=90) == 2  # smem bound
+    rec = {"global_load_bytes_per_iter": 1000, "iters_per_program": 10, "extra_bytes": 0, "n_programs": 335,
+           "blocks_per_sm": 4, "num_warps": 4, "loop_instructions": 100}
+    est = static.estimate_us(rec, 90)
+    assert est["estimate_mem_us"] == pytest.approx(3.35e6 / 3.35e12 * 1e6)
+    assert est["estimate_us"] == max(est["estimate_mem_us"], est["estimate_issue_us"])
+
+
+def _check_record(r: dict) -> None:
+    where = f"{r['kernel']} {r['config']} {r['shape']} sm_{r['arch']}"
+    assert r["spill_bytes"] == 0 and r["local_mem_ops"] == 0, f"spills: {where}"
+    assert r["smem_bytes"] <= r["smem_limit"], f"shared memory over the limit: {where}"
+    assert r["i2f_in_main_loop"] == 0 and r["has_loop"], f"I2F in the main loop: {where}"
+    if r["path"] in ("gemv", "splitk"):
+        assert r["global_load_bytes_per_iter"] <= 1.25 * r["unique_bytes_per_iter"], f"replicated loads: {where}"
+    if r["path"] in ("splitk", "gemm"):
+        assert r["tensor_core_ops_in_main_loop"] > 0, f"no tensor-core ops: {where}"
+
+
+def _records(doc_or_arch) -> dict:
+    doc = json.loads(RESULTS[doc_or_arch].read_text()) if isinstance(doc_or_arch, int) else doc_or_arch
+    return {(r["kernel"], json.dumps(r["config"]), json.dumps(r["shape"])): r for r in doc["records"]}
+
+
+def _run_script(tmp_path: Path, arch: int) -> dict:
+    """benchmarks/kernels_static.py on each path's default row (first config) at both shapes,
+    in a subprocess without TRITON_INTERPRET (which the test session sets for the CPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / f"s{arch}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernels_static.py"), "--arch", str(arch), "--max-configs", "1",
+           "--paths", "gemv", "splitk", "gemm", "--out", str(out), "--sass-dir", str(tmp_path / "sass")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@needs_toolchain
+@pytest.mark.parametrize("arch", [90, 80])
+def test_default_rows_compile_to_target_and_match_committed_json(arch: int, tmp_path) -> None:
+    """Live compile of each path's default row: targets hold, the SASS files are written, and
+    the committed JSON records the same registers / shared memory / main loop (not stale)."""
+    doc = _run_script(tmp_path, arch)
+    assert doc["command"].startswith("python benchmarks/kernels_static.py --arch")
+    assert all("estimate" in e["label"] for e in doc["estimates"])
+    committed = _records(arch)
+    live = _records(doc)
+    assert {r["path"] for r in live.values()} == {"gemv", "splitk", "gemm"}
+    for key, rec in live.items():
+        rows = [c for c in w4.CONFIGS[rec["path"]] if arch in w4.ARCH_ONLY.get(c, (arch,))]
+        assert tuple(rec["config"].values()) == rows[0]
+        assert (tmp_path / "sass" / rec["sass"]).read_text().count("LDG") > 0
+        _check_record(rec)
+        for field in ("regs", "smem_bytes", "loop_instructions", "global_load_bytes_per_iter", "tensor_core_ops"):
+            assert rec[field] == committed[key][field], \
+                f"{RESULTS[arch].name} is stale ({field}); rerun benchmarks/kernels_static.py"
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_committed_json_covers_every_table_config(arch: int) -> None:
+    records = _records(arch)
+    for n, k in w4.STATIC_SHAPES:
+        for m in w4.STATIC_MS:
+            path = w4.path_for(m)
+            for cfg in w4.CONFIGS[path]:
+                if arch not in w4.ARCH_ONLY.get(cfg, (arch,)):
+                    continue
+                key = (w4._kernel_for(path).__name__, json.dumps(dict(zip(w4.CONFIG_FIELDS, cfg))),
+                       json.dumps({"M": m, "N": n, "K": k, "G": 128}))
+                assert key in records, f"{RESULTS[arch].name} lacks {key}"
+                _check_record(records[key])
+
+
+def test_static_estimate_m1_8192_target() -> None:
+    doc = json.loads(RESULTS[90].read_text())
+    est = next(e for e in doc["estimates"] if e["shape"] == {"M": 1, "N": 8192, "K": 8192, "G": 128})
+    assert "estimate" in est["label"] and est["default"]["speedup_vs_fp16_estimate"] >= 2.5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_gpu_benchmark_imports_and_explains_without_cuda(capsys) -> None:
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
