@@ -56,6 +56,7 @@ def _suite_schema() -> dict[str, Any]:
                                    "uniqueItems": True}}, optional=("backends", "precisions"))
     suite = record({"warmup": integer(0, 100_000), "runs": integer(1, 1_000_000), "threads": integer(1, 1024),
                     "batch_sizes": {**int_list(1, 65536, 1, 64), "uniqueItems": True},
+                    "seq_lens": {**int_list(1, 1 << 20, 1, 64), "uniqueItems": True},
                     "data": {"type": "string"}, "size": integer(1, 4096)}, optional=SUITE_DEFAULTS)
     return record({"suite": suite, "model": {"type": "array", "items": model, "minItems": 1}}, optional=("suite",))
 
@@ -279,7 +280,7 @@ def _runner(prep: _Prepared, backend: str, precision: str, threads: int):
             return (lambda x: sess.run(None, x)), dev, sess
         return (lambda x: sess.run(None, {name: (x.numpy().astype(np.float16) if half else x.numpy())})), dev, None
     if backend == "tensorrt":
-        return _tensorrt_runner(prep.engine(precision)), "cuda"
+        return _tensorrt_runner(prep.engine(precision)), "cuda", None
     model = prep.quant_model() if precision == "w4a16" else prep.float_model()
     device = "cuda" if (cuda or backend == "triton" or (precision == "w4a16" and torch.cuda.is_available())) else "cpu"
     model = model.to(device)

@@ -269,3 +269,16 @@ def test_atomic_writes_follow_the_umask_and_keep_the_old_file(tmp_path) -> None:
         os.umask(old)
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "repo"]
     assert [p.name for p in (tmp_path / "repo").iterdir()] == ["m"]
+
+
+def test_bench_suite_schema_and_tensorrt_runner_plumbing(monkeypatch) -> None:
+    """Every [suite] default has a schema entry; the TensorRT backend returns a runner, not a skip."""
+    import adagrow.bench as bench
+    assert set(bench._suite_schema()["properties"]["suite"]["properties"]) == set(bench.SUITE_DEFAULTS)
+
+    class Prep:
+        def engine(self, precision):
+            return Path(f"model_{precision}.plan")
+
+    monkeypatch.setattr(bench, "_tensorrt_runner", lambda plan: ("runner", plan))
+    assert bench._runner(Prep(), "tensorrt", "int8", 1) == (("runner", Path("model_int8.plan")), "cuda", None)
