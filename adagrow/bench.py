@@ -78,7 +78,8 @@ def load_suite(path: str | Path) -> dict[str, Any]:
     models = raw["model"]
     names = [m["name"] for m in models]
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: field model: duplicate model names {sorted({n for n in names if names.count(n) > 1})}")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{path}: field model: duplicate model names {dup}")
     for m in models:
         m["path"] = str((path.parent / m["path"]) if not Path(m["path"]).is_absolute() else m["path"])
         m.setdefault("backends", ["eager", "ort-cpu"])
@@ -160,16 +161,24 @@ class _Prepared:
         self.example = x_te
         self.cache: dict[str, Any] = {}
 
+    def _fitting(self, model: nn.Module) -> nn.Module:
+        from adagrow.compress.checks import input_shape_mismatch
+        shape = input_shape_mismatch(model, self.example)
+        if shape is not None:  # ValueError, not RuntimeError: a wrong suite is an error, not a skip
+            raise ValueError(f"{self.spec['path']} was grown on inputs {shape}, but the suite's data / size give "
+                             f"{list(self.example.shape[1:])}; set size = {shape[-1]} in [suite]")
+        return model
+
     def float_model(self) -> nn.Module:
         if "float" not in self.cache:
             from adagrow.grow import load_deploy
-            self.cache["float"] = load_deploy(self.spec["path"])
+            self.cache["float"] = self._fitting(load_deploy(self.spec["path"]))
         return self.cache["float"]
 
     def quant_model(self) -> nn.Module:
         if "w4" not in self.cache:
             from adagrow.compress import QuantConfig, load_quantized, quantize
-            self.cache["w4"] = (load_quantized(self.spec["path"]) if self.source == "quantized"
+            self.cache["w4"] = (self._fitting(load_quantized(self.spec["path"])) if self.source == "quantized"
                                 else quantize(self.float_model(), self.calib, QuantConfig(bits=4), progress=False))
         return self.cache["w4"]
 
@@ -278,6 +287,12 @@ def _runner(prep: _Prepared, backend: str, precision: str, threads: int):
     model = model.to(dtype) if precision != "w4a16" else model
     if backend == "compile":
         model = torch.compile(model)
+    if backend == "triton":  # fused NHWC conv kernels (float or W4 weights); residuals checked on an example
+        from adagrow.kernels import to_kernels
+        try:
+            model = to_kernels(model, prep.example[:1].to(device, dtype))
+        except ValueError as exc:  # a model fx cannot trace: reported as skipped with the reason
+            raise RuntimeError(str(exc)) from exc
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:

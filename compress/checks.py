@@ -21,6 +21,8 @@ def check_calibration(model: nn.Module, batches: list[torch.Tensor]) -> None:
     """
     param = next(iter(model.parameters()), None)
     for i, x in enumerate(batches):
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"calibration batch {i} has shape {list(x.shape)}: no samples")
         if not x.is_floating_point():
             continue
         if param is not None and x.dtype != param.dtype:
@@ -35,3 +37,10 @@ def check_calibration(model: nn.Module, batches: list[torch.Tensor]) -> None:
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ValueError(f"calibration batch 0 of shape {list(batches[0].shape)} does not fit the model: "
                              f"{exc}") from exc
+
+
+def input_shape_mismatch(model: nn.Module, x: torch.Tensor) -> list[int] | None:
+    """The input shape (without batch) ``model`` was grown on, if ``x`` ``[B, ...]`` does not have
+    it; None when it fits or the checkpoint recorded no shape (``model.adagrow_input_shape``)."""
+    shape = getattr(model, "adagrow_input_shape", None)
+    return None if shape is None or list(x.shape[1:]) == list(shape) else list(shape)
