@@ -28,6 +28,7 @@ from .layer import geometry, set_module
 from .obs import OBSQuantizer, QuantResult, rtn_quantize
 from .order import check_order
 from .qmodules import _QuantLayer, from_result
+from .server_formats import guard_save_pretrained
 
 METHODS = ("obs", "rtn")
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -241,6 +242,7 @@ def quantize(model: nn.Module, calib: Iterable | Callable[[nn.Module], Any] | No
     finally:
         mask.remove()
     qmodel.adagrow_quant = {"config": asdict(config), "layers": report, "float": left, "blocks": blocks}
+    guard_save_pretrained(qmodel)
     return qmodel
 
 

@@ -126,3 +126,148 @@ def test_lm_head_left_float_and_tied_weights_stay_tied() -> None:
     assert q.adagrow_quant["float"] == {"lm_head": "tied weight"} and q.lm_head.weight is q.model.embed_tokens.weight
     q = quantize(_llama(False), [batch], QuantConfig(bits=4, group_size=32, ignore=()), progress=False)
     assert isinstance(q.lm_head, QuantLinear)
+
+
+# ---- server checkpoints: compressed-tensors pack-quantized and GPTQ v1 ----
+
+_QUANTIZED: dict = {}
+
+
+def _quantized(arch: str, sym: bool) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A tiny model quantized at W4 g32 by OBS (cached across tests) and a calibration batch."""
+    if (arch, sym) not in _QUANTIZED:
+        model = _bert() if arch == "bert" else _llama(tie=True)
+        batch = _padded(_sentences())
+        q = quantize(model, [batch], QuantConfig(bits=4, group_size=32, sym=sym, order="act"), progress=False)
+        _QUANTIZED[arch, sym] = (q, batch)
+    return _QUANTIZED[arch, sym]
+
+
+def _out(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_compressed_tensors_sym_loads_in_transformers(tmp_path, arch) -> None:
+    pytest.importorskip("compressed_tensors", reason="needs the hf extra (compressed-tensors)")
+    from compressed_tensors.quantization import QuantizationConfig
+    from adagrow.compress import save_compressed
+    q, batch = _quantized(arch, sym=True)
+    save_compressed(q, tmp_path)
+    auto = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
+    loaded = auto.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(q)
+    ref = _out(q, batch)
+    assert (_out(loaded, batch) - ref).abs().max() < 1e-5
+    # config.json round-trips: the model config, and a quantization_config compressed-tensors parses
+    cfg = transformers.AutoConfig.from_pretrained(tmp_path)
+    skip = {"quantization_config", "architectures", "transformers_version", "_name_or_path", "dtype"}
+    assert {k: v for k, v in cfg.to_dict().items() if k not in skip} == \
+        {k: v for k, v in q.config.to_dict().items() if k not in skip}
+    qc = QuantizationConfig.model_validate(cfg.quantization_config)
+    w = qc.config_groups["group_0"].weights
+    assert (qc.format, w.num_bits, w.group_size, w.symmetric, w.strategy) == ("pack-quantized", 4, 32, True, "group")
+    if arch == "llama":  # tied head: float, listed as ignored, still tied after loading
+        assert qc.ignore == ["lm_head"] and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_compressed_tensors_asym_decompressor_is_exact(tmp_path, arch) -> None:
+    pytest.importorskip("compressed_tensors", reason="needs the hf extra (compressed-tensors)")
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+    from adagrow.compress import save_compressed
+    import json
+    q, _ = _quantized(arch, sym=False)
+    save_compressed(q, tmp_path)
+    qc = QuantizationConfig.model_validate(json.loads((tmp_path / "config.json").read_text())["quantization_config"])
+    scheme = qc.config_groups["group_0"]
+    assert scheme.weights.symmetric is False
+    tensors = load_file(tmp_path / "model.safetensors")
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == (13 if arch == "bert" else 14)
+    for name, m in layers.items():
+        local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.rpartition(".")[0] == name}
+        assert set(local) == {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "bias"} - \
+            ({"bias"} if m.bias is None else set())
+        assert torch.equal(PackedQuantizationCompressor.decompress(local, scheme)["weight"], m.dequantize()), name
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_dense_packing_matches_compressed_tensors(bits) -> None:
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    from adagrow.compress.server_formats import pack_dense, unpack_dense
+    codes = torch.randint(0, 2**bits, (5, 72))
+    codes[0] = 2**bits - 1
+    packed = pack_dense(codes, bits)
+    assert torch.equal(packed, ct.pack_to_int32((codes - 2 ** (bits - 1)).to(torch.int8), bits))
+    assert torch.equal(unpack_dense(packed, bits, 72), codes)
+
+
+def _gptq_reference(qweight, qzeros, scales, g_idx, bits: int) -> torch.Tensor:
+    """GPTQ v1 dequantization as GPTQ's reference kernels do it (bits dividing 32):
+    w[n, k] = (q[k, n] - (qzeros[g, n] + 1)) * scales[g, n], g = g_idx[k]."""
+    per, mask = 32 // bits, 2**bits - 1
+    shifts = torch.arange(per) * bits
+    q = ((qweight.to(torch.int64)[:, None, :] >> shifts[None, :, None]) & mask).reshape(-1, qweight.shape[1])
+    z = ((qzeros.to(torch.int64)[:, :, None] >> shifts[None, None, :]) & mask).reshape(qzeros.shape[0], -1)
+    g = g_idx.long()
+    return ((q[: len(g)] - (z[g, : q.shape[1]] + 1)) * scales.float()[g]).t()
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_v1_layout(tmp_path, sym) -> None:
+    from safetensors.torch import load_file
+    from adagrow.compress import save_compressed
+    import json
+    q, _ = _quantized("bert", sym)
+    save_compressed(q, tmp_path, format="gptq")
+    tensors = load_file(tmp_path / "model.safetensors")
+    qcfg = json.loads((tmp_path / "quantize_config.json").read_text())
+    assert qcfg == json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert (qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == (4, 32, sym, False)
+    for name, m in q.named_modules():
+        if isinstance(m, QuantLinear):
+            t = {k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+            assert torch.equal(t["qweight"], m.qweight) and torch.equal(t["scales"], m.scales)  # bit-identical
+            assert torch.equal(_gptq_reference(**t, bits=4), m.dequantize()), name
+            assert f"{name}.weight" not in tensors
+
+
+def test_save_pretrained_writes_loadable_folder_or_raises(tmp_path) -> None:
+    pytest.importorskip("compressed_tensors", reason="needs the hf extra (compressed-tensors)")
+    q, batch = _quantized("bert", sym=True)
+    q.save_pretrained(tmp_path / "m")
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "m").eval()
+    assert (_out(loaded, batch) - _out(q, batch)).abs().max() < 1e-5
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        q.save_pretrained(tmp_path / "m")
+    with pytest.raises(TypeError, match="unsupported arguments: \\['push_to_hub'\\]"):
+        q.save_pretrained(tmp_path / "n", push_to_hub=True)
+    assert not (tmp_path / "n").exists()
+    from adagrow.compress import save_compressed
+    from adagrow.grow.nets import RepCNN
+    from adagrow.grow.reparam import reparameterize
+    cnn = quantize(reparameterize(RepCNN(widths=(8, 12), depth=1, stem_width=4).eval()),
+                   [torch.randn(4, 1, 11, 11)], QuantConfig(bits=4, group_size="tier"), progress=False)
+    with pytest.raises(ValueError, match="conv layers .* use adagrow.compress.save_quantized"):
+        save_compressed(cnn, tmp_path / "cnn")
+
+
+def test_load_quantized_rebuilds_hf_model_from_its_config(tmp_path) -> None:
+    from adagrow.compress import load_quantized, save_quantized
+    from adagrow.compress.io import read_metadata
+    for arch in ("bert", "llama"):
+        q, batch = _quantized(arch, sym=True)
+        path = save_quantized(q, tmp_path / f"{arch}.safetensors")
+        assert read_metadata(path)["arch"]["name"] == "hf"
+        rebuilt = load_quantized(path)  # no model=
+        assert type(rebuilt) is type(q) and torch.equal(_out(rebuilt, batch), _out(q, batch))
+    from adagrow.compress.archs import build_arch
+    record = read_metadata(path)["arch"]
+    record["args"]["config"]["auto_map"] = {"AutoModel": "evil.Model"}
+    with pytest.raises(ValueError, match="arch.args.config"):
+        build_arch(record, "x.safetensors")
