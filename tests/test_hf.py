@@ -271,3 +271,44 @@ def test_load_quantized_rebuilds_hf_model_from_its_config(tmp_path) -> None:
     record["args"]["config"]["auto_map"] = {"AutoModel": "evil.Model"}
     with pytest.raises(ValueError, match="arch.args.config"):
         build_arch(record, "x.safetensors")
+
+
+def _hf_folder(tmp_path) -> tuple:
+    """A tiny BERT with a word-level tokenizer saved as a Hugging Face folder, and a calibration file."""
+    words = "the a cat dog sat ran on under mat sofa quickly slowly today yesterday and with red blue".split()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = transformers.BertTokenizer(vocab_file=str(vocab))
+    model = _bert()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (int(n),), generator=g))
+             for n in torch.randint(3, 12, (24,), generator=g)]
+    (tmp_path / "calib.txt").write_text("\n".join(lines) + "\n\n")
+    return tmp_path / "model", tmp_path / "calib.txt", tok
+
+
+def test_cli_quantize_hf_writes_a_server_folder(tmp_path, capsys) -> None:
+    pytest.importorskip("compressed_tensors", reason="needs the hf extra (compressed-tensors)")
+    import json
+    from adagrow.cli import main
+    model_dir, calib, tok = _hf_folder(tmp_path)
+    out = tmp_path / "ct"
+    argv = ["quantize", "--hf", str(model_dir), "--calib-text", str(calib), "--out", str(out), "--group-size", "32",
+            "--sym", "--format", "compressed-tensors", "--quiet", "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["calib_sentences"] == 24 and res["quantized_layers"] == 13 and res["calib_embedding_cosine"] > 0.95
+    loaded = transformers.AutoModel.from_pretrained(out).eval()
+    batch = dict(transformers.AutoTokenizer.from_pretrained(out)(["the cat sat on the mat"], return_tensors="pt"))
+    ref = transformers.AutoModel.from_pretrained(model_dir).eval()
+    err = float((_out(loaded, batch) - _out(ref, batch)).norm() / _out(ref, batch).norm())
+    assert 0 < err < 0.1  # quantized (not the float weights), close to float
+    assert main(argv) == 2 and "overwrite" in capsys.readouterr().err  # nothing replaced without --overwrite
+    assert main(["quantize", "--hf", str(model_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "--calib-text" in capsys.readouterr().err
+    assert main(["quantize", "--hf", str(model_dir), "--calib-text", str(calib), "--out", str(tmp_path / "y"),
+                 "--group-size", "tier"]) == 2
+    assert "Linear layers take -1 or a multiple of 8" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
