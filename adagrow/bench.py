@@ -6,6 +6,7 @@ warmup = 10          # untimed calls per case
 runs = 50            # timed calls per case
 threads = 2          # CPU threads (PyTorch and ONNX Runtime)
 batch_sizes = [1, 32]
+seq_lens = [128]     # sequence lengths for token-input (Transformer) ONNX models
 data = "digits"      # calibration data for int8 / w4a16 (and the input shape)
 size = 16
 
@@ -41,7 +42,8 @@ from adagrow import __version__
 
 BACKENDS = ("eager", "compile", "ort-cpu", "ort-cuda", "tensorrt", "triton")
 PRECISIONS = ("fp32", "fp16", "int8", "w4a16")
-SUITE_DEFAULTS = {"warmup": 10, "runs": 50, "threads": 2, "batch_sizes": [1, 32], "data": "digits", "size": 16}
+SUITE_DEFAULTS = {"warmup": 10, "runs": 50, "threads": 2, "batch_sizes": [1, 32], "seq_lens": [128], "data": "digits",
+                  "size": 16}
 
 
 def _suite_schema() -> dict[str, Any]:
@@ -76,7 +78,8 @@ def load_suite(path: str | Path) -> dict[str, Any]:
     models = raw["model"]
     names = [m["name"] for m in models]
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: field model: duplicate model names {sorted({n for n in names if names.count(n) > 1})}")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{path}: field model: duplicate model names {dup}")
     for m in models:
         m["path"] = str((path.parent / m["path"]) if not Path(m["path"]).is_absolute() else m["path"])
         m.setdefault("backends", ["eager", "ort-cpu"])
@@ -158,16 +161,24 @@ class _Prepared:
         self.example = x_te
         self.cache: dict[str, Any] = {}
 
+    def _fitting(self, model: nn.Module) -> nn.Module:
+        from adagrow.compress.checks import input_shape_mismatch
+        shape = input_shape_mismatch(model, self.example)
+        if shape is not None:  # ValueError, not RuntimeError: a wrong suite is an error, not a skip
+            raise ValueError(f"{self.spec['path']} was grown on inputs {shape}, but the suite's data / size give "
+                             f"{list(self.example.shape[1:])}; set size = {shape[-1]} in [suite]")
+        return model
+
     def float_model(self) -> nn.Module:
         if "float" not in self.cache:
             from adagrow.grow import load_deploy
-            self.cache["float"] = load_deploy(self.spec["path"])
+            self.cache["float"] = self._fitting(load_deploy(self.spec["path"]))
         return self.cache["float"]
 
     def quant_model(self) -> nn.Module:
         if "w4" not in self.cache:
             from adagrow.compress import QuantConfig, load_quantized, quantize
-            self.cache["w4"] = (load_quantized(self.spec["path"]) if self.source == "quantized"
+            self.cache["w4"] = (self._fitting(load_quantized(self.spec["path"])) if self.source == "quantized"
                                 else quantize(self.float_model(), self.calib, QuantConfig(bits=4), progress=False))
         return self.cache["w4"]
 
@@ -230,8 +241,28 @@ def _tensorrt_runner(plan: Path):
     return run
 
 
+def _token_inputs(sess: ort.InferenceSession) -> bool:
+    """Every input is an integer ``[batch, sequence]`` tensor (input_ids / attention_mask / ...)."""
+    return all(i.type in ("tensor(int64)", "tensor(int32)") and len(i.shape) == 2 for i in sess.get_inputs())
+
+
+def token_feed(sess: ort.InferenceSession, batch: int, seq: int, vocab: int = 100) -> dict[str, np.ndarray]:
+    """Token ids in ``[1, vocab)`` (valid for any real vocabulary), all-ones attention masks, zero token
+    types, at ``[batch, seq]``."""
+    feed = {}
+    for i in sess.get_inputs():
+        dt = np.int64 if i.type == "tensor(int64)" else np.int32
+        if "mask" in i.name:
+            feed[i.name] = np.ones((batch, seq), dt)
+        elif "type" in i.name:
+            feed[i.name] = np.zeros((batch, seq), dt)
+        else:
+            feed[i.name] = np.random.default_rng(0).integers(1, vocab, (batch, seq)).astype(dt)
+    return feed
+
+
 def _runner(prep: _Prepared, backend: str, precision: str, threads: int):
-    """(callable taking a batch, device name)."""
+    """(callable taking a batch, device name, the ORT session when it takes token feeds else None)."""
     cuda = backend in ("ort-cuda", "tensorrt", "triton") or (backend in ("eager", "compile") and
                                                                precision == "fp16")
     if backend in ("ort-cpu", "ort-cuda"):
@@ -243,8 +274,10 @@ def _runner(prep: _Prepared, backend: str, precision: str, threads: int):
             sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         half = sess.get_inputs()[0].type == "tensor(float16)"
-        return (lambda x: sess.run(None, {name: (x.numpy().astype(np.float16) if half else x.numpy())}),
-                "cuda" if backend == "ort-cuda" else "cpu")
+        dev = "cuda" if backend == "ort-cuda" else "cpu"
+        if _token_inputs(sess):  # Transformer: x is a {name: [batch, seq]} feed
+            return (lambda x: sess.run(None, x)), dev, sess
+        return (lambda x: sess.run(None, {name: (x.numpy().astype(np.float16) if half else x.numpy())})), dev, None
     if backend == "tensorrt":
         return _tensorrt_runner(prep.engine(precision)), "cuda"
     model = prep.quant_model() if precision == "w4a16" else prep.float_model()
@@ -254,12 +287,18 @@ def _runner(prep: _Prepared, backend: str, precision: str, threads: int):
     model = model.to(dtype) if precision != "w4a16" else model
     if backend == "compile":
         model = torch.compile(model)
+    if backend == "triton":  # fused NHWC conv kernels (float or W4 weights); residuals checked on an example
+        from adagrow.kernels import to_kernels
+        try:
+            model = to_kernels(model, prep.example[:1].to(device, dtype))
+        except ValueError as exc:  # a model fx cannot trace: reported as skipped with the reason
+            raise RuntimeError(str(exc)) from exc
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
         return model(x.to(device, dtype))
 
-    return run, device
+    return run, device, None
 
 
 def run_suite(suite: dict, progress: bool = True) -> dict[str, Any]:
@@ -272,20 +311,26 @@ def run_suite(suite: dict, progress: bool = True) -> dict[str, Any]:
             for backend in spec["backends"]:
                 for precision in spec["precisions"]:
                     reason = unavailable(backend, precision, prep.source)
-                    runner = device = None
+                    runner = device = tokens = None
                     if reason is None:
                         try:
-                            runner, device = _runner(prep, backend, precision, suite["threads"])
+                            runner, device, tokens = _runner(prep, backend, precision, suite["threads"])
                         except RuntimeError as exc:
                             reason = str(exc)
-                    for batch in suite["batch_sizes"]:
+                    seqs = suite["seq_lens"] if tokens is not None else [None]  # sequence axis: token models
+                    for batch, seq in [(b, q) for b in suite["batch_sizes"] for q in seqs]:
                         row = {"model": spec["name"], "backend": backend, "precision": precision, "batch": batch}
+                        if seq is not None:
+                            row["seq"] = seq
                         if reason is not None:
                             rows.append({**row, "status": "skipped", "reason": reason})
                             continue
-                        x = prep.example[:batch]
-                        if len(x) < batch:
-                            x = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
+                        if seq is not None:
+                            x = token_feed(tokens, batch, seq)
+                        else:
+                            x = prep.example[:batch]
+                            if len(x) < batch:
+                                x = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
                         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
                         if device == "cuda":
                             torch.cuda.reset_peak_memory_stats()
@@ -298,7 +343,8 @@ def run_suite(suite: dict, progress: bool = True) -> dict[str, Any]:
                                      "peak_mem_mb": peak, "peak_mem_kind": "cuda allocated" if device == "cuda"
                                      else "process peak RSS"})
                         if progress:
-                            print(f"  {spec['name']} {backend:<8} {precision:<6} b{batch:<3} {med:8.3f} ms", flush=True)
+                            print(f"  {spec['name']} {backend:<8} {precision:<6} b{batch:<3}"
+                                  f"{'' if seq is None else f' L{seq}'} {med:8.3f} ms", flush=True)
     return {"adagrow": __version__, "torch": torch.__version__, "onnxruntime": ort.__version__,
             "platform": platform.platform(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "threads": suite["threads"], "warmup": suite["warmup"], "runs": suite["runs"], "rows": rows}

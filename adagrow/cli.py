@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ def _check_out(path: Path, overwrite: bool, folder: bool = False) -> None:
     """Refuse an output path before any work: existing without --overwrite, a folder where a file
     goes (or the reverse), or under a file."""
     if path.exists() and folder != path.is_dir():
-        raise ValueError(f"{path} is {'a file' if folder else 'a directory'}; give a {'folder' if folder else 'file'} path")
-    if path.exists() and not overwrite and not folder:
+        want, got = ("folder", "a file") if folder else ("file", "a directory")
+        raise ValueError(f"{path} is {got}; give a {want} path")
+    if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     parent = next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
@@ -33,8 +35,9 @@ def _check_out(path: Path, overwrite: bool, folder: bool = False) -> None:
 
 def _check_input_shape(model, x, args: argparse.Namespace) -> None:
     """Data must have the input shape the checkpoint was grown on (e.g. --size)."""
-    shape = getattr(model, "adagrow_input_shape", None)
-    if shape is not None and list(x.shape[1:]) != list(shape):
+    from adagrow.compress.checks import input_shape_mismatch
+    shape = input_shape_mismatch(model, x)
+    if shape is not None:
         raise ValueError(f"{args.checkpoint} was grown on inputs {list(shape)}, but --data {args.data} --size "
                          f"{args.size} gives {list(x.shape[1:])}; pass --size {shape[-1]}")
 
@@ -45,7 +48,7 @@ def _positive(kind: type):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
+        if not (value > 0 and math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
         return value
     parse.__name__ = f"positive {kind.__name__}"
@@ -210,8 +213,6 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         _import_tensorrt()  # TensorRT and a GPU, or a clear error now
     if args.triton_repo:
         _check_out(Path(args.triton_repo) / args.name, args.overwrite, folder=True)
-        if (Path(args.triton_repo) / args.name).exists() and not args.overwrite:
-            raise FileExistsError(f"{Path(args.triton_repo) / args.name} exists; pass --overwrite to replace it")
     x_tr, _, x_te, _ = _data(args)
     model = load_quantized(args.checkpoint) if _source(args.checkpoint) == "quantized" else load_deploy(args.checkpoint)
     _check_input_shape(model, x_te, args)
@@ -263,7 +264,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    _check_out(Path(args.out), args.overwrite, folder=True)
+    _check_out(Path(args.out), True, folder=True)  # run_demo / run_minilm_demo refuse a non-empty folder
     if args.model == "minilm":
         from adagrow.demo_minilm import run_minilm_demo
         return run_minilm_demo(Path(args.out), fast=args.fast, overwrite=args.overwrite, progress=not args.quiet)

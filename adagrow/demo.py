@@ -86,6 +86,7 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
                epochs=3 if fast else 12, config=GrowthConfig(stop="auto", interval=22 if fast else 66), lr=0.05,
                progress=progress)
     grow_s = time.perf_counter() - t0
+    res.model.adagrow_input_shape = list(x_tr.shape[1:])  # checked by quantize / export / bench
     save_grown(res.model, out / "grown.safetensors", overwrite=True)
     say(f"      grew to {res.model.spec()} in {grow_s:.1f}s")
 

@@ -28,15 +28,6 @@ class StopForward(Exception):
     """Raised by a calibration hook once it has what it needs from a forward pass."""
 
 
-def batch_inputs(batch: object) -> torch.Tensor:
-    """The input tensor of a single-input calibration batch (a tensor, or the x of an (x, y) pair)."""
-    if isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"calibration batches must be tensors or (x, y) pairs here, got {type(batch).__name__}")
-    return batch
-
-
 def _looks_like_mask(x: torch.Tensor, y: object) -> bool:
     """An (ids, mask) tuple: integer ids and a same-shape 0/1 tensor with some zeros."""
     return (isinstance(y, torch.Tensor) and not x.is_floating_point() and y.shape == x.shape
@@ -154,4 +145,4 @@ class TokenMask:
         return inp
 
 
-__all__ = ["Calibration", "TokenMask", "StopForward", "batch_call", "batch_inputs", "to_device"]
+__all__ = ["Calibration", "TokenMask", "StopForward", "batch_call", "to_device"]

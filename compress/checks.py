@@ -23,6 +23,8 @@ def check_calibration(model: nn.Module, calls: list[tuple[tuple, dict]]) -> None
     param = next(iter(model.parameters()), None)
     for i, (args, kwargs) in enumerate(calls):
         for x in (*args, *kwargs.values()):
+            if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] == 0):
+                raise ValueError(f"calibration batch {i} has shape {list(x.shape)}: no samples")
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 continue
             if param is not None and x.dtype != param.dtype:
@@ -40,3 +42,10 @@ def check_calibration(model: nn.Module, calls: list[tuple[tuple, dict]]) -> None
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             shape = shapes[0] if len(shapes) == 1 else shapes
             raise ValueError(f"calibration batch 0 of shape {shape} does not fit the model: {exc}") from exc
+
+
+def input_shape_mismatch(model: nn.Module, x: torch.Tensor) -> list[int] | None:
+    """The input shape (without batch) ``model`` was grown on, if ``x`` ``[B, ...]`` does not have
+    it; None when it fits or the checkpoint recorded no shape (``model.adagrow_input_shape``)."""
+    shape = getattr(model, "adagrow_input_shape", None)
+    return None if shape is None or list(x.shape[1:]) == list(shape) else list(shape)

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import Probe, candidates, hidden
-from .calib import Calibration, StopForward, TokenMask, batch_inputs
+from .calib import Calibration, StopForward, TokenMask
 from .grid import check_bits
 from .groups import check_group_size
 from .layer import geometry, set_module
@@ -281,4 +281,4 @@ def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, 
     return run.report, blocks
 
 
-__all__ = ["QuantConfig", "quantize", "batch_inputs", "DEFAULT_IGNORE"]
+__all__ = ["QuantConfig", "quantize", "DEFAULT_IGNORE"]

@@ -70,9 +70,11 @@ def load_grown(path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{path}: not a grown-model checkpoint (format "
                          f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     from adagrow.compress.archs import build_arch, grown_record  # checks every field of the record
+    from adagrow.compress.checks import check_finite
     from adagrow.compress.schema import check, input_shape
     model = build_arch(grown_record(meta.get("arch")), str(path), args_root="arch")
     check(meta.get("input_shape"), input_shape(), str(path), "input_shape")
+    check_finite(tensors, str(path))
     if meta.get("deploy"):
         model = reparameterize(model.eval())
     try:

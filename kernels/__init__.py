@@ -8,8 +8,9 @@ Each op has a pure-PyTorch reference (used on CPU and by the tests) and a fake i
 for torch.compile / CUDA graphs. On CPU the kernels run only under ``TRITON_INTERPRET=1``.
 """
 from .conv import fused_conv2d, fused_conv2d_ref
+from .convert import to_kernels
 from .modules import FusedConv2d
 from .w4a16 import load_tuning, lookup_config, save_tuning, tune, w4a16_matmul, w4a16_matmul_ref
 
 __all__ = ["w4a16_matmul", "w4a16_matmul_ref", "fused_conv2d", "fused_conv2d_ref", "FusedConv2d",
-           "tune", "save_tuning", "load_tuning", "lookup_config"]
+           "to_kernels", "tune", "save_tuning", "load_tuning", "lookup_config"]

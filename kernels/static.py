@@ -183,6 +183,11 @@ def analyze_sass(sass: str, threads: int) -> dict[str, Any]:
         "global_loads_in_main_loop": len(loads),
         "global_load_bytes_per_iter": sum(load_bytes(op) for op in loads) * threads,
         "local_mem_ops": sum(op.split(".")[0] in ("STL", "LDL") for _, op, _ in instrs),
+        # software pipelining evidence: async global->shared copies, and wgmma groups left in
+        # flight at the main loop's waits (WARPGROUP.DEPBAR.LE gsb0, N: max N; -1 without wgmma)
+        "cp_async_in_main_loop": sum(op.startswith("LDGSTS") for _, op, _ in loop),
+        "wgmma_in_flight": max((int(m.group(1), 16) for _, op, args in loop if op.startswith("WARPGROUP.DEPBAR")
+                                for m in [re.search(r"0x([0-9a-f]+)", args)] if m), default=-1),
         "bar_sync_in_main_loop": sum(op.startswith("BAR") for _, op, _ in loop),
     }
 

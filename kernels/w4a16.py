@@ -9,7 +9,9 @@ registers; dequant uses no int->float conversion: nibble i is shifted under the 
 
 Paths by M (rows of x): a GEMV for M = 1 (per-element fp32 accumulator, one cross-thread
 reduction after the K loop), a tensor-core kernel for small M ("splitk", BLOCK_M 16-32) and
-large M ("gemm", BLOCK_M up to 128), both with software-pipelined loads. SPLIT_K > 1 programs
+large M ("gemm", BLOCK_M up to 128) that computes ``y^T = W^T x^T`` so the dequantized weight
+tile is the MMA's register operand (async wgmma on Hopper) while x streams through shared
+memory with software-pipelined loads. SPLIT_K > 1 programs
 add fp32 partials into a per-device workspace; the last program of each output tile (atomic
 counter) writes y in its dtype and re-zeroes the workspace, so no zero-fill or cast kernel runs.
 
@@ -132,10 +134,10 @@ if HAS_TRITON:
         return x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
-    def _dequant_tile(qw, s16, c, dtype: tl.constexpr):
-        """Packed words ``[BK/8, BN]`` -> dequantized ``[BK, BN]`` in ``dtype`` (row 8*w + i is
-        nibble i of word row w): ``(q - z) * s = fma(1 + q/16, 16 s, -(16 + z) s)``, one FMA,
-        exact before the final rounding."""
+    def _dequant_tile_t(qw, s16, c, dtype: tl.constexpr):
+        """Packed words ``[BK/8, BN]`` -> the transposed dequantized tile ``[BN, BK]`` in ``dtype``
+        (column 8*w + i is nibble i of word row w), built in registers:
+        ``(q - z) * s = fma(1 + q/16, 16 s, -(16 + z) s)``, one FMA, exact before the rounding."""
         bk8: tl.constexpr = qw.shape[0]
         bn: tl.constexpr = qw.shape[1]
         w0 = (_nibble(qw, 0) * s16 - c).to(dtype)
@@ -147,7 +149,7 @@ if HAS_TRITON:
         w6 = (_nibble(qw, 6) * s16 - c).to(dtype)
         w7 = (_nibble(qw, 7) * s16 - c).to(dtype)
         t = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
-        return tl.reshape(tl.permute(tl.reshape(t, (bk8, bn, 8)), (0, 2, 1)), (bk8 * 8, bn))
+        return tl.reshape(tl.permute(tl.reshape(t, (bk8, bn, 8)), (1, 0, 2)), (bn, bk8 * 8))
 
     @triton.jit
     def _group_scales(s_ptr, z_ptr, t, rw, rn, nmask, N, K_PAD, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -198,9 +200,9 @@ if HAS_TRITON:
         rw = tl.arange(0, BK8)
         acc = tl.zeros((BK8, BLOCK_N), dtype=tl.float32)
         for t in range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K):
-            kw = t * BK8 + rw
-            qw = tl.load(qw_ptr + kw[:, None] * N + rn[None, :], mask=nmask[None, :], other=0,
-                         eviction_policy="evict_first")
+            kw = t * BK8 + rw  # word rows past K_PAD/8 (last tile) are masked: no out-of-bounds reads
+            qw = tl.load(qw_ptr + kw[:, None] * N + rn[None, :], mask=(kw < K_PAD // 8)[:, None] & nmask[None, :],
+                         other=0, eviction_policy="evict_first")
             xk = t * BLOCK_K + tl.arange(0, BLOCK_K)  # 1-D: each x element loaded by one thread
             x = tl.reshape(tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32), (BK8, 8))
             x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
@@ -216,9 +218,12 @@ if HAS_TRITON:
     def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_PAD,
                           GROUP: tl.constexpr, ROW_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-        """Tensor-core path (split-K for small M, tiled GEMM): each program dequantizes its
-        [BLOCK_K, BLOCK_N] weight tile once per K step (words loaded once, nibbles unpacked in
-        registers) and feeds tl.dot with the [BLOCK_M, BLOCK_K] activation tile."""
+        """Tensor-core path (split-K for small M, tiled GEMM), computed swapped:
+        ``y^T tile [BLOCK_N, BLOCK_M] += W^T [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]``. Each
+        program dequantizes its weight tile once per K step in registers (words loaded once,
+        nibbles unpacked in registers), which feeds the MMA as the register operand (Hopper
+        wgmma takes A from registers and stays asynchronous: the MMA overlaps the next tile's
+        dequant); the activation tile streams through shared memory (cp.async pipeline)."""
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         BK8: tl.constexpr = BLOCK_K // 8
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -227,18 +232,18 @@ if HAS_TRITON:
         mmask = rm < M
         rw = tl.arange(0, BK8)
         rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for t in range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K):
             xk = t * BLOCK_K + rk
-            x = tl.load(x_ptr + rm[:, None] * K + xk[None, :], mask=mmask[:, None] & (xk < K)[None, :], other=0.0)
-            qw = tl.load(qw_ptr + (t * BK8 + rw)[:, None] * N + rn[None, :], mask=nmask[None, :], other=0,
-                         eviction_policy="evict_first")
+            xt = tl.load(x_ptr + rm[None, :] * K + xk[:, None], mask=mmask[None, :] & (xk < K)[:, None], other=0.0)
+            kw = t * BK8 + rw
+            qw = tl.load(qw_ptr + kw[:, None] * N + rn[None, :], mask=(kw < K_PAD // 8)[:, None] & nmask[None, :],
+                         other=0, eviction_policy="evict_first")
             s, z = _group_scales(s_ptr, z_ptr, t, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
-            w = _dequant_tile(qw, 16.0 * s, (16.0 + z) * s, x_ptr.dtype.element_ty)
-            acc = tl.dot(x, w, acc)
+            acc = tl.dot(_dequant_tile_t(qw, 16.0 * s, (16.0 + z) * s, x_ptr.dtype.element_ty), xt, acc)
         tile = pid_m * tl.num_programs(1) + pid_n
-        offs = rm[:, None] * N + rn[None, :]
-        _finish(acc, y_ptr + offs, mmask[:, None] & nmask[None, :], ws_ptr + offs, cnt_ptr + tile, SPLIT_K)
+        offs = rm[None, :] * N + rn[:, None]
+        _finish(acc, y_ptr + offs, mmask[None, :] & nmask[:, None], ws_ptr + offs, cnt_ptr + tile, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -359,6 +364,8 @@ def w4a16_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
     path = path or path_for(m)
+    if path == "gemv" and m != 1:
+        raise ValueError(f"w4a16 gemv path computes one row; x has {m} rows")
     if config is None:
         config = lookup_config(m, n, k_pad, group_size, x.dtype, x.device)
     elif path != "gemv" and config[0] < 16:

@@ -166,30 +166,50 @@ def test_calibration_thresholds(method: str) -> None:
         threshold(TensorStats(1.0, 0.0, hist), "kl", 127)
 
 
-def test_w4_blocked_int4_and_matmulnbits(tmp_path) -> None:
+def test_w4_blocked_int4_dequantize(tmp_path) -> None:
     model, x, calib = _vit()
-    rep = export_onnx(model, x, tmp_path / "w4.onnx", "w4", calib=calib, progress=False,
-                      quant_config=QuantConfig(bits=4, group_size=-1, linear_group_size=16))
+    cfg = QuantConfig(bits=4, group_size=-1, linear_group_size=16)
+    rep = export_onnx(model, x, tmp_path / "w4.onnx", "w4", calib=calib, progress=False, quant_config=cfg,
+                      accuracy_level=None)
     g = onnx.load(rep.path)
     assert rep.opset == 21 and g.opset_import[0].version == 21
     dq4 = [n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_uint4")]
-    assert len(dq4) == rep.quantized_weights >= 5 and not rep.notes
+    assert len(dq4) == rep.quantized_weights == len(rep.runs_float) >= 5
     assert any(a.name == "block_size" and a.i == 16 for n in dq4 for a in n.attribute)
-    assert fused_node_counts(rep.path).get("MatMulNBits", 0) >= 4
-    # ORT's fused MatMulNBits may requantize activations (its accuracy level): close to PyTorch...
-    assert rep.cosine > 0.9999
-    # ...and the plain DequantizeLinear semantics reproduce the quantized PyTorch model exactly
-    qmodel = quantize(model, calib, QuantConfig(bits=4, group_size=-1, linear_group_size=16), progress=False)
+    assert fused_node_counts(rep.path).get("MatMulNBits", 0) >= 4  # ORT fuses DQ + MatMul (fp32 compute)
+    assert rep.passed and rep.cosine > rep.threshold == 0.98  # against the float model
+    # the plain DequantizeLinear semantics reproduce the quantized PyTorch model exactly
+    qmodel = quantize(model, calib, cfg, progress=False)
     np.testing.assert_allclose(_run(rep.path, x, optimize=False), qmodel(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [16, -1])
+def test_w4_matmulnbits(tmp_path, group) -> None:
+    """Linear weights become MatMulNBits (packing checked exactly at fp32 compute); the patch conv
+    runs float on its dequantized weight and the report says so."""
+    model, x, calib = _vit()
+    cfg = QuantConfig(bits=4, group_size=-1, linear_group_size=group)
+    qmodel = quantize(model, calib, cfg, progress=False)
+    want = qmodel(x).detach().numpy()
+    exact = export_onnx(qmodel, x, tmp_path / "a0.onnx", "w4", accuracy_level=0)
+    np.testing.assert_allclose(_run(exact.path, x), want, rtol=1e-4, atol=1e-4)
+    rep = export_onnx(qmodel, x, tmp_path / "a4.onnx", "w4", accuracy_level=4)
+    nodes = [n for n in onnx.load(rep.path).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == rep.quantized_weights - 1 == 5 and all(n.domain == "com.microsoft" for n in nodes)
+    attrs = {a.name: a.i for a in nodes[0].attribute}
+    assert attrs["accuracy_level"] == 4 and attrs["bits"] == 4 and attrs["block_size"] == (16 if group == 16 else 32)
+    assert rep.runs_float == ["/embed/Conv"] and any("/embed/Conv" in n for n in rep.notes)
+    assert _cos(_run(rep.path, x), want) > 0.999  # int8 compute inside MatMulNBits
 
 
 def test_w4_conv_tier_groups_are_exact(tmp_path) -> None:
     model, x, calib = _cnn()
     qmodel = quantize(model, calib, QuantConfig(bits=4, group_size="tier", linear_group_size=-1), progress=False)
-    rep = export_onnx(qmodel, x, tmp_path / "w4c.onnx", "w4")
-    assert rep.quantized_weights == 4 and not rep.notes  # 3 convs (tier -> position blocks) + classifier
+    rep = export_onnx(qmodel, x, tmp_path / "w4c.onnx", "w4", accuracy_level=None)
+    assert rep.quantized_weights == 4  # 3 convs (tier -> position blocks) + classifier
+    assert not [n for n in rep.notes if "kept as" in n or "not matched" in n]
     np.testing.assert_allclose(_run(rep.path, x, optimize=False), qmodel(x).detach().numpy(), rtol=1e-4, atol=1e-5)
-    assert rep.cosine > 0.9999
+    assert rep.cosine > 0.9999  # a pre-quantized model is its own reference
 
 
 def test_export_errors(tmp_path) -> None:
@@ -286,8 +306,9 @@ def test_int8_with_initializers_shared_by_the_simplifier(tmp_path) -> None:
         model[0].bias.zero_()
         model[2].bias.zero_()
     x = torch.randn(2, 3, 9, 9)
+    from adagrow.compress.export.inputs import input_spec, named_inputs
     from adagrow.compress.export.onnx_export import _export_float
-    g = _export_float(model, x, 17)
+    g = _export_float(model, input_spec(model, named_inputs(x), None), 17)
     biases = [n.input[2] for n in g.graph.node if n.op_type == "Conv"]
     assert len(set(biases)) == 1  # the situation under test: one shared bias initializer
     rep = export_onnx(model, x, tmp_path / "s.onnx", "int8", calib=[torch.randn(8, 3, 9, 9)], progress=False)
@@ -346,3 +367,118 @@ def test_int8_for_onnxruntime_cannot_saturate(tmp_path, make) -> None:
     ref = model(x).detach().numpy()
     assert _cos(emulate_avx2(full.path, [{"input": x.numpy()}])[0][0], ref) < 0.995
     assert _cos(emulate_avx2(rep.path, [{"input": x.numpy()}])[0][0], ref) > 0.999
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64,
+                                  initializer_range=0.2)  # branches as strong as the residual stream
+    model = transformers.BertModel(cfg).eval()
+
+    def batch(b: int, length: int, seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.ones(b, length, dtype=torch.int64)
+        mask[0, length // 2:] = 0  # one padded sentence
+        return {"input_ids": torch.randint(1, 100, (b, length), generator=g),
+                "token_type_ids": torch.zeros(b, length, dtype=torch.int64), "attention_mask": mask}
+    return model, batch
+
+
+def test_hf_named_inputs_dynamic_sequence_and_triton(tmp_path) -> None:
+    import onnxruntime as ort
+    model, batch = _tiny_bert()
+    rep = export_onnx(model, batch(2, 8, 0), tmp_path / "b.onnx", verify_lengths=[5, 13])
+    assert rep.inputs == ["input_ids", "token_type_ids", "attention_mask"]
+    assert rep.outputs == ["last_hidden_state", "pooler_output"]
+    assert [c["shape"]["input_ids"] for c in rep.verification] == [[2, 8], [2, 5], [2, 13]]
+    assert rep.passed and rep.cosine > 0.9999
+    g = onnx.load(rep.path)
+    for vi in g.graph.input:
+        assert [d.dim_param for d in vi.type.tensor_type.shape.dim] == ["batch", "sequence"]
+        assert vi.type.tensor_type.elem_type == TensorProto.INT64
+    sess = ort.InferenceSession(rep.path, providers=["CPUExecutionProvider"])
+    feed = batch(3, 21, 1)  # another batch size and length, with padding
+    got = sess.run(None, {k: v.numpy() for k, v in feed.items()})
+    with torch.no_grad():
+        ref = model(**feed)
+    np.testing.assert_allclose(got[0], ref.last_hidden_state.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got[1], ref.pooler_output.numpy(), atol=1e-4)
+    cfg = _parse_pbtxt((export_triton_repository(tmp_path / "repo", "bert", rep.path) / "config.pbtxt").read_text())
+    assert cfg["input"] == [(n, "TYPE_INT64", [-1]) for n in rep.inputs]
+    assert cfg["output"] == [("last_hidden_state", "TYPE_FP32", [-1, 32]), ("pooler_output", "TYPE_FP32", [32])]
+
+
+def test_smoothing_is_exact_and_shares_qkv_scales() -> None:
+    from adagrow.compress.export.smooth import SmoothedLinear, smooth_linears
+    model, batch = _tiny_bert()
+    calib = [batch(4, 12, s) for s in range(2)]
+    with torch.no_grad():
+        model.encoder.layer[0].attention.output.LayerNorm.weight[3] = 20.0  # an outlier channel
+        ref = [model(**b).last_hidden_state for b in calib]
+    spread = smooth_linears(model, lambda: [model(**b) for b in calib], alpha=0.5)
+    assert len(spread) == 13 and all(isinstance(m, SmoothedLinear) for n, m in model.named_modules()
+                                     if n.endswith(("query", "key", "value", "dense")))
+    att = model.encoder.layer[1].attention.self
+    assert torch.equal(att.query.inv_scale, att.key.inv_scale) and torch.equal(att.key.inv_scale, att.value.inv_scale)
+    assert spread["encoder.layer.0.intermediate.dense"] > 5  # the outlier channel is divided down
+    with torch.no_grad():
+        for b, r in zip(calib, ref):
+            torch.testing.assert_close(model(**b).last_hidden_state, r, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_bert_smoothing_mixed_precision_and_saturation(tmp_path) -> None:
+    model, batch = _tiny_bert()
+    with torch.no_grad():
+        model.encoder.layer[0].attention.output.LayerNorm.weight[3] = 30.0  # BERT-like activation outlier
+    calib, held, x = [batch(8, 16, s) for s in range(2)], [batch(4, 16, 9)], batch(2, 16, 5)
+    kw = dict(calib=calib, verify_inputs=held, progress=False)
+    plain = export_onnx(model, x, tmp_path / "p.onnx", "int8", target_cosine=None, **kw)
+    smooth = export_onnx(model, x, tmp_path / "s.onnx", "int8", target_cosine=None, smooth=0.5, **kw)
+    assert 1 - smooth.cosine < 0.3 * (1 - plain.cosine)  # outlier migrated into the weights
+    assert smooth.smoothed["encoder.layer.0.intermediate.dense"] > 5
+    mixed = export_onnx(model, x, tmp_path / "m.onnx", "int8", target_cosine=0.9999, **kw)
+    kept = mixed.kept_float
+    assert mixed.calibration_cosine < 0.9999 <= kept[-1].cosine_after and len(kept) < 6  # float where needed
+    assert kept[0].node == "/model/encoder/layer.0/intermediate/dense/MatMul"  # the layer fed by the outlier
+    assert kept[0].node in {n.name for n in onnx.load(mixed.path).graph.node}  # still a float MatMul
+    assert mixed.quantized_weights == plain.quantized_weights - sum("MatMul_" not in k.node for k in kept)
+    assert [k.reason() for k in kept] == [n for n in mixed.notes if "kept float" in n]
+    assert 1 - mixed.cosine < 0.5 * (1 - plain.cosine)
+    feeds = [{k: v.numpy() for k, v in b.items()} for b in calib]
+    assert not [s.node for s in saturation_check(smooth.path, feeds) if s.outputs_differing]
+
+
+def test_verification_fails_loudly(tmp_path) -> None:
+    from adagrow.compress.export import ExportCheckError
+    model, x, calib = _cnn()
+    tiny = [0.02 * b for b in calib]  # ranges far too small for the real inputs: clipped activations
+    with pytest.raises(ExportCheckError, match="FAILED verification.*threshold 0.99"):
+        export_onnx(model, x, tmp_path / "bad.onnx", "int8", calib=tiny, target_cosine=None, progress=False)
+    assert not (tmp_path / "bad.onnx").exists() and not list(tmp_path.iterdir())  # nothing written
+    with pytest.warns(RuntimeWarning, match="FAILED verification"):
+        rep = export_onnx(model, x, tmp_path / "bad.onnx", "int8", calib=tiny, target_cosine=None, check="warn",
+                          progress=False)
+    assert not rep.passed and rep.cosine < 0.99 and (tmp_path / "bad.onnx").exists()
+    assert any("FAILED verification" in n for n in rep.notes)
+    x_nan = x.clone()
+    x_nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="example_input contains NaN"):
+        export_onnx(model, x_nan, tmp_path / "n.onnx")
+    with pytest.raises(ValueError, match="calibration batches are all zero"):
+        export_onnx(model, x, tmp_path / "z.onnx", "int8", calib=[torch.zeros_like(b) for b in calib])
+    with pytest.warns(UserWarning, match="also appear in the calibration"):
+        export_onnx(model, calib[0][:4], tmp_path / "o.onnx", "int8", calib=calib, progress=False)
+
+
+def test_bench_suite_sequence_axis(tmp_path) -> None:
+    """Bench suites time token-input ONNX models at every sequence length; image models stay per batch."""
+    from adagrow.bench import SUITE_DEFAULTS, run_suite
+    model, batch = _tiny_bert()
+    rep = export_onnx(model, batch(2, 8, 0), tmp_path / "b.onnx")
+    suite = {**SUITE_DEFAULTS, "warmup": 1, "runs": 2, "batch_sizes": [1, 3], "seq_lens": [5, 17],
+             "models": [{"name": "bert", "path": rep.path, "backends": ["ort-cpu"], "precisions": ["fp32"]}]}
+    rows = run_suite(suite, progress=False)["rows"]
+    assert [(r["batch"], r["seq"], r["status"]) for r in rows] == [(1, 5, "ok"), (1, 17, "ok"), (3, 5, "ok"),
+                                                                   (3, 17, "ok")]

@@ -247,13 +247,15 @@ def test_default_growth_preserves_function(family: str) -> None:
     config = GrowthConfig()
     assert config.preserve
     model.eval()
-    before = model(x)
+    x2 = torch.randn(5, 1, 8, 8)
+    before, before2 = model(x), model(x2)
     for stage, position in ((0, 0), (1, 1), (1, 3), (2, 1)):  # after the stem, after downsampling, at the end
         apply_growth(model, {"kind": "depth", "stage": stage, "position": position}, config)
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
     branches = {name: branch_space(conv)[-1] for name, conv in model.rep_convs().items()}  # bn / avg3x3 / conv1x1
     apply_growth(model, {"kind": "width", "branches": branches}, config)
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x2), before2, atol=1e-5, rtol=1e-5)  # inputs the new layers have not seen
     if family != "vgg":  # residual layers add exactly zero in train mode too (BN batch statistics)
         model.train()
         torch.manual_seed(1)
@@ -302,13 +304,13 @@ def test_transformer_head_growth_widens_the_residual() -> None:
 
 def test_retrain_trains_the_found_architecture_from_scratch() -> None:
     train, val = _data()
-    res = grow(_cnn(), train, val, epochs=4, config=GrowthConfig(stop="VGG-1-0-1", interval=1, retrain=True),
+    res = grow(_cnn(), train, val, epochs=2, config=GrowthConfig(stop="VGG-1-0-1", interval=1, retrain=True),
                lr=0.01, progress=False)
     assert res.grown is not None and res.model is not res.grown
     assert res.model.arch() == res.grown.arch() and res.model.spec() == "VGG-1-0-1"
     assert not torch.equal(res.model.head.weight, res.grown.head.weight)
     retrain = [h for h in res.history if h.get("retrain")]
-    assert len(retrain) == 4 and not any("growth" in h for h in retrain)
+    assert len(retrain) == 2 and not any("growth" in h for h in retrain)
 
 
 @pytest.mark.parametrize("make", [_cnn, _vit])
@@ -377,3 +379,21 @@ def test_bert_encoder_grows_on_token_ids() -> None:
                config=GrowthConfig(stop="BERT-D3-H5", interval=1), progress=False)
     kinds = [h["growth"]["kind"] for h in res.history if "growth" in h]  # growth points: steps 1, 2, 3
     assert res.model.spec() == "BERT-D3-H5" and kinds == ["width", "depth"]
+
+
+def test_cli_grows_to_a_latency_budget(tmp_path, capsys) -> None:
+    import json
+
+    from adagrow.cli import main
+    out = tmp_path / "g.safetensors"
+    argv = ["grow", "--family", "vgg", "--widths", "8,8,16", "--epochs", "1", "--interval", "6", "--size", "8", "--stop", "budget",
+            "--budget-latency-ms", "50", "--backend", "ort-cpu", "--out", str(out), "--quiet", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert out.exists() and result["growth"] and result["spec"].startswith("VGG-")
+    deploy = reparameterize(load_grown(out))
+    assert deploy_cost(deploy, torch.zeros(1, 1, 8, 8), DeployBudget(latency_ms=50.0, backend="ort-cpu",
+                                                                     runs=5))["latency_ms"] < 50
+    argv[argv.index("50")] = "0.000001"
+    assert main(argv[:-4] + ["--out", str(tmp_path / "h.safetensors")]) == 2
+    assert "already breaks the budget" in capsys.readouterr().err

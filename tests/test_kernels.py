@@ -7,16 +7,13 @@ packing bug gives errors of the size of y itself.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adagrow.compress import QuantConfig, QuantConv2d, QuantLinear, quantize, rtn_quantize
 from adagrow.packed import column_groups, dequantize_packed
-from adagrow.kernels import FusedConv2d, fused_conv2d, fused_conv2d_ref, w4a16_matmul_ref
+from adagrow.kernels import w4a16_matmul_ref
 from adagrow.kernels import w4a16 as w4
-from adagrow.kernels.conv import conv_weight_matrix, fused_conv2d_triton
 
-EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # unit roundoff (conv bounds)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compile, CUDA graphs)")
 # Triton's CPU interpreter computes tl.dot on bfloat16 operands wrongly (garbage ~1e10, checked
 # with a 16x16 kernel of nothing but tl.dot); bf16 paths without tl.dot run in the interpreter.
@@ -116,6 +113,8 @@ def test_w4a16_dispatch_and_group_support() -> None:
     for path in w4.CONFIGS:  # off CUDA every row can run every group size
         assert w4.valid_configs(path, 24) == w4.CONFIGS[path]
     res = _packed_linear(72, 24, 8, False)
+    with pytest.raises(ValueError, match="gemv path computes one row"):
+        w4.w4a16_triton(torch.randn(2, 72, dtype=torch.float16), res.qweight, res.scales, res.zeros, 8, path="gemv")
     with pytest.raises(ValueError, match="BLOCK_M must be >= 16"):
         w4.w4a16_triton(torch.randn(2, 72, dtype=torch.float16), res.qweight, res.scales, res.zeros, 8,
                         path="splitk", config=(8, 64, 32, 1, 4, 1))
@@ -196,109 +195,6 @@ def test_tuning_cache_round_trip(tmp_path, monkeypatch) -> None:
         w4.load_tuning(tmp_path / "bad.json")
 
 
-# ----------------------------------------------------------------------------- convs
-def _conv_case(cin, cout, k, stride, dil, groups, hw, mode, act, residual, dtype=torch.float16, seed=0):
-    torch.manual_seed(seed)
-    conv = nn.Conv2d(cin, cout, k, stride, padding=(k[0] // 2 * dil, k[1] // 2 * dil), dilation=dil, groups=groups)
-    if mode == "tier":
-        kh, kw = k
-        ov = torch.ones(kh, kw, dtype=torch.int64)
-        ov[kh // 2, :] += 1
-        ov[kh // 2, kw // 2] += 2
-        conv.register_buffer("reparam_overlap", ov)
-    x = torch.randn(2, *hw, cin, dtype=dtype)
-    geo = (list(k), [stride, stride], list(conv.padding), [dil, dil], groups)
-    if mode == "fp":
-        wmat = conv_weight_matrix(conv.weight.detach())
-        wargs = (wmat.to(dtype), conv.bias.detach().to(dtype), None, None, None)
-        gs = -1
-    else:
-        res = rtn_quantize(conv, bits=4, group_size=mode)
-        gs = mode if isinstance(mode, int) else -1
-        wargs = (res.qweight, conv.bias.detach().to(dtype), res.scales, res.zeros, res.position_group)
-        wmat = dequantize_packed(res.qweight, res.scales, res.zeros, 4, wargs[0].shape[0] * 8, mode,
-                                 cin // groups, res.position_group)[:, : k[0] * k[1] * cin // groups].t()
-    w4d = wmat.float().reshape(k[0], k[1], cin // groups, cout).permute(3, 2, 0, 1)
-    out_hw = F.conv2d(x.permute(0, 3, 1, 2).float(), w4d, None, geo[1], geo[2], geo[3], groups).shape[-2:]
-    r = torch.randn(2, *out_hw, cout, dtype=dtype) if residual else None
-    return x, wargs, r, geo, gs, w4d
-
-
-CONV_CASES = [  # cin, cout, kernel, stride, dilation, groups, input, weight mode, act, residual
-    (8, 24, (3, 3), 1, 1, 1, (7, 9), "fp", "relu", True),
-    (8, 24, (1, 1), 2, 1, 1, (7, 9), -1, "none", False),
-    (6, 40, (5, 5), 1, 1, 1, (13, 13), 32, "silu", True),
-    (8, 16, (1, 3), 2, 2, 2, (7, 9), "position", "hardswish", False),
-    (6, 16, (5, 5), 2, 1, 1, (13, 13), "tier", "gelu", True),
-    (12, 24, (3, 3), 1, 2, 3, (13, 13), "fp", "gelu", False),
-    (16, 16, (3, 3), 1, 2, 16, (13, 13), 8, "relu", True),         # depthwise, contiguous groups
-    (16, 16, (5, 5), 2, 1, 16, (7, 9), "fp", "silu", False),        # depthwise fp16
-    (16, 16, (5, 5), 1, 1, 16, (7, 9), "tier", "none", True),       # depthwise, tier table
-    (16, 16, (1, 3), 1, 1, 16, (7, 9), -1, "hardswish", False),     # depthwise per channel
-]
-
-
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}-{c[1]}-k{c[2][0]}x{c[2][1]}-s{c[3]}-d{c[4]}-g{c[5]}-{c[7]}")
-def test_fused_conv_matches_reference(case) -> None:
-    x, wargs, r, geo, gs, w4d = _conv_case(*case)
-    act = case[8]
-    ref = fused_conv2d_ref(x.float(), *wargs[:1], wargs[1].float(), *wargs[2:], r if r is None else r.float(),
-                           *geo, gs, act)
-    kernels = [True, False] if geo[4] == x.shape[-1] == wargs[0].shape[1] else [False]
-    for depthwise in kernels:  # depthwise layers also go through the implicit GEMM
-        y = fused_conv2d_triton(x, *wargs, r, *geo, gs, act, depthwise_kernel=depthwise)
-        assert y.shape == ref.shape and y.dtype == x.dtype
-        mag = F.conv2d(x.permute(0, 3, 1, 2).float().abs(), w4d.abs(), None, *geo[1:]).permute(0, 2, 3, 1)
-        mag = mag + wargs[1].float().abs() + (0 if r is None else r.float().abs())
-        bound = 1.5 * 2 * EPS[x.dtype] * mag + 1e-5  # activations here have slope <= 1.5
-        err = (y.float() - ref).abs()
-        assert torch.all(err <= bound), f"depthwise={depthwise}: max err {err.max():.3e}"
-
-
-def test_fused_conv_op_and_opcheck() -> None:
-    x, wargs, r, geo, gs, _ = _conv_case(8, 24, (3, 3), 2, 1, 1, (7, 9), 32, "relu", True)
-    y = torch.ops.adagrow.fused_conv2d(x, *wargs, r, *geo, gs, "relu")
-    ref = fused_conv2d_ref(x.float(), wargs[0], wargs[1].float(), *wargs[2:], r.float(), *geo, gs, "relu")
-    assert y.dtype == torch.float16 and (y.float() - ref).abs().max() < 1e-2 * ref.abs().max()
-    torch.library.opcheck(torch.ops.adagrow.fused_conv2d.default, (x, *wargs, r, *geo, gs, "relu"))
-
-
-def test_fused_conv_bf16_depthwise() -> None:
-    x, wargs, r, geo, gs, _ = _conv_case(16, 16, (3, 3), 1, 1, 16, (7, 9), "tier", "silu", True,
-                                         dtype=torch.bfloat16)
-    y = fused_conv2d_triton(x, *wargs, r, *geo, gs, "silu")
-    ref = fused_conv2d_ref(x.float(), wargs[0], wargs[1].float(), *wargs[2:], r.float(), *geo, gs, "silu")
-    assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() < 2e-2 * ref.abs().max()
-
-
-@bf16_dot
-def test_fused_conv_bf16_implicit_gemm() -> None:
-    x, wargs, r, geo, gs, _ = _conv_case(8, 24, (3, 3), 2, 1, 1, (7, 9), 32, "relu", True, dtype=torch.bfloat16)
-    dev = "cuda"
-    args = [None if t is None else t.to(dev) for t in (x, *wargs, r)]
-    y = torch.ops.adagrow.fused_conv2d(*args, *geo, gs, "relu").cpu()
-    ref = fused_conv2d_ref(x.float(), wargs[0], wargs[1].float(), *wargs[2:], r.float(), *geo, gs, "relu")
-    assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() < 2e-2 * ref.abs().max()
-
-
-def test_fused_conv_errors() -> None:
-    x, wargs, r, geo, gs, _ = _conv_case(6, 16, (5, 5), 1, 1, 1, (7, 9), 32, "relu", True)
-    with pytest.raises(ValueError, match="NHWC"):
-        fused_conv2d(x[0], *wargs, r, *geo, gs, "relu")
-    with pytest.raises(ValueError, match="act must be one of"):
-        fused_conv2d(x, *wargs, r, *geo, gs, "tanh")
-    with pytest.raises(ValueError, match="scales/zeros must be"):
-        fused_conv2d(x, *wargs, r, *geo, 64, "relu")
-    with pytest.raises(ValueError, match="K_pad"):
-        fused_conv2d(x, *wargs, r, [3, 3], *geo[1:], gs, "relu")
-    with pytest.raises(ValueError, match="residual must be NHWC"):
-        fused_conv2d(x, *wargs, r[:, :-1], *geo, gs, "relu")
-    with pytest.raises(ValueError, match="needs scales and zeros"):
-        fused_conv2d(x, wargs[0], wargs[1], None, None, None, r, *geo, gs, "relu")
-    with pytest.raises(ValueError, match="bias must be"):
-        fused_conv2d(x, wargs[0], wargs[1][:3], *wargs[2:], r, *geo, gs, "relu")
-
-
 # ----------------------------------------------------------------------------- modules
 def test_quant_modules_use_kernels_and_match_reference() -> None:
     torch.manual_seed(0)
@@ -311,20 +207,6 @@ def test_quant_modules_use_kernels_and_match_reference() -> None:
     y = qmodel.half()(x.half())  # fp16 input: Triton kernels (interpreter here)
     assert qmodel[0]._use_kernel(x.half()) and qmodel[3]._use_kernel(x.half()[:, 0, 0])
     assert (y.float() - ref).abs().max() < 2e-2 * ref.abs().max()
-
-
-def test_fused_conv2d_module() -> None:
-    torch.manual_seed(1)
-    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, groups=2)
-    mod = FusedConv2d(conv, act="silu")
-    x = torch.randn(2, 6, 9, 7)
-    res = torch.randn(2, 10, 5, 4)
-    expected = F.silu(conv(x) + res)
-    assert torch.allclose(mod(x, res), expected, atol=1e-6)
-    y = mod.half()(x.half(), res.half())
-    assert (y.float() - expected).abs().max() < 1e-2 * expected.abs().max()
-    with pytest.raises(ValueError, match="act must be one of"):
-        FusedConv2d(conv, act="tanh")
 
 
 @cuda

@@ -28,6 +28,7 @@ SASS = """
         /*0050*/                   LDGSTS.E.BYPASS.LTC128B.128 [R1], desc[UR4][R6.64] ;
         /*0060*/                   HMMA.16816.F32 R12, R8, R10, R12 ;
         /*0070*/                   I2F.F16 R3, R2 ;
+        /*0078*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
         /*0080*/               @P1 BRA 0x30 ;
         /*0090*/                   STL [R1], R3 ;
         /*00a0*/                   EXIT ;
@@ -37,11 +38,12 @@ SASS = """
 
 def test_sass_analysis_counts_the_main_loop() -> None:
     facts = static.analyze_sass(SASS, threads=128)
-    assert facts["instructions"] == 12 and facts["loop_instructions"] == 6  # 0x30..0x80
+    assert facts["instructions"] == 13 and facts["loop_instructions"] == 7  # 0x30..0x80
     assert facts["i2f_in_main_loop"] == 1 and facts["i2f_total"] == 2
     assert facts["global_loads_in_main_loop"] == 3
     assert facts["global_load_bytes_per_iter"] == (16 + 2 + 16) * 128
     assert facts["tensor_core_ops"] == 1 and facts["local_mem_ops"] == 1
+    assert facts["cp_async_in_main_loop"] == 1 and facts["wgmma_in_flight"] == 1
     assert static.load_bytes("LDG.E.64.CONSTANT") == 8 and static.load_bytes("LDG.E") == 4
 
 
@@ -70,6 +72,7 @@ def _check_record(r: dict) -> None:
         assert r["global_load_bytes_per_iter"] <= 1.25 * r["unique_bytes_per_iter"], f"replicated loads: {where}"
     if r["path"] in ("splitk", "gemm"):
         assert r["tensor_core_ops_in_main_loop"] > 0, f"no tensor-core ops: {where}"
+        assert r["cp_async_in_main_loop"] > 0, f"loads not pipelined through shared memory: {where}"
 
 
 def _records(doc_or_arch) -> dict:

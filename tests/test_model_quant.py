@@ -137,6 +137,8 @@ def test_calibration_and_finite_errors(tmp_path) -> None:
         quantize(model, [torch.randn(4, 20), torch.randn(4, 20, dtype=torch.float64)], QuantConfig(), progress=False)
     with pytest.raises(ValueError, match=r"calibration batch 0 of shape \[4, 12\] does not fit the model"):
         quantize(model, [torch.randn(4, 12)], QuantConfig(), progress=False)
+    with pytest.raises(ValueError, match=r"calibration batch 0 has shape \[0, 20\]: no samples"):
+        quantize(model, [torch.randn(0, 20)], QuantConfig(), progress=False)
     nan = torch.randn(4, 20)
     nan[1, 3] = float("nan")
     with pytest.raises(ValueError, match="calibration batch 1 contains NaN or inf"):

@@ -157,9 +157,16 @@ def test_registry_covers_every_adagrow_arch() -> None:
      "architecture 'vgg' cannot be built"),
     (lambda m: m["arch"]["convs"]["stem.0"].update(kernel_size=[3, 2]),
      r"field arch\.convs\['stem\.0'\]\.kernel_size\[1\]: 2 should not be valid"),
-], ids=["no-arch", "bad-type", "short-widths", "dunder-conv", "even-kernel"])
+    (lambda m: m.update(input_shape=[1, -8, 8]), r"field input_shape\[1\]: -8 is less than the minimum of 1"),
+], ids=["no-arch", "bad-type", "short-widths", "dunder-conv", "even-kernel", "input-shape"])
 def test_grown_checkpoint_fields_are_checked(grown, tmp_path, edit, match) -> None:
     _refused(tmp_path, grown[0], match, edit, loader=load_grown)
+
+
+def test_grown_checkpoint_with_nan_weights_is_refused(grown, tmp_path) -> None:
+    _refused(tmp_path, grown[0], r"tensor 'head.weight' contains NaN",
+             tensor_edit=_set("head.weight", lambda w: w.index_fill(0, torch.tensor([2]), float("nan"))),
+             loader=load_grown)
 
 
 # ----------------------------------------------------------------------------- layer metadata
@@ -176,6 +183,7 @@ def test_edited_geometry_is_refused(ckpt, tmp_path, key, value) -> None:
 
 @pytest.mark.parametrize("edit,match", [
     (lambda m: m.pop("layers"), "metadata: 'layers' is a required property"),
+    (lambda m: m.pop("arch"), "metadata: 'arch' is a required property"),
     (lambda m: m.pop("deploy"), "metadata: 'deploy' is a required property"),
     (lambda m: m.pop("format_version"), "metadata: 'format_version' is a required property"),
     (lambda m: m.update(format_version="2"), r"metadata\.format_version: '2' is not of type 'integer'"),
@@ -184,14 +192,17 @@ def test_edited_geometry_is_refused(ckpt, tmp_path, key, value) -> None:
     (lambda m: m.update(format="adagrow-grown"), r"field format: unknown format 'adagrow-grown'"),
     (lambda m: m.update(deploy="yes"), r"metadata\.deploy: 'yes' is not of type 'boolean'"),
     (lambda m: m.update(layers=[]), r"metadata\.layers: \[\] is not of type 'object'"),
+    (lambda m: m.update(input_shape="1x8x8"), r"metadata\.input_shape: '1x8x8' is not of type 'array', 'null'"),
     (lambda m: m.update(layers={}), r"metadata\.layers: \{\} should be non-empty"),
     (lambda m: m.update(arch=None), r"field arch: the checkpoint records no architecture"),
-    (lambda m: m["layers"]["fc"].update(kernel_size=[1, 1]), r"layers\.fc\.kernel_size: a linear layer has no kernel_size"),
+    (lambda m: m["layers"]["fc"].update(kernel_size=[1, 1]),
+     r"layers\.fc\.kernel_size: a linear layer has no kernel_size"),
     (lambda m: m["layers"][CONV].pop("bits"), rf"{CONV_F}: 'bits' is a required property"),
     (lambda m: m["layers"][CONV].pop("padding"), rf"{CONV_F}: 'padding' is a required property"),
     (lambda m: m["layers"][CONV].update(bits="4"), rf"{CONV_F}\.bits: '4' is not of type 'integer'"),
     (lambda m: m["layers"][CONV].update(bits=9), rf"{CONV_F}\.bits: 9 is greater than the maximum of 8"),
-    (lambda m: m["layers"][CONV].update(bits=8), r"tensor 'features.2.qweight' is int32 \[13, 8\] in the file; the metadata and model expect int32 \[26, 8\]"),
+    (lambda m: m["layers"][CONV].update(bits=8),
+     r"tensor 'features.2.qweight' is int32 \[13, 8\] in the file; the metadata and model expect int32 \[26, 8\]"),
     (lambda m: m["layers"][CONV].update(group_size=12), rf"{CONV_F}\.group_size: 12 is not valid"),
     (lambda m: m["layers"][CONV].update(group_size="position"), rf"{CONV_F}\.n_groups: \d+ does not fit"),
     (lambda m: m["layers"][CONV].update(group_size=16), rf"{CONV_F}\.n_groups: \d+ does not fit"),
@@ -201,12 +212,15 @@ def test_edited_geometry_is_refused(ckpt, tmp_path, key, value) -> None:
     (lambda m: m["layers"][CONV].update(scale_dtype="bfloat16"),
      r"tensor 'features.2.scales' is float16 \[\d+, 8\] in the file; the metadata and model expect bfloat16"),
     (lambda m: m["layers"].update({"features.99": m["layers"][CONV]}), r"layers\['features\.99'\]: no such layer"),
+    (lambda m: m["layers"].update({"__class__": m["layers"][CONV]}), r"layers\.__class__: no such layer"),
+    (lambda m: m["layers"].update({"a..b": m["layers"][CONV]}), r"metadata\.layers: 'a\.\.b' does not match"),
     (lambda m: m["layers"].update({"features.1": m["layers"][CONV]}), r"layers\['features\.1'\]: the model's "
                                                                        "layer cannot be quantized"),
-], ids=["no-layers", "no-deploy", "no-version", "version-str", "version-bool", "version-new", "format",
-        "deploy-str", "layers-list", "layers-empty", "arch-null", "linear-conv-field", "no-bits", "no-padding",
+], ids=["no-layers", "no-arch", "no-deploy", "no-version", "version-str", "version-bool", "version-new", "format",
+        "deploy-str", "layers-list", "input-shape", "layers-empty", "arch-null", "linear-conv-field", "no-bits",
+        "no-padding",
         "bits-str", "bits-9", "bits-8", "gs-12", "gs-position", "gs-16", "linear-tier", "n-groups",
-        "scale-f32", "scale-bf16", "no-such-layer", "relu-layer"])
+        "scale-f32", "scale-bf16", "no-such-layer", "dunder-layer", "bad-layer-name", "relu-layer"])
 def test_metadata_fields_are_checked(ckpt, tmp_path, edit, match) -> None:
     _refused(tmp_path, ckpt[0], match, edit)
 
@@ -224,7 +238,8 @@ def _set(key, fn):
     (_set("fc.bias", lambda b: b.double()), r"'fc.bias' is float64"),
     (_set(f"{CONV}.scales", lambda s: s.index_fill(0, torch.tensor([0]), float("nan"))),
      r"'features.2.scales' contains NaN"),
-    (_set(f"{CONV}.bias", lambda b: b.index_fill(0, torch.tensor([1]), float("inf"))), r"'features.2.bias' contains inf"),
+    (_set(f"{CONV}.bias", lambda b: b.index_fill(0, torch.tensor([1]), float("inf"))),
+     r"'features.2.bias' contains inf"),
     (_set(f"{CONV}.scales", lambda s: -s), r"'features.2.scales' has scales <= 0"),
     (_set(f"{CONV}.zeros", lambda z: z + 99), r"'features.2.zeros' holds zero points that are not integers in 0..15"),
     (_set(f"{CONV}.zeros", lambda z: z + 0.5), r"'features.2.zeros' holds zero points"),
@@ -241,3 +256,14 @@ def test_untouched_checkpoint_still_loads(ckpt, tmp_path) -> None:
     path = _craft(ckpt[0], tmp_path / "copy.safetensors")
     x = torch.randn(4, 1, 9, 9)
     assert torch.equal(load_quantized(path)(x), ckpt[2](x))
+
+
+def test_version_1_checkpoint_loads_only_onto_a_given_model(ckpt, tmp_path) -> None:
+    """Format 1 recorded a builder import path: never called, but the weights load onto model=."""
+    def v1(meta):
+        meta.update(format_version=1, arch={"builder": "adagrow.grow.nets:RepCNN", "kwargs": meta["arch"]["args"]})
+    path = _craft(ckpt[0], tmp_path / "v1.safetensors", v1)
+    with pytest.raises(ValueError, match=r"field arch: Additional properties are not allowed \('builder', 'kwargs'"):
+        load_quantized(path)
+    x = torch.randn(4, 1, 9, 9)
+    assert torch.equal(load_quantized(path, model=ckpt[1])(x), ckpt[2](x))

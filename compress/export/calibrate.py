@@ -38,20 +38,19 @@ def _session(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def collect_stats(model: onnx.ModelProto, names: list[str], batches: list[np.ndarray],
+def collect_stats(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]],
                   progress: bool = True) -> dict[str, TensorStats]:
-    """Run the float graph on ``batches`` and gather range statistics of ``names``."""
+    """Run the float graph on ``feeds`` (``{input name: batch}``) and gather range statistics of ``names``."""
     sess = _session(model, names)
-    inp = sess.get_inputs()[0].name
     amax = dict.fromkeys(names, 0.0)
     minimum = dict.fromkeys(names, np.inf)
-    for x in tqdm(batches, desc="calibrate (ranges)", disable=not progress):
-        for name, val in zip(names, sess.run(names, {inp: x})):
+    for feed in tqdm(feeds, desc="calibrate (ranges)", disable=not progress):
+        for name, val in zip(names, sess.run(names, feed)):
             amax[name] = max(amax[name], float(np.abs(val).max()))
             minimum[name] = min(minimum[name], float(val.min()))
     hists = {n: np.zeros(BINS, dtype=np.int64) for n in names}
-    for x in tqdm(batches, desc="calibrate (histograms)", disable=not progress):
-        for name, val in zip(names, sess.run(names, {inp: x})):
+    for feed in tqdm(feeds, desc="calibrate (histograms)", disable=not progress):
+        for name, val in zip(names, sess.run(names, feed)):
             top = amax[name] if amax[name] > 0 else 1.0
             hists[name] += np.histogram(np.abs(val), bins=BINS, range=(0.0, top))[0]
     return {n: TensorStats(amax[n], minimum[n], hists[n]) for n in names}

@@ -1,0 +1,104 @@
+"""Export verification: ONNX Runtime (CPU) against the float PyTorch model on held-out inputs,
+with a per-precision cosine threshold that fails loudly.
+
+Thresholds (cosine of all outputs, flattened, worst case over the checked inputs): fp32 0.9999
+and fp16 0.999 (rounding only); int8 0.99 and w4 0.98 (a quantized model is off by its grid's
+error; below these a classifier's accuracy typically drops by points, cf. the CLI's digits CNN
+at 0.99x and the issue's broken INT8 exports at 0.70-0.98).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from .inputs import NamedForward, to_numpy
+
+THRESHOLDS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99, "w4": 0.98}
+CHECKS = ("raise", "warn")
+
+
+class ExportCheckError(RuntimeError):
+    """The exported model does not reproduce the float model within its precision's threshold."""
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None, optimized_path: str | None = None,
+                spinning: bool = True) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session (full graph optimisation), optionally saving the optimised graph.
+
+    ``spinning=False`` stops idle worker threads from spinning, which keeps sessions that are timed
+    side by side from stealing each other's cores.
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run with float inputs cast to the graph's input precision (fp16 graphs keep fp16 I/O)."""
+    feeds = {}
+    for i in sess.get_inputs():
+        x = feed[i.name]
+        feeds[i.name] = x.astype(np.float16) if i.type == "tensor(float16)" else x
+    return sess.run(None, feeds)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two flattened arrays (float64); nan if either is not finite."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+
+
+@dataclass
+class Verification:
+    """Worst-case agreement of the ONNX model with the float model over the checked inputs."""
+
+    cosine: float
+    max_abs_diff: float
+    cases: list[dict] = field(default_factory=list)  # one per input: label, shape, cosine, max_abs_diff
+
+
+@torch.no_grad()
+def verify(path: str | os.PathLike, reference: NamedForward, feeds: list[tuple[str, dict[str, torch.Tensor]]]
+           ) -> Verification:
+    """Compare every output of the ONNX model with ``reference`` on each ``(label, feed)``."""
+    sess = ort_session(path)
+    cases = []
+    for label, feed in feeds:
+        got = np.concatenate([o.astype(np.float64).ravel() for o in run_session(sess, to_numpy(feed))])
+        ref = np.concatenate([o.double().numpy().ravel() for o in reference(*feed.values())])
+        diff = float(np.abs(got - ref).max()) if np.isfinite(got).all() else float("nan")
+        cases.append({"inputs": label, "shape": {n: list(x.shape) for n, x in feed.items()},
+                      "cosine": cosine(got, ref), "max_abs_diff": diff})
+    worst = min(cases, key=lambda c: -np.inf if np.isnan(c["cosine"]) else c["cosine"])
+    return Verification(worst["cosine"], max(c["max_abs_diff"] for c in cases), cases)
+
+
+def enforce(v: Verification, precision: str, check: str, path: str | os.PathLike, notes: list[str]) -> bool:
+    """Raise :class:`ExportCheckError` (``check="raise"``) or warn and add a note (``"warn"``)
+    when the worst cosine is below the precision's threshold or not finite. Returns whether it passed."""
+    thr = THRESHOLDS[precision]
+    if np.isfinite(v.cosine) and v.cosine >= thr:
+        return True
+    worst = min(v.cases, key=lambda c: -np.inf if np.isnan(c["cosine"]) else c["cosine"])
+    msg = (f"{path}: {precision} export FAILED verification: cosine to the float model {v.cosine:.6f} "
+           f"(threshold {thr}) on held-out inputs {worst['inputs']} {worst['shape']}"
+           + ("; the ONNX output is not finite" if not np.isfinite(v.cosine) else ""))
+    if check == "raise":
+        raise ExportCheckError(msg + "; pass check='warn' to keep the file anyway")
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    notes.append(msg)
+    return False
