@@ -18,8 +18,9 @@ from torch import nn
 from adagrow.bench import time_calls
 from adagrow.compress import QuantConfig, quantize, save_compressed
 from adagrow.files import write_json, write_text
-from adagrow.hf import cosine_to, embed, load_hf, minilm_path, tokenize
+from adagrow.hf import cosine_to, embed, load_hf, tokenize
 from adagrow.hf_text import CALIBRATION, HELD_OUT
+from adagrow.models import minilm_path
 
 METHODS = [  # (method label, precision, config)
     ("RTN g128", "W4", QuantConfig(bits=4, group_size=128, method="rtn")),

