@@ -134,9 +134,9 @@ if HAS_TRITON:
         return x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
-    def _dequant_tile_t(qw, s16, c, dtype: tl.constexpr):
-        """Packed words ``[BK/8, BN]`` -> the transposed dequantized tile ``[BN, BK]`` in ``dtype``
-        (column 8*w + i is nibble i of word row w), built in registers:
+    def _dequant_joined(qw, s16, c, dtype: tl.constexpr):
+        """Packed words ``[BK/8, BN]`` -> the 8 dequantized nibble planes joined as ``[BK/8, BN, 8]``
+        (last axis = nibble i of the word), built in registers:
         ``(q - z) * s = fma(1 + q/16, 16 s, -(16 + z) s)``, one FMA, exact before the rounding."""
         bk8: tl.constexpr = qw.shape[0]
         bn: tl.constexpr = qw.shape[1]
@@ -149,7 +149,22 @@ if HAS_TRITON:
         w6 = (_nibble(qw, 6) * s16 - c).to(dtype)
         w7 = (_nibble(qw, 7) * s16 - c).to(dtype)
         t = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
-        return tl.reshape(tl.permute(tl.reshape(t, (bk8, bn, 8)), (1, 0, 2)), (bn, bk8 * 8))
+        return tl.reshape(t, (bk8, bn, 8))
+
+    @triton.jit
+    def _dequant_tile(qw, s16, c, dtype: tl.constexpr):
+        """Packed words ``[BK/8, BN]`` -> dequantized ``[BK, BN]`` (row 8*w + i is nibble i of word row w)."""
+        bk8: tl.constexpr = qw.shape[0]
+        bn: tl.constexpr = qw.shape[1]
+        return tl.reshape(tl.permute(_dequant_joined(qw, s16, c, dtype), (0, 2, 1)), (bk8 * 8, bn))
+
+    @triton.jit
+    def _dequant_tile_t(qw, s16, c, dtype: tl.constexpr):
+        """Packed words ``[BK/8, BN]`` -> the transposed dequantized tile ``[BN, BK]`` (column 8*w + i
+        is nibble i of word row w)."""
+        bk8: tl.constexpr = qw.shape[0]
+        bn: tl.constexpr = qw.shape[1]
+        return tl.reshape(tl.permute(_dequant_joined(qw, s16, c, dtype), (1, 0, 2)), (bn, bk8 * 8))
 
     @triton.jit
     def _group_scales(s_ptr, z_ptr, t, rw, rn, nmask, N, K_PAD, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
