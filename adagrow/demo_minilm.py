@@ -85,12 +85,16 @@ def evaluate(methods: list = METHODS, calib_sentences: list[str] = CALIBRATION, 
                      "quantized_layers": len(q.adagrow_quant["layers"]),
                      "cpu_latency_ms": _ms(torch.no_grad()(lambda x: q(input_ids=x)), ids, runs)})
         qmodels[f"{label} {prec}"] = q
-    return rows, qmodels, {"model": model, "tokenizer": tokenizer, "held": held, "ids": ids}
+    return rows, qmodels, {"model": model, "tokenizer": tokenizer, "held": held, "ids": ids, "calib": calib}
+
+
+SERVER_CONFIG = QuantConfig(bits=4, group_size=128, order="act", sym=True)
 
 
 def check_server_folder(qmodel: nn.Module, tokenizer: Any, held: list, folder: Path) -> dict[str, Any]:
-    """Write ``qmodel`` as compressed-tensors, reload it with ``AutoModel.from_pretrained`` and
-    compare last hidden states on the held-out batches (max abs difference)."""
+    """Write a symmetric ``qmodel`` as compressed-tensors, reload it with ``AutoModel.from_pretrained``
+    and compare last hidden states on the held-out batches (max abs difference). Symmetric only:
+    transformers 5.23 + compressed-tensors 0.20 cannot load asymmetric pack-quantized folders."""
     save_compressed(qmodel, folder, overwrite=True, tokenizer=tokenizer)
     try:
         import compressed_tensors  # noqa: F401  (transformers needs it to read the folder)
@@ -122,7 +126,8 @@ def run_minilm_demo(out: Path, fast: bool = False, overwrite: bool = False, prog
     w4 = next(r for r in rows if r["method"] == "OBS adagrow defaults g128")
     w4.update(_ort_row(best, "w4", ctx["ids"], out / "minilm_w4.onnx", runs, threads))
     say("[3/3] writing the W4 model as compressed-tensors and reloading it with transformers.AutoModel")
-    server = check_server_folder(best, ctx["tokenizer"], ctx["held"], out / SERVER_FOLDER)
+    sym = quantize(ctx["model"], ctx["calib"], SERVER_CONFIG, progress=progress)
+    server = check_server_folder(sym, ctx["tokenizer"], ctx["held"], out / SERVER_FOLDER)
     table = markdown_table(rows)
     say("\n" + table)
     for r in rows:
@@ -147,4 +152,4 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["METHODS", "evaluate", "check_server_folder", "run_minilm_demo", "markdown_table"]
+__all__ = ["METHODS", "evaluate", "check_server_folder", "SERVER_CONFIG", "run_minilm_demo", "markdown_table"]

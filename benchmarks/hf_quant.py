@@ -8,7 +8,7 @@ adagrow's defaults at W4 g128 and W8 per channel, calibrated on ``adagrow.hf_tex
   ``quantize()`` (2 threads); batch-1 CPU latency of PyTorch;
 - forward calls during calibration: encoder-layer calls counted while quantizing MiniLM cut to
   2, 4 and 6 layers (block-by-block), next to what the whole-model scheme needs;
-- the W4 model written as compressed-tensors, reloaded with ``transformers.AutoModel``: max abs
+- a symmetric W4 g128 act-order model written as compressed-tensors, reloaded with ``transformers.AutoModel``: max abs
   difference of the last hidden states to ours.
 
 Usage: ``python benchmarks/hf_quant.py [--out benchmarks/results/hf_quant_cpu.json]``
@@ -28,7 +28,7 @@ import torch
 
 from adagrow import __version__
 from adagrow.compress import QuantConfig, quantize
-from adagrow.demo_minilm import METHODS, check_server_folder, evaluate, markdown_table
+from adagrow.demo_minilm import METHODS, SERVER_CONFIG, check_server_folder, evaluate, markdown_table
 from adagrow.files import write_json
 from adagrow.hf import tokenize
 from adagrow.hf_text import CALIBRATION
@@ -61,12 +61,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows, qmodels, ctx = evaluate(METHODS, progress=False)
+    rows, _, ctx = evaluate(METHODS, progress=False)
     print(markdown_table(rows))
     calls = forward_calls(ctx["model"], ctx["tokenizer"], (2, 4, 6))
     print("forward calls:", calls)
     with tempfile.TemporaryDirectory() as tmp:
-        server = check_server_folder(qmodels[f"{W4} W4"], ctx["tokenizer"], ctx["held"], Path(tmp) / "ct")
+        sym = quantize(ctx["model"], ctx["calib"], SERVER_CONFIG, progress=False)
+        server = check_server_folder(sym, ctx["tokenizer"], ctx["held"], Path(tmp) / "ct")
     server["folder"] = "(temporary)"
     print("compressed-tensors reload:", server)
 
