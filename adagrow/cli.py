@@ -140,11 +140,17 @@ def cmd_reparam(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     import time
     from adagrow.compress import QuantConfig, quantize, save_quantized
+    if args.hf:
+        return _quantize_hf(args)
+    if args.checkpoint is None:
+        raise ValueError("give a grown/deploy CHECKPOINT, or --hf DIR for a Hugging Face model")
+    if args.calib_text or args.format != "adagrow":
+        raise ValueError("--calib-text and --format apply to Hugging Face models (--hf DIR)")
     from adagrow.grow import load_deploy
     from adagrow.grow.train import accuracy
     out = Path(args.out)
     _check_out(out, args.overwrite)
-    cfg = QuantConfig(bits=args.bits, group_size=args.group_size, order=args.order, method=args.method,
+    cfg = QuantConfig(bits=args.bits, group_size=args.group_size or "tier", order=args.order, method=args.method,
                       sym=args.sym, mse=args.mse, skip=tuple(args.skip)).validate()
     deploy = load_deploy(args.checkpoint)
     x_tr, _, x_te, y_te = _data(args)
@@ -155,6 +161,40 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     save_quantized(qmodel, out, overwrite=args.overwrite)
     return {"out": str(out), "float_acc": accuracy(deploy, x_te, y_te), "quant_acc": accuracy(qmodel, x_te, y_te),
             "quantize_s": q_s, "config": qmodel.adagrow_quant["config"]}
+
+
+def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
+    """A Hugging Face model folder, calibrated on a text file, written as compressed-tensors / GPTQ
+    (a save_pretrained-style folder) or adagrow's own checkpoint (a .safetensors file)."""
+    import time
+    from adagrow.compress import QuantConfig, quantize, save_compressed, save_quantized
+    from adagrow.hf import embed, load_hf, read_sentences, tokenize, cosine_to
+    if args.checkpoint is not None:
+        raise ValueError("give either a CHECKPOINT or --hf DIR, not both")
+    if not args.calib_text:
+        raise ValueError("--hf needs --calib-text FILE (one sentence per line) to calibrate on")
+    out = Path(args.out)
+    _check_out(out, args.overwrite, folder=args.format != "adagrow")
+    gs = 128 if args.group_size is None else args.group_size
+    cfg = QuantConfig(bits=args.bits, group_size=gs, order=args.order, method=args.method, sym=args.sym,
+                      mse=args.mse, skip=tuple(args.skip)).validate()
+    if isinstance(gs, str):
+        raise ValueError(f"--group-size {gs} groups conv kernel positions; Hugging Face Linear layers take -1 or "
+                         "a multiple of 8")
+    sentences = read_sentences(args.calib_text)[: args.calib]
+    model, tokenizer = load_hf(args.hf)
+    batches = tokenize(tokenizer, sentences)
+    t0 = time.perf_counter()
+    qmodel = quantize(model, batches, cfg, progress=not args.quiet)
+    q_s = time.perf_counter() - t0
+    if args.format == "adagrow":
+        save_quantized(qmodel, out, overwrite=args.overwrite)
+    else:
+        save_compressed(qmodel, out, args.format, overwrite=args.overwrite, tokenizer=tokenizer)
+    cos = cosine_to(embed(model, batches), embed(qmodel, batches))
+    return {"out": str(out), "format": args.format, "quantize_s": q_s, "calib_sentences": len(sentences),
+            "calib_embedding_cosine": cos, "quantized_layers": len(qmodel.adagrow_quant["layers"]),
+            "float_layers": qmodel.adagrow_quant["float"], "config": qmodel.adagrow_quant["config"]}
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
@@ -224,8 +264,11 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    _check_out(Path(args.out), True, folder=True)  # run_demo / run_minilm_demo refuse a non-empty folder
+    if args.model == "minilm":
+        from adagrow.demo_minilm import run_minilm_demo
+        return run_minilm_demo(Path(args.out), fast=args.fast, overwrite=args.overwrite, progress=not args.quiet)
     from adagrow.demo import run_demo
-    _check_out(Path(args.out), True, folder=True)  # run_demo itself refuses a non-empty folder
     return run_demo(Path(args.out), fast=args.fast, overwrite=args.overwrite, progress=not args.quiet)
 
 
@@ -283,16 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", parents=[common, data], help="OBS/RTN quantization; writes a quantized checkpoint",
                        description="Reads a grown or deploy checkpoint and --data (calibration and accuracy), "
                        "writes the quantized checkpoint OUT.")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="grown or deploy checkpoint (or use --hf)")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face model folder instead of CHECKPOINT (needs the hf extra)")
+    p.add_argument("--calib-text", metavar="FILE", help="with --hf: calibration text, one sentence per line")
+    p.add_argument("--format", default="adagrow", choices=["adagrow", "compressed-tensors", "gptq"],
+                   help="with --hf: adagrow (OUT is a .safetensors file) or a server folder OUT")
     p.add_argument("--bits", type=int, default=4, choices=range(2, 9), metavar="{2..8}")
-    p.add_argument("--group-size", type=_group_size, default="tier",
-                   help="-1 | multiple of 8 | position | tier (default)")
+    p.add_argument("--group-size", type=_group_size, default=None,
+                   help="-1 | multiple of 8 | position | tier (default: tier; 128 with --hf)")
     p.add_argument("--order", default="reparam", choices=["none", "act", "reparam", "reparam-dynamic"])
     p.add_argument("--method", default="obs", choices=["obs", "rtn"])
     p.add_argument("--sym", action="store_true")
     p.add_argument("--mse", action="store_true", help="search the clipping ratio")
     p.add_argument("--skip", nargs="*", default=[], help="layer names / patterns kept in float")
-    p.add_argument("--calib", type=_positive(int), default=512, help="calibration images (first N)")
+    p.add_argument("--calib", type=_positive(int), default=512, help="calibration images / sentences (first N)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_quantize)
 
@@ -323,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="the whole pipeline on the bundled digits (<10 min on CPU)",
                        description="Grows a CNN on the bundled digits, reparameterizes, quantizes (RTN vs OBS vs "
                        "overlap-aware OBS at W8/W4), exports ONNX, times every available backend, writes OUT/.")
+    p.add_argument("--model", default="cnn", choices=["cnn", "minilm"], help="cnn: grow on digits (default); "
+                   "minilm: quantize the pretrained all-MiniLM-L6-v2 sentence encoder (needs the hf extra)")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--fast", action="store_true", help="tiny settings (about a minute)")
     p.set_defaults(func=cmd_demo)

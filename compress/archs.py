@@ -53,6 +53,55 @@ def _grown_cnn(family: str) -> Callable[[dict[str, Any]], nn.Module]:
     return build
 
 
+# Hugging Face transformers models: a built-in model_type, a task naming one of transformers' own
+# auto classes (a fixed table here), and the config's fields as data. trust_remote_code is never
+# passed, and keys that would reach remote code or nested quantization are refused.
+HF_TASKS = ("base", "causal-lm", "masked-lm", "sequence-classification")
+HF_MAX_PARAMS = 20_000_000_000
+_HF_DROP = ("model_type", "transformers_version", "quantization_config", "_name_or_path")
+_HF = record({"model_type": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_-]{0,63}$"},
+              "task": {"enum": list(HF_TASKS)},
+              "config": {"type": "object", "maxProperties": 1000,
+                         "propertyNames": {"pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+                                           "not": {"enum": ["auto_map", "trust_remote_code", *_HF_DROP]}}}})
+
+
+def _hf_auto(task: str) -> Any:
+    import transformers
+    return {"base": transformers.AutoModel, "causal-lm": transformers.AutoModelForCausalLM,
+            "masked-lm": transformers.AutoModelForMaskedLM,
+            "sequence-classification": transformers.AutoModelForSequenceClassification}[task]
+
+
+def _hf(args: dict[str, Any]) -> nn.Module:
+    import torch
+    import transformers
+    config = transformers.AutoConfig.for_model(args["model_type"], **args["config"])
+    auto = _hf_auto(args["task"])
+    with torch.device("meta"):  # size check before allocating anything
+        n = sum(p.numel() for p in auto.from_config(config).parameters())
+    if n > HF_MAX_PARAMS:
+        raise ValueError(f"the config describes {n:,} parameters, more than {HF_MAX_PARAMS:,}")
+    return auto.from_config(config)
+
+
+def hf_record(model: nn.Module) -> dict[str, Any] | None:
+    """The ``{"name": "hf", ...}`` record of a transformers model (None for any other model, or a
+    transformers class no auto class of :data:`HF_TASKS` builds)."""
+    if not type(model).__module__.startswith("transformers.") or not hasattr(model, "config"):
+        return None
+    from transformers.models.auto import modeling_auto as ma
+    names = {"base": ma.MODEL_MAPPING_NAMES, "causal-lm": ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+             "masked-lm": ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+             "sequence-classification": ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}
+    model_type = model.config.model_type
+    for task in HF_TASKS:
+        if names[task].get(model_type) == type(model).__name__:
+            config = {k: v for k, v in model.config.to_dict().items() if k not in _HF_DROP}
+            return {"name": "hf", "args": {"model_type": model_type, "task": task, "config": config}}
+    return None
+
+
 def _transformer(args: dict[str, Any]) -> nn.Module:
     from adagrow.grow.checkpoint import build_from_arch
     return build_from_arch({"type": "transformer", **args})
@@ -87,6 +136,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     **{family: Architecture(_grown_cnn(family), _GROWN_CNN, f"adagrow.grow.cnn.GrowingCNN({family!r})")
        for family in ("vgg", "resnet", "bottleneck", "mobilenetv3")},
     "transformer": Architecture(_transformer, _TRANSFORMER, "adagrow.grow.transformer.GrowingTransformer"),
+    "hf": Architecture(_hf, _HF, "transformers AutoConfig.for_model(model_type, **config) + Auto<task>.from_config"),
 }
 
 
@@ -125,4 +175,4 @@ def build_arch(arch: Any, where: str, root: str = "arch", args_root: str | None 
                          f"these arguments: {exc}") from exc
 
 
-__all__ = ["Architecture", "ARCHITECTURES", "validate_arch", "build_arch", "grown_record"]
+__all__ = ["Architecture", "ARCHITECTURES", "validate_arch", "build_arch", "grown_record", "hf_record"]

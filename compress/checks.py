@@ -14,29 +14,34 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
             raise ValueError(f"{where}: tensor {name!r} contains {what}")
 
 
-def check_calibration(model: nn.Module, batches: list[torch.Tensor]) -> None:
+def check_calibration(model: nn.Module, calls: list[tuple[tuple, dict]]) -> None:
     """Calibration inputs must be finite, in the model's float dtype, and accepted by its forward.
 
-    ``batches``: input tensors (float images or integer token ids). Raises ``ValueError``.
+    ``calls``: ``(args, kwargs)`` of each model call, holding float images or integer token ids.
+    Raises ``ValueError``.
     """
     param = next(iter(model.parameters()), None)
-    for i, x in enumerate(batches):
-        if x.dim() == 0 or x.shape[0] == 0:
-            raise ValueError(f"calibration batch {i} has shape {list(x.shape)}: no samples")
-        if not x.is_floating_point():
-            continue
-        if param is not None and x.dtype != param.dtype:
-            raise ValueError(f"calibration batch {i} is {str(x.dtype)[6:]} but the model computes in "
-                             f"{str(param.dtype)[6:]}; convert it (e.g. x.to({str(param.dtype)})")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"calibration batch {i} contains NaN or inf")
-    if batches:
+    for i, (args, kwargs) in enumerate(calls):
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] == 0):
+                raise ValueError(f"calibration batch {i} has shape {list(x.shape)}: no samples")
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                continue
+            if param is not None and x.dtype != param.dtype:
+                raise ValueError(f"calibration batch {i} is {str(x.dtype)[6:]} but the model computes in "
+                                 f"{str(param.dtype)[6:]}; convert it (e.g. x.to({str(param.dtype)})")
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"calibration batch {i} contains NaN or inf")
+    if calls:
+        args, kwargs = calls[0]
+        first = lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() else t  # noqa: E731
+        shapes = [list(t.shape) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
         try:
             with torch.no_grad():
-                model(batches[0][:1])
-        except (RuntimeError, ValueError, IndexError) as exc:
-            raise ValueError(f"calibration batch 0 of shape {list(batches[0].shape)} does not fit the model: "
-                             f"{exc}") from exc
+                model(*map(first, args), **{k: first(v) for k, v in kwargs.items()})
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            shape = shapes[0] if len(shapes) == 1 else shapes
+            raise ValueError(f"calibration batch 0 of shape {shape} does not fit the model: {exc}") from exc
 
 
 def input_shape_mismatch(model: nn.Module, x: torch.Tensor) -> list[int] | None:

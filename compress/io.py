@@ -23,13 +23,14 @@ from adagrow import __version__
 from adagrow.files import save_state
 from adagrow.packed import padded_k
 
-from .archs import build_arch
+from .archs import build_arch, hf_record
 from .checks import check_finite
 from .groups import GROUP_MODES
 from .layer import geometry, set_module
 from .order import ORDERS
 from .qmodules import _DTYPES, _QuantLayer, quant_layer_from_meta
 from .schema import MODULE_PATH, check, field_name, input_shape, int_list, integer, record
+from .server_formats import guard_save_pretrained
 
 FORMAT = "adagrow-quantized"
 FORMAT_VERSION = 2  # 2: the architecture is {"name", "args"} (version 1 named a builder function)
@@ -73,7 +74,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "adagrow_version": __version__,
             "config": getattr(model, "adagrow_quant", {}).get("config"), "layers": layers,
             "report": getattr(model, "adagrow_quant", {}).get("layers", {}),
-            "arch": model.adagrow_arch() if hasattr(model, "adagrow_arch") else None,
+            "arch": model.adagrow_arch() if hasattr(model, "adagrow_arch") else hf_record(model),
             "deploy": bool(getattr(model, "adagrow_deploy", False)),
             "input_shape": getattr(model, "adagrow_input_shape", None)}
     return save_state(path, state, meta)
@@ -203,6 +204,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None,
     qmodel.load_state_dict(tensors, strict=True)
     qmodel.adagrow_quant = {"config": meta.get("config"), "layers": meta.get("report", {})}
     qmodel.adagrow_input_shape = meta.get("input_shape")
+    guard_save_pretrained(qmodel)
     return qmodel.to(map_location)
 
 

@@ -1,27 +1,38 @@
 """Model-level quantization: every Linear / Conv2d, sequentially in forward order, each layer's
-Hessian taken from the outputs of the already quantized prefix (DESIGN §1)."""
+Hessian taken from the outputs of the already quantized prefix (DESIGN §1).
+
+Models built from a chain of blocks (:mod:`.blocks`) are calibrated block by block: block i's
+inputs are captured once, its layers are quantized in order by running the block alone, and the
+quantized block's outputs are block i+1's inputs, so forward work grows linearly with depth.
+Other models (and the layers before / after the blocks) run the whole model for each layer.
+"""
 from __future__ import annotations
 
 import copy
 import fnmatch
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_calibration
+from .blocks import Probe, candidates, hidden
+from .calib import Calibration, StopForward, TokenMask
 from .grid import check_bits
 from .groups import check_group_size
 from .layer import geometry, set_module
 from .obs import OBSQuantizer, QuantResult, rtn_quantize
 from .order import check_order
 from .qmodules import _QuantLayer, from_result
+from .server_formats import guard_save_pretrained
 
 METHODS = ("obs", "rtn")
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_IGNORE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out")
 
 
 @dataclass
@@ -30,7 +41,10 @@ class QuantConfig:
 
     ``group_size`` applies to convs; ``"position"`` / ``"tier"`` are conv-only, so Linear layers
     use ``linear_group_size`` (default: ``group_size`` when it is an int, else -1 per channel).
-    ``skip`` holds module names or fnmatch patterns (e.g. ``"stem.*"``, ``"fc"``) left in float.
+    ``skip`` holds module names or fnmatch patterns (e.g. ``"stem.*"``, ``"fc"``) left in float;
+    each must match a layer (a typo is an error). ``ignore`` holds patterns left in float when
+    present (default: language-model heads, as peers do). Linear layers whose weight is tied to
+    another parameter (an LM head tied to the embedding) are always left in float.
     Defaults (overlap-tier groups, reparam order) are the best error per scale measured by
     ``benchmarks/quant_quality.py`` (results in ``benchmarks/results/quant_quality_cpu.json``).
     """
@@ -46,6 +60,7 @@ class QuantConfig:
     mse: bool = False
     scale_dtype: str = "float16"
     skip: tuple[str, ...] = field(default_factory=tuple)
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
 
     def validate(self) -> "QuantConfig":
         check_bits(self.bits)
@@ -56,9 +71,10 @@ class QuantConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
-        if isinstance(self.skip, str):
-            raise ValueError("skip must be a list of names or patterns, not a single string")
-        self.skip = tuple(self.skip)
+        for key in ("skip", "ignore"):
+            if isinstance(getattr(self, key), str):
+                raise ValueError(f"{key} must be a list of names or patterns, not a single string")
+            setattr(self, key, tuple(getattr(self, key)))
         return self
 
     def group_size_for(self, kind: str) -> int | str:
@@ -69,113 +85,200 @@ class QuantConfig:
         return self.group_size if isinstance(self.group_size, int) else -1
 
 
-class _StopForward(Exception):
-    """Raised by a calibration hook once the layer's inputs are captured."""
+def _tied(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under more than one name (tied weights, shared modules)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, n in seen.items() if n > 1}
 
 
-def batch_inputs(batch: object) -> torch.Tensor:
-    """The input tensor of a calibration batch (a tensor, or the x of an (x, y) pair)."""
-    if isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"calibration batches must be tensors or (x, y) pairs, got {type(batch).__name__}")
-    return batch
-
-
-def _targets(model: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Module]:
-    found, matched = {}, set()
+def _targets(model: nn.Module, config: QuantConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Layers to quantize, and those left in float with the reason."""
+    found, left, matched = {}, {}, set()
+    tied = _tied(model)
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Linear, nn.Conv2d)) or isinstance(mod, _QuantLayer):
             continue
-        hits = [p for p in skip if fnmatch.fnmatchcase(name, p)]
+        hits = [p for p in config.skip if fnmatch.fnmatchcase(name, p)]
         matched.update(hits)
-        if not hits:
+        if hits:
+            left[name] = "skip"
+        elif any(fnmatch.fnmatchcase(name, p) for p in config.ignore):
+            left[name] = "ignore"
+        elif id(mod.weight) in tied:
+            left[name] = "tied weight"
+        else:
             geometry(mod, name)  # unsupported variants (padding_mode, string padding) fail here
             found[name] = mod
-    unmatched = [p for p in skip if p not in matched]
+    unmatched = [p for p in config.skip if p not in matched]
     if unmatched:
         raise ValueError(f"skip patterns {unmatched} match no Linear/Conv2d layer of the model")
-    return found
+    return found, left
 
 
-def _forward_order(model: nn.Module, targets: dict[str, nn.Module], x: torch.Tensor) -> dict[str, int]:
-    """Target names in the order the forward pass calls them, with how often each is called."""
-    calls: dict[str, int] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
-             for n, m in targets.items()]
+@contextmanager
+def _calibration_mode(model: nn.Module):
+    """Hugging Face models: no KV cache while calibrating (a cache would grow on every replay)."""
+    cfg = getattr(model, "config", None)
+    use_cache = getattr(cfg, "use_cache", None)
+    if use_cache:
+        cfg.use_cache = False
     try:
-        model(x)
+        yield
     finally:
-        for h in hooks:
-            h.remove()
-    return calls
+        if use_cache:
+            cfg.use_cache = use_cache
 
 
-def _calibrate(model: nn.Module, layer: nn.Module, q: OBSQuantizer, batches: list[torch.Tensor],
-               stop_early: bool) -> None:
-    def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        q.add_batch(inp[0])
-        if stop_early:
-            raise _StopForward
+class _Run:
+    """Quantizes layers one at a time; each layer's Hessian comes from a calibration pass
+    (``run()``) through the already quantized prefix."""
 
-    handle = layer.register_forward_hook(hook)
-    try:
-        for x in batches:
+    def __init__(self, model: nn.Module, config: QuantConfig, mask: TokenMask | None):
+        self.model, self.config, self.mask = model, config, mask
+        self.report: dict[str, dict[str, float]] = {}
+
+    def layer(self, name: str, run: Callable[[], None] | None = None, stop_early: bool = False) -> None:
+        cfg, layer = self.config, self.model.get_submodule(name)
+        gs = cfg.group_size_for(geometry(layer, name).kind)
+        sdt = SCALE_DTYPES[cfg.scale_dtype]
+        if cfg.method == "rtn":
+            res: QuantResult = rtn_quantize(layer, cfg.bits, gs, cfg.sym, cfg.mse, scale_dtype=sdt, name=name)
+        else:
+            q = OBSQuantizer(layer, name)
+            is_linear = isinstance(layer, nn.Linear)
+
+            def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+                q.add_batch(self.mask.valid(inp[0]) if is_linear else inp[0])
+                if stop_early:
+                    raise StopForward
+
+            handle = layer.register_forward_hook(hook)
             try:
-                model(x)
-            except _StopForward:
-                pass
+                run()
+            finally:
+                handle.remove()
+            res = q.quantize(cfg.bits, gs, cfg.sym, cfg.order, percdamp=cfg.percdamp,
+                             block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt)
+        set_module(self.model, name, from_result(layer, res, name))
+        self.report[name] = {"loss": res.loss, "damp": res.damp}
+
+
+def _capture(model: nn.Module, block: str, cal: Calibration, mask: TokenMask) -> list[tuple]:
+    """Inputs of ``block`` for every calibration batch: (args, kwargs, attention mask)."""
+    inputs = []
+
+    def grab(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs.append((args, kwargs, mask.mask))
+        if cal.loop is None:
+            raise StopForward
+
+    handle = model.get_submodule(block).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        cal.run(model)
     finally:
         handle.remove()
+    return inputs
+
+
+def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict[str, int],
+                    inputs: list[tuple], bar: tqdm) -> None:
+    """Quantize each block's layers in forward order from the block's captured inputs, then run
+    the quantized block to get the next block's inputs."""
+    model, mask = run.model, run.mask
+    for block in blocks:
+        def replay(block: str = block) -> None:
+            mod = model.get_submodule(block)
+            for args, kwargs, m in inputs:
+                mask.mask = m
+                try:
+                    mod(*args, **kwargs)
+                except StopForward:
+                    pass
+
+        for name in [n for n in layers if n == block or n.startswith(block + ".")]:
+            run.layer(name, replay, stop_early=calls[name] == 1)
+        mod = model.get_submodule(block)
+        outputs = []
+        for args, kwargs, m in inputs:
+            mask.mask = m
+            outputs.append(((hidden(mod(*args, **kwargs)), *args[1:]), kwargs, m))
+        inputs = outputs
+        bar.update()
+    mask.mask = None
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, calib: Iterable | None, config: QuantConfig | None = None,
-             progress: bool = True) -> nn.Module:
-    """Return a quantized copy of ``model`` (the original is untouched).
+def quantize(model: nn.Module, calib: Iterable | Callable[[nn.Module], Any] | None,
+             config: QuantConfig | None = None, progress: bool = True, inplace: bool = False) -> nn.Module:
+    """Quantize every Linear / Conv2d of ``model`` (a copy unless ``inplace=True``).
 
     Args:
-        model: a deploy-form model (run :func:`adagrow.grow.reparam.reparameterize` first).
-        calib: iterable of input tensors or ``(x, y)`` pairs; iterated once and kept in memory.
-            May be None only for ``method="rtn"``.
+        model: a deploy-form model (run :func:`adagrow.grow.reparam.reparameterize` first) or a
+            Hugging Face / plain PyTorch model.
+        calib: an iterable of batches (tensors, ``(x, y)`` pairs, dicts / ``BatchEncoding`` passed
+            as keyword arguments) kept in memory, or a ``forward_loop(model)`` callable run once
+            per calibration pass (see :mod:`.calib`). An ``attention_mask`` keyword keeps padded
+            positions out of the Hessians. May be None only for ``method="rtn"``.
         config: :class:`QuantConfig` (default: W4 OBS).
-        progress: show a tqdm bar over layers.
+        progress: show a tqdm bar (one step per block, or per layer outside blocks).
+        inplace: quantize ``model`` itself instead of a deep copy (saves the memory of a copy).
 
     Every quantized layer becomes a :class:`QuantLinear` / :class:`QuantConv2d`; per-layer OBS
-    loss and damping are kept in ``model.adagrow_quant["layers"]``.
+    loss and damping are kept in ``model.adagrow_quant["layers"]``, layers left in float (and
+    why) in ``["float"]``, the block list calibrated block by block in ``["blocks"]``.
     """
     config = copy.deepcopy(config or QuantConfig()).validate()
-    qmodel = copy.deepcopy(model).eval()
-    targets = _targets(qmodel, config.skip)
-    batches = [] if calib is None else [batch_inputs(b) for b in calib]
-    if not batches and config.method == "obs":
+    qmodel = (model if inplace else copy.deepcopy(model)).eval()
+    targets, left = _targets(qmodel, config)
+    cal = Calibration(calib, qmodel)
+    if not cal and config.method == "obs":
         raise ValueError("OBS quantization needs calibration data: calib is empty")
-    device = next(iter(qmodel.parameters())).device
-    batches = [b.to(device) for b in batches]
-    check_calibration(qmodel, batches)
-    if batches:
-        calls = _forward_order(qmodel, targets, batches[0])
+    mask = TokenMask(qmodel)
+    try:
+        with _calibration_mode(qmodel):
+            report, blocks = _quantize(qmodel, targets, left, cal, mask, config, progress)
+    finally:
+        mask.remove()
+    qmodel.adagrow_quant = {"config": asdict(config), "layers": report, "float": left, "blocks": blocks}
+    guard_save_pretrained(qmodel)
+    return qmodel
+
+
+def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, str], cal: Calibration,
+              mask: TokenMask, config: QuantConfig, progress: bool) -> tuple[dict, list[str]]:
+    blocks: list[str] = []
+    if cal:
+        probe = Probe(qmodel, targets, candidates(qmodel, list(targets)) if config.method == "obs" else [])
+        probe.run(lambda: cal.run_first(qmodel))
+        calls = probe.calls
         unused = [n for n in targets if n not in calls]
         if unused:
-            warnings.warn(f"layers never called in forward, left in float: {unused}", stacklevel=2)
+            left.update({n: "never called in forward" for n in unused})
+            warnings.warn(f"layers never called in forward, left in float: {unused}", stacklevel=3)
+        blocks = probe.chain() or []
     else:
         calls = {n: 1 for n in targets}
-    sdt = SCALE_DTYPES[config.scale_dtype]
-    report = {}
-    for name in tqdm(list(calls), desc=f"quantize W{config.bits} {config.method}", disable=not progress):
-        layer = targets[name]
-        kind = geometry(layer, name).kind
-        gs = config.group_size_for(kind)
-        if config.method == "rtn":
-            res: QuantResult = rtn_quantize(layer, config.bits, gs, config.sym, config.mse,
-                                            scale_dtype=sdt, name=name)
-        else:
-            q = OBSQuantizer(layer, name)
-            _calibrate(qmodel, layer, q, batches, stop_early=calls[name] == 1)
-            res = q.quantize(config.bits, gs, config.sym, config.order, percdamp=config.percdamp,
-                             block_size=config.block_size, mse=config.mse, scale_dtype=sdt)
-            del q
-        set_module(qmodel, name, from_result(layer, res, name))
-        report[name] = {"loss": res.loss, "damp": res.damp}
-    qmodel.adagrow_quant = {"config": asdict(config), "layers": report}
-    return qmodel
+    order = list(calls)  # forward order of first calls
+    inside = [n for n in order if any(n == b or n.startswith(b + ".") for b in blocks)]
+    pre = [n for n in order if n not in inside and probe.first_call[n] < probe.blocks[blocks[0]].order] \
+        if blocks else []
+    post = [n for n in order if n not in inside and n not in pre]
+    run = _Run(qmodel, config, mask)
+    full = lambda: cal.run(qmodel)  # noqa: E731
+    stop = lambda n: calls[n] == 1 and cal.loop is None  # noqa: E731
+    with tqdm(total=len(pre) + len(blocks) + len(post), desc=f"quantize W{config.bits} {config.method}",
+              disable=not progress) as bar:
+        for name in pre:
+            run.layer(name, full, stop(name))
+            bar.update()
+        if blocks:
+            _block_by_block(run, blocks, inside, calls, _capture(qmodel, blocks[0], cal, mask), bar)
+        for name in post:
+            run.layer(name, full, stop(name))
+            bar.update()
+    return run.report, blocks
+
+
+__all__ = ["QuantConfig", "quantize", "DEFAULT_IGNORE"]

@@ -144,7 +144,7 @@ def test_registry_covers_every_adagrow_arch() -> None:
         assert type(rebuilt) is type(model)
         assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
                {k: v.shape for k, v in model.state_dict().items()}
-    assert {m.adagrow_arch()["name"] for m in models} == set(ARCHITECTURES)
+    assert {m.adagrow_arch()["name"] for m in models} == set(ARCHITECTURES) - {"hf"}  # "hf": tests/test_hf.py
     with pytest.raises(ValueError, match="f.json: field arch.args: architecture 'tinyvit' cannot be built"):
         build_arch({"name": "tinyvit", "args": {**models[1].adagrow_arch()["args"], "patch": 5}}, "f.json")
 

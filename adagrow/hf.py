@@ -1,0 +1,71 @@
+"""Hugging Face sentence encoders offline: load a model folder, tokenize calibration text,
+mean-pooled sentence embeddings (``pip install -e ".[hf]"``; the bundled all-MiniLM-L6-v2 is
+located by :func:`adagrow.models.minilm_path`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MAX_LENGTH = 128  # tokens per sentence (MiniLM was trained with 128)
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError('Hugging Face models need the hf extra: pip install -e ".[hf]"') from exc
+    return transformers
+
+
+def load_hf(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """``(AutoModel, AutoTokenizer)`` from a local folder, in eval mode, never running remote code."""
+    transformers = _transformers()
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    model = transformers.AutoModel.from_pretrained(folder, trust_remote_code=False).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return model, tokenizer
+
+
+def read_sentences(path: str | os.PathLike) -> list[str]:
+    """Non-empty lines of a UTF-8 text file (one sentence or passage per line)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read calibration text {path}: {exc}") from exc
+    sentences = [s.strip() for s in lines if s.strip()]
+    if not sentences:
+        raise ValueError(f"{path} holds no text (one sentence per line expected)")
+    return sentences
+
+
+def tokenize(tokenizer: Any, sentences: list[str], batch_size: int = 16,
+             max_length: int = MAX_LENGTH) -> list[dict[str, torch.Tensor]]:
+    """Padded ``BatchEncoding`` batches (``input_ids``, ``attention_mask``, ...) of ``batch_size`` sentences."""
+    return [tokenizer(sentences[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt") for i in range(0, len(sentences), batch_size)]
+
+
+@torch.no_grad()
+def embed(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean-pooled sentence embeddings ``[n_sentences, hidden]`` (padding excluded), float32."""
+    out = []
+    for b in batches:
+        hidden = model(**b).last_hidden_state.float()
+        mask = b["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
+    return torch.cat(out)
+
+
+def cosine_to(reference: torch.Tensor, emb: torch.Tensor) -> float:
+    """Mean cosine similarity of matching rows."""
+    return float(torch.nn.functional.cosine_similarity(emb, reference, dim=-1).mean())
+
+
+__all__ = ["load_hf", "read_sentences", "tokenize", "embed", "cosine_to", "MAX_LENGTH"]
