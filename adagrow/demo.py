@@ -14,7 +14,7 @@ import torch
 from adagrow.bench import SUITE_DEFAULTS, markdown, run_suite, time_calls
 from adagrow.compress import QuantConfig, quantize, save_quantized
 from adagrow.compress.export import export_onnx, ort_session
-from adagrow.data import digits
+from adagrow.data import digits, train_val_split
 from adagrow.files import write_json, write_text
 from adagrow.grow import GrowingCNN, GrowthConfig, grow, reparameterize, save_grown
 from adagrow.grow.train import accuracy
@@ -82,7 +82,8 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
 
     say("[1/5] growing a VGG-family CNN on the bundled digits")
     t0 = time.perf_counter()
-    res = grow(GrowingCNN("vgg", widths=(16, 24, 32) if fast else (64, 96, 128)), (x_tr, y_tr), (x_te, y_te),
+    fit, val = train_val_split(x_tr, y_tr, 0.15, seed=0)  # growth decisions never read the test set
+    res = grow(GrowingCNN("vgg", widths=(16, 24, 32) if fast else (64, 96, 128)), fit, val,
                epochs=3 if fast else 12, config=GrowthConfig(stop="auto", interval=22 if fast else 66), lr=0.05,
                progress=progress)
     grow_s = time.perf_counter() - t0
