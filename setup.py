@@ -28,7 +28,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"adagrow.kernels": ["tables/*.json"]},
+    package_data={"adagrow": ["text/*.txt"], "adagrow.kernels": ["tables/*.json"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

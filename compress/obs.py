@@ -20,6 +20,7 @@ from .layer import LayerGeometry, check_parameters, geometry, input_columns, mat
 from .order import check_order, column_overlap, saliency, static_order, tiered_order
 
 DAMP_RETRIES = 4  # lambda is multiplied by 10 up to this many times before giving up
+TARGET_DAMP = 1.0  # ridge of the float-target fit, relative to mean(diag H) (measured on MiniLM W4 g128)
 FP16_MAX = torch.finfo(torch.float16).max
 
 
@@ -191,38 +192,64 @@ class OBSQuantizer:
         self.layer, self.name = layer, name
         self.geo = geometry(layer, name)
         self.H: torch.Tensor | None = None  # float64 [conv groups, K, K]
+        self.C: torch.Tensor | None = None  # float64 [conv groups, K, K]: 2/n sum x_float x^T (float target)
         self.nsamples = 0
         self._warned_fp16 = False
 
     @torch.no_grad()
-    def add_batch(self, inp: torch.Tensor) -> None:
+    def add_batch(self, inp: torch.Tensor, target: torch.Tensor | None = None) -> None:
         """Accumulate ``H = 2/n sum x x^T`` from the layer input (any batch shape).
 
-        Each batch's product is taken in float32 (fast BLAS) and added to a float64 running mean.
+        ``target``: the float model's input to this layer for the same samples (same shape as
+        ``inp``). With it, ``C = 2/n sum x_float x^T`` is accumulated too and :meth:`quantize` fits
+        the float layer's output ``W x_float`` from the quantized prefix's ``x`` (GPTQv2's
+        asymmetric calibration), so the layer also corrects the error its inputs already carry;
+        give it for every batch or for none. Each product is taken in float32 (fast BLAS) and
+        added to a float64 running mean.
         """
-        if not torch.isfinite(inp).all():
-            raise ValueError(f"{self.name}: the layer's calibration inputs contain NaN or inf: the calibration "
-                             f"data does, or a layer before {self.name} produces them (overflow or non-finite "
-                             "weights)")
-        amax = float(inp.detach().abs().max()) if inp.numel() else 0.0
+        if target is not None and target.shape != inp.shape:
+            raise ValueError(f"{self.name}: float-target input has shape {tuple(target.shape)}, "
+                             f"the layer input {tuple(inp.shape)}")
+        if (target is None) != (self.C is None) and self.nsamples:
+            raise ValueError(f"{self.name}: give a float-target input with every calibration batch or with none")
+        x = input_columns(inp.detach(), self.geo, self.name).float()
+        n = x.shape[-1]
+        if n == 0:
+            return
+        xx = x @ x.transpose(1, 2)
+        if not bool(torch.isfinite(xx).all()):
+            if not bool(torch.isfinite(inp).all()):
+                raise ValueError(f"{self.name}: the layer's calibration inputs contain NaN or inf: the calibration "
+                                 f"data does, or a layer before {self.name} produces them (overflow or non-finite "
+                                 "weights)")
+            xx = x.double() @ x.double().transpose(1, 2)  # |x| beyond ~1.8e19 overflows float32 products
+        amax = float(x.abs().max())
         if amax > FP16_MAX and not self._warned_fp16:
             self._warned_fp16 = True
             warnings.warn(CalibrationWarning(
                 f"{self.name}: calibration inputs reach |x| = {amax:.3g}, beyond the float16 maximum "
                 f"{FP16_MAX:.0f}: this layer overflows in fp16 (W4A16 kernels, fp16 ONNX)"), stacklevel=2)
-        x = input_columns(inp.detach(), self.geo, self.name).float()
-        n = x.shape[-1]
-        if n == 0:
-            return
         if self.H is None:
-            self.H = torch.zeros(self.geo.groups, self.geo.k, self.geo.k, dtype=torch.float64,
-                                 device=x.device)
-        self.H *= self.nsamples / (self.nsamples + n)
+            self.H = torch.zeros(self.geo.groups, self.geo.k, self.geo.k, dtype=torch.float64, device=x.device)
+            if target is not None:
+                self.C = torch.zeros_like(self.H)
+        keep = self.nsamples / (self.nsamples + n)
         self.nsamples += n
-        xx = x @ x.transpose(1, 2)
-        if not bool(torch.isfinite(xx).all()):  # |x| beyond ~1.8e19 overflows float32 products
-            xx = x.double() @ x.double().transpose(1, 2)
-        self.H += xx.double() * (2 / self.nsamples)
+        self.H.mul_(keep).add_(xx.double(), alpha=2 / self.nsamples)
+        if target is not None:
+            xf = input_columns(target.detach(), self.geo, self.name).float()
+            xfx = xf @ x.transpose(1, 2)
+            if not bool(torch.isfinite(xfx).all()):
+                raise ValueError(f"{self.name}: the float model's inputs to this layer are not finite")
+            self.C.mul_(keep).add_(xfx.double(), alpha=2 / self.nsamples)
+
+    def _fit_target(self, w: torch.Tensor, g: int) -> torch.Tensor:
+        """``W' = W (C + lam I) (H + lam I)^-1``: the weights whose output on the quantized prefix's
+        inputs best matches the float layer's on the float inputs (ridge ``lam`` toward ``W``)."""
+        h, c = self.H[g], self.C[g]
+        lam = TARGET_DAMP * float(h.diagonal().mean())
+        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        return torch.linalg.solve(h + lam * eye, (w @ (c + lam * eye)).t(), left=True).t()
 
     def _inverse(self, h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
         """Dampened ``H^-1`` (checked to have an upper Cholesky factor) and the damping used."""
@@ -286,6 +313,8 @@ class OBSQuantizer:
         perms, loss, damp = [], 0.0, percdamp
         for g in range(geo.groups):
             w = w_all[g * rows:(g + 1) * rows].clone()
+            if self.C is not None and g not in dead_groups:
+                w = self._fit_target(w, g)
             # a group without any input keeps its weights: identity Hessian = round to nearest
             h = torch.eye(geo.k, dtype=self.H.dtype, device=self.H.device) if g in dead_groups else self.H[g].clone()
             dead = h.diagonal() == 0

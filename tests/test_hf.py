@@ -108,8 +108,9 @@ def test_block_by_block_forward_calls_linear_in_depth() -> None:
 
     c2, c4, c8 = block_calls(2), block_calls(4), block_calls(8)
     assert c8 - c4 == 2 * (c4 - c2)  # linear in depth (the whole-model scheme is quadratic)
-    # per block and batch: 6 layer passes + 1 output pass, + 2 whole-model passes (probe, pooler)
-    assert c4 - c2 == 2 * 2 * (6 + 1 + 2)
+    # per block and batch: 6 layer passes and 1 output pass of the quantized block, as many of its
+    # float copy (float_target, the hooks travel with the copy), + 2 whole-model passes (probe, pooler)
+    assert c4 - c2 == 2 * 2 * (2 * (6 + 1) + 2)
 
 
 def test_lm_head_left_float_and_tied_weights_stay_tied() -> None:
@@ -312,3 +313,11 @@ def test_cli_quantize_hf_writes_a_server_folder(tmp_path, capsys) -> None:
                  "--group-size", "tier"]) == 2
     assert "Linear layers take -1 or a multiple of 8" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_bundled_text_is_disjoint_and_installed() -> None:
+    """The calibration and held-out sentences ship as package data and never overlap."""
+    from adagrow.hf_text import CALIBRATION, HELD_OUT
+    assert len(CALIBRATION) == len(set(CALIBRATION)) >= 500
+    assert len(HELD_OUT) == len(set(HELD_OUT)) == 40
+    assert not set(CALIBRATION) & set(HELD_OUT)

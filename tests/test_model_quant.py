@@ -32,7 +32,7 @@ def _mlp() -> nn.Module:
 def test_hessians_come_from_the_quantized_prefix() -> None:
     model = _mlp().eval()
     calib = [(torch.randn(16, 20), torch.zeros(16)) for _ in range(3)]
-    cfg = QuantConfig(bits=3, group_size=8, order="act")
+    cfg = QuantConfig(bits=3, group_size=8, order="act", float_target=False)
     qmodel = quantize(model, calib, cfg, progress=False)
     assert isinstance(model[0], nn.Linear)  # original untouched
     assert all(isinstance(qmodel[i], QuantLinear) for i in (0, 2, 4))
@@ -48,6 +48,31 @@ def test_hessians_come_from_the_quantized_prefix() -> None:
         q_float.add_batch(torch.relu(model[0](x)))
     assert not torch.equal(q_float.quantize(bits=3, group_size=8, order="act").weight, res.weight)
     assert set(qmodel.adagrow_quant["layers"]) == {"0", "2", "4"}
+
+
+def test_float_target_fits_the_float_layer_output() -> None:
+    """float_target (default): layer 2 sees the quantized prefix's inputs but fits the float
+    model's output W x_float; the fit corrects part of the error layer 0 left."""
+    model = _mlp().eval()
+    calib = [(torch.randn(64, 20), torch.zeros(64)) for _ in range(3)]
+    qmodel = quantize(model, calib, QuantConfig(bits=3, group_size=8, order="act"), progress=False)
+    q = OBSQuantizer(model[2])
+    for x, _ in calib:
+        q.add_batch(torch.relu(qmodel[0](x)), target=torch.relu(model[0](x)))
+    res = q.quantize(bits=3, group_size=8, order="act")
+    assert torch.equal(qmodel[2].dequantize(), res.weight)
+    # the fitted float weight (before rounding) reproduces the float output better than W itself
+    x = torch.randn(256, 20)
+    xq, xf = torch.relu(qmodel[0](x)), torch.relu(model[0](x))
+    w = model[2].weight.detach().double()
+    w_fit = q._fit_target(w, 0)
+    err_plain = (xq.double() @ w.t() - xf.double() @ w.t()).square().mean()
+    err_fit = (xq.double() @ w_fit.t() - xf.double() @ w.t()).square().mean()
+    assert err_fit < 0.8 * err_plain
+    with pytest.raises(ValueError, match="float-target input has shape"):
+        q.add_batch(torch.randn(4, 32), target=torch.randn(5, 32))
+    with pytest.raises(ValueError, match="every calibration batch or with none"):
+        q.add_batch(torch.randn(4, 32))
 
 
 def test_skip_list_and_linear_group_fallback() -> None:
