@@ -151,7 +151,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     _check_out(out, args.overwrite)
     cfg = QuantConfig(bits=args.bits, group_size=args.group_size or "tier", order=args.order, method=args.method,
-                      sym=args.sym, mse=args.mse, skip=tuple(args.skip)).validate()
+                      sym=args.sym, mse=args.mse, float_target=args.float_target, skip=tuple(args.skip)).validate()
     deploy = load_deploy(args.checkpoint)
     x_tr, _, x_te, y_te = _data(args)
     _check_input_shape(deploy, x_tr, args)
@@ -177,7 +177,7 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
     _check_out(out, args.overwrite, folder=args.format != "adagrow")
     gs = 128 if args.group_size is None else args.group_size
     cfg = QuantConfig(bits=args.bits, group_size=gs, order=args.order, method=args.method, sym=args.sym,
-                      mse=args.mse, skip=tuple(args.skip)).validate()
+                      mse=args.mse, float_target=args.float_target, skip=tuple(args.skip)).validate()
     if isinstance(gs, str):
         raise ValueError(f"--group-size {gs} groups conv kernel positions; Hugging Face Linear layers take -1 or "
                          "a multiple of 8")
@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="obs", choices=["obs", "rtn"])
     p.add_argument("--sym", action="store_true")
     p.add_argument("--mse", action="store_true", help="search the clipping ratio")
+    p.add_argument("--no-float-target", dest="float_target", action="store_false",
+                   help="fit each layer to its own output on the quantized prefix's inputs, not to the float "
+                        "model's (faster, less accurate)")
     p.add_argument("--skip", nargs="*", default=[], help="layer names / patterns kept in float")
     p.add_argument("--calib", type=_positive(int), default=512, help="calibration images / sentences (first N)")
     p.add_argument("--out", required=True)

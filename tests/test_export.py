@@ -410,6 +410,20 @@ def test_hf_named_inputs_dynamic_sequence_and_triton(tmp_path) -> None:
     assert cfg["output"] == [("last_hidden_state", "TYPE_FP32", [-1, 32]), ("pooler_output", "TYPE_FP32", [32])]
 
 
+def test_export_obs_calibration_skips_padding() -> None:
+    """Export quantizes named-input models with the batches as keyword arguments, so the
+    attention mask keeps padded tokens out of the Hessians: the same weights as quantize()."""
+    from adagrow.compress.export.inputs import input_spec
+    from adagrow.compress.export.onnx_export import _quantize
+    model, batch = _tiny_bert()
+    calib = [batch(4, 12, s) for s in range(2)]
+    cfg = QuantConfig(bits=4, group_size=-1, linear_group_size=16)
+    ours = _quantize(model, input_spec(model, calib[0], None), calib, cfg, progress=False)
+    ref = quantize(model, calib, cfg, progress=False)
+    name = "encoder.layer.1.output.dense"
+    assert torch.equal(ours.get_submodule(name).dequantize(), ref.get_submodule(name).dequantize())
+
+
 def test_smoothing_is_exact_and_shares_qkv_scales() -> None:
     from adagrow.compress.export.smooth import SmoothedLinear, smooth_linears
     model, batch = _tiny_bert()

@@ -175,26 +175,13 @@ def _export_float(model: nn.Module, spec: InputSpec, opset: int) -> onnx.ModelPr
     return graph
 
 
-class _Replay(nn.Module):
-    """``forward(i)`` runs the model on stored batch ``i``: lets :func:`quantize` (one tensor per
-    calibration batch) calibrate models with several named inputs."""
-
-    def __init__(self, model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tensor]]):
-        super().__init__()
-        self.model, self.batches = NamedForward(model, spec.names), [spec.args(b) for b in batches]
-
-    def forward(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.model(*self.batches[int(index.reshape(-1)[0])])
-
-
 def _quantize(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tensor]], cfg: QuantConfig,
               progress: bool) -> nn.Module:
-    """:func:`quantize` on named calibration batches; returns the quantized copy of ``model``."""
+    """:func:`quantize` on named calibration batches (passed as keyword arguments, so an
+    ``attention_mask`` keeps padded tokens out of the Hessians); the quantized copy of ``model``."""
     if spec.names == [INPUT]:
         return quantize(model, [b[INPUT] for b in batches] or None, cfg, progress=progress)
-    replay = quantize(_Replay(model, spec, batches), [torch.tensor([i]) for i in range(len(batches))] or None,
-                      cfg, progress=progress)
-    return replay.model.model
+    return quantize(model, [{n: b[n] for n in spec.names} for b in batches] or None, cfg, progress=progress)
 
 
 def _check_calibration(batches: list[dict[str, torch.Tensor]]) -> None:
