@@ -208,9 +208,9 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     _check_out(out, args.overwrite)
     if args.engine:
-        from adagrow.compress.export.tensorrt import _import_tensorrt
+        from adagrow.compress.export.tensorrt import import_tensorrt
         _check_out(Path(args.engine), args.overwrite)
-        _import_tensorrt()  # TensorRT and a GPU, or a clear error now
+        import_tensorrt()  # TensorRT and a GPU, or a clear error now
     if args.triton_repo:
         _check_out(Path(args.triton_repo) / args.name, args.overwrite, folder=True)
     x_tr, _, x_te, _ = _data(args)

@@ -38,7 +38,7 @@ from .static import StaticSpec, runtime_signature
 from .w4a16 import use_triton
 
 if HAS_TRITON:
-    from .w4a16 import _dequant_tile  # packed words -> dequantized tile, shared with the W4A16 matmul
+    from .w4a16 import dequant_tile  # packed words -> dequantized tile, shared with the W4A16 matmul
 
 ACTS = {"none": 0, "relu": 1, "silu": 2, "hardswish": 3, "gelu": 4}
 # Implicit GEMM: (BLOCK_M output pixels, BLOCK_N output channels, BLOCK_C input channels per K
@@ -270,7 +270,7 @@ if HAS_TRITON:
                             s, zs = _scale_zero(s_ptr, z_ptr, k0 // GROUP, cout, nmask, COUT)
                         s16 = 16.0 * s[None, :]
                         c = s16 - zs[None, :]
-                    w = _dequant_tile(qw, s16, c, x.dtype)
+                    w = dequant_tile(qw, s16, c, x.dtype)
                 else:
                     w = tl.load(w_ptr + (k0 + rc)[:, None] * COUT + cout[None, :], mask=nmask[None, :], other=0.0)
                 acc = tl.dot(x, w.to(x.dtype), acc)

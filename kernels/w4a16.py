@@ -152,7 +152,7 @@ if HAS_TRITON:
         return tl.reshape(t, (bk8, bn, 8))
 
     @triton.jit
-    def _dequant_tile(qw, s16, c, dtype: tl.constexpr):
+    def dequant_tile(qw, s16, c, dtype: tl.constexpr):
         """Packed words ``[BK/8, BN]`` -> dequantized ``[BK, BN]`` (row 8*w + i is nibble i of word row w)."""
         bk8: tl.constexpr = qw.shape[0]
         bn: tl.constexpr = qw.shape[1]

@@ -37,7 +37,8 @@ def profile_shapes(onnx_path: str | os.PathLike, min_batch: int, opt_batch: int,
     return shapes
 
 
-def _import_tensorrt():
+def import_tensorrt():
+    """The ``tensorrt`` module, or a RuntimeError naming what is missing (TensorRT, or a GPU)."""
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -59,7 +60,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     if engine_path.exists() and not overwrite:
         raise FileExistsError(f"{engine_path} exists; pass overwrite=True to replace it")
     shapes = profile_shapes(onnx_path, min_batch, opt_batch, max_batch)
-    trt = _import_tensorrt()
+    trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
