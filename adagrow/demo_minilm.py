@@ -35,6 +35,7 @@ METHODS = [  # (method label, precision, config)
     ("OBS adagrow defaults per-channel", "W8", QuantConfig(bits=8, group_size=-1)),
 ]
 SERVER_FOLDER = "minilm_w4_compressed_tensors"
+FAST_SENTENCES = 128  # --fast: calibration sentences (of 544)
 
 
 class _Encoder(nn.Module):
@@ -121,7 +122,8 @@ def run_minilm_demo(out: Path, fast: bool = False, overwrite: bool = False, prog
     runs = 10 if fast else 50
     methods = METHODS[:3] if fast else METHODS  # fast: RTN, OBS act order, OBS defaults at W4
     say(f"[1/3] quantizing all-MiniLM-L6-v2: {', '.join(f'{m} {p}' for m, p, _ in methods)}")
-    rows, qmodels, ctx = evaluate(methods, CALIBRATION[:16] if fast else CALIBRATION, HELD_OUT, runs, progress)
+    calib = CALIBRATION[:FAST_SENTENCES] if fast else CALIBRATION
+    rows, qmodels, ctx = evaluate(methods, calib, HELD_OUT, runs, progress)
     say("[2/3] ONNX Runtime CPU (fp32 export of the float model, W4 export of the OBS defaults model)")
     best = qmodels["OBS adagrow defaults g128 W4"]
     rows[0].update(_ort_row(ctx["model"], "fp32", ctx["ids"], out / "minilm_fp32.onnx", runs, threads))
@@ -135,7 +137,7 @@ def run_minilm_demo(out: Path, fast: bool = False, overwrite: bool = False, prog
     for r in rows:
         if r.get("ort_note"):
             say(f"  no ONNX Runtime figure for {r['method']}: {r['ort_note']}")
-    result = {"model": "all-MiniLM-L6-v2", "calib_sentences": 16 if fast else len(CALIBRATION),
+    result = {"model": "all-MiniLM-L6-v2", "calib_sentences": len(calib),
               "held_out_sentences": len(HELD_OUT), "threads": threads, "table": rows, "server_folder": server,
               "fast": fast}
     write_json(out / "minilm.json", result)
