@@ -177,6 +177,8 @@ def test_w4_blocked_int4_dequantize(tmp_path) -> None:
     assert len(dq4) == rep.quantized_weights == len(rep.runs_float) >= 5
     assert any(a.name == "block_size" and a.i == 16 for n in dq4 for a in n.attribute)
     assert fused_node_counts(rep.path).get("MatMulNBits", 0) >= 4  # ORT fuses DQ + MatMul (fp32 compute)
+    from adagrow.compress.export.verify import weight_only
+    assert not weight_only(rep.path)  # so ort_session keeps that fusion (no load-time folding)
     assert rep.passed and rep.cosine > rep.threshold == 0.98  # against the float model
     # the plain DequantizeLinear semantics reproduce the quantized PyTorch model exactly
     qmodel = quantize(model, calib, cfg, progress=False)
@@ -210,6 +212,17 @@ def test_w4_conv_tier_groups_are_exact(tmp_path) -> None:
     assert not [n for n in rep.notes if "kept as" in n or "not matched" in n]
     np.testing.assert_allclose(_run(rep.path, x, optimize=False), qmodel(x).detach().numpy(), rtol=1e-4, atol=1e-5)
     assert rep.cosine > 0.9999  # a pre-quantized model is its own reference
+    # the default export (Linear -> MatMulNBits, convs DQ + Conv): ort_session folds the conv
+    # DequantizeLinear nodes once at load; same outputs, no DQ left in the optimised graph
+    from adagrow.compress.export.verify import ort_session, weight_only
+    assert not weight_only(rep.path)  # here the classifier's DQ feeds a MatMul (fused, not folded)
+    qmodel = quantize(model, calib, QuantConfig(bits=4, group_size="tier", linear_group_size=16), progress=False)
+    rep = export_onnx(qmodel, x, tmp_path / "w4d.onnx", "w4")
+    assert weight_only(rep.path) and any("once at load" in n for n in rep.notes)
+    opt = tmp_path / "opt.onnx"
+    folded = ort_session(rep.path, optimized_path=str(opt)).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(folded, _run(rep.path, x, optimize=False), rtol=1e-4, atol=1e-5)
+    assert "DequantizeLinear" not in {n.op_type for n in onnx.load(opt).graph.node}
 
 
 def test_export_errors(tmp_path) -> None:

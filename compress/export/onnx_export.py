@@ -301,8 +301,10 @@ def _w4(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tensor]
     report.quantized_weights, report.runs_float = rewrite_w4(
         graph, {match[k][0]: v for k, v in w4.items() if k in match}, accuracy_level)
     if report.runs_float:
-        report.notes.append(f"on ONNX Runtime CPU these run as DequantizeLinear(int4) + float op (no 4-bit kernel "
-                            f"for them; weights stored 4-bit): {report.runs_float}")
+        report.notes.append(f"on ONNX Runtime CPU these run a float op on 4-bit weights dequantized by "
+                            f"DequantizeLinear (no 4-bit kernel for them): once at load with the session option "
+                            f"session.disable_quant_qdq=1 (as ort_session sets it; fp32 weights in memory), else on "
+                            f"every call: {report.runs_float}")
     return graph
 
 
