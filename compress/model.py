@@ -144,7 +144,7 @@ class _Run:
         self.model, self.config, self.mask = model, config, mask
         self.report: dict[str, dict[str, float]] = {}
         self.deferred: list[tuple[str, nn.Module, QuantResult]] = []
-        self.target: list[torch.Tensor | None] = [None]  # float input of the layer for the next call
+        self.target: torch.Tensor | None = None  # the float model's input to the layer, for the next call
 
     def layer(self, name: str, run: Callable[[], None] | None = None, stop_early: bool = False,
               defer: bool = False) -> None:
@@ -160,7 +160,7 @@ class _Run:
             is_linear = isinstance(layer, nn.Linear)
 
             def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-                x, t = inp[0], self.target[0]
+                x, t = inp[0], self.target
                 q.add_batch(self.mask.valid(x) if is_linear else x,
                             None if t is None else self.mask.valid(t) if is_linear else t)
                 if stop_early:
@@ -239,12 +239,12 @@ def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict
             for (args, kwargs, m), (fargs, fkwargs, _) in zip(inputs, finputs):
                 mask.mask = m
                 if target:
-                    run.target[0] = _float_input(fblock, name[len(block) + 1:], fargs, fkwargs)
+                    run.target = _float_input(fblock, name[len(block) + 1:], fargs, fkwargs)
                 try:
                     model.get_submodule(block)(*args, **kwargs)
                 except StopForward:
                     pass
-            run.target[0] = None
+            run.target = None
 
         for name in [n for n in layers if n == block or n.startswith(block + ".")]:
             run.layer(name, lambda name=name: replay(name), stop_early=calls[name] == 1, defer=True)
