@@ -157,8 +157,9 @@ def conv_layers() -> list[tuple[nn.Conv2d, int]]:
     return layers
 
 
-def bench_convs(batches) -> list[dict]:
-    """conv + bias + ReLU per layer and batch, all on the same channels_last fp16 input:
+def bench_convs(batches, save) -> list[dict]:
+    """conv + bias + ReLU per layer and batch, all on the same channels_last fp16 input
+    (``save(rows)`` after each row, so a run cut short keeps what it measured):
 
     - eager: ``relu(F.conv2d(x, w, b))`` (cuDNN, bias in the conv; channels_last is cuDNN's fast
       layout for fp16), 2 kernels;
@@ -221,6 +222,7 @@ def bench_convs(batches) -> list[dict]:
                    "err_over_bound_fp16": errs["fp16"], "err_over_bound_w4": errs["w4"],
                    "skipped_configs_so_far": skipped_configs()}
             rows.append(row)
+            save(rows)
             print(f"conv{i} b={batch:>2} {conv.in_channels:>3}->{conv.out_channels:<3} g{conv.groups:<3} "
                   f"k{conv.kernel_size[0]} s{conv.stride[0]}: eager {t_e * 1e3:7.1f}us compile {t_c * 1e3:7.1f}us "
                   f"fused {t_o * 1e3:7.1f}us (x{t_e / t_o:.2f}) w4 {t_w * 1e3:7.1f}us "
@@ -249,16 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "kernels", "gpu": name, "date": date, "torch": torch.__version__,
               "triton": triton.__version__, "peak_GBps": peak,
               "command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "matmul": [], "convs": [], "targets": []}
+              "matmul": [], "convs": [], "targets": [], "complete": False}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"kernels_{re.sub(r'[^A-Za-z0-9]+', '_', name)}_{date}.json"
 
-    def save_matmul(rows: list[dict]) -> None:
-        result["matmul"] = rows
-        write_json(path, result)
+    def saver(key: str):
+        def save(rows: list[dict]) -> None:
+            result[key] = rows
+            write_json(path, result)
+        return save
 
-    matmul = bench_matmul(shapes, ms, args.group, peak, save_matmul)
-    convs = bench_convs([1] if args.quick else [1, 8, 64])
+    matmul = bench_matmul(shapes, ms, args.group, peak, saver("matmul"))
+    convs = bench_convs([1] if args.quick else [1, 8, 64], saver("convs"))
     targets = []
     for m, goal in TARGETS.items():
         r = next((r for r in matmul if (r["N"], r["K"], r["M"]) == (8192, 8192, m)), None)
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     targets[-1]["met"] = targets[-1]["measured"] >= 1.5
     for t in targets:
         print(f"{t['target']}: {t['measured']:.2f} ({'met' if t['met'] else 'NOT met'})")
-    result.update(matmul=matmul, convs=convs, targets=targets)
+    result.update(matmul=matmul, convs=convs, targets=targets, complete=True)
     write_json(path, result)
     print(f"wrote {path}")
     return 0
