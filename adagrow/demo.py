@@ -139,7 +139,9 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
         suite["models"][0]["backends"].remove("compile")
     bench = run_suite(suite, progress=progress)
 
-    table = _table(rows)
+    table = _table(rows) + ("\n\nOn CPU, PyTorch eager runs quantized layers on the reference path (dequantize the "
+                            "packed weights, then a float op, on every call): a check of the numbers, not a fast "
+                            "path. The fast CPU path is ONNX Runtime; on a GPU, the Triton kernels.")
     say("\n" + table)
     skipped = [r for r in bench["rows"] if r["status"] == "skipped"]
     for r in {(r["backend"], r["precision"], r["reason"]) for r in skipped}:

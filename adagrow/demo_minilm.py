@@ -132,7 +132,8 @@ def run_minilm_demo(out: Path, fast: bool = False, overwrite: bool = False, prog
     say("[3/3] writing the W4 model as compressed-tensors and reloading it with transformers.AutoModel")
     sym = quantize(ctx["model"], ctx["calib"], SERVER_CONFIG, progress=progress)
     server = check_server_folder(sym, ctx["tokenizer"], ctx["held"], out / SERVER_FOLDER)
-    table = markdown_table(rows)
+    table = markdown_table(rows) + ("\n\nPyTorch CPU runs quantized layers on the reference path (dequantize, "
+                                    "then a float op, on every call); the fast CPU path is ONNX Runtime.")
     say("\n" + table)
     for r in rows:
         if r.get("ort_note"):
