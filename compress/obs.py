@@ -223,7 +223,7 @@ class OBSQuantizer:
                                  f"data does, or a layer before {self.name} produces them (overflow or non-finite "
                                  "weights)")
             xx = x.double() @ x.double().transpose(1, 2)  # |x| beyond ~1.8e19 overflows float32 products
-        amax = float(x.abs().max())
+        amax = float(inp.detach().abs().max())
         if amax > FP16_MAX and not self._warned_fp16:
             self._warned_fp16 = True
             warnings.warn(CalibrationWarning(
