@@ -95,6 +95,19 @@ def _deploy_cnn() -> tuple[nn.Module, torch.Tensor]:
     return reparameterize(model), torch.randn(24, 1, 11, 11)
 
 
+def test_float_target_lowers_model_error() -> None:
+    """Model level, on held-out inputs: fitting each layer to the float model's output beats
+    fitting it to its own (measured: 0.0208 vs 0.0259 relative output error at W3)."""
+    deploy, x = _deploy_cnn()
+    torch.manual_seed(0)
+    calib, held = list(torch.randn(256, *x.shape[1:]).split(64)), torch.randn(128, *x.shape[1:])
+    with torch.no_grad():
+        ref = deploy(held)
+        err = {ft: float((quantize(deploy, calib, QuantConfig(bits=3, float_target=ft), progress=False)(held) - ref)
+                         .norm() / ref.norm()) for ft in (False, True)}
+    assert err[True] < 0.9 * err[False]
+
+
 @pytest.mark.parametrize("group_size,order", [("tier", "reparam"), ("position", "act"), (16, "reparam-dynamic")])
 def test_quantize_save_load_same_outputs(tmp_path, group_size, order) -> None:
     deploy, x = _deploy_cnn()
