@@ -1,5 +1,6 @@
 """The adagrow CLI: every subcommand's happy path on a model that really grew, exact spec stops,
 every bad input answered with a named error before anything is written, bench skips, demo --fast."""
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -95,6 +96,23 @@ def test_grow_warns_when_the_stop_spec_is_not_reached(tmp_path, capsys) -> None:
     assert rc == 2 and "nothing written (--strict)" in err and not (tmp_path / "b.safetensors").exists()
 
 
+def _check_skips(rows: list[dict]) -> None:
+    """Skips are named from what this machine lacks, checked independently of the bench's own
+    availability logic; nothing errors."""
+    import onnxruntime as ort
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    for r in rows:
+        assert r["status"] in ("ok", "skipped"), r
+        if r["backend"] == "ort-cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            assert r["status"] == "skipped" and "CUDAExecutionProvider" in r["reason"], r
+        if r["backend"] == "tensorrt" and not has_trt:
+            assert r["status"] == "skipped" and r["reason"] == "tensorrt is not installed", r
+        if r["backend"] == "triton" and not torch.cuda.is_available():
+            assert r["status"] == "skipped" and "CUDA GPU" in r["reason"], r
+        if r["status"] == "skipped":
+            assert r["reason"], r
+
+
 def test_bench_reports_unavailable_backends(grown, tmp_path, capsys) -> None:
     suite = tmp_path / "suite.toml"
     suite.write_text(f'[suite]\nwarmup = 1\nruns = 3\nbatch_sizes = [1, 4]\nsize = 8\n\n'
@@ -107,8 +125,10 @@ def test_bench_reports_unavailable_backends(grown, tmp_path, capsys) -> None:
     assert len(rows) == 4 * 2 * 2
     assert rows[("ort-cpu", "int8", 4)]["status"] == "ok" and rows[("ort-cpu", "int8", 4)]["median_ms"] > 0
     assert rows[("eager", "int8", 1)]["status"] == "skipped" and "INT8" in rows[("eager", "int8", 1)]["reason"]
-    for (backend, precision, _), row in rows.items():  # skipped exactly where this machine lacks the backend
-        assert row.get("reason") == unavailable(backend, precision, "grown"), row
+    _check_skips(data["rows"])
+    for (backend, precision, _), row in rows.items():  # what this CPU machine can run, runs
+        if backend == "ort-cpu" or (backend, precision) == ("eager", "fp32"):
+            assert row["status"] == "ok" and row["median_ms"] > 0, row
     rc, data, _ = _run(capsys, "bench", str(suite), "--compare", str(tmp_path / "r.json"), "--json", "--quiet")
     n_ok = sum(r["status"] == "ok" for r in rows.values())
     assert rc == 0 and len(data["compare"]) == n_ok and all(" -> " in line for line in data["compare"])
@@ -236,8 +256,7 @@ def test_demo_fast_writes_every_output(tmp_path, capsys) -> None:
     assert abs(acc[("OBS W8 weights + calibrated activations", "INT8 QDQ", "ONNX Runtime CPU")] - flt) < 0.03
     for (method, prec, _), a in acc.items():
         assert abs(a - flt) < {"W8": 0.015, "W4": 0.05}.get(prec, 0.03), (method, prec, a, flt)
-    for r in result["suite"]["rows"]:  # skipped exactly where this machine lacks the backend
-        assert r.get("reason") == unavailable(r["backend"], r["precision"], "grown"), r
+    _check_skips(result["suite"]["rows"])
     assert main(["demo", "--fast", "--out", str(out), "--quiet"]) == 2  # refuses to overwrite
 
 

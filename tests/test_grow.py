@@ -288,7 +288,12 @@ def test_transformer_head_growth_widens_the_residual() -> None:
     apply_growth(model, {"kind": "width"}, GrowthConfig())  # widen_dim: one head_dim more residual width
     assert model.dim == 16 + 4 and model.layers[0].heads == 3 and model.arch()["dim"] == 20
     assert model.pos.shape == (1, 4, 20) and model.head.weight.shape == (4, 20)
-    after = model(x)  # the new residual features start at 0; only the LayerNorm statistics move
+    streams = []  # the residual stream entering every layer: its 4 new features are exactly 0
+    hooks = [layer.norm1.register_forward_pre_hook(lambda m, inp: streams.append(inp[0])) for layer in model.layers]
+    after = model(x)  # only the LayerNorm statistics move
+    for h in hooks:
+        h.remove()
+    assert len(streams) == len(model.layers) and all(not s[..., 16:].any() and s[..., :16].any() for s in streams)
     assert (after - before).abs().max() < 0.5 * before.abs().max()
     rebuilt = build_from_arch(model.arch())
     rebuilt.load_state_dict(model.state_dict())
@@ -302,10 +307,14 @@ def test_transformer_head_growth_widens_the_residual() -> None:
     assert pos_state.shape == (1, 4, 24) and not pos_state[..., 20:].any() and pos_state[..., :20].any()
 
 
-def test_retrain_trains_the_found_architecture_from_scratch() -> None:
+def test_retrain_trains_the_found_architecture_from_scratch(monkeypatch) -> None:
+    import adagrow.grow.grower as grower
+    build, built = grower.build_from_arch, []  # record the fresh model grow() retrains
+    monkeypatch.setattr(grower, "build_from_arch", lambda arch: built.append(build(arch)) or built[-1])
     train, val = _data()
     res = grow(_cnn(), train, val, epochs=2, config=GrowthConfig(stop="VGG-1-0-1", interval=1, retrain=True),
                lr=0.01, progress=False)
+    assert len(built) == 1 and built[0] is res.model  # a model built from the grown arch, not a copy
     assert res.grown is not None and res.model is not res.grown
     assert res.model.arch() == res.grown.arch() and res.model.spec() == "VGG-1-0-1"
     assert not torch.equal(res.model.head.weight, res.grown.head.weight)

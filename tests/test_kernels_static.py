@@ -111,6 +111,11 @@ def test_default_rows_compile_to_target_and_match_committed_json(arch: int, tmp_
         for field in ("regs", "smem_bytes", "loop_instructions", "global_load_bytes_per_iter", "tensor_core_ops"):
             assert rec[field] == committed[key][field], \
                 f"{RESULTS[arch].name} is stale ({field}); rerun benchmarks/kernels_static.py"
+        assert rec["estimate_us"] == pytest.approx(committed[key]["estimate_us"], rel=1e-6), \
+            f"{RESULTS[arch].name} is stale (estimate_us); rerun benchmarks/kernels_static.py"
+    if arch == 90:  # the M=1 8192^2 target, from the live estimate (the committed one is checked below)
+        live_m1 = next(e for e in doc["estimates"] if e["shape"] == {"M": 1, "N": 8192, "K": 8192, "G": 128})
+        assert live_m1["default"]["speedup_vs_fp16_estimate"] >= 2.5
 
 
 @pytest.mark.parametrize("arch", [90, 80])
