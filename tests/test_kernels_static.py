@@ -146,3 +146,19 @@ def test_gpu_benchmark_imports_and_explains_without_cuda(capsys) -> None:
     spec.loader.exec_module(mod)
     assert mod.main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_gemlite_comparison_is_current_and_consistent() -> None:
+    """benchmarks/results/gemlite_static_sm90.json: its "ours" side is the best of our committed
+    sm_90 records (not stale), each side's figure is the best of its own records, and the stated
+    ratio is what the records give."""
+    doc = json.loads((ROOT / "benchmarks" / "results" / "gemlite_static_sm90.json").read_text())
+    ours = json.loads(RESULTS[90].read_text())["records"]
+    assert [s["shape"]["M"] for s in doc["shapes"]] == [1, 16, 128] and not doc["failures"]
+    for s in doc["shapes"]:
+        mine = [r for r in ours if r["shape"] == s["shape"] and r["fits"] and not r["spill_bytes"]]
+        theirs = [r for r in doc["records"] if r["shape"] == s["shape"] and r["fits"] and not r["spill_bytes"]]
+        assert s["ours"]["estimate_us"] == pytest.approx(min(r["estimate_us"] for r in mine), rel=1e-9)
+        assert s["gemlite"]["estimate_us"] == pytest.approx(min(r["estimate_us"] for r in theirs), rel=1e-9)
+        assert s["gemlite_over_ours"] == pytest.approx(s["gemlite"]["estimate_us"] / s["ours"]["estimate_us"])
+        assert s["ours"]["i2f_in_main_loop"] == 0
