@@ -29,6 +29,18 @@ def test_cluttered_digits_seeded_disjoint_sources_and_difficulty() -> None:
         load_dataset("cluttered:hard", 16)
 
 
+def test_cluttered_digits_train_and_test_never_share_a_source_digit(monkeypatch) -> None:
+    import adagrow.data as data
+    images, _ = data._source_digits()
+    sources, render = [], data._render
+    monkeypatch.setattr(data, "_render", lambda imgs, *a: sources.append(imgs) or render(imgs, *a))
+    cluttered_digits(size=16, n_train=50, n_test=20, seed=3)
+    train, test = sources
+    rows = lambda a: {r.tobytes() for r in a}  # noqa: E731
+    assert len(train) + len(test) == len(images) and abs(len(test) / len(images) - 0.4) < 0.01
+    assert not rows(train) & rows(test)  # no handwriting sample on both sides
+
+
 def test_train_val_split_is_carved_from_training_data() -> None:
     x, y = torch.arange(100.0)[:, None], torch.arange(100)
     (xf, yf), (xv, yv) = train_val_split(x, y, 0.2, seed=3)
