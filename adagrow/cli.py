@@ -171,8 +171,6 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
     from adagrow.hf import embed, load_hf, read_sentences, tokenize, cosine_to
     if args.checkpoint is not None:
         raise ValueError("give either a CHECKPOINT or --hf DIR, not both")
-    if not args.calib_text:
-        raise ValueError("--hf needs --calib-text FILE (one sentence per line) to calibrate on")
     out = Path(args.out)
     _check_out(out, args.overwrite, folder=args.format != "adagrow")
     gs = 128 if args.group_size is None else args.group_size
@@ -181,7 +179,15 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(gs, str):
         raise ValueError(f"--group-size {gs} groups conv kernel positions; Hugging Face Linear layers take -1 or "
                          "a multiple of 8")
-    sentences = read_sentences(args.calib_text)[: args.calib]
+    if args.calib_text:
+        sentences, source = read_sentences(args.calib_text)[: args.calib], str(args.calib_text)
+    else:  # English sentence encoders: the bundled everyday sentences; other models want their own text
+        from adagrow.hf_text import CALIBRATION
+        sentences = CALIBRATION[: args.calib]
+        source = f"adagrow.hf_text.CALIBRATION ({len(CALIBRATION)} English sentences)"
+        if not args.quiet:
+            print(f"calibrating on {source}: pass --calib-text FILE for text from your model's domain or language",
+                  file=sys.stderr)
     model, tokenizer = load_hf(args.hf)
     batches = tokenize(tokenizer, sentences)
     t0 = time.perf_counter()
@@ -192,7 +198,8 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
     else:
         save_compressed(qmodel, out, args.format, overwrite=args.overwrite, tokenizer=tokenizer)
     cos = cosine_to(embed(model, batches), embed(qmodel, batches))
-    return {"out": str(out), "format": args.format, "quantize_s": q_s, "calib_sentences": len(sentences),
+    return {"out": str(out), "format": args.format, "quantize_s": q_s, "calib_text": source,
+            "calib_sentences": len(sentences),
             "calib_embedding_cosine": cos, "quantized_layers": len(qmodel.adagrow_quant["layers"]),
             "float_layers": qmodel.adagrow_quant["float"], "config": qmodel.adagrow_quant["config"]}
 
@@ -328,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "writes the quantized checkpoint OUT.")
     p.add_argument("checkpoint", nargs="?", help="grown or deploy checkpoint (or use --hf)")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face model folder instead of CHECKPOINT (needs the hf extra)")
-    p.add_argument("--calib-text", metavar="FILE", help="with --hf: calibration text, one sentence per line")
+    p.add_argument("--calib-text", metavar="FILE", help="with --hf: calibration text, one sentence per line "
+                   "(default: adagrow's 544 bundled English sentences)")
     p.add_argument("--format", default="adagrow", choices=["adagrow", "compressed-tensors", "gptq"],
                    help="with --hf: adagrow (OUT is a .safetensors file) or a server folder OUT")
     p.add_argument("--bits", type=int, default=4, choices=range(2, 9), metavar="{2..8}")

@@ -307,12 +307,14 @@ def test_cli_quantize_hf_writes_a_server_folder(tmp_path, capsys) -> None:
     err = float((_out(loaded, batch) - _out(ref, batch)).norm() / _out(ref, batch).norm())
     assert 0 < err < 0.1  # quantized (not the float weights), close to float
     assert main(argv) == 2 and "overwrite" in capsys.readouterr().err  # nothing replaced without --overwrite
-    assert main(["quantize", "--hf", str(model_dir), "--out", str(tmp_path / "x")]) == 2
-    assert "--calib-text" in capsys.readouterr().err
+    assert main(["quantize", "--hf", str(model_dir), "--out", str(tmp_path / "x.safetensors"), "--calib", "64",
+                 "--group-size", "32", "--quiet", "--json"]) == 0  # no --calib-text: the bundled sentences
+    res = json.loads(capsys.readouterr().out)
+    assert res["calib_text"].startswith("adagrow.hf_text.CALIBRATION") and res["calib_sentences"] == 64
     assert main(["quantize", "--hf", str(model_dir), "--calib-text", str(calib), "--out", str(tmp_path / "y"),
                  "--group-size", "tier"]) == 2
     assert "Linear layers take -1 or a multiple of 8" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert (tmp_path / "x.safetensors").exists() and not (tmp_path / "y").exists()
 
 
 def test_bundled_text_is_disjoint_and_installed() -> None:
