@@ -234,14 +234,14 @@ def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict
         mod = model.get_submodule(block)
         fblock = copy.deepcopy(mod) if float_target else None
 
-        def replay(name: str, block: str = block) -> None:
+        def replay(name: str, block: str = block, mod: nn.Module = mod, fblock: nn.Module | None = fblock) -> None:
             target = float_target and calls[name] == 1  # a layer called once per forward pairs up
             for (args, kwargs, m), (fargs, fkwargs, _) in zip(inputs, finputs):
                 mask.mask = m
                 if target:
                     run.target = _float_input(fblock, name[len(block) + 1:], fargs, fkwargs)
                 try:
-                    model.get_submodule(block)(*args, **kwargs)
+                    mod(*args, **kwargs)
                 except StopForward:
                     pass
             run.target = None
