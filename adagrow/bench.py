@@ -45,6 +45,10 @@ PRECISIONS = ("fp32", "fp16", "int8", "w4a16")
 SUITE_DEFAULTS = {"warmup": 10, "runs": 50, "threads": 2, "batch_sizes": [1, 32], "seq_lens": [128], "data": "digits",
                   "size": 16}
 
+CPU_REFERENCE_NOTE = ("On CPU, PyTorch runs quantized layers on the reference path (dequantize the packed weights, "
+                      "then a float op, on every call): a check of the numbers, not a fast path. The fast CPU path "
+                      "is ONNX Runtime; on a GPU, the Triton kernels.")
+
 
 def _suite_schema() -> dict[str, Any]:
     from adagrow.compress.schema import int_list, integer, record

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adagrow.bench import SUITE_DEFAULTS, markdown, run_suite, time_calls
+from adagrow.bench import CPU_REFERENCE_NOTE, SUITE_DEFAULTS, markdown, run_suite, time_calls
 from adagrow.compress import QuantConfig, quantize, save_quantized
 from adagrow.compress.export import export_onnx, ort_session
 from adagrow.data import digits, train_val_split
@@ -139,9 +139,7 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
         suite["models"][0]["backends"].remove("compile")
     bench = run_suite(suite, progress=progress)
 
-    table = _table(rows) + ("\n\nOn CPU, PyTorch eager runs quantized layers on the reference path (dequantize the "
-                            "packed weights, then a float op, on every call): a check of the numbers, not a fast "
-                            "path. The fast CPU path is ONNX Runtime; on a GPU, the Triton kernels.")
+    table = _table(rows) + "\n\n" + CPU_REFERENCE_NOTE
     say("\n" + table)
     skipped = [r for r in bench["rows"] if r["status"] == "skipped"]
     for r in {(r["backend"], r["precision"], r["reason"]) for r in skipped}:

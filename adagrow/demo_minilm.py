@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adagrow.bench import time_calls
+from adagrow.bench import CPU_REFERENCE_NOTE, time_calls
 from adagrow.compress import QuantConfig, quantize, save_compressed
 from adagrow.files import write_json, write_text
 from adagrow.hf import cosine_to, embed, load_hf, tokenize
@@ -132,8 +132,7 @@ def run_minilm_demo(out: Path, fast: bool = False, overwrite: bool = False, prog
     say("[3/3] writing the W4 model as compressed-tensors and reloading it with transformers.AutoModel")
     sym = quantize(ctx["model"], ctx["calib"], SERVER_CONFIG, progress=progress)
     server = check_server_folder(sym, ctx["tokenizer"], ctx["held"], out / SERVER_FOLDER)
-    table = markdown_table(rows) + ("\n\nPyTorch CPU runs quantized layers on the reference path (dequantize, "
-                                    "then a float op, on every call); the fast CPU path is ONNX Runtime.")
+    table = markdown_table(rows) + "\n\n" + CPU_REFERENCE_NOTE
     say("\n" + table)
     for r in rows:
         if r.get("ort_note"):

@@ -189,7 +189,8 @@ def minilm(args, tmp: Path, log) -> tuple[list[dict], list[dict]]:
     model, tok = load_hf(minilm_path())
     # W4 OBS weights: every calibration sentence; INT8 activation ranges, smoothing, OBS weights and
     # mixed-precision scoring: the first --minilm-calib (ORT runs once per unit scored)
-    w4_calib = tokenize(tok, CALIBRATION[:16] if args.quick else CALIBRATION)
+    w4_sentences = CALIBRATION[:16] if args.quick else CALIBRATION
+    w4_calib = tokenize(tok, w4_sentences)
     calib = tokenize(tok, CALIBRATION[:16] if args.quick else CALIBRATION[:args.minilm_calib], batch_size=8)
     held = tokenize(tok, HELD_OUT, batch_size=8)
     held_np = [{k: v.numpy() for k, v in b.items()} for b in held]
@@ -198,7 +199,7 @@ def minilm(args, tmp: Path, log) -> tuple[list[dict], list[dict]]:
     t0 = time.perf_counter()
     w4_model = quantize(model, w4_calib, QuantConfig(bits=4, group_size=128), progress=True)
     w4_quantize_s = time.perf_counter() - t0
-    log(f"  minilm W4 g128 OBS (adagrow defaults) on {len(CALIBRATION)} sentences: {w4_quantize_s:.0f} s")
+    log(f"  minilm W4 g128 OBS (adagrow defaults) on {len(w4_sentences)} sentences: {w4_quantize_s:.0f} s")
     variants = [
         ("fp32", model, dict(precision="fp32", verify_lengths=[7, 31])),
         ("int8-ours", model, dict(precision="int8", smooth=0.5, calib=calib,

@@ -249,7 +249,7 @@ class OBSQuantizer:
         h, c = self.H[g], self.C[g]
         lam = TARGET_DAMP * float(h.diagonal().mean())
         eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        return torch.linalg.solve(h + lam * eye, (w @ (c + lam * eye)).t(), left=True).t()
+        return torch.linalg.solve(h + lam * eye, (w @ (c + lam * eye)).t()).t()
 
     def _inverse(self, h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
         """Dampened ``H^-1`` (checked to have an upper Cholesky factor) and the damping used."""
