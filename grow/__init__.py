@@ -1,4 +1,7 @@
 """Growth: re-parameterizable blocks, growable CNN / Transformer families and the growth loop."""
+if __name__ != "adagrow.grow":  # the folder is on sys.path as a top-level name (run from a checkout)
+    raise ImportError("this folder is the package adagrow.grow: import it as adagrow.grow "
+                      "(importing it as 'grow' would load second copies of its modules)")
 from .budget import DeployBudget, deploy_cost, deploy_latency_ms
 from .checkpoint import build_from_arch, load_deploy, load_grown, save_grown
 from .cnn import FAMILIES, GrowingCNN

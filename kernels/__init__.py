@@ -7,6 +7,9 @@
 Each op has a pure-PyTorch reference (used on CPU and by the tests) and a fake implementation
 for torch.compile / CUDA graphs. On CPU the kernels run only under ``TRITON_INTERPRET=1``.
 """
+if __name__ != "adagrow.kernels":  # the folder is on sys.path as a top-level name (run from a checkout)
+    raise ImportError("this folder is the package adagrow.kernels: import it as adagrow.kernels "
+                      "(importing it as 'kernels' would load second copies of its modules)")
 from .conv import fused_conv2d, fused_conv2d_ref
 from .convert import to_kernels
 from .modules import FusedConv2d
