@@ -1,2 +1,2 @@
 """adagrow: grow, reparameterize, quantize and deploy PyTorch models."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

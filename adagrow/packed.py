@@ -1,4 +1,4 @@
-"""The W4A16 packed weight format (DESIGN §5), at the bottom of the layering: it imports nothing
+"""The W4A16 packed weight format (docs/design.md §5), at the bottom of the layering: it imports nothing
 from adagrow, and both ``adagrow.kernels`` and ``adagrow.compress`` build on it.
 
 Codes along K are packed into int32 words of the transposed ``[K, N]`` matrix:

@@ -1,6 +1,6 @@
 """Which quantization group (scale row) each column of a layer's weight matrix belongs to.
 
-Columns are in canonical K order (DESIGN §2): Linear input features, or conv ``(ky, kx, cin)``.
+Columns are in canonical K order (docs/design.md §2): Linear input features, or conv ``(ky, kx, cin)``.
 ``group_size``: ``-1`` (one group per output channel), a positive multiple of 8 (contiguous K
 ranges), ``"position"`` (conv: one group per kernel position) or ``"tier"`` (conv: one group per
 overlap tier, positions with the same overlap count, most-covered tier first).

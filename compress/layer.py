@@ -1,4 +1,4 @@
-"""A Linear / Conv2d seen as weight matrices in canonical K order (DESIGN §2).
+"""A Linear / Conv2d seen as weight matrices in canonical K order (docs/design.md §2).
 
 Conv ``W[C_out, C_in/g, kh, kw]`` becomes ``[C_out, kh*kw*C_in/g]`` with columns ``(ky, kx, cin)``;
 conv group ``g`` owns output rows ``g*C_out/g ...`` and has its own Hessian over the same K.

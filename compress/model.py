@@ -1,5 +1,5 @@
 """Model-level quantization: every Linear / Conv2d, sequentially in forward order, each layer's
-Hessian taken from the outputs of the already quantized prefix (DESIGN §1).
+Hessian taken from the outputs of the already quantized prefix (docs/design.md §1).
 
 Models built from a chain of blocks (:mod:`.blocks`) are calibrated block by block: block i's
 inputs are captured once, its layers are quantized in order by running the block alone, and the

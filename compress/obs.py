@@ -1,4 +1,4 @@
-"""OBS (GPTQ-style) layer quantizer with overlap-aware column orders and static groups (DESIGN §3-4).
+"""OBS (GPTQ-style) layer quantizer with overlap-aware column orders and static groups (docs/design.md §3-4).
 
 ``H = 2/n * sum x x^T`` over the layer's input columns (float64, running mean), relative damping
 with retries, dead columns, blocked lazy updates with the upper Cholesky factor of ``H^-1``.
@@ -30,7 +30,7 @@ class CalibrationWarning(UserWarning):
 
 @dataclass
 class QuantResult:
-    """A quantized layer: dequantized weight, packed tensors (DESIGN §5) and what was used."""
+    """A quantized layer: dequantized weight, packed tensors (docs/design.md §5) and what was used."""
 
     weight: torch.Tensor               # dequantized, same shape/dtype as layer.weight
     qweight: torch.Tensor              # int32 [K_pad/8, N] (bits <= 4) or [K_pad/4, N]
@@ -276,7 +276,7 @@ class OBSQuantizer:
 
         Args:
             bits: 2..8. group_size: -1, a multiple of 8, "position" or "tier" (conv only).
-            order: none | act | reparam | reparam-dynamic (DESIGN §3).
+            order: none | act | reparam | reparam-dynamic (docs/design.md §3).
             overlap: ``[kh, kw]`` overlap map; None reads ``layer.reparam_overlap`` if present.
             percdamp: damping relative to mean(diag H). block_size: lazy-update block (columns).
             mse: search the clipping ratio per group. scale_dtype: float16 or bfloat16.

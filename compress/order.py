@@ -1,4 +1,4 @@
-"""Column orders for OBS (DESIGN §3): none, act, reparam (overlap tiers, saliency inside), and
+"""Column orders for OBS (docs/design.md §3): none, act, reparam (overlap tiers, saliency inside), and
 the per-column quantities they rank by."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Quantized layers holding packed weights (DESIGN §5). On CPU their forward is the PyTorch
+"""Quantized layers holding packed weights (docs/design.md §5). On CPU their forward is the PyTorch
 reference: dequantize, then ``F.linear`` / ``F.conv2d`` in the input's dtype."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checkpoints that inference servers load (DESIGN §7 "Server checkpoints"), for Linear-only
+"""Checkpoints that inference servers load (docs/design.md §7 "Server checkpoints"), for Linear-only
 quantized Hugging Face models: a ``save_pretrained``-style folder (``config.json`` with a
 ``quantization_config``, ``model.safetensors``) in one of two layouts.
 

@@ -1,4 +1,4 @@
-"""Growable CNN families built from RepConv2d (DESIGN §8).
+"""Growable CNN families built from RepConv2d (docs/design.md §8).
 
 A model starts "empty": a stem and the downsampling layers only. Stage 0 runs at the stem's
 resolution; every later stage starts with a stride-2 downsampling layer. Depth growth inserts

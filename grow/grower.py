@@ -1,4 +1,4 @@
-"""The growth loop (DESIGN §8): train, grow on a schedule, stop, fine-tune.
+"""The growth loop (docs/design.md §8): train, grow on a schedule, stop, fine-tune.
 
 Every ``interval`` optimizer steps (during the first ``grow_fraction`` of training) a growth step
 picks depth or width by the ratio (CNN: two depth growths per width growth; Transformer: two

@@ -1,4 +1,4 @@
-"""Fused NHWC convolution for the deploy form (DESIGN §6).
+"""Fused NHWC convolution for the deploy form (docs/design.md §6).
 
 ``fused_conv2d`` computes ``act(conv(x) + bias + residual)`` on NHWC activations. The weight is a
 ``[K, C_out]`` matrix in canonical ``(ky, kx, cin)`` K order, either fp16/bf16 or W4A16-packed

@@ -1,4 +1,4 @@
-"""W4A16 matmul ``y = x @ dequant(qweight)``: fp16/bf16 activations, 4-bit packed weights (DESIGN §5).
+"""W4A16 matmul ``y = x @ dequant(qweight)``: fp16/bf16 activations, 4-bit packed weights (docs/design.md §5).
 
 ``qweight`` int32 ``[K_pad/8, N]`` (8 nibbles along K, lowest nibble = lowest k), ``scales`` /
 ``zeros`` ``[K_pad/G, N]`` (``[1, N]`` per channel, ``group_size=-1``), fp32 accumulation, output

@@ -1,5 +1,5 @@
 """Static verification of the W4A16 kernels for sm_90 / sm_80 (no GPU): compile with Triton for
-the target, read the SASS, check the targets of DESIGN §6 on live compiles and on the committed
+the target, read the SASS, check the targets of docs/design.md §6 on live compiles and on the committed
 ``benchmarks/results/kernels_static_sm*.json`` (which must match what the kernels compile to now)."""
 import importlib.util
 import json

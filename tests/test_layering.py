@@ -1,4 +1,4 @@
-"""Each public module imports alone in a fresh interpreter (DESIGN §1: no cycles between layers)."""
+"""Each public module imports alone in a fresh interpreter (docs/design.md §1: no cycles between layers)."""
 import ast
 import subprocess
 import sys

@@ -20,7 +20,7 @@ def test_pack_unpack_round_trip(bits: int) -> None:
     packed = pack_codes(codes, bits)
     assert packed.dtype == torch.int32 and packed.shape == (72 // per, 13)
     assert torch.equal(unpack_codes(packed, bits), codes.int())
-    # lowest nibble/byte holds the lowest k (DESIGN §5)
+    # lowest nibble/byte holds the lowest k (docs/design.md §5)
     assert int(packed[0, 1]) & (2 ** (32 // per) - 1) == int(codes[1, 0])
 
 

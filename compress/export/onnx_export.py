@@ -1,4 +1,4 @@
-"""``export_onnx``: deploy-form models to ONNX at fp32, fp16, INT8 (explicit Q/DQ) or W4 (DESIGN §7).
+"""``export_onnx``: deploy-form models to ONNX at fp32, fp16, INT8 (explicit Q/DQ) or W4 (docs/design.md §7).
 
 The float graph is exported with PyTorch's TorchScript exporter (eval mode: BN folded into convs)
 and simplified with onnxslim; quantization is then inserted at the ONNX level from our own scales,
