@@ -74,8 +74,9 @@ class _Record:
 
 @dataclass
 class Probe:
-    """One forward pass with hooks: target layers' call order and counts, and each candidate
-    block's input, extra arguments and output (for :meth:`chain`)."""
+    """One forward pass with hooks: target layers' call order and counts, which layer is fed the
+    very tensor the layer called just before it got (q/k/v, gate/up: ``shares_input``), and each
+    candidate block's input, extra arguments and output (for :meth:`chain`)."""
 
     model: nn.Module
     targets: dict[str, nn.Module]
@@ -83,7 +84,9 @@ class Probe:
     calls: dict[str, int] = field(default_factory=dict)
     first_call: dict[str, int] = field(default_factory=dict)
     blocks: dict[str, _Record] = field(default_factory=dict)
+    shares_input: dict[str, str] = field(default_factory=dict)  # layer -> the previous layer, same input tensor
     _tick: int = 0
+    _last: tuple[str, Any] | None = None  # (layer, its input tensor) of the latest layer call
 
     def _next(self) -> int:
         self._tick += 1
@@ -92,7 +95,7 @@ class Probe:
     def run(self, forward: Callable[[], None]) -> None:
         handles = []
         for n, m in self.targets.items():
-            handles.append(m.register_forward_pre_hook(lambda mod, inp, n=n: self._layer(n)))
+            handles.append(m.register_forward_pre_hook(lambda mod, inp, n=n: self._layer(n, inp)))
         for name in {b for bl in self.block_lists for b in bl}:
             mod = self.model.get_submodule(name)
             self.blocks[name] = rec = _Record()
@@ -102,12 +105,17 @@ class Probe:
         try:
             forward()
         finally:
+            self._last = None
             for h in handles:
                 h.remove()
 
-    def _layer(self, name: str) -> None:
+    def _layer(self, name: str, inp: tuple) -> None:
+        x = inp[0] if inp else None
         if name not in self.calls:
             self.first_call[name] = self._next()
+            if self._last is not None and x is not None and self._last[1] is x:
+                self.shares_input[name] = self._last[0]
+        self._last = (name, x)
         self.calls[name] = self.calls.get(name, 0) + 1
 
     def _block_in(self, rec: _Record, args: tuple, kwargs: dict) -> None:

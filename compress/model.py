@@ -50,7 +50,7 @@ class QuantConfig:
     ``float_target`` (models calibrated block by block): each layer inside a block fits the float
     model's output of that layer on float inputs, not its own output on the quantized prefix's
     inputs, so it also corrects the error earlier layers left (GPTQv2); it costs one float forward
-    of the block per layer.
+    of each block and keeps the float inputs of the block's layers during that block.
     """
 
     bits: int = 4
@@ -136,8 +136,22 @@ def _calibration_mode(model: nn.Module):
             cfg.use_cache = use_cache
 
 
+def input_groups(layers: list[str], calls: dict[str, int], shares_input: dict[str, str]) -> list[list[str]]:
+    """``layers`` (forward order) cut into groups calibrated by one replay: consecutive layers
+    called once per forward and fed the identical input tensor (q/k/v, gate/up) share a group,
+    as GPTQModel's true-sequential mode; every other layer is a group of its own."""
+    groups: list[list[str]] = []
+    for name in layers:
+        prev = groups[-1][-1] if groups else None
+        if prev is not None and calls[name] == calls[prev] == 1 and shares_input.get(name) == prev:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
 class _Run:
-    """Quantizes layers one at a time; each layer's Hessian comes from a calibration pass
+    """Quantizes layers a group at a time; a group's Hessian comes from a calibration pass
     (``run()``) through the already quantized prefix."""
 
     def __init__(self, model: nn.Module, config: QuantConfig, mask: TokenMask | None):
@@ -148,37 +162,53 @@ class _Run:
 
     def layer(self, name: str, run: Callable[[], None] | None = None, stop_early: bool = False,
               defer: bool = False) -> None:
-        """Quantize layer ``name``. ``defer``: keep the float module with the dequantized weight
-        (the same numbers, no unpacking on every calibration call) until :meth:`swap`."""
-        cfg, layer = self.config, self.model.get_submodule(name)
-        gs = cfg.group_size_for(geometry(layer, name).kind)
+        """Quantize layer ``name`` (see :meth:`group`)."""
+        self.group([name], run, stop_early, defer)
+
+    def group(self, names: list[str], run: Callable[[], None] | None = None, stop_early: bool = False,
+              defer: bool = False) -> None:
+        """Quantize layers ``names``, fed the identical input, from one calibration pass: the
+        first layer's statistics are shared by the others (one Hessian, one inverse).
+        ``defer``: keep the float modules with the dequantized weights (the same numbers, no
+        unpacking on every calibration call) until :meth:`swap`."""
+        cfg = self.config
+        layers = [self.model.get_submodule(n) for n in names]
         sdt = SCALE_DTYPES[cfg.scale_dtype]
+        results: list[QuantResult] = []
         if cfg.method == "rtn":
-            res: QuantResult = rtn_quantize(layer, cfg.bits, gs, cfg.sym, cfg.mse, scale_dtype=sdt, name=name)
+            for name, layer in zip(names, layers):
+                gs = cfg.group_size_for(geometry(layer, name).kind)
+                results.append(rtn_quantize(layer, cfg.bits, gs, cfg.sym, cfg.mse, scale_dtype=sdt, name=name))
         else:
-            q = OBSQuantizer(layer, name)
-            is_linear = isinstance(layer, nn.Linear)
+            lead = OBSQuantizer(layers[0], names[0])
+            is_linear = isinstance(layers[0], nn.Linear)
 
             def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
                 x, t = inp[0], self.target
-                q.add_batch(self.mask.valid(x) if is_linear else x,
-                            None if t is None else self.mask.valid(t) if is_linear else t)
+                lead.add_batch(self.mask.valid(x) if is_linear else x,
+                               None if t is None else self.mask.valid(t) if is_linear else t)
                 if stop_early:
                     raise StopForward
 
-            handle = layer.register_forward_hook(hook)
+            handle = layers[0].register_forward_hook(hook)
             try:
                 run()
             finally:
                 handle.remove()
-            res = q.quantize(cfg.bits, gs, cfg.sym, cfg.order, percdamp=cfg.percdamp,
-                             block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt)
-        self.report[name] = {"loss": res.loss, "damp": res.damp}
-        if defer:
-            layer.weight.data.copy_(res.weight)
-            self.deferred.append((name, layer, res))
-        else:
-            set_module(self.model, name, from_result(layer, res, name))
+            for name, layer in zip(names, layers):
+                q = lead if layer is layers[0] else OBSQuantizer(layer, name)
+                if q is not lead:
+                    q.share(lead)
+                gs = cfg.group_size_for(geometry(layer, name).kind)
+                results.append(q.quantize(cfg.bits, gs, cfg.sym, cfg.order, percdamp=cfg.percdamp,
+                                          block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt))
+        for name, layer, res in zip(names, layers, results):
+            self.report[name] = {"loss": res.loss, "damp": res.damp}
+            if defer:
+                layer.weight.data.copy_(res.weight)
+                self.deferred.append((name, layer, res))
+            else:
+                set_module(self.model, name, from_result(layer, res, name))
 
     def swap(self) -> None:
         """Replace the deferred layers by their quantized modules."""
@@ -204,58 +234,62 @@ def _capture(model: nn.Module, block: str, cal: Calibration, mask: TokenMask) ->
     return inputs
 
 
-def _float_input(block: nn.Module, sub: str, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The input of ``block``'s submodule ``sub`` when ``block`` runs on ``args`` / ``kwargs``."""
-    got = []
-
-    def grab(mod: nn.Module, inp: tuple) -> None:
-        got.append(inp[0])
-        raise StopForward
-
-    handle = block.get_submodule(sub).register_forward_pre_hook(grab)
+def _float_pass(block: nn.Module, subs: list[str], inputs: list[tuple]) -> tuple[dict[str, list], list[tuple]]:
+    """Run the float ``block`` once per batch: the inputs of its submodules ``subs`` per batch, and
+    the block outputs as the next block's inputs."""
+    seen: dict[str, list] = {s: [] for s in subs}
+    handles = [block.get_submodule(s).register_forward_pre_hook(lambda mod, inp, s=s: seen[s].append(inp[0]))
+               for s in subs]
+    outputs = []
     try:
-        block(*args, **kwargs)
-    except StopForward:
-        pass
+        for args, kwargs, m in inputs:
+            outputs.append(((hidden(block(*args, **kwargs)), *args[1:]), kwargs, m))
     finally:
-        handle.remove()
-    return got[0]
+        for h in handles:
+            h.remove()
+    return seen, outputs
 
 
 def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict[str, int],
-                    inputs: list[tuple], bar: tqdm) -> None:
-    """Quantize each block's layers in forward order from the block's captured inputs, then run
-    the quantized block to get the next block's inputs. With ``float_target``, a float copy of
-    the block runs on the float model's block inputs beside it and gives each layer its target."""
+                    shares_input: dict[str, str], inputs: list[tuple], bar: tqdm) -> None:
+    """Quantize each block's layers in forward order from the block's captured inputs, one
+    replay per group of layers sharing an input, then run the quantized block to get the next
+    block's inputs. With ``float_target``, a float copy of the block runs once per batch on the
+    float model's block inputs and gives each group its target (kept for the block: the float
+    inputs of every group, one block's worth of activations per group)."""
     model, mask = run.model, run.mask
     float_target = run.config.float_target and run.config.method == "obs"
     finputs = inputs
     for block in blocks:
         mod = model.get_submodule(block)
-        fblock = copy.deepcopy(mod) if float_target else None
+        names = [n for n in layers if n == block or n.startswith(block + ".")]
+        groups = input_groups(names, calls, shares_input)
+        paired = {g[0] for g in groups if calls[g[0]] == 1}  # a layer called once per forward pairs up
+        ftargets: dict[str, list] = {}
+        foutputs = inputs
+        if float_target:
+            ftargets, foutputs = _float_pass(copy.deepcopy(mod), [n[len(block) + 1:] for n in paired], finputs)
 
-        def replay(name: str, block: str = block, mod: nn.Module = mod, fblock: nn.Module | None = fblock) -> None:
-            target = float_target and calls[name] == 1  # a layer called once per forward pairs up
-            for (args, kwargs, m), (fargs, fkwargs, _) in zip(inputs, finputs):
+        def replay(lead: str, mod: nn.Module = mod, block: str = block, ftargets: dict = ftargets) -> None:
+            targets = ftargets.get(lead[len(block) + 1:])
+            for i, (args, kwargs, m) in enumerate(inputs):
                 mask.mask = m
-                if target:
-                    run.target = _float_input(fblock, name[len(block) + 1:], fargs, fkwargs)
+                run.target = None if targets is None else targets[i]
                 try:
                     mod(*args, **kwargs)
                 except StopForward:
                     pass
             run.target = None
 
-        for name in [n for n in layers if n == block or n.startswith(block + ".")]:
-            run.layer(name, lambda name=name: replay(name), stop_early=calls[name] == 1, defer=True)
-        outputs, foutputs = [], []
-        for (args, kwargs, m), (fargs, fkwargs, _) in zip(inputs, finputs):
+        for group in groups:
+            run.group(group, lambda lead=group[0]: replay(lead), stop_early=calls[group[0]] == 1, defer=True)
+        del ftargets
+        outputs = []
+        for args, kwargs, m in inputs:
             mask.mask = m
             outputs.append(((hidden(mod(*args, **kwargs)), *args[1:]), kwargs, m))
-            if fblock is not None:
-                foutputs.append(((hidden(fblock(*fargs, **fkwargs)), *fargs[1:]), fkwargs, m))
         run.swap()
-        inputs, finputs = outputs, foutputs if fblock is not None else outputs
+        inputs, finputs = outputs, foutputs if float_target else outputs
         bar.update()
     mask.mask = None
 
@@ -325,7 +359,8 @@ def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, 
             run.layer(name, full, stop(name))
             bar.update()
         if blocks:
-            _block_by_block(run, blocks, inside, calls, _capture(qmodel, blocks[0], cal, mask), bar)
+            _block_by_block(run, blocks, inside, calls, probe.shares_input, _capture(qmodel, blocks[0], cal, mask),
+                            bar)
         for name in post:
             run.layer(name, full, stop(name))
             bar.update()

@@ -1,7 +1,9 @@
 """OBS (GPTQ-style) layer quantizer with overlap-aware column orders and static groups (docs/design.md §3-4).
 
-``H = 2/n * sum x x^T`` over the layer's input columns (float64, running mean), relative damping
-with retries, dead columns, blocked lazy updates with the upper Cholesky factor of ``H^-1``.
+``H = 2/n * sum x x^T`` over the layer's input columns (running mean), relative damping with
+retries, dead columns, blocked lazy updates with the upper Cholesky factor of ``H^-1``. Hessians
+and the solve are float32 by default (as the reference GPTQ; ``tests/test_obs.py`` bounds the
+difference to float64 on a layer with outlier channels); ``dtype=torch.float64`` is exact to ~1e-12.
 Round-to-nearest (:func:`rtn_quantize`) shares the grid, groups and packing.
 """
 from __future__ import annotations
@@ -114,30 +116,29 @@ def rtn_quantize(layer: nn.Module, bits: int = 4, group_size: int | str = 128, s
 
 
 def _obs_block(w: torch.Tensor, u: torch.Tensor, sc: torch.Tensor, zc: torch.Tensor,
-               bits: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+               bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize columns of ``w`` ``[rows, B]`` in order with the upper Cholesky block ``u`` ``[B, B]``.
 
-    Returns codes ``[rows, B]``, scaled errors ``[rows, B]`` for the lazy update, and the OBS loss.
+    Returns codes ``[rows, B]``, scaled errors ``[rows, B]`` for the lazy update, and the OBS loss
+    (a 0-d tensor: no host synchronisation per column).
     """
     w = w.clone()
     codes, errs = torch.zeros_like(w), torch.zeros_like(w)
-    loss = 0.0
     for i in range(w.shape[1]):
         q = quantize_codes(w[:, i], sc[:, i], zc[:, i], bits)
         err = (w[:, i] - dequantize_codes(q, sc[:, i], zc[:, i])) / u[i, i]
-        loss += 0.5 * float(err.square().sum())
         w[:, i:] -= err[:, None] * u[i, i:][None, :]
         codes[:, i], errs[:, i] = q, err
-    return codes, errs, loss
+    return codes, errs, 0.5 * errs.square().sum()
 
 
 def _obs_static(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor, sc: torch.Tensor,
-                zc: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, float]:
+                zc: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's blocked lazy-update loop over a fixed column order; codes in canonical order."""
     w, sc, zc = w[:, perm].clone(), sc[:, perm], zc[:, perm]
     u = torch.linalg.cholesky(hinv[perm][:, perm], upper=True)
     codes = torch.empty_like(w)
-    loss = 0.0
+    loss = w.new_zeros(())
     for i1 in range(0, w.shape[1], block):
         i2 = min(i1 + block, w.shape[1])
         q, err, l = _obs_block(w[:, i1:i2], u[i1:i2, i1:i2], sc[:, i1:i2], zc[:, i1:i2], bits)
@@ -150,7 +151,7 @@ def _obs_static(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor, sc: tor
 
 
 def _obs_dynamic(w: torch.Tensor, hinv: torch.Tensor, col_ov: torch.Tensor, sc: torch.Tensor,
-                 zc: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+                 zc: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``reparam-dynamic``: before each block, re-rank the current tier's remaining columns by
     saliency under the updated weights and the inverse Hessian of the remaining columns.
 
@@ -160,7 +161,7 @@ def _obs_dynamic(w: torch.Tensor, hinv: torch.Tensor, col_ov: torch.Tensor, sc: 
     w, hinv = w.clone(), hinv.clone()
     codes = torch.empty_like(w)
     remaining = tiered_order(col_ov.to(w.dtype), torch.zeros(w.shape[1], dtype=w.dtype))
-    used, loss = [], 0.0
+    used, loss = [], w.new_zeros(())
     while remaining.numel():
         tier = col_ov[remaining] == col_ov[remaining[0]]
         cur, later = remaining[tier], remaining[~tier]
@@ -188,13 +189,21 @@ class OBSQuantizer:
     Feed the layer's inputs with :meth:`add_batch`, then call :meth:`quantize`.
     """
 
-    def __init__(self, layer: nn.Module, name: str = "layer"):
-        self.layer, self.name = layer, name
+    def __init__(self, layer: nn.Module, name: str = "layer", dtype: torch.dtype = torch.float32):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{name}: OBS dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.layer, self.name, self.dtype = layer, name, dtype
         self.geo = geometry(layer, name)
-        self.H: torch.Tensor | None = None  # float64 [conv groups, K, K]
-        self.C: torch.Tensor | None = None  # float64 [conv groups, K, K]: 2/n sum x_float x^T (float target)
+        self.H: torch.Tensor | None = None  # [conv groups, K, K] in ``dtype``
+        self.C: torch.Tensor | None = None  # [conv groups, K, K]: 2/n sum x_float x^T (float target)
         self.nsamples = 0
         self._warned_fp16 = False
+
+    def share(self, other: "OBSQuantizer") -> None:
+        """Use ``other``'s statistics (a layer fed the identical input tensor: q/k/v, gate/up)."""
+        if other.geo.k != self.geo.k or other.geo.groups != self.geo.groups:
+            raise ValueError(f"{self.name}: cannot share the Hessian of {other.name} (different input columns)")
+        self.H, self.C, self.nsamples = other.H, other.C, other.nsamples
 
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor, target: torch.Tensor | None = None) -> None:
@@ -204,15 +213,14 @@ class OBSQuantizer:
         ``inp``). With it, ``C = 2/n sum x_float x^T`` is accumulated too and :meth:`quantize` fits
         the float layer's output ``W x_float`` from the quantized prefix's ``x`` (GPTQv2's
         asymmetric calibration), so the layer also corrects the error its inputs already carry;
-        give it for every batch or for none. Each product is taken in float32 (fast BLAS) and
-        added to a float64 running mean.
+        give it for every batch or for none. Products and the running mean are in ``dtype``.
         """
         if target is not None and target.shape != inp.shape:
             raise ValueError(f"{self.name}: float-target input has shape {tuple(target.shape)}, "
                              f"the layer input {tuple(inp.shape)}")
         if (target is None) != (self.C is None) and self.nsamples:
             raise ValueError(f"{self.name}: give a float-target input with every calibration batch or with none")
-        x = input_columns(inp.detach(), self.geo, self.name).float()
+        x = input_columns(inp.detach(), self.geo, self.name).to(self.dtype)
         n = x.shape[-1]
         if n == 0:
             return
@@ -222,7 +230,13 @@ class OBSQuantizer:
                 raise ValueError(f"{self.name}: the layer's calibration inputs contain NaN or inf: the calibration "
                                  f"data does, or a layer before {self.name} produces them (overflow or non-finite "
                                  "weights)")
-            xx = x.double() @ x.double().transpose(1, 2)  # |x| beyond ~1.8e19 overflows float32 products
+            # |x| beyond ~1.8e19 overflows float32 products: this layer's statistics move to float64
+            self.dtype = torch.float64
+            x = x.double()
+            xx = x @ x.transpose(1, 2)
+            if self.H is not None:
+                self.H = self.H.double()
+                self.C = None if self.C is None else self.C.double()
         amax = float(inp.detach().abs().max())
         if amax > FP16_MAX and not self._warned_fp16:
             self._warned_fp16 = True
@@ -230,26 +244,27 @@ class OBSQuantizer:
                 f"{self.name}: calibration inputs reach |x| = {amax:.3g}, beyond the float16 maximum "
                 f"{FP16_MAX:.0f}: this layer overflows in fp16 (W4A16 kernels, fp16 ONNX)"), stacklevel=2)
         if self.H is None:
-            self.H = torch.zeros(self.geo.groups, self.geo.k, self.geo.k, dtype=torch.float64, device=x.device)
+            self.H = torch.zeros(self.geo.groups, self.geo.k, self.geo.k, dtype=self.dtype, device=x.device)
             if target is not None:
                 self.C = torch.zeros_like(self.H)
         keep = self.nsamples / (self.nsamples + n)
         self.nsamples += n
-        self.H.mul_(keep).add_(xx.double(), alpha=2 / self.nsamples)
+        self.H.mul_(keep).add_(xx, alpha=2 / self.nsamples)
         if target is not None:
-            xf = input_columns(target.detach(), self.geo, self.name).float()
+            xf = input_columns(target.detach(), self.geo, self.name).to(self.dtype)
             xfx = xf @ x.transpose(1, 2)
             if not bool(torch.isfinite(xfx).all()):
                 raise ValueError(f"{self.name}: the float model's inputs to this layer are not finite")
-            self.C.mul_(keep).add_(xfx.double(), alpha=2 / self.nsamples)
+            self.C.mul_(keep).add_(xfx, alpha=2 / self.nsamples)
 
     def _fit_target(self, w: torch.Tensor, g: int) -> torch.Tensor:
         """``W' = W (C + lam I) (H + lam I)^-1``: the weights whose output on the quantized prefix's
         inputs best matches the float layer's on the float inputs (ridge ``lam`` toward ``W``)."""
-        h, c = self.H[g], self.C[g]
+        h, c = self.H[g].to(w.dtype), self.C[g].to(w.dtype)
         lam = TARGET_DAMP * float(h.diagonal().mean())
         eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        return torch.linalg.solve(h + lam * eye, (w @ (c + lam * eye)).t()).t()
+        # H + lam I is symmetric positive definite (lam > 0): a Cholesky solve
+        return torch.cholesky_solve((w @ (c + lam * eye)).t(), torch.linalg.cholesky(h + lam * eye)).t()
 
     def _inverse(self, h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
         """Dampened ``H^-1`` (checked to have an upper Cholesky factor) and the damping used."""
@@ -305,7 +320,7 @@ class OBSQuantizer:
         grouping = _Grouping(geo, group_size, overlap)
         col_ov = column_overlap(overlap, geo.k, geo.cin_per_group)
         gid = grouping.gid.to(self.H.device)
-        w_all = weight_matrix(self.layer.weight.detach(), geo).to(self.H.device, torch.float64)
+        w_all = weight_matrix(self.layer.weight.detach(), geo).to(self.H.device, self.dtype)
         rows = geo.rows_per_group
         codes = torch.empty_like(w_all)
         scales = torch.empty(geo.out_features, grouping.n_groups)
@@ -314,9 +329,13 @@ class OBSQuantizer:
         for g in range(geo.groups):
             w = w_all[g * rows:(g + 1) * rows].clone()
             if self.C is not None and g not in dead_groups:
-                w = self._fit_target(w, g)
+                fit = self._fit_target(w, g)
+                if not bool(torch.isfinite(fit).all()):  # float32 overflow (weights near its maximum)
+                    fit = self._fit_target(w.double(), g)
+                w = fit
             # a group without any input keeps its weights: identity Hessian = round to nearest
-            h = torch.eye(geo.k, dtype=self.H.dtype, device=self.H.device) if g in dead_groups else self.H[g].clone()
+            h = torch.eye(geo.k, dtype=w.dtype, device=self.H.device) if g in dead_groups \
+                else self.H[g].to(w.dtype, copy=True)
             dead = h.diagonal() == 0
             h[dead, dead] = 1
             w[:, dead] = 0
@@ -335,8 +354,8 @@ class OBSQuantizer:
                     sal = saliency(err2, hinv.diagonal())
                 perm = static_order(order, h.diagonal(), col_ov.to(w.device), sal)
                 q, l = _obs_static(w, hinv, perm, sc, zc, bits, block_size)
-            codes[g * rows:(g + 1) * rows] = q
+            codes[g * rows:(g + 1) * rows] = q.to(codes.dtype)
             perms.append(perm.cpu())
             loss += l
         return _finish(self.layer, geo, grouping, codes, scales, zeros, scale_dtype, torch.stack(perms),
-                       loss, damp, bits, sym, order)
+                       float(loss), damp, bits, sym, order)

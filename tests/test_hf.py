@@ -50,7 +50,7 @@ def _hessians(monkeypatch, model, calib) -> dict[str, torch.Tensor]:
 
     class Recording(OBSQuantizer):
         def quantize(self, *args, **kwargs):
-            seen[self.name] = (self.H.clone(), self.nsamples)
+            seen[self.name] = (self.H, self.nsamples)
             return super().quantize(*args, **kwargs)
 
     monkeypatch.setattr(model_mod, "OBSQuantizer", Recording)
@@ -108,9 +108,10 @@ def test_block_by_block_forward_calls_linear_in_depth() -> None:
 
     c2, c4, c8 = block_calls(2), block_calls(4), block_calls(8)
     assert c8 - c4 == 2 * (c4 - c2)  # linear in depth (the whole-model scheme is quadratic)
-    # per block and batch: 6 layer passes and 1 output pass of the quantized block, as many of its
-    # float copy (float_target, the hooks travel with the copy), + 2 whole-model passes (probe, pooler)
-    assert c4 - c2 == 2 * 2 * (2 * (6 + 1) + 2)
+    # per block and batch: 4 group passes (q/k/v share one, attention output, intermediate,
+    # output) and 1 output pass of the quantized block, 1 pass of its float copy (float_target, the
+    # hooks travel with the copy), + 2 whole-model passes (probe, pooler)
+    assert c4 - c2 == 2 * 2 * (4 + 1 + 1 + 2)
 
 
 def test_lm_head_left_float_and_tied_weights_stay_tied() -> None:
@@ -323,3 +324,22 @@ def test_bundled_text_is_disjoint_and_installed() -> None:
     assert len(CALIBRATION) == len(set(CALIBRATION)) >= 500
     assert len(HELD_OUT) == len(set(HELD_OUT)) == 40
     assert not set(CALIBRATION) & set(HELD_OUT)
+
+
+def test_layers_fed_one_input_share_one_replay_and_hessian(monkeypatch) -> None:
+    """Llama: q/k/v and gate/up are found by their identical input tensor; each group is
+    calibrated once and its layers get the very same Hessian, equal to a one-layer run's."""
+    from adagrow.compress.blocks import Probe
+    from adagrow.compress.model import input_groups
+    llama, batch = _llama(False), _padded(_sentences())
+    probe = Probe(llama, {n: m for n, m in llama.named_modules() if isinstance(m, torch.nn.Linear)}, [])
+    probe.run(lambda: llama(**batch))
+    layer0 = [n for n in probe.calls if n.startswith("model.layers.0.")]
+    assert input_groups(layer0, probe.calls, probe.shares_input) == [
+        [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"], ["model.layers.0.self_attn.o_proj"],
+        ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"], ["model.layers.0.mlp.down_proj"]]
+    seen = _hessians(monkeypatch, _llama(False), [batch])
+    qkv = [seen[f"model.layers.1.self_attn.{p}_proj"][0] for p in "qkv"]
+    assert qkv[0] is qkv[1] is qkv[2]  # shared, not recomputed
+    assert seen["model.layers.1.mlp.gate_proj"][0] is seen["model.layers.1.mlp.up_proj"][0]
+    assert seen["model.layers.1.self_attn.o_proj"][0] is not qkv[0]

@@ -304,3 +304,26 @@ def test_fp16_range_of_calibration_inputs_warns_once() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         q.add_batch(torch.full((4, 8), 1e5))  # once per layer
+
+
+def test_float32_statistics_match_float64_on_outlier_activations() -> None:
+    """float32 Hessians and solve (the default) against float64 on a Transformer-like layer: 384
+    inputs with a few outlier channels (x100, as LLM activations have) and a float target. The
+    OBS losses agree to 1e-5 relative (measured 5e-7) and at most 0.1% of the weights move, by one
+    grid step at most (measured: none)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(384, 96)
+    mix = torch.randn(384, 384) / 384**0.5 + torch.eye(384)
+    x = torch.randn(2048, 384) @ mix
+    x[:, :4] *= 100
+    xf = x + 0.01 * torch.randn_like(x)  # the float model's inputs to the layer
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        q = OBSQuantizer(lin, dtype=dtype)
+        for a, b in zip(x.split(256), xf.split(256)):
+            q.add_batch(a, b)
+        out[dtype] = q.quantize(bits=4, group_size=128)
+    r32, r64 = out[torch.float32], out[torch.float64]
+    assert r32.loss == pytest.approx(r64.loss, rel=1e-5)
+    step = (r32.weight - r64.weight).abs() / r64.scales.float().t().repeat_interleave(128, 1)
+    assert float((step > 0.5).float().mean()) <= 1e-3 and float(step.max()) <= 1.01
