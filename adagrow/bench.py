@@ -45,9 +45,11 @@ PRECISIONS = ("fp32", "fp16", "int8", "w4a16")
 SUITE_DEFAULTS = {"warmup": 10, "runs": 50, "threads": 2, "batch_sizes": [1, 32], "seq_lens": [128], "data": "digits",
                   "size": 16}
 
-CPU_REFERENCE_NOTE = ("On CPU, PyTorch runs quantized layers on the reference path (dequantize the packed weights, "
-                      "then a float op, on every call): a check of the numbers, not a fast path. The fast CPU path "
-                      "is ONNX Runtime; on a GPU, the Triton kernels.")
+CPU_REFERENCE_NOTE = ("On CPU, PyTorch's quantized convs keep their dequantized weight after the first call (4-bit "
+                      "on disk, float in memory; float speed) and quantized Linears run PyTorch's int4 weight-only "
+                      "kernel on bfloat16 inputs; float32 Linears dequantize on every call (the reference path). "
+                      "Latencies: median of the timed calls after warm-up, the same method for the table and the "
+                      "suite (adagrow.bench.measure).")
 
 
 def _suite_schema() -> dict[str, Any]:
@@ -152,6 +154,21 @@ def time_calls(fn, warmup: int, runs: int, sync) -> list[float]:
         sync()
         out.append((time.perf_counter() - t0) * 1e3)
     return out
+
+
+def measure(fn, warmup: int, runs: int, threads: int, device: str = "cpu") -> dict[str, Any]:
+    """The one timing method of every latency the demo and ``adagrow bench`` print: ``warmup``
+    untimed calls, then the median (and p90) of ``runs`` timed ones, with PyTorch on ``threads``
+    threads (restored afterwards) and CUDA synchronized per call when ``device`` is "cuda".
+    ONNX Runtime sessions take their thread count when they are created (``ort_session``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        times = time_calls(fn, warmup, runs, torch.cuda.synchronize if device == "cuda" else (lambda: None))
+    finally:
+        torch.set_num_threads(before)
+    return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90)),
+            "timing": {"warmup": warmup, "runs": runs, "threads": threads}}
 
 
 class _Prepared:
@@ -308,7 +325,6 @@ def _runner(prep: _Prepared, backend: str, precision: str, threads: int):
 
 def run_suite(suite: dict, progress: bool = True) -> dict[str, Any]:
     """Time every case; returns a JSON-ready dict with one row per (model, backend, precision, batch)."""
-    torch.set_num_threads(suite["threads"])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in suite["models"]:
@@ -336,15 +352,14 @@ def run_suite(suite: dict, progress: bool = True) -> dict[str, Any]:
                             x = prep.example[:batch]
                             if len(x) < batch:
                                 x = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
-                        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
                         if device == "cuda":
                             torch.cuda.reset_peak_memory_stats()
-                        times = time_calls(lambda: runner(x), suite["warmup"], suite["runs"], sync)
-                        med = statistics.median(times)
+                        timed = measure(lambda: runner(x), suite["warmup"], suite["runs"], suite["threads"], device)
+                        med = timed["median_ms"]
                         peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
                         rows.append({**row, "status": "ok", "device": device, "median_ms": med,
-                                     "p90_ms": float(np.percentile(times, 90)), "throughput_per_s": batch / med * 1e3,
+                                     "p90_ms": timed["p90_ms"], "throughput_per_s": batch / med * 1e3,
                                      "peak_mem_mb": peak, "peak_mem_kind": "cuda allocated" if device == "cuda"
                                      else "process peak RSS"})
                         if progress:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adagrow.bench import CPU_REFERENCE_NOTE, SUITE_DEFAULTS, markdown, run_suite, time_calls
+from adagrow.bench import CPU_REFERENCE_NOTE, SUITE_DEFAULTS, markdown, measure, run_suite
 from adagrow.compress import QuantConfig, quantize, save_quantized
 from adagrow.compress.export import export_onnx, ort_session
 from adagrow.data import digits, train_val_split
@@ -29,18 +29,31 @@ METHODS = [  # (method label, precision, config)
 ]
 
 
-def _latency(fn, x: torch.Tensor, runs: int) -> float:
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    return float(np.median(time_calls(lambda: fn(x), 10, runs, sync)))
+def _latency(fn, x: torch.Tensor, timing: dict[str, int]) -> float:
+    """Median ms of ``fn(x)`` by :func:`adagrow.bench.measure`, the suite's timing method."""
+    device = "cuda" if x.is_cuda else "cpu"
+    return measure(lambda: fn(x), timing["warmup"], timing["runs"], timing["threads"], device)["median_ms"]
 
 
-def _torch_row(model: torch.nn.Module, x1: torch.Tensor, runs: int) -> tuple[float, float | None]:
+def _torch_row(model: torch.nn.Module, x1: torch.Tensor, timing: dict[str, int]) -> tuple[float, float | None]:
     """(CPU fp32 latency, GPU fp16 latency or None) at batch 1, in ms."""
-    cpu = _latency(torch.no_grad()(model), x1, runs)
+    cpu = _latency(torch.no_grad()(model), x1, timing)
     gpu = None
     if torch.cuda.is_available():  # fp16 activations: fused convs / W4A16 Triton kernels
-        gpu = _latency(torch.no_grad()(copy.deepcopy(model).cuda().half()), x1.cuda().half(), runs)
+        gpu = _latency(torch.no_grad()(copy.deepcopy(model).cuda().half()), x1.cuda().half(), timing)
     return cpu, gpu
+
+
+def _cross_check(rows: list[dict[str, Any]], suite: dict[str, Any]) -> None:
+    """Put the suite's median for the same (model, backend, precision, batch 1) next to the table
+    rows that have one: the float model on PyTorch eager and ONNX Runtime CPU."""
+    same = {("float (fused)", "FP32", "PyTorch eager"): ("eager", "fp32"),
+            ("float (fused)", "FP32", "ONNX Runtime CPU"): ("ort-cpu", "fp32")}
+    ok = {(r["backend"], r["precision"]): r for r in suite["rows"] if r["status"] == "ok" and r["batch"] == 1}
+    for r in rows:
+        hit = ok.get(same.get((r["method"], r["precision"], r["backend"]), ("", "")))
+        if hit is not None:
+            r["suite_median_ms"] = hit["median_ms"]
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -73,9 +86,8 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its files or choose --out")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    torch.set_num_threads(threads)
     say = print if progress else (lambda *a, **k: None)
-    runs = 20 if fast else 200
+    timing = {"warmup": 5 if fast else 10, "runs": 20 if fast else 200, "threads": threads}  # table and suite
     x_tr, y_tr, x_te, y_te = digits(size=16)
     calib = list(x_tr[: 256 if fast else 512].split(128))
     x1 = x_te[:1]
@@ -97,7 +109,7 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
         fuse_diff = float((deploy(x_te) - res.model(x_te)).abs().max())
     float_acc = accuracy(deploy, x_te, y_te)
     rows: list[dict[str, Any]] = []
-    cpu, gpu = _torch_row(deploy, x1, runs)
+    cpu, gpu = _torch_row(deploy, x1, timing)
     rows.append({"model": res.model.spec(), "method": "float (fused)", "precision": "FP32", "backend": "PyTorch eager",
                  "cpu_latency_ms": cpu, "gpu_latency_ms": gpu, "accuracy": float_acc, "quantize_s": 0.0})
 
@@ -107,7 +119,7 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
         t0 = time.perf_counter()
         qmodel = quantize(deploy, calib, cfg, progress=False)
         q_s = time.perf_counter() - t0
-        cpu, gpu = _torch_row(qmodel, x1, runs)
+        cpu, gpu = _torch_row(qmodel, x1, timing)
         rows.append({"model": res.model.spec(), "method": label, "precision": prec, "backend": "PyTorch eager",
                      "cpu_latency_ms": cpu, "gpu_latency_ms": gpu, "accuracy": accuracy(qmodel, x_te, y_te),
                      "quantize_s": q_s})
@@ -124,13 +136,13 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
         sess = ort_session(rep.path, threads=threads)
         name = sess.get_inputs()[0].name
         acc = float((sess.run(None, {name: x_te.numpy()})[0].argmax(1) == y_te.numpy()).mean())
-        cpu = _latency(lambda x: sess.run(None, {name: x.numpy()}), x1, runs)
+        cpu = _latency(lambda x: sess.run(None, {name: x.numpy()}), x1, timing)
         rows.append({"model": res.model.spec(), "method": label, "precision": prec, "backend": "ONNX Runtime CPU",
                      "cpu_latency_ms": cpu, "gpu_latency_ms": None, "accuracy": acc, "quantize_s": None,
                      "onnx": fname, "onnx_cosine_vs_torch": rep.cosine})
 
     say("[5/5] latency suite over every backend (unavailable ones are reported as skipped)")
-    suite = {**SUITE_DEFAULTS, "threads": threads, "runs": runs, "warmup": 5 if fast else 10,
+    suite = {**SUITE_DEFAULTS, "threads": threads, "runs": timing["runs"], "warmup": timing["warmup"],
              "batch_sizes": [1] if fast else [1, 32],
              "models": [{"name": res.model.spec(), "path": str(out / "grown.safetensors"),
                          "backends": ["eager", "compile", "ort-cpu", "ort-cuda", "tensorrt", "triton"],
@@ -138,6 +150,7 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
     if fast:  # torch.compile's first compilation alone takes longer than the fast demo
         suite["models"][0]["backends"].remove("compile")
     bench = run_suite(suite, progress=progress)
+    _cross_check(rows, bench)
 
     table = _table(rows) + "\n\n" + CPU_REFERENCE_NOTE
     say("\n" + table)
@@ -146,7 +159,7 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
         say(f"  skipped {r[0]} {r[1]}: {r[2]}")
     result = {"grown_spec": res.model.spec(), "grow_s": grow_s, "fuse_max_abs_diff": fuse_diff,
               "growth_events": [h["growth"] | {"epoch": h["epoch"]} for h in res.history if "growth" in h],
-              "table": rows, "suite": bench, "fast": fast}
+              "table": rows, "timing": timing, "suite": bench, "fast": fast}
     write_json(out / "results.json", result)
     write_text(out / "results.md", "# adagrow demo\n\n" + table + "\n\n## Latency suite\n\n" + markdown(bench))
     _plot(rows, out / "accuracy_vs_latency.png")
@@ -160,6 +173,7 @@ def _table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         gpu = f"{r['gpu_latency_ms']:.3f}" if r["gpu_latency_ms"] is not None else "n/a (no GPU)"
+        suite = f" (suite: {r['suite_median_ms']:.3f})" if "suite_median_ms" in r else ""
         lines.append(f"| {r['model']} | {r['method']} | {r['precision']} | {r['backend']} | "
-                     f"{r['cpu_latency_ms']:.3f} | {gpu} | {100 * r['accuracy']:.2f}% |")
+                     f"{r['cpu_latency_ms']:.3f}{suite} | {gpu} | {100 * r['accuracy']:.2f}% |")
     return "\n".join(lines)

@@ -1,7 +1,18 @@
-"""Quantized layers holding packed weights (docs/design.md §5). On CPU their forward is the PyTorch
-reference: dequantize, then ``F.linear`` / ``F.conv2d`` in the input's dtype."""
+"""Quantized layers holding packed weights (docs/design.md §5).
+
+Forward paths, first that applies:
+
+1. CUDA fp16/bf16 inputs, 4-bit: the Triton kernels.
+2. CPU (see :mod:`.cpu_path` and docs/demo.md): ``QuantLinear`` runs PyTorch's int4 weight-only
+   kernel on bfloat16 inputs where its shape constraints allow, repacked once at the first call;
+   a layer with ``cache_dequantized`` (``QuantConv2d``'s default) keeps its dequantized weight
+   and runs the float op. Both caches are rebuilt when the packed tensors change (in place or by
+   ``.to()``), and skipped while tracing / compiling.
+3. The reference: dequantize, then ``F.linear`` / ``F.conv2d`` in the input's dtype.
+"""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,6 +22,7 @@ from adagrow.kernels.conv import fused_conv2d
 from adagrow.kernels.w4a16 import kernel_supports, use_triton, w4a16_matmul
 from adagrow.packed import codes_per_word, dequantize_packed, padded_k
 
+from .cpu_path import INT4_DTYPES, int4_linear, kernel_group, pack_int4
 from .layer import LayerGeometry, geometry, matrix_to_weight, reference_forward
 from .obs import QuantResult
 
@@ -20,9 +32,13 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 class _QuantLayer(nn.Module):
     """Shared body of QuantLinear / QuantConv2d, built from a metadata dict (see from_result).
 
-    4-bit layers run the Triton kernels on CUDA fp16/bf16 inputs; everything else runs the
-    reference (dequantize, then F.linear / F.conv2d).
+    4-bit layers run the Triton kernels on CUDA fp16/bf16 inputs; on CPU see the module
+    docstring; everything else runs the reference (dequantize, then F.linear / F.conv2d).
+    ``cache_dequantized`` (a per-instance switch; class default) keeps the dequantized CPU weight:
+    float speed for float memory. Set it False to dequantize on every call instead.
     """
+
+    cache_dequantized = False
 
     def __init__(self, meta: dict[str, Any]):
         super().__init__()
@@ -58,7 +74,33 @@ class _QuantLayer(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self._use_kernel(x):
             return self._kernel_forward(x, bias)
+        if _cacheable(x):
+            fast = self._cpu_forward(x, bias)
+            if fast is not None:
+                return fast
         return reference_forward(x, self.dequantize().to(x.dtype), bias, self.geo)
+
+    def _cpu_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The cached-weight CPU path, or None when it does not apply."""
+        if not self.cache_dequantized:
+            return None
+        weight = self._cached("dequantized", x.dtype, lambda: self.dequantize().to(x.dtype))
+        return reference_forward(x, weight, bias, self.geo)
+
+    def _cached(self, what: str, dtype: torch.dtype, build: Callable[[], Any]) -> Any:
+        """``build()``, kept until the packed tensors change (storage or in-place version) or the
+        dtype / kind asked for differs. One cache entry per layer."""
+        tensors = [t for t in (self.qweight, self.scales, self.zeros, self.position_group) if t is not None]
+        key = (what, dtype, tuple((t.data_ptr(), t._version) for t in tensors))
+        entry = self.__dict__.get("_cpu_cache")
+        if entry is None or entry[0] != key:
+            entry = (key, build())
+            self.__dict__["_cpu_cache"] = entry
+        return entry[1]
+
+    def clear_cache(self) -> None:
+        """Drop the CPU cache (the repacked or dequantized weight) to free its memory."""
+        self.__dict__.pop("_cpu_cache", None)
 
     def extra_repr(self) -> str:
         return f"{self.geo.k}x{self.geo.out_features}, bits={self.bits}, group_size={self.group_size}"
@@ -67,13 +109,25 @@ class _QuantLayer(nn.Module):
 class QuantLinear(_QuantLayer):
     """Linear layer with packed low-bit weights."""
 
+    def _cpu_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        group = kernel_group(self.geo.k, self.geo.out_features, self.bits, self.group_size)
+        if group is None or x.dtype not in INT4_DTYPES:
+            return super()._cpu_forward(x, bias)
+        pack = self._cached("int4", x.dtype, lambda: pack_int4(self.qweight, self.scales, self.zeros, self.geo.k,
+                                                               self.group_size, group, x.dtype))
+        return int4_linear(x, pack, bias)
+
     def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = w4a16_matmul(x, self.qweight, self.scales, self.zeros, self.group_size)
         return y if bias is None else y + bias
 
 
 class QuantConv2d(_QuantLayer):
-    """Conv2d (grouped / depthwise too) with packed low-bit weights in (ky, kx, cin) K order."""
+    """Conv2d (grouped / depthwise too) with packed low-bit weights in (ky, kx, cin) K order.
+    Keeps its dequantized CPU weight by default (``cache_dequantized``), as the ONNX Runtime
+    export does: 4-bit on disk, float in memory."""
+
+    cache_dequantized = True
 
     def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         g = self.geo
@@ -82,6 +136,12 @@ class QuantConv2d(_QuantLayer):
                          self.position_group, None, list(g.kernel_size), list(g.stride), list(g.padding),
                          list(g.dilation), g.groups, gs, "none")
         return y.permute(0, 3, 1, 2)
+
+
+def _cacheable(x: torch.Tensor) -> bool:
+    """A plain CPU call without autograd, tracing or compilation (the caches are Python state)."""
+    return (isinstance(x, torch.Tensor) and x.device.type == "cpu" and not x.requires_grad
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
 def from_result(layer: nn.Module, res: QuantResult, name: str = "layer") -> _QuantLayer:

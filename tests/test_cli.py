@@ -257,6 +257,13 @@ def test_demo_fast_writes_every_output(tmp_path, capsys) -> None:
     for (method, prec, _), a in acc.items():
         assert abs(a - flt) < {"W8": 0.015, "W4": 0.05}.get(prec, 0.03), (method, prec, a, flt)
     _check_skips(result["suite"]["rows"])
+    # one timing method: the table's float rows agree with the suite's records of the same
+    # (model, backend, precision, batch 1); the suite used the table's warm-up, runs and threads
+    assert {k: result["suite"][k] for k in ("warmup", "runs", "threads")} == result["timing"]
+    crossed = [r for r in result["table"] if "suite_median_ms" in r]
+    assert {(r["backend"]) for r in crossed} == {"PyTorch eager", "ONNX Runtime CPU"}
+    for r in crossed:  # within noise (2 shared cores): a factor 3; the bug this guards was 90x
+        assert 1 / 3 < r["cpu_latency_ms"] / r["suite_median_ms"] < 3, r
     assert main(["demo", "--fast", "--out", str(out), "--quiet"]) == 2  # refuses to overwrite
 
 
