@@ -144,14 +144,15 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         return _quantize_hf(args)
     if args.checkpoint is None:
         raise ValueError("give a grown/deploy CHECKPOINT, or --hf DIR for a Hugging Face model")
-    if args.calib_text or args.format != "adagrow":
+    if args.calib_text or args.format is not None:
         raise ValueError("--calib-text and --format apply to Hugging Face models (--hf DIR)")
     from adagrow.grow import load_deploy
     from adagrow.grow.train import accuracy
     out = Path(args.out)
     _check_out(out, args.overwrite)
     cfg = QuantConfig(bits=args.bits, group_size=args.group_size or "tier", order=args.order, method=args.method,
-                      sym=args.sym, mse=args.mse, float_target=args.float_target, skip=tuple(args.skip)).validate()
+                      sym=bool(args.sym), mse=args.mse, float_target=args.float_target,
+                      skip=tuple(args.skip)).validate()
     deploy = load_deploy(args.checkpoint)
     x_tr, _, x_te, y_te = _data(args)
     _check_input_shape(deploy, x_tr, args)
@@ -163,25 +164,50 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
             "quantize_s": q_s, "config": qmodel.adagrow_quant["config"]}
 
 
+def _hf_format(args: argparse.Namespace) -> str:
+    """``--format``, or by default: adagrow's file for an OUT ending in .safetensors, else a
+    compressed-tensors folder (``from_pretrained`` loads it)."""
+    if args.format is not None:
+        return args.format
+    return "adagrow" if str(args.out).endswith(".safetensors") else "compressed-tensors"
+
+
+def _hf_group_size(model, cfg, args: argparse.Namespace, fmt: str) -> tuple[int, str | None]:
+    """Server formats need whole groups: check every quantized layer's K now, before any work."""
+    import fnmatch
+    from torch import nn
+    from adagrow.compress.server_formats import whole_group_size
+    gs = 128 if args.group_size is None else args.group_size
+    if fmt == "adagrow":
+        return gs, None
+    ks = [m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear)
+          and not any(fnmatch.fnmatchcase(n, p) for p in (*cfg.skip, *cfg.ignore))]
+    return whole_group_size(ks, gs, fmt, explicit=args.group_size is not None)
+
+
 def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
-    """A Hugging Face model folder, calibrated on a text file, written as compressed-tensors / GPTQ
-    (a save_pretrained-style folder) or adagrow's own checkpoint (a .safetensors file)."""
+    """A Hugging Face model folder (or GGUF file), calibrated on a text file, written as
+    compressed-tensors / GPTQ (a save_pretrained-style folder) or adagrow's own checkpoint (a
+    .safetensors file). Server formats default to symmetric weights (transformers loads those;
+    see docs/llm.md); causal LMs are scored by perplexity on held-out text."""
     import time
     from adagrow.compress import QuantConfig, quantize, save_compressed, save_quantized
-    from adagrow.hf import embed, load_hf, read_sentences, tokenize, cosine_to
+    from adagrow.hf import is_causal_lm, load_hf, read_sentences
     if args.checkpoint is not None:
         raise ValueError("give either a CHECKPOINT or --hf DIR, not both")
+    fmt = _hf_format(args)
     out = Path(args.out)
-    _check_out(out, args.overwrite, folder=args.format != "adagrow")
+    _check_out(out, args.overwrite, folder=fmt != "adagrow")
+    sym = fmt != "adagrow" if args.sym is None else args.sym
     gs = 128 if args.group_size is None else args.group_size
-    cfg = QuantConfig(bits=args.bits, group_size=gs, order=args.order, method=args.method, sym=args.sym,
-                      mse=args.mse, float_target=args.float_target, skip=tuple(args.skip)).validate()
     if isinstance(gs, str):
         raise ValueError(f"--group-size {gs} groups conv kernel positions; Hugging Face Linear layers take -1 or "
                          "a multiple of 8")
+    cfg = QuantConfig(bits=args.bits, group_size=gs, order=args.order, method=args.method, sym=sym,
+                      mse=args.mse, float_target=args.float_target, skip=tuple(args.skip)).validate()
     if args.calib_text:
         sentences, source = read_sentences(args.calib_text)[: args.calib], str(args.calib_text)
-    else:  # English sentence encoders: the bundled everyday sentences; other models want their own text
+    else:  # English models: the bundled everyday sentences; other models want their own text
         from adagrow.hf_text import CALIBRATION
         sentences = CALIBRATION[: args.calib]
         source = f"adagrow.hf_text.CALIBRATION ({len(CALIBRATION)} English sentences)"
@@ -189,19 +215,58 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
             print(f"calibrating on {source}: pass --calib-text FILE for text from your model's domain or language",
                   file=sys.stderr)
     model, tokenizer = load_hf(args.hf)
-    batches = tokenize(tokenizer, sentences)
+    cfg.group_size, note = _hf_group_size(model, cfg, args, fmt)
+    notes = [note] if note else []
+    if fmt == "compressed-tensors" and not sym:
+        notes.append("asymmetric compressed-tensors: vLLM and compressed-tensors' decompressor load it, "
+                     "transformers' from_pretrained does not (it expects an unpacked zero point); omit --asym for a "
+                     "folder transformers loads")
+    if not args.quiet:
+        for n in notes:
+            print(f"adagrow quantize: note: {n}", file=sys.stderr)
+    causal = is_causal_lm(model)
+    batches = _lm_windows(tokenizer, sentences, args.seq_len) if causal else _sentence_batches(tokenizer, sentences)
     t0 = time.perf_counter()
     qmodel = quantize(model, batches, cfg, progress=not args.quiet)
     q_s = time.perf_counter() - t0
-    if args.format == "adagrow":
+    if fmt == "adagrow":
         save_quantized(qmodel, out, overwrite=args.overwrite)
     else:
-        save_compressed(qmodel, out, args.format, overwrite=args.overwrite, tokenizer=tokenizer)
-    cos = cosine_to(embed(model, batches), embed(qmodel, batches))
-    return {"out": str(out), "format": args.format, "quantize_s": q_s, "calib_text": source,
-            "calib_sentences": len(sentences),
-            "calib_embedding_cosine": cos, "quantized_layers": len(qmodel.adagrow_quant["layers"]),
-            "float_layers": qmodel.adagrow_quant["float"], "config": qmodel.adagrow_quant["config"]}
+        save_compressed(qmodel, out, fmt, overwrite=args.overwrite, tokenizer=tokenizer)
+    result = {"out": str(out), "format": fmt, "quantize_s": q_s, "calib_text": source,
+              "calib_sentences": len(sentences), "notes": notes}
+    result.update(_lm_quality(model, qmodel, tokenizer, args) if causal else _encoder_quality(model, qmodel, batches))
+    result.update(quantized_layers=len(qmodel.adagrow_quant["layers"]), float_layers=qmodel.adagrow_quant["float"],
+                  config=qmodel.adagrow_quant["config"])
+    return result
+
+
+def _sentence_batches(tokenizer, sentences: list[str]) -> list:
+    from adagrow.hf import tokenize
+    return tokenize(tokenizer, sentences)
+
+
+def _lm_windows(tokenizer, sentences: list[str], seq_len: int) -> list:
+    """Causal LMs calibrate on running text: the sentences joined by newlines, cut into windows
+    of ``seq_len`` tokens (one shorter window when the text is short), 8 windows a batch."""
+    ids = tokenizer("\n".join(sentences), return_tensors="pt")["input_ids"][0]
+    n = max(ids.numel() // seq_len, 1)
+    rows = ids[: n * seq_len].reshape(n, -1) if ids.numel() >= seq_len else ids[None]
+    return [{"input_ids": rows[i:i + 8]} for i in range(0, rows.shape[0], 8)]
+
+
+def _encoder_quality(model, qmodel, batches: list) -> dict[str, Any]:
+    from adagrow.hf import cosine_to, embed
+    return {"calib_embedding_cosine": cosine_to(embed(model, batches), embed(qmodel, batches))}
+
+
+def _lm_quality(model, qmodel, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
+    from adagrow.eval import perplexity
+    from adagrow.hf_text import HELD_OUT
+    ids = tokenizer("\n".join(HELD_OUT), return_tensors="pt")["input_ids"]
+    ppl = {k: perplexity(m, ids, window=args.seq_len, stride=args.seq_len // 2) for k, m in
+           (("float", model), ("quantized", qmodel))}
+    return {"held_out_tokens": ids.shape[1], "float_ppl": ppl["float"], "quant_ppl": ppl["quantized"]}
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
@@ -334,17 +399,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Reads a grown or deploy checkpoint and --data (calibration and accuracy), "
                        "writes the quantized checkpoint OUT.")
     p.add_argument("checkpoint", nargs="?", help="grown or deploy checkpoint (or use --hf)")
-    p.add_argument("--hf", metavar="DIR", help="a Hugging Face model folder instead of CHECKPOINT (needs the hf extra)")
-    p.add_argument("--calib-text", metavar="FILE", help="with --hf: calibration text, one sentence per line "
-                   "(default: adagrow's 544 bundled English sentences)")
-    p.add_argument("--format", default="adagrow", choices=["adagrow", "compressed-tensors", "gptq"],
-                   help="with --hf: adagrow (OUT is a .safetensors file) or a server folder OUT")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face model folder (or a .gguf file) instead of CHECKPOINT "
+                   "(needs the hf extra)")
+    p.add_argument("--calib-text", metavar="FILE", help="with --hf: calibration text, one sentence or passage per "
+                   "line (default: adagrow's 544 bundled English sentences)")
+    p.add_argument("--format", default=None, choices=["adagrow", "compressed-tensors", "gptq"],
+                   help="with --hf: adagrow (OUT is a .safetensors file) or a server folder OUT (default: adagrow "
+                        "when OUT ends in .safetensors, else compressed-tensors)")
+    p.add_argument("--seq-len", type=_positive(int), default=256, help="with --hf on a causal LM: calibration "
+                   "window and perplexity window (tokens)")
     p.add_argument("--bits", type=int, default=4, choices=range(2, 9), metavar="{2..8}")
     p.add_argument("--group-size", type=_group_size, default=None,
                    help="-1 | multiple of 8 | position | tier (default: tier; 128 with --hf)")
     p.add_argument("--order", default="reparam", choices=["none", "act", "reparam", "reparam-dynamic"])
     p.add_argument("--method", default="obs", choices=["obs", "rtn"])
-    p.add_argument("--sym", action="store_true")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", action="store_true", default=None, help="symmetric weights (default with a server "
+                     "--format: transformers loads those)")
+    sym.add_argument("--asym", dest="sym", action="store_false", default=None,
+                     help="asymmetric weights (default otherwise)")
     p.add_argument("--mse", action="store_true", help="search the clipping ratio")
     p.add_argument("--no-float-target", dest="float_target", action="store_false",
                    help="fit each layer to its own output on the quantized prefix's inputs, not to the float "

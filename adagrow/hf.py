@@ -1,5 +1,5 @@
-"""Hugging Face sentence encoders offline: load a model folder, tokenize calibration text,
-mean-pooled sentence embeddings (``pip install -e ".[hf]"``; the bundled all-MiniLM-L6-v2 is
+"""Hugging Face models offline (sentence encoders, causal LMs): load a model folder, tokenize
+calibration text, mean-pooled sentence embeddings (``pip install -e ".[hf]"``; the bundled all-MiniLM-L6-v2 is
 located by :func:`adagrow.models.minilm_path`)."""
 from __future__ import annotations
 
@@ -21,14 +21,29 @@ def _transformers() -> Any:
     return transformers
 
 
+def is_causal_lm(model_or_config: Any) -> bool:
+    """Whether a transformers model (or its config) is a decoder LM (``*ForCausalLM``)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
+
+
 def load_hf(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """``(AutoModel, AutoTokenizer)`` from a local folder, in eval mode, never running remote code."""
+    """``(model, tokenizer)`` from a local folder (or a ``.gguf`` file, dequantized by transformers),
+    in eval mode, never running remote code. The auto class follows ``config.architectures``:
+    ``AutoModelForCausalLM`` for a ``*ForCausalLM`` or a GGUF file (GGUF holds decoder LMs; its
+    config names no architecture), else ``AutoModel``."""
     transformers = _transformers()
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    model = transformers.AutoModel.from_pretrained(folder, trust_remote_code=False).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if folder.is_file() and folder.suffix == ".gguf":
+        folder, kwargs["gguf_file"] = folder.parent, folder.name
+    elif not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a Hugging Face model folder (no config.json) or .gguf file")
+    config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
+    causal = "gguf_file" in kwargs or is_causal_lm(config)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = auto.from_pretrained(folder, **kwargs).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
     return model, tokenizer
 
 
@@ -68,4 +83,4 @@ def cosine_to(reference: torch.Tensor, emb: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(emb, reference, dim=-1).mean())
 
 
-__all__ = ["load_hf", "read_sentences", "tokenize", "embed", "cosine_to", "MAX_LENGTH"]
+__all__ = ["load_hf", "is_causal_lm", "read_sentences", "tokenize", "embed", "cosine_to", "MAX_LENGTH"]

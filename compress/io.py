@@ -30,7 +30,7 @@ from .layer import geometry, set_module
 from .order import ORDERS
 from .qmodules import _DTYPES, _QuantLayer, quant_layer_from_meta
 from .schema import MODULE_PATH, check, field_name, input_shape, int_list, integer, record
-from .server_formats import guard_save_pretrained
+from .server_formats import guard_save_pretrained, shared_aliases
 
 FORMAT = "adagrow-quantized"
 FORMAT_VERSION = 2  # 2: the architecture is {"name", "args"} (version 1 named a builder function)
@@ -70,6 +70,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     state = model.state_dict()
+    state = {k: v for k, v in state.items() if k not in shared_aliases(state)}  # tied weights once
     check_finite(state, f"save_quantized({path})")
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "adagrow_version": __version__,
             "config": getattr(model, "adagrow_quant", {}).get("config"), "layers": layers,
@@ -152,6 +153,9 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], qmodel: nn.Modu
     """Every tensor the model needs is in the file with the right shape and dtype, finite, and
     the group parameters are valid for their metadata."""
     expected = qmodel.state_dict()
+    for key, src in shared_aliases(expected).items():  # tied weights are stored once
+        if key not in tensors and src in tensors:
+            tensors[key] = tensors[src]
     missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or extra:
         raise ValueError(f"{path}: tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")

@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -67,6 +68,31 @@ def unpack_dense(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return (both >> shift) & (2**bits - 1)
 
 
+POWERS_OF_TWO = (1024, 512, 256, 128, 64, 32, 16)
+
+
+def whole_group_size(ks: Iterable[int], requested: int, fmt: str, explicit: bool = True) -> tuple[int, str | None]:
+    """The group size to quantize with for ``fmt``, which needs whole groups along every K.
+
+    ``requested`` is kept when it divides every K. Otherwise, when it was not given explicitly,
+    the largest power of two below it that divides every K is chosen and a note says so; when it
+    was (or nothing fits), ``ValueError`` lists the group sizes that would work. Call it before
+    quantizing: the check needs only the layers' shapes.
+    """
+    ks = sorted(set(ks))
+    bad = [k for k in ks if requested != -1 and k % requested]
+    if not bad:
+        return requested, None
+    fits = [g for g in POWERS_OF_TWO if all(k % g == 0 for k in ks)]
+    smaller = [g for g in fits if g < requested]
+    if explicit or not smaller:
+        raise ValueError(f"group size {requested} does not divide K={bad} of some layers, and {fmt} needs whole "
+                         f"groups; group sizes that fit every layer: {fits + [-1]} (or adagrow's own format, "
+                         "which pads the last group)")
+    return smaller[0], (f"group size {smaller[0]}, not {requested}: {fmt} needs whole groups and K={bad} is not a "
+                        f"multiple of {requested}")
+
+
 def _linear_layers(qmodel: nn.Module, fmt: str) -> dict[str, QuantLinear]:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -82,11 +108,11 @@ def _linear_layers(qmodel: nn.Module, fmt: str) -> dict[str, QuantLinear]:
     if not hasattr(qmodel, "config") or not hasattr(qmodel.config, "to_dict"):
         raise ValueError("save_compressed: the model has no Hugging Face config (model.config); server formats "
                          "are save_pretrained-style folders of transformers models. Use save_quantized for others")
-    for name, m in layers.items():
-        gs = m.group_size
-        if gs != -1 and m.geo.k % gs:
-            raise ValueError(f"save_compressed: layer {name!r} has K={m.geo.k}, not a multiple of group_size "
-                             f"{gs}; {fmt} needs whole groups")
+    for gs in {m.group_size for m in layers.values()}:
+        try:
+            whole_group_size([m.geo.k for m in layers.values() if m.group_size == gs], gs, fmt)
+        except ValueError as exc:
+            raise ValueError(f"save_compressed: {exc}") from None
     return layers
 
 
@@ -155,16 +181,24 @@ def _gptq_config(layers: dict[str, QuantLinear], damp: float) -> dict[str, Any]:
             "desc_act": False, "static_groups": False, "true_sequential": True, "damp_percent": damp}
 
 
-def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop tensors that share storage with an earlier one (tied weights; transformers re-ties them)."""
-    seen, out = set(), {}
+def shared_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{key: earlier key}`` for tensors that share storage with an earlier one (tied weights,
+    such as an LM head tied to the embedding): they are stored once and re-tied at load."""
+    seen: dict[tuple, str] = {}
+    aliases = {}
     for key, t in state.items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and ident in seen:
-            continue
-        seen.add(ident)
-        out[key] = t
-    return out
+            aliases[key] = seen[ident]
+        else:
+            seen.setdefault(ident, key)
+    return aliases
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tied tensors (transformers re-ties them)."""
+    aliases = shared_aliases(state)
+    return {k: v for k, v in state.items() if k not in aliases}
 
 
 def _tokenizer_files(tokenizer: Any, tmp: Path) -> list[str]:
@@ -242,4 +276,5 @@ def guard_save_pretrained(qmodel: nn.Module) -> None:
         qmodel.save_pretrained = _save_pretrained.__get__(qmodel)
 
 
-__all__ = ["save_compressed", "guard_save_pretrained", "pack_dense", "unpack_dense", "FORMATS"]
+__all__ = ["save_compressed", "guard_save_pretrained", "whole_group_size", "shared_aliases", "pack_dense",
+           "unpack_dense", "FORMATS"]

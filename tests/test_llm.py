@@ -1,0 +1,107 @@
+"""Decoder LMs end to end on a tiny random Llama: perplexity, quantize -> save -> from_pretrained ->
+the same greedy tokens, group sizes checked before any work, tied weights stored once."""
+import json
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
+
+from adagrow.compress import QuantConfig, load_quantized, quantize, save_compressed, save_quantized  # noqa: E402
+from adagrow.eval import perplexity  # noqa: E402
+from adagrow.hf_text import CALIBRATION  # noqa: E402
+
+
+def _tokenizer():
+    """A lower-casing word-level tokenizer over the first calibration sentences' words."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    words = sorted({w for s in CALIBRATION[:60] for w in s.lower().replace(".", " ").replace(",", " ").split()})
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words[:125])}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.normalizer, tk.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="<s>",
+                                                eos_token="</s>", pad_token="</s>")
+
+
+def _llama(vocab: int = 128, seed: int = 0) -> torch.nn.Module:
+    """Hidden 96 (not a multiple of 128, as SmolLM2's 576), GQA, tied head."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _calib(n: int = 4, length: int = 32, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, 128, (2, length), generator=g)} for _ in range(n // 2)]
+
+
+def _greedy(model, prompts: torch.Tensor, new: int = 12) -> torch.Tensor:
+    return model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
+                          do_sample=False, pad_token_id=2)
+
+
+def test_perplexity_is_exp_of_the_mean_token_loss() -> None:
+    model = _llama()
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = math.exp(float(model(input_ids=ids, labels=ids).loss))
+    assert perplexity(model, ids, window=64, stride=64) == pytest.approx(whole, rel=1e-5)
+    strided = perplexity(model, ids, window=16, stride=8)  # less context per token: a different number
+    assert strided != pytest.approx(whole, rel=1e-4) and 1 < strided < 10 * whole
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, ids, window=8, stride=16)
+
+
+def test_quantize_save_from_pretrained_same_greedy_tokens(tmp_path) -> None:
+    pytest.importorskip("compressed_tensors", reason="needs the hf extra (compressed-tensors)")
+    model = _llama()
+    q = quantize(model, _calib(), QuantConfig(bits=4, group_size=32, sym=True), progress=False)
+    assert q.adagrow_quant["float"] == {"lm_head": "ignore"} and q.lm_head.weight is q.model.embed_tokens.weight
+    save_compressed(q, tmp_path / "ct")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    prompts = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(2))
+    ref = _greedy(q, prompts)
+    assert torch.equal(_greedy(loaded, prompts), ref)
+
+
+def test_save_quantized_stores_tied_weights_once(tmp_path) -> None:
+    from safetensors import safe_open
+    q = quantize(_llama(), None, QuantConfig(method="rtn", group_size=32), progress=False)
+    path = save_quantized(q, tmp_path / "q.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    loaded = load_quantized(path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(3, 128, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, q(ids).logits)
+
+
+def test_server_format_group_size_checked_before_quantizing(tmp_path, capsys, monkeypatch) -> None:
+    pytest.importorskip("compressed_tensors", reason="needs the hf extra (compressed-tensors)")
+    from adagrow.cli import main
+    folder = tmp_path / "llama"
+    _llama().save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    argv = ["quantize", "--hf", str(folder), "--calib", "40", "--seq-len", "32", "--quiet", "--json"]
+    # an explicit group size that leaves partial groups stops before any quantization work
+    import adagrow.compress as ac
+    monkeypatch.setattr(ac, "quantize", lambda *a, **k: pytest.fail("quantize ran"))
+    assert main(argv + ["--out", str(tmp_path / "bad"), "--group-size", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "does not divide K=[96, 192]" in err and "[32, 16, -1]" in err and not (tmp_path / "bad").exists()
+    monkeypatch.undo()
+    # the default group size (128) becomes the largest power of two dividing every K, said in the output
+    assert main(argv + ["--out", str(tmp_path / "q")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["format"] == "compressed-tensors" and res["config"]["group_size"] == 32 and res["config"]["sym"]
+    assert "group size 32, not 128" in res["notes"][0]
+    assert "calib_embedding_cosine" not in res and 1 < res["float_ppl"] and 1 < res["quant_ppl"] < 2 * res["float_ppl"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert perplexity(loaded, transformers.AutoTokenizer.from_pretrained(tmp_path / "q"),
+                      "the weather is nice today and we went to the park", window=32, stride=16) > 1
