@@ -101,7 +101,7 @@ def cmd_grow(args: argparse.Namespace) -> dict[str, Any]:
     stop = int(args.stop) if args.stop.isdigit() else args.stop
     limits = {"params": args.budget_params, "macs": args.budget_macs, "latency_ms": args.budget_latency_ms}
     budget = DeployBudget(**limits, backend=args.backend) if any(v is not None for v in limits.values()) else None
-    config = GrowthConfig(stop=stop, budget=budget, preserve=not args.thesis_init, retrain=args.retrain,
+    config = GrowthConfig(stop=stop, budget=budget, preserve=args.preserve, retrain=args.retrain,
                           seed=args.seed, interval=args.interval)
     res = grow(model, fit, val, args.epochs, config, lr=args.lr, progress=not args.quiet)
     spec = res.model.spec()
@@ -368,10 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default="auto", help="auto | budget (grow until a --budget-* limit) | an "
                    "architecture spec (VGG-2-3-2, ViT-D4-H6) | a deploy-parameter budget (int)")
     p.add_argument("--interval", type=_positive(int), default=None,
-                   help="optimizer steps between growth steps (default: 7.5%% of all steps)")
+                   help="optimizer steps between growth steps (default: 3 epochs for CNNs, 5 for Transformers)")
     p.add_argument("--lr", type=_positive(float), default=None)
-    p.add_argument("--thesis-init", action="store_true", help="init new layers as the thesis (default: "
-                   "function-preserving growth)")
+    p.add_argument("--preserve", action="store_true", help="function-preserving growth (default: the "
+                   "thesis' init for new layers, branches and heads)")
     p.add_argument("--val-fraction", type=float, default=0.15, help="validation split carved from the training "
                    "data for growth decisions (the test split is never read)")
     p.add_argument("--budget-params", type=_positive(int), help="stop before the deploy model exceeds this many "

@@ -1,27 +1,26 @@
-"""Grown models against fair controls on the cluttered-digits task (CPU).
+"""Grown models against compute-matched controls on cluttered digits (CPU).
 
-For each family (VGG, ResNet, ViT) and each seed:
-- ``grown``: grown from its "empty" start (greedy placement, automatic stopping; decisions read a
-  validation split carved from the training data, never the test set);
-- ``grown-random`` (``--random-families``): the same with random placement (checks the importance score);
-- ``retrained``: the grown architecture trained from scratch with the same epochs;
-- ``fixed``: fixed nets of the same family (the Pareto front);
-- ``budget`` (``--budget-families``, CNNs): grown until a batch-1 latency budget on ONNX Runtime CPU (fp32
-  export of the deploy model, 1 thread) would be broken.
+For each family (VGG, ResNet, ViT) and seed, at the main difficulty:
+- ``grown``: grown from its "empty" start with the thesis' defaults (its own init for new layers,
+  a growth every 3 / 5 epochs, automatic stopping, then fine-tuning; decisions read a validation
+  split carved from the training data, never the test set); its training FLOPs G are counted per
+  step on the model as it was at that step (``adagrow.grow.flops``);
+- ``scratch-flops``: the grown architecture trained from scratch for G FLOPs (fewer epochs);
+- ``scratch-epochs``: the same for the same epochs as the growth run;
+- ``fixed``: fixed nets of the same family, each trained for G FLOPs (the accuracy-vs-latency front);
+- ``budget`` (``--budget-families``): grown until a batch-1 ORT CPU latency budget would break,
+  against the fixed nets within that budget trained for the budget run's FLOPs (``budget-fixed``).
+Task adaptivity (``--adapt-families``): ``grown`` and ``fixed`` again at every ``--difficulties``.
 Every model is measured in deploy form: test accuracy, deploy params, MACs at batch 1, batch-1
 latency of the deploy PyTorch model and of its ONNX Runtime CPU session (1 thread, median).
-Targets: grown mean accuracy on or above the fixed-net Pareto front (no fixed net with <= its
-deploy params has a higher mean accuracy) and >= retrained mean - 1 std; the budget model meets
-the latency budget and beats every fixed net that meets it.
 
 Usage: ``python benchmarks/grow.py [--seeds 3] [--families vgg resnet vit] [--quick]``
--> ``benchmarks/results/grow_cpu.json`` and ``.txt``
+-> ``benchmarks/results/grow_cpu.json``, ``.txt``, ``_flops.png`` and ``_latency.png``
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -33,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import matplotlib
 import torch
 from tqdm.auto import tqdm
 
@@ -40,7 +40,11 @@ from adagrow.data import cluttered_digits, train_val_split
 from adagrow.files import atomic_write, write_json
 from adagrow.grow import (DeployBudget, GrowingCNN, GrowingTransformer, GrowthConfig, build_from_arch, deploy_cost,
                           deploy_latency_ms, grow, reparameterize)
+from adagrow.grow.flops import train_flops
 from adagrow.grow.train import accuracy
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
 
 FIXED = {"cnn": [(0, 0, 0), (1, 1, 1), (2, 2, 2)], "vit": [(1, 2), (2, 2), (2, 4)]}  # depths / (depth, heads)
 CNN_WIDTHS = (16, 32, 64)
@@ -68,127 +72,198 @@ def maker(family: str, size: int) -> Callable[[tuple | None], torch.nn.Module]:
     return lambda arch: GrowingCNN(family, widths=CNN_WIDTHS, depths=arch)
 
 
-def run_unit(family: str, seed: int, args: argparse.Namespace, budget_ms: float | None) -> list[dict[str, Any]]:
-    """Every model of one family and one seed (a unit of work for ``--jobs``)."""
+def run_unit(family: str, seed: int, difficulty: float, args: argparse.Namespace,
+             budget_ms: float | None) -> list[dict[str, Any]]:
+    """Every model of one family, seed and task difficulty (a unit of work for ``--jobs``)."""
     torch.set_num_threads(args.threads)
-    x_tr, y_tr, x_te, y_te = cluttered_digits(args.size, args.difficulty, args.n_train, n_test=args.n_train // 2)
+    x_tr, y_tr, x_te, y_te = cluttered_digits(args.size, difficulty, args.n_train, n_test=args.n_train // 2)
     fit, val = train_val_split(x_tr, y_tr, 0.15, seed=0)
     make = maker(family, args.size)
     lr = None if family == "vit" else 0.05
+    main_task = difficulty == args.difficulty
     rows = []
 
-    def train(name: str, seed: int, model: torch.nn.Module, config: GrowthConfig) -> torch.nn.Module:
-        torch.manual_seed(seed)
+    def train(name: str, model: torch.nn.Module, config: GrowthConfig, epochs: int) -> torch.nn.Module:
         t0, c0 = time.perf_counter(), time.process_time()
-        res = grow(model, fit, val, args.epochs, config, lr=lr, progress=False)
-        row = {"family": family, "name": name, "seed": seed, **measure(res.model, (x_te, y_te), args.runs),
+        res = grow(model, fit, val, epochs, config, lr=lr, progress=False)
+        epoch_rows = [h for h in res.history if "growth" not in h]
+        row = {"family": family, "difficulty": difficulty, "name": name, "seed": seed, "epochs": epochs,
+               **measure(res.model, (x_te, y_te), args.runs), "train_flops": epoch_rows[-1]["train_flops"],
                "train_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0,
-               "growth_events": [{"step": h["step"], **h["growth"]} for h in res.history if "growth" in h]}
-        print(f"  {family:<7}{name:<13} s{seed} {row['spec']:<18} acc {row['accuracy']:.4f} "
-              f"params {row['deploy_params']:>7} MACs {row['macs_b1'] / 1e6:6.2f}M torch {row['torch_ms']:6.3f} ms "
+               "curve": [(h["train_flops"], h["val_acc"]) for h in epoch_rows],
+               "growth_events": [{"step": h["step"], "epoch": h["epoch"], **h["growth"]}
+                                 for h in res.history if "growth" in h]}
+        print(f"  {family:<7}d{difficulty:<4}{name:<15} s{seed} {row['spec']:<15} ep {epochs:>3} "
+              f"acc {row['accuracy']:.4f} GFLOPs {row['train_flops'] / 1e9:7.1f} params {row['deploy_params']:>7} "
               f"ort {row['ort_ms']:6.3f} ms train {row['train_s']:5.1f}s", flush=True)
         rows.append(row)
         return res.model
 
+    def matched(name: str, arch: Any, flops: float, fresh: bool = False) -> None:
+        """Train ``arch`` (a depths tuple, or an arch record with ``fresh``) for ``flops`` training FLOPs."""
+        torch.manual_seed(seed + 1000)
+        model = build_from_arch(arch) if fresh else make(arch)
+        epochs = max(1, round(flops / train_flops(model, fit[0][:1], len(fit[0]))))
+        train(name, model, GrowthConfig(stop=model.spec(), seed=seed), epochs)
+
     torch.manual_seed(seed)
-    init = {"preserve": not args.thesis_init}
-    grown = train("grown", seed, make(None), GrowthConfig(stop="auto", seed=seed, **init))
-    if family in args.random_families:
-        torch.manual_seed(seed)
-        train("grown-random", seed, make(None), GrowthConfig(stop="auto", location="random", seed=seed, **init))
-    torch.manual_seed(seed + 1000)
-    fresh = build_from_arch(grown.arch())
-    train("retrained", seed, fresh, GrowthConfig(stop=fresh.spec(), seed=seed))
+    grown = train("grown", make(None), GrowthConfig(stop="auto", seed=seed), args.epochs)
+    budget_g = rows[-1]["train_flops"]
+    if main_task:
+        matched("scratch-flops", grown.arch(), budget_g, fresh=True)
+        torch.manual_seed(seed + 1000)
+        train("scratch-epochs", build_from_arch(grown.arch()), GrowthConfig(stop=grown.spec(), seed=seed), args.epochs)
     for arch in FIXED["vit" if family == "vit" else "cnn"]:
-        torch.manual_seed(seed)
-        model = make(arch)
-        train("fixed", seed, model, GrowthConfig(stop=model.spec(), seed=seed))  # a spec it has: no growth
-    if budget_ms is not None and family in args.budget_families:
+        matched("fixed", arch, budget_g)
+    if main_task and budget_ms is not None and family in args.budget_families:
         torch.manual_seed(seed)
         budget = DeployBudget(latency_ms=budget_ms, backend="ort-cpu", runs=args.runs)
-        train("budget", seed, make(None), GrowthConfig(stop="budget", budget=budget, seed=seed, **init))
+        train("budget", make(None), GrowthConfig(stop="budget", budget=budget, seed=seed), args.epochs)
+        spent = rows[-1]["train_flops"]
+        for arch in FIXED["cnn"][:2]:  # the nets under the default budget (X-1-1-1's latency)
+            matched("budget-fixed", arch, spent)
     return rows
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """Mean / std over seeds per (family, name, spec-or-variant)."""
-    groups: dict[tuple[str, str, str], list[dict]] = {}
+def summarize(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """Mean / std over seeds per (family, difficulty, name, spec for fixed nets)."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["family"], r["name"], r["spec"] if r["name"] == "fixed" else r["name"])
+        key = (r["family"], r["difficulty"], r["name"], r["spec"] if "fixed" in r["name"] else "")
         groups.setdefault(key, []).append(r)
     out = {}
     for key, rs in groups.items():
         acc = [r["accuracy"] for r in rs]
-        out[key] = {"family": key[0], "name": key[1], "specs": sorted({r["spec"] for r in rs}), "n": len(rs),
-                    "acc_mean": statistics.mean(acc), "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        out[key] = {"family": key[0], "difficulty": key[1], "name": key[2], "specs": sorted({r["spec"] for r in rs}),
+                    "n": len(rs), "acc_mean": statistics.mean(acc),
+                    "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                     **{k: statistics.mean(r[k] for r in rs) for k in ("deploy_params", "macs_b1", "torch_ms", "ort_ms",
-                                                                       "train_s", "train_cpu_s")}}
+                                                                       "train_flops", "epochs", "train_cpu_s")}}
     return out
 
 
-def _front_at(fixed: list[dict[str, Any]], params: float) -> float:
-    """Accuracy of the fixed-net front at ``params``, linear in log(params) between front points
-    (a stricter reading of "on the front" than dominance; flat beyond the ends)."""
-    pts = sorted((s["deploy_params"], s["acc_mean"]) for s in fixed)
-    front = [pts[0]]
-    for p, a in pts[1:]:
-        if a > front[-1][1]:
-            front.append((p, a))
-    for (p0, a0), (p1, a1) in zip(front, front[1:]):
-        if p0 <= params <= p1:
-            return a0 + (a1 - a0) * (math.log(params) - math.log(p0)) / (math.log(p1) - math.log(p0))
-    return front[0][1] if params < front[0][0] else front[-1][1]
+def _dominating(fixed: list[dict[str, Any]], s: dict[str, Any]) -> list[str]:
+    """Fixed nets at most as slow (ORT ms) as ``s`` with a higher mean accuracy."""
+    return [f["specs"][0] for f in fixed if f["ort_ms"] <= s["ort_ms"] and f["acc_mean"] > s["acc_mean"]]
 
 
-def targets(summary: dict, families: list[str], budget_ms: float | None) -> list[dict[str, Any]]:
-    out = []
-    for fam in families:
-        grown = summary[(fam, "grown", "grown")]
-        retrained = summary[(fam, "retrained", "retrained")]
-        fixed = [s for k, s in summary.items() if k[0] == fam and k[1] == "fixed"]
-        dominating = [s["specs"][0] for s in fixed
-                      if s["deploy_params"] <= grown["deploy_params"] and s["acc_mean"] > grown["acc_mean"]]
-        out.append({"family": fam, "target": "grown on or above the fixed-net Pareto front (acc vs deploy params)",
-                    "met": not dominating, "dominated_by": dominating, "grown_acc": grown["acc_mean"],
-                    "grown_params": grown["deploy_params"],
-                    "front_acc_interpolated": _front_at(fixed, grown["deploy_params"])})
-        out.append({"family": fam, "target": "grown mean acc >= retrained mean - 1 std",
-                    "met": grown["acc_mean"] >= retrained["acc_mean"] - retrained["acc_std"],
-                    "grown_acc": grown["acc_mean"], "retrained_acc": retrained["acc_mean"],
-                    "retrained_std": retrained["acc_std"]})
-        if budget_ms is not None and (fam, "budget", "budget") in summary:
-            b = summary[(fam, "budget", "budget")]
-            meeting = [s for s in fixed if s["ort_ms"] <= budget_ms]
-            best = max((s["acc_mean"] for s in meeting), default=None)
-            out.append({"family": fam, "target": f"latency budget {budget_ms:.3f} ms (ORT CPU, 1 thread): grown meets "
-                        "it and beats every fixed net that meets it",
-                        "met": b["ort_ms"] <= budget_ms and (best is None or b["acc_mean"] > best),
-                        "budget_ort_ms": b["ort_ms"], "budget_acc": b["acc_mean"], "best_fixed_within_acc": best,
-                        "fixed_within": [s["specs"][0] for s in meeting]})
+def targets(summary: dict, args: argparse.Namespace, budget_ms: float | None) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    main = args.difficulty
+
+    def get(fam: str, d: float, name: str) -> dict[str, Any] | None:
+        return summary.get((fam, d, name, ""))
+
+    for fam in args.families:
+        grown = get(fam, main, "grown")
+        flops, epochs = get(fam, main, "scratch-flops"), get(fam, main, "scratch-epochs")
+        out.append({"family": fam, "target": "grown mean >= same architecture from scratch at equal training FLOPs",
+                    "met": grown["acc_mean"] >= flops["acc_mean"], "grown": grown["acc_mean"],
+                    "scratch_flops": flops["acc_mean"], "margin": grown["acc_mean"] - flops["acc_mean"]})
+        out.append({"family": fam, "target": "grown mean >= scratch at equal epochs mean - 1 std",
+                    "met": grown["acc_mean"] >= epochs["acc_mean"] - epochs["acc_std"], "grown": grown["acc_mean"],
+                    "scratch_epochs": epochs["acc_mean"], "scratch_epochs_std": epochs["acc_std"],
+                    "margin": grown["acc_mean"] - epochs["acc_mean"] + epochs["acc_std"]})
+        for d in args.difficulties if fam in args.adapt_families else [main]:
+            g = get(fam, d, "grown")
+            fixed = [s for k, s in summary.items() if k[:3] == (fam, d, "fixed")]
+            dom = _dominating(fixed, g)
+            out.append({"family": fam, "difficulty": d, "target": "grown on or above the fixed-net front (acc vs ORT "
+                        "ms, fixed nets at the grown run's FLOPs)", "met": not dom, "dominated_by": dom,
+                        "grown": g["acc_mean"], "grown_specs": ",".join(g["specs"]), "grown_ort_ms": g["ort_ms"],
+                        "margin": g["acc_mean"] - max((f["acc_mean"] for f in fixed if f["specs"][0] in dom),
+                                                      default=g["acc_mean"])})
+        if fam in args.adapt_families and len(args.difficulties) > 1:
+            sizes = [get(fam, d, "grown")["deploy_params"] for d in args.difficulties]
+            out.append({"family": fam, "target": "different grown sizes across task difficulties",
+                        "met": len({round(s) for s in sizes}) == len(sizes), "deploy_params": sizes})
+        b = get(fam, main, "budget")
+        if b is not None:
+            within = [s for k, s in summary.items() if k[:3] == (fam, main, "budget-fixed") and s["ort_ms"] <= budget_ms]
+            best = max((s["acc_mean"] for s in within), default=None)
+            out.append({"family": fam, "target": f"latency budget {budget_ms:.3f} ms (ORT CPU): grown within it and "
+                        ">= the best fixed net within it (equal FLOPs)",
+                        "met": b["ort_ms"] <= budget_ms and (best is None or b["acc_mean"] >= best),
+                        "budget_ort_ms": b["ort_ms"], "grown": b["acc_mean"], "best_fixed_within": best,
+                        "fixed_within": [s["specs"][0] for s in within],
+                        "margin": None if best is None else b["acc_mean"] - best})
     return out
+
+
+def plot(rows: list[dict[str, Any]], summary: dict, args: argparse.Namespace, out: Path) -> list[Path]:
+    """Accuracy vs training FLOPs (validation curves per run, test accuracy at the end) and
+    accuracy vs ORT latency (fixed-net front and grown models), one panel per family / task."""
+    colors = {"grown": "C0", "scratch-flops": "C1", "scratch-epochs": "C2", "fixed": "C7", "budget": "C3"}
+    fams = args.families
+    fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 4), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        for r in rows:
+            if r["family"] != fam or r["difficulty"] != args.difficulty or r["name"] not in colors:
+                continue
+            fl, acc = zip(*r["curve"])
+            ax.plot(fl, acc, color=colors[r["name"]], alpha=0.35, lw=1)
+            ax.scatter([r["train_flops"]], [r["accuracy"]], color=colors[r["name"]], s=14,
+                       label=r["name"] if r["seed"] == 0 and (r["name"] != "fixed" or r["spec"].endswith("-0")
+                                                               or r["spec"] == "ViT-D1-H2") else None)
+        ax.set(xscale="log", xlabel="training FLOPs", ylabel="accuracy (lines: val, dots: test)",
+               title=f"{fam}, difficulty {args.difficulty}")
+        ax.legend(fontsize=7)
+    paths = [out.with_name(out.stem + "_flops.png")]
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+    panels = [(f, d) for f in fams for d in (args.difficulties if f in args.adapt_families else [args.difficulty])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (fam, d) in zip(axes[0], panels):
+        fixed = sorted((s for k, s in summary.items() if k[:3] == (fam, d, "fixed")), key=lambda s: s["ort_ms"])
+        front, best = [], -1.0
+        for s in fixed:
+            if s["acc_mean"] > best:
+                front.append(s)
+                best = s["acc_mean"]
+        ax.step([s["ort_ms"] for s in front], [s["acc_mean"] for s in front], where="post", color="C7", label="fixed front")
+        for s in summary.values():
+            if s["family"] == fam and s["difficulty"] == d and s["name"] in colors:
+                ax.errorbar(s["ort_ms"], s["acc_mean"], yerr=s["acc_std"], fmt="o", color=colors[s["name"]],
+                            label=s["name"] if s["name"] != "fixed" else None)
+                if s["name"] == "fixed":
+                    ax.annotate(s["specs"][0], (s["ort_ms"], s["acc_mean"]), fontsize=6)
+        ax.set(xlabel="ORT CPU batch-1 ms (deploy)", ylabel="test accuracy", title=f"{fam}, difficulty {d}")
+        ax.legend(fontsize=7)
+    paths.append(out.with_name(out.stem + "_latency.png"))
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--families", nargs="+", default=["vgg", "resnet", "vit"])
     ap.add_argument("--size", type=int, default=20, help="canvas size")
-    ap.add_argument("--difficulty", type=float, default=0.6)
-    ap.add_argument("--n-train", type=int, default=2000)
-    ap.add_argument("--random-families", nargs="*", default=["vgg"], help="families with a random-placement control")
+    ap.add_argument("--difficulty", type=float, default=0.6, help="the main task")
+    ap.add_argument("--difficulties", type=float, nargs="+", default=[0.3, 0.6, 0.9], help="task-adaptivity tasks")
+    ap.add_argument("--adapt-families", nargs="*", default=["vgg"], help="families grown on every difficulty")
+    ap.add_argument("--n-train", type=int, default=5000)
     ap.add_argument("--budget-families", nargs="*", default=["vgg"], help="CNN families grown to a latency budget")
     ap.add_argument("--budget-latency-ms", type=float, default=None,
                     help="latency budget (ORT CPU, 1 thread); default: the fixed X-1-1-1 net's measured latency")
     ap.add_argument("--runs", type=int, default=100, help="timed calls per latency figure")
     ap.add_argument("--threads", type=int, default=1, help="training threads per job")
-    ap.add_argument("--jobs", type=int, default=1, help="(family, seed) units run in parallel processes")
-    ap.add_argument("--thesis-init", action="store_true", help="grow with the thesis' init (preserve=False)")
-    ap.add_argument("--quick", action="store_true", help="CI-sized: 16x16, 600 images, 2 epochs, 1 seed")
+    ap.add_argument("--jobs", type=int, default=1, help="(family, seed, difficulty) units run in parallel processes")
+    ap.add_argument("--quick", action="store_true", help="CI-sized: 16x16, 600 images, 4 epochs, 1 seed")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "grow_cpu.json")
     args = ap.parse_args(argv)
     if args.quick:
-        args.size, args.n_train, args.epochs, args.seeds, args.runs = 16, 600, 2, 1, 10
+        args.size, args.n_train, args.epochs, args.seeds, args.runs = 16, 600, 4, 1, 10
+    if args.difficulty not in args.difficulties:
+        args.difficulties = sorted({*args.difficulties, args.difficulty})
     torch.set_num_threads(args.threads)
     t0, c0 = time.perf_counter(), time.process_time()
     x_te = cluttered_digits(args.size, args.difficulty, args.n_train, n_test=args.n_train // 2)[2]
@@ -196,22 +271,24 @@ def main(argv: list[str] | None = None) -> dict:
     if budget_ms is None:  # the middle fixed CNN's latency: growth must beat the nets that fit under it
         budget_ms = deploy_latency_ms(reparameterize(maker("vgg", args.size)(FIXED["cnn"][1]).eval()), x_te[:1],
                                       "ort-cpu", runs=args.runs)
-    units = [(fam, seed) for fam in args.families for seed in range(args.seeds)]
+    units = [(fam, seed, d) for fam in args.families for seed in range(args.seeds)
+             for d in (args.difficulties if fam in args.adapt_families else [args.difficulty])]
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        done = [pool.submit(run_unit, fam, seed, args, budget_ms) for fam, seed in units]
-        rows = [row for fut in tqdm(done, desc="families x seeds") for row in fut.result()]
+        done = [pool.submit(run_unit, fam, seed, d, args, budget_ms) for fam, seed, d in units]
+        rows = [row for fut in tqdm(done, desc="units") for row in fut.result()]
     summary = summarize(rows)
-    tgts = targets(summary, args.families, budget_ms)
-    lines = [f"{'family':<8} {'model':<13} {'spec(s)':<34} {'acc mean±std':>15} {'params':>8} {'MACs':>8} "
-             f"{'torch ms':>8} {'ort ms':>7}"]
-    for s in summary.values():
-        lines.append(f"{s['family']:<8} {s['name']:<13} {','.join(s['specs'])[:34]:<34} "
-                     f"{100 * s['acc_mean']:7.2f}±{100 * s['acc_std']:5.2f}% {s['deploy_params']:>8.0f} "
-                     f"{s['macs_b1'] / 1e6:7.2f}M {s['torch_ms']:8.3f} {s['ort_ms']:7.3f}")
+    tgts = targets(summary, args, budget_ms)
+    lines = [f"{'family':<7} {'diff':>4} {'model':<15} {'spec(s)':<28} {'acc mean±std':>15} {'epochs':>6} "
+             f"{'GFLOPs':>7} {'params':>7} {'MACs':>7} {'ort ms':>7}"]
+    for s in sorted(summary.values(), key=lambda s: (s["family"], s["difficulty"], s["name"], s["train_flops"])):
+        lines.append(f"{s['family']:<7} {s['difficulty']:>4} {s['name']:<15} {','.join(s['specs'])[:28]:<28} "
+                     f"{100 * s['acc_mean']:7.2f}±{100 * s['acc_std']:5.2f}% {s['epochs']:6.1f} "
+                     f"{s['train_flops'] / 1e9:7.1f} {s['deploy_params']:>7.0f} {s['macs_b1'] / 1e6:6.2f}M "
+                     f"{s['ort_ms']:7.3f}")
     lines.append("")
     for t in tgts:
-        lines.append(f"{t['family']:<8} {t['target']}: {'met' if t['met'] else 'NOT met'} "
-                     f"({', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in t.items() if k not in ('family', 'target', 'met'))})")
+        rest = ", ".join(f"{k}={_fmt(v)}" for k, v in t.items() if k not in ("family", "target", "met"))
+        lines.append(f"{t['family']:<7} {t['target']}: {'met' if t['met'] else 'NOT met'} ({rest})")
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the finished worker processes
     cpu += children.ru_utime + children.ru_stime
@@ -224,14 +301,16 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "grow", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
               "command": command, "machine": machine,
               "task": {"data": "cluttered_digits", "size": args.size, "difficulty": args.difficulty,
-                       "n_train": args.n_train, "val_fraction": 0.15, "epochs": args.epochs, "seeds": args.seeds,
-                       "growth_init": "thesis" if args.thesis_init else "function-preserving"},
+                       "difficulties": args.difficulties, "n_train": args.n_train, "val_fraction": 0.15,
+                       "epochs": args.epochs, "seeds": args.seeds, "growth_init": "thesis (preserve=False)",
+                       "interval_epochs": {"cnn": 3, "vit": 5}, "train_flops": "3 x 2 x forward MACs x batch per step"},
               "budget_latency_ms": budget_ms, "wall_s": wall, "cpu_s": cpu, "rows": rows,
               "summary": list(summary.values()), "targets": tgts}
     write_json(args.out, result)
     header = f"{command}\n{result['date']}  {machine['platform']}  {machine['note']}\n\n"
     atomic_write(args.out.with_suffix(".txt"), lambda tmp: Path(tmp).write_text(header + "\n".join(lines) + "\n"))
-    print(f"wrote {args.out}")
+    pngs = plot(rows, summary, args, args.out)
+    print(f"wrote {args.out}, {', '.join(str(p) for p in pngs)}")
     return result
 
 

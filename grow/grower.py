@@ -1,10 +1,11 @@
 """The growth loop (docs/design.md §8): train, grow on a schedule, stop, fine-tune.
 
-Every ``interval`` optimizer steps (during the first ``grow_fraction`` of training) a growth step
-picks depth or width by the ratio (CNN: two depth growths per width growth; Transformer: two
-width growths per depth growth), finds the location (greedy by BN/LayerNorm scale of layers that
-have trained at least two intervals, or random / sequential), applies it function-preservingly
-by default, and rebuilds the optimizer with the old state. Growth stops by an architecture spec,
+Every ``interval`` (the thesis: 3 epochs for CNNs, 5 for Transformers; during the first
+``grow_fraction`` of training) a growth step picks depth or width by the ratio (CNN: two depth
+growths per width growth; Transformer: two width growths per depth growth), finds the location
+(greedy by BN/LayerNorm scale of layers that have trained at least two intervals, or random /
+sequential), applies it with the thesis' init by default (function-preserving with ``preserve``)
+and rebuilds the optimizer with the old state (new state zero). Growth stops by an architecture spec,
 a deploy budget (params / MACs / measured latency; a step that would break it is replaced by a
 cheaper one first) or automatically; the remaining steps fine-tune. Under ``torchrun`` every rank applies rank 0's decision and
 rank 0's new parameters, and the DDP wrapper is rebuilt after each growth.
@@ -28,11 +29,13 @@ from tqdm.auto import tqdm
 from .budget import DeployBudget, deploy_cost, over_budget
 from .checkpoint import build_from_arch
 from .cnn import SPEC_NAMES, GrowingCNN, branch_space, importance
+from .flops import FlopCounter
 from .optim import rebuild_optimizer
 from .train import accuracy
 from .transformer import Carry, GrowingTransformer
 
 LOCATIONS = ("greedy", "random", "sequential")
+INTERVAL_EPOCHS = {"cnn": 3.0, "transformer": 5.0}  # the thesis' training between growths
 
 
 @dataclass
@@ -45,10 +48,12 @@ class GrowthConfig:
     ``auto_tolerance`` times) or ``"budget"`` (grow until ``budget`` would be broken).
     ``budget``: a :class:`DeployBudget` (deploy params / MACs / measured latency) that every step
     must keep; a step that would break it is replaced by a cheaper one, or growth stops.
-    ``interval``: optimizer steps between growths (None: 7.5% of all steps); no growth after
+    ``interval_epochs``: epochs of training between growths (None: the thesis' 3 for CNNs, 5 for
+    Transformers); ``interval``: optimizer steps between growths, overrides it. No growth after
     ``grow_fraction`` of the steps (the rest fine-tunes). ``preserve``: function-preserving new
-    layers / branches / heads (see ``insert_layer``, ``add_branch``, ``add_head``); False gives the
-    thesis' init. ``max_kernel``: None keeps every conv's deploy kernel (new branches fuse into it),
+    layers / branches / heads (see ``insert_layer``, ``add_branch``, ``add_head``); the default
+    False is the thesis' init (each CNN family's own init, N(0, 0.1^2) for Transformers), which
+    measured better (docs/growth.md). ``max_kernel``: None keeps every conv's deploy kernel (new branches fuse into it),
     an int lets branches grow kernels up to that size. ``widen_dim``: Transformer head growth also
     widens the residual stream by one head_dim (as the thesis). ``retrain``: after growing, train
     the found architecture from scratch for the same epochs and return that model.
@@ -57,12 +62,13 @@ class GrowthConfig:
     stop: str | int = "auto"
     budget: DeployBudget | None = None
     interval: int | None = None
+    interval_epochs: float | None = None
     grow_fraction: float = 0.75
     location: str = "greedy"
     branch_sampling: str = "with"        # "with" replacement (thesis) or "without" (greedy)
     width_fraction: float = 0.7
     max_kernel: int | None = None
-    preserve: bool = True
+    preserve: bool = False
     widen_dim: bool = True
     retrain: bool = False
     auto_threshold: float = 0.03
@@ -81,6 +87,8 @@ class GrowthConfig:
             raise ValueError(f"grow_fraction must be in [0, 1], got {self.grow_fraction}")
         if self.interval is not None and self.interval < 1:
             raise ValueError(f"interval must be >= 1 optimizer step, got {self.interval}")
+        if self.interval_epochs is not None and not self.interval_epochs > 0:
+            raise ValueError(f"interval_epochs must be > 0, got {self.interval_epochs}")
         if self.max_kernel is not None and (self.max_kernel < 1 or self.max_kernel % 2 == 0):
             raise ValueError(f"max_kernel must be an odd kernel size or None, got {self.max_kernel}")
         if isinstance(self.stop, bool) or not isinstance(self.stop, (str, int)):
@@ -129,17 +137,18 @@ def parse_spec(spec: str, model: nn.Module) -> tuple[int, ...]:
 class Grower:
     """Decides and applies growth steps. Decisions are plain dicts (broadcastable under DDP).
 
-    ``total_steps``: optimizer steps of the whole run (sets the default interval and the end of
-    the growth phase). ``example``: one input batch, for MACs and latency budgets.
+    ``total_steps``: optimizer steps of the whole run (sets the end of the growth phase).
+    ``steps_per_epoch``: optimizer steps per epoch, turns ``interval_epochs`` into steps. ``example``: one input batch, for MACs and latency budgets.
     """
 
     def __init__(self, model: nn.Module, config: GrowthConfig, total_steps: int = 1000,
-                 example: torch.Tensor | None = None):
+                 example: torch.Tensor | None = None, steps_per_epoch: int = 1):
         config.validate(model)
         self.config = config
         self.is_cnn = isinstance(model, GrowingCNN)
         self.pattern = ("depth", "depth", "width") if self.is_cnn else ("width", "width", "depth")
-        self.interval = config.interval or max(1, round(0.075 * total_steps))
+        epochs = config.interval_epochs or INTERVAL_EPOCHS["cnn" if self.is_cnn else "transformer"]
+        self.interval = config.interval or max(1, round(epochs * steps_per_epoch))
         self.last_step = int(config.grow_fraction * total_steps)
         self.budget = config.budgets()
         self.example = example
@@ -332,7 +341,8 @@ def apply_growth(model: nn.Module, decision: dict[str, Any], config: GrowthConfi
 class GrowResult:
     """``model``: the result (with ``retrain``: the found architecture trained from scratch);
     ``grown``: the model as grown (with ``retrain`` only); ``history``: one record per epoch and
-    one per growth step (``growth``, ``step``, ``epoch``, ``val_acc``, ``spec``)."""
+    one per growth step (``growth``, ``step``, ``epoch``, ``val_acc``, ``spec``, and ``train_flops``:
+    the run's training FLOPs so far, :mod:`.flops`; counted on this rank's batches)."""
 
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -357,7 +367,8 @@ def grow(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[
     ``val`` must not be the test set: growth decisions and automatic stopping read it (carve it
     from the training data, :func:`adagrow.data.train_val_split`). Defaults follow the thesis:
     SGD (momentum 0.9) at lr 0.1 for CNNs, AdamW at 1e-3 for Transformers, cosine LR per step over
-    all steps. Under torchrun (process group initialised) each rank trains on its shard and every
+    all steps, a growth every 3 (CNN) / 5 (Transformer) epochs until the stop rule fires or
+    ``grow_fraction`` of the steps have passed, then fine-tuning. Under torchrun (process group initialised) each rank trains on its shard and every
     growth decision comes from rank 0.
     """
     if not isinstance(model, (GrowingCNN, GrowingTransformer)):
@@ -366,7 +377,7 @@ def grow(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[
     rank, world = _distributed()
     x = train[0]
     total = epochs * math.ceil(len(range(rank, len(x), world)) / batch_size)
-    grower = Grower(model, config, total, example=x[:1])
+    grower = Grower(model, config, total, example=x[:1], steps_per_epoch=total // epochs)
     history = _train(model, train, val, epochs, grower, lr, optimizer, batch_size, weight_decay, progress)
     if not config.retrain:
         return GrowResult(model.eval(), history)
@@ -400,6 +411,7 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
 
     opt, net = make_opt(), wrap()
     x, y = train
+    counter = FlopCounter(model, x[:1])
     seed = grower.config.seed if grower else 0
     gen = torch.Generator().manual_seed(seed)
     total = epochs * math.ceil(len(range(rank, len(x), world)) / batch_size)
@@ -415,6 +427,7 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            counter.step(len(idx))
             step += 1
             if grower is None or not grower.due(step):
                 continue
@@ -432,12 +445,15 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
                 for t in [*model.parameters(), *model.buffers()]:
                     dist.broadcast(t.data, src=0)
             opt, net = rebuild_optimizer(opt, model, carry), wrap()
+            counter.reset()
             deploy, params_train = model.param_counts()
             history.append({"epoch": epoch + 1, "step": step, "val_acc": val_acc, "growth": decision,
-                            "spec": model.spec(), "params_deploy": deploy, "params_train": params_train})
+                            "spec": model.spec(), "params_deploy": deploy, "params_train": params_train,
+                            "train_flops": counter.total})
         deploy, params_train = model.param_counts()
         history.append({"epoch": epoch + 1, "step": step, "val_acc": accuracy(model, *val) if rank == 0 else None,
-                        "spec": model.spec(), "params_deploy": deploy, "params_train": params_train})
+                        "spec": model.spec(), "params_deploy": deploy, "params_train": params_train,
+                        "train_flops": counter.total})
     if world > 1:  # DDP keeps parameters equal; BN running statistics last moved per rank
         for t in model.buffers():
             dist.broadcast(t.data, src=0)

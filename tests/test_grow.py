@@ -10,6 +10,8 @@ from torch import nn
 from adagrow.grow import (DeployBudget, GrowingCNN, GrowingTransformer, Grower, GrowthConfig, apply_growth,
                           build_from_arch, deploy_cost, grow, load_grown, reparameterize, save_grown)
 from adagrow.grow.cnn import branch_space
+from adagrow.grow.cnn import flops as cnn_flops
+from adagrow.grow.flops import forward_macs, train_flops
 from adagrow.grow.optim import rebuild_optimizer
 
 
@@ -238,14 +240,13 @@ def test_optimizer_state_is_carried() -> None:
 
 
 @pytest.mark.parametrize("family", ["vgg", "resnet", "bottleneck", "mobilenetv3"])
-def test_default_growth_preserves_function(family: str) -> None:
+def test_preserving_growth_preserves_function(family: str) -> None:
     model = _cnn(family)
     model.insert_layer(1, 1)
     x = torch.randn(3, 1, 8, 8)
     train, val = _data()
     grow(model, train, val, epochs=1, config=GrowthConfig(stop=model.spec()), lr=0.01, progress=False)  # trained BNs
-    config = GrowthConfig()
-    assert config.preserve
+    config = GrowthConfig(preserve=True)
     model.eval()
     x2 = torch.randn(5, 1, 8, 8)
     before, before2 = model(x), model(x2)
@@ -265,8 +266,62 @@ def test_default_growth_preserves_function(family: str) -> None:
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
     model.eval()
     before = model(x)
-    model.insert_layer(1, 1, preserve=False)  # the thesis' default init does change the function
+    model.insert_layer(1, 1, preserve=False)  # the thesis' init does change the function
     assert (model(x) - before).abs().max() > 1e-5
+
+
+def test_default_growth_is_the_thesis_init() -> None:
+    """By default new CNN layers keep their family's own init (BN gamma 1, not a Dirac kernel),
+    new branches a non-zero gamma, and new Transformer parameters are drawn from N(0, 0.1^2)."""
+    config = GrowthConfig()
+    assert not config.preserve
+    model = _cnn("resnet")
+    [layer] = apply_growth(model, {"kind": "depth", "stage": 1, "position": 1}, config)[1]
+    assert torch.equal(layer.last_bn().weight, torch.ones(8))
+    name = next(iter(model.rep_convs()))
+    [branch] = apply_growth(model, {"kind": "width", "branches": {name: "conv1x1"}}, config)[1]
+    assert branch.bn.weight.abs().min() == 1.0
+    vit = _vit()
+    torch.manual_seed(0)
+    [new] = apply_growth(vit, {"kind": "depth", "after": 0}, config)[1]
+    w = torch.cat([new.qkv.weight.flatten(), new.proj.weight.flatten(), new.fc2.weight.flatten()]).detach()
+    assert abs(float(w.std()) - 0.1) < 0.01 and abs(float(w.mean())) < 0.01
+    carry = apply_growth(vit, {"kind": "width"}, config)[0]
+    qkv = vit.layers[0].qkv.weight
+    fresh = torch.ones_like(qkv, dtype=torch.bool)
+    fresh[torch.meshgrid(*carry[qkv][1], indexing="ij")] = False
+    assert abs(float(qkv[fresh].std()) - 0.1) < 0.02
+
+
+def test_default_interval_is_the_thesis_epochs() -> None:
+    """CNNs grow every 3 epochs, Transformers every 5 (in optimizer steps: epochs x steps per epoch);
+    an interval in steps overrides it."""
+    assert Grower(_cnn(), GrowthConfig(), 100, steps_per_epoch=4).interval == 12
+    assert Grower(_vit(), GrowthConfig(), 100, steps_per_epoch=4).interval == 20
+    assert Grower(_cnn(), GrowthConfig(interval_epochs=1.5), 100, steps_per_epoch=4).interval == 6
+    assert Grower(_cnn(), GrowthConfig(interval=5), 100, steps_per_epoch=4).interval == 5
+    with pytest.raises(ValueError, match="interval_epochs"):
+        GrowthConfig(interval_epochs=0).validate(_cnn())
+    train, val = _data()  # 2 steps per epoch: growth at the end of epochs 3 and 6 (step 6, 12) of 10
+    res = grow(_cnn(), train, val, epochs=10, config=GrowthConfig(stop=10**9), lr=0.01, progress=False)
+    assert [(h["step"], h["epoch"]) for h in res.history if "growth" in h] == [(6, 3), (12, 6)]
+
+
+def test_train_flops_follow_the_model_as_it_grows() -> None:
+    """The history's training FLOPs add 6 x forward MACs x batch per step of the model at that step."""
+    train, val = _data()  # 72 samples: steps of 64 and 8
+    model = _cnn()
+    res = grow(model, train, val, epochs=4, config=GrowthConfig(stop="VGG-1-0-0", interval=2), lr=0.01,
+               progress=False)
+    x1 = train[0][:1]
+    small = train_flops(_cnn(), x1, 72)
+    events = [h for h in res.history if "growth" in h]
+    assert len(events) == 1 and events[0]["train_flops"] == small  # one epoch of the starting model
+    big = train_flops(res.model, x1, 72)
+    assert big > small and res.history[-1]["train_flops"] == small + 3 * big
+    assert forward_macs(_cnn(), x1) == cnn_flops(_cnn(), x1)  # no attention in a CNN
+    vit = _vit()  # 4 tokens, 2 heads x head_dim 4: q k^T and att v are 2 x (2 heads x 4 x 4 x 4) MACs a layer
+    assert forward_macs(vit, x1) - cnn_flops(vit, x1) == 2 * 2 * 4 * 4 * 4 * vit.depth
 
 
 def test_transformer_growth_preserves_function() -> None:
@@ -285,7 +340,7 @@ def test_transformer_head_growth_widens_the_residual() -> None:
     model = _vit()
     x = torch.randn(3, 1, 8, 8)
     before = model(x)
-    apply_growth(model, {"kind": "width"}, GrowthConfig())  # widen_dim: one head_dim more residual width
+    apply_growth(model, {"kind": "width"}, GrowthConfig(preserve=True))  # widen_dim: one head_dim more residual width
     assert model.dim == 16 + 4 and model.layers[0].heads == 3 and model.arch()["dim"] == 20
     assert model.pos.shape == (1, 4, 20) and model.head.weight.shape == (4, 20)
     streams = []  # the residual stream entering every layer: its 4 new features are exactly 0
