@@ -53,7 +53,7 @@ CPU_REFERENCE_NOTE = ("On CPU, PyTorch's quantized convs keep their dequantized 
 
 
 def _suite_schema() -> dict[str, Any]:
-    from adagrow.compress.schema import int_list, integer, record
+    from adagrow.schema import int_list, integer, record
     name = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"}  # also a file-name stem
     model = record({"name": name, "path": {"type": "string", "minLength": 1},
                     "backends": {"type": "array", "items": {"enum": list(BACKENDS)}, "minItems": 1,
@@ -70,7 +70,7 @@ def _suite_schema() -> dict[str, Any]:
 def load_suite(path: str | Path) -> dict[str, Any]:
     """Read and validate a suite file; errors name the file and the field (unknown or misspelled
     keys, runs < 1, batch sizes < 1, unknown backends / precisions, duplicate model names)."""
-    from adagrow.compress.schema import check
+    from adagrow.schema import check
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"suite file not found: {path}")
@@ -126,7 +126,9 @@ def unavailable(backend: str, precision: str, source: str) -> str | None:
     return None
 
 
-def _source(path: str) -> str:
+def model_source(path: str) -> str:
+    """What a model file holds: ``"onnx"``, ``"quantized"`` (an adagrow quantized checkpoint) or
+    ``"grown"`` (a grown checkpoint), from its suffix and safetensors metadata."""
     if path.endswith(".onnx"):
         return "onnx"
     from safetensors import safe_open
@@ -177,14 +179,14 @@ class _Prepared:
     def __init__(self, spec: dict, suite: dict, workdir: Path):
         from adagrow.data import load_dataset
         self.spec, self.suite, self.workdir = spec, suite, workdir
-        self.source = _source(spec["path"])
+        self.source = model_source(spec["path"])
         x_tr, _, x_te, _ = load_dataset(suite["data"], suite["size"])
         self.calib = list(x_tr[:256].split(64))
         self.example = x_te
         self.cache: dict[str, Any] = {}
 
     def _fitting(self, model: nn.Module) -> nn.Module:
-        from adagrow.compress.checks import input_shape_mismatch
+        from adagrow.checks import input_shape_mismatch
         shape = input_shape_mismatch(model, self.example)
         if shape is not None:  # ValueError, not RuntimeError: a wrong suite is an error, not a skip
             raise ValueError(f"{self.spec['path']} was grown on inputs {shape}, but the suite's data / size give "

@@ -35,7 +35,7 @@ def _check_out(path: Path, overwrite: bool, folder: bool = False) -> None:
 
 def _check_input_shape(model, x, args: argparse.Namespace) -> None:
     """Data must have the input shape the checkpoint was grown on (e.g. --size)."""
-    from adagrow.compress.checks import input_shape_mismatch
+    from adagrow.checks import input_shape_mismatch
     shape = input_shape_mismatch(model, x)
     if shape is not None:
         raise ValueError(f"{args.checkpoint} was grown on inputs {list(shape)}, but --data {args.data} --size "
@@ -272,7 +272,7 @@ def _lm_quality(model, qmodel, tokenizer, args: argparse.Namespace) -> dict[str,
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     """Every output is checked before any work, and written only once every step has succeeded."""
     import tempfile
-    from adagrow.bench import _source
+    from adagrow.bench import model_source
     from adagrow.compress import load_quantized
     from adagrow.compress.export import build_engine, export_onnx, export_triton_repository
     from adagrow.files import atomic_write
@@ -286,7 +286,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     if args.triton_repo:
         _check_out(Path(args.triton_repo) / args.name, args.overwrite, folder=True)
     x_tr, _, x_te, _ = _data(args)
-    model = load_quantized(args.checkpoint) if _source(args.checkpoint) == "quantized" else load_deploy(args.checkpoint)
+    model = load_quantized(args.checkpoint) if model_source(args.checkpoint) == "quantized" else load_deploy(args.checkpoint)
     _check_input_shape(model, x_te, args)
     result: dict[str, Any] = {"out": str(out)}
     with tempfile.TemporaryDirectory(prefix="adagrow-export-") as tmp:

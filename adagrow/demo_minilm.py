@@ -22,6 +22,7 @@ from adagrow.files import write_json, write_text
 from adagrow.hf import cosine_to, embed, load_hf, tokenize
 from adagrow.hf_text import CALIBRATION, HELD_OUT
 from adagrow.models import minilm_path
+from adagrow.threads import torch_threads
 
 METHODS = [  # (method label, precision, config)
     ("RTN g128", "W4", QuantConfig(bits=4, group_size=128, method="rtn")),
@@ -112,12 +113,16 @@ def check_server_folder(qmodel: nn.Module, tokenizer: Any, held: list, folder: P
 
 def run_minilm_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: bool = True,
                     threads: int = 2) -> dict[str, Any]:
-    """Run the MiniLM demo; every figure in the table is measured in this run."""
-    out = Path(out)
+    """Run the MiniLM demo on ``threads`` torch threads (restored afterwards); every figure in the
+    table is measured in this run."""
+    with torch_threads(threads):
+        return _run(Path(out), fast, overwrite, progress, threads)
+
+
+def _run(out: Path, fast: bool, overwrite: bool, progress: bool, threads: int) -> dict[str, Any]:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its files or choose --out")
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(threads)
     say = print if progress else (lambda *a, **k: None)
     runs = 10 if fast else 50
     methods = METHODS[:3] if fast else METHODS  # fast: RTN, OBS act order, OBS defaults at W4

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import check_calibration
+from adagrow.checks import check_calibration
 
 Call = tuple[tuple, dict[str, Any]]  # positional and keyword arguments of one model call
 

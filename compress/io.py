@@ -20,16 +20,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from adagrow import __version__
+from adagrow.archs import build_arch, hf_record
+from adagrow.checks import check_finite
 from adagrow.files import save_state
+from adagrow.schema import MODULE_PATH, check, field_name, input_shape, int_list, integer, record
 from adagrow.packed import padded_k
 
-from .archs import build_arch, hf_record
-from .checks import check_finite
 from .groups import GROUP_MODES
 from .layer import geometry, set_module
 from .order import ORDERS
-from .qmodules import _DTYPES, _QuantLayer, quant_layer_from_meta
-from .schema import MODULE_PATH, check, field_name, input_shape, int_list, integer, record
+from .qmodules import SCALE_DTYPES, QuantLayer, quant_layer_from_meta
 from .server_formats import guard_save_pretrained, shared_aliases
 
 FORMAT = "adagrow-quantized"
@@ -44,7 +44,7 @@ _LAYER = {
                                        {"type": "integer", "minimum": 8, "maximum": _BIG, "multipleOf": 8},
                                        {"enum": list(GROUP_MODES)}]},
               "sym": {"type": "boolean"}, "order": {"enum": list(ORDERS)}, "n_groups": integer(1, _BIG),
-              "scale_dtype": {"enum": list(_DTYPES)}, "bias": {"type": "boolean"},
+              "scale_dtype": {"enum": list(SCALE_DTYPES)}, "bias": {"type": "boolean"},
               "groups": integer(1, _BIG), "in_channels": integer(1, _BIG), "kernel_size": int_list(1, 1024, 2, 2),
               "stride": int_list(1, 1024, 2, 2), "padding": int_list(0, 1024, 2, 2),
               "dilation": int_list(1, 1024, 2, 2)}, optional=_CONV_FIELDS),
@@ -64,7 +64,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
     """Write a quantized model atomically (temp file + rename). Refuses to replace an existing
     file unless ``overwrite=True``, and refuses a model with NaN/inf tensors. Returns the path."""
     path = Path(path)
-    layers = {n: m.meta for n, m in model.named_modules() if isinstance(m, _QuantLayer)}
+    layers = {n: m.meta for n, m in model.named_modules() if isinstance(m, QuantLayer)}
     if not layers:
         raise ValueError("save_quantized: the model has no quantized layers; run quantize() first")
     if path.exists() and not overwrite:
@@ -113,18 +113,14 @@ def _build_arch(arch: dict[str, Any] | None, deploy: bool, path: Path) -> nn.Mod
     if arch is None:
         raise ValueError(f"{path}: field arch: the checkpoint records no architecture (the model has no "
                          "adagrow_arch()); pass model= with a float model of the same architecture")
-    model = build_arch(arch, str(path)).eval()
-    if deploy:
-        from adagrow.grow.reparam import reparameterize
-        model = reparameterize(model)
-    return model
+    return build_arch(arch, str(path), deploy=deploy).eval()
 
 
 def _check_layer(path: Path, name: str, lmeta: dict[str, Any], layer: nn.Module) -> None:
     """The layer metadata must describe the model's layer exactly and a valid group layout."""
     field = field_name("layers", [name])
     try:
-        geo = layer.geo if isinstance(layer, _QuantLayer) else geometry(layer, name)
+        geo = layer.geo if isinstance(layer, QuantLayer) else geometry(layer, name)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: field {field}: the model's layer cannot be quantized: {exc}") from exc
     expected = {**geo.meta(), "bias": layer.bias is not None}
@@ -149,7 +145,7 @@ def _check_layer(path: Path, name: str, lmeta: dict[str, Any], layer: nn.Module)
 
 
 def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], qmodel: nn.Module,
-                   qlayers: dict[str, _QuantLayer]) -> None:
+                   qlayers: dict[str, QuantLayer]) -> None:
     """Every tensor the model needs is in the file with the right shape and dtype, finite, and
     the group parameters are valid for their metadata."""
     expected = qmodel.state_dict()

@@ -27,11 +27,10 @@ from .groups import check_group_size
 from .layer import geometry, set_module
 from .obs import OBSQuantizer, QuantResult, rtn_quantize
 from .order import check_order
-from .qmodules import _QuantLayer, from_result
+from .qmodules import SCALE_DTYPES, QuantLayer, from_result
 from .server_formats import guard_save_pretrained
 
 METHODS = ("obs", "rtn")
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_IGNORE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out")
 
 
@@ -103,7 +102,7 @@ def _targets(model: nn.Module, config: QuantConfig) -> tuple[dict[str, nn.Module
     found, left, matched = {}, {}, set()
     tied = _tied(model)
     for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or isinstance(mod, _QuantLayer):
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or isinstance(mod, QuantLayer):
             continue
         hits = [p for p in config.skip if fnmatch.fnmatchcase(name, p)]
         matched.update(hits)

@@ -26,10 +26,10 @@ from .cpu_path import INT4_DTYPES, int4_linear, kernel_group, pack_int4
 from .layer import LayerGeometry, geometry, matrix_to_weight, reference_forward
 from .obs import QuantResult
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class _QuantLayer(nn.Module):
+class QuantLayer(nn.Module):
     """Shared body of QuantLinear / QuantConv2d, built from a metadata dict (see from_result).
 
     4-bit layers run the Triton kernels on CUDA fp16/bf16 inputs; on CPU see the module
@@ -50,7 +50,7 @@ class _QuantLayer(nn.Module):
                                  tuple(m.get("dilation", (1, 1))))
         self.bits, self.group_size = m["bits"], m["group_size"]
         n, k_pad = self.geo.out_features, padded_k(self.geo.k, self.group_size)
-        sdt = _DTYPES[m["scale_dtype"]]
+        sdt = SCALE_DTYPES[m["scale_dtype"]]
         self.register_buffer("qweight", torch.zeros(k_pad // codes_per_word(self.bits), n, dtype=torch.int32))
         self.register_buffer("scales", torch.ones(m["n_groups"], n, dtype=sdt))
         self.register_buffer("zeros", torch.zeros(m["n_groups"], n, dtype=sdt))
@@ -106,7 +106,7 @@ class _QuantLayer(nn.Module):
         return f"{self.geo.k}x{self.geo.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
-class QuantLinear(_QuantLayer):
+class QuantLinear(QuantLayer):
     """Linear layer with packed low-bit weights."""
 
     def _cpu_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -122,7 +122,7 @@ class QuantLinear(_QuantLayer):
         return y if bias is None else y + bias
 
 
-class QuantConv2d(_QuantLayer):
+class QuantConv2d(QuantLayer):
     """Conv2d (grouped / depthwise too) with packed low-bit weights in (ky, kx, cin) K order.
     Keeps its dequantized CPU weight by default (``cache_dequantized``), as the ONNX Runtime
     export does: 4-bit on disk, float in memory."""
@@ -161,7 +161,7 @@ def from_result(layer: nn.Module, res: QuantResult, name: str = "layer") -> _Qua
     return mod.to(layer.weight.device)
 
 
-def quant_layer_from_meta(meta: dict[str, Any]) -> _QuantLayer:
+def quant_layer_from_meta(meta: dict[str, Any]) -> QuantLayer:
     """An empty quantized layer with the buffers a checkpoint's layer metadata describes."""
     return (QuantConv2d if meta["kind"] == "conv" else QuantLinear)(meta)
 

@@ -32,7 +32,7 @@ from torch import nn
 from adagrow.files import atomic_write, write_json
 from adagrow.packed import unpack_codes
 
-from .qmodules import QuantLinear, _QuantLayer
+from .qmodules import QuantLinear, QuantLayer
 
 FORMATS = ("compressed-tensors", "gptq")
 WEIGHTS = "model.safetensors"
@@ -96,7 +96,7 @@ def whole_group_size(ks: Iterable[int], requested: int, fmt: str, explicit: bool
 def _linear_layers(qmodel: nn.Module, fmt: str) -> dict[str, QuantLinear]:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, _QuantLayer)}
+    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
     if not layers:
         raise ValueError("save_compressed: the model has no quantized layers; run quantize() first")
     convs = [n for n, m in layers.items() if not isinstance(m, QuantLinear)]

@@ -2,7 +2,7 @@
 target backend after reparameterization.
 
 Backends: ``torch`` times the deploy PyTorch model (eager, every RepConv2d fused); ``ort-cpu``
-exports it with the fp32 ONNX path of ``adagrow.compress.export`` and times an ONNX Runtime CPU
+exports it to ONNX (fp32, the TorchScript exporter: no adagrow.compress dependency) and times an ONNX Runtime CPU
 session. Latency is the median of ``runs`` timed batch-1 calls on ``threads`` threads.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from adagrow.threads import torch_threads
 
 from .cnn import flops
 from .reparam import reparameterize
@@ -70,20 +72,20 @@ def deploy_latency_ms(deploy: nn.Module, example: torch.Tensor, backend: str = "
     """Median batch-1 latency (ms) of a deploy-form model on ``backend`` (see module docstring)."""
     x = example[:1]
     if backend == "torch":
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                return median_ms(lambda: deploy(x), runs)
-        finally:
-            torch.set_num_threads(before)
+        with torch_threads(threads), torch.no_grad():
+            return median_ms(lambda: deploy(x), runs)
     if backend == "ort-cpu":
-        from adagrow.compress.export import export_onnx, ort_session
+        import onnxruntime as ort  # the fp32 graph as adagrow.compress.export writes it, timed alone
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "deploy.onnx"
-            export_onnx(deploy, x, path, "fp32", progress=False)
-            sess = ort_session(path, threads=threads, spinning=False)
-            feed = {sess.get_inputs()[0].name: x.numpy()}
+            with torch.no_grad():
+                torch.onnx.export(deploy, (x,), str(path), dynamo=False, input_names=["input"])
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            feed = {"input": x.numpy()}
             return median_ms(lambda: sess.run(None, feed), runs)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 

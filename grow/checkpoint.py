@@ -10,7 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from adagrow.archs import build_arch, grown_record
+from adagrow.checks import check_finite
 from adagrow.files import save_state
+from adagrow.schema import check, input_shape
 
 from .cnn import GrowingCNN
 from .reparam import RepConv2d, reparameterize
@@ -69,9 +72,6 @@ def load_grown(path: str | os.PathLike) -> nn.Module:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a grown-model checkpoint (format "
                          f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    from adagrow.compress.archs import build_arch, grown_record  # checks every field of the record
-    from adagrow.compress.checks import check_finite
-    from adagrow.compress.schema import check, input_shape
     model = build_arch(grown_record(meta.get("arch")), str(path), args_root="arch")
     check(meta.get("input_shape"), input_shape(), str(path), "input_shape")
     check_finite(tensors, str(path))

@@ -184,7 +184,7 @@ class GrowingCNN(nn.Module):
                           for n, m in self.named_modules() if isinstance(m, RepConv2d)}}
 
     def adagrow_arch(self) -> dict[str, Any]:
-        """The architecture record (``adagrow.compress.archs``): the family names it."""
+        """The architecture record (``adagrow.archs``): the family names it."""
         return {"name": self.family, "args": {k: v for k, v in self.arch().items() if k not in ("type", "family")}}
 
     # ------------------------------------------------------------------ growth operations

@@ -46,7 +46,7 @@ class RepCNN(nn.Module):
 
     def adagrow_arch(self) -> dict[str, Any]:
         """How :func:`adagrow.compress.load_quantized` rebuilds this architecture (a record
-        checked by ``adagrow.compress.archs``)."""
+        checked by ``adagrow.archs``)."""
         return {"name": "repcnn", "args": dict(self._kwargs)}
 
 

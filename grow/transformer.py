@@ -134,7 +134,7 @@ class GrowingTransformer(nn.Module):
         return {"type": "transformer", **self.cfg, "layer_heads": [layer.heads for layer in self.layers]}
 
     def adagrow_arch(self) -> dict[str, Any]:
-        """The architecture record (``adagrow.compress.archs``)."""
+        """The architecture record (``adagrow.archs``)."""
         return {"name": "transformer", "args": {k: v for k, v in self.arch().items() if k != "type"}}
 
     def param_counts(self) -> tuple[int, int]:

@@ -7,21 +7,16 @@
 Each op has a pure-PyTorch reference (used on CPU and by the tests) and a fake implementation
 for torch.compile / CUDA graphs. On CPU the kernels run only under ``TRITON_INTERPRET=1``.
 """
-if __name__ != "adagrow.kernels":  # the folder is on sys.path as a top-level name (run from a checkout)
-    # transformers probes an optional package named ``kernels`` by importing it; a module without
-    # ``__file__`` reads as "not installed" there, and any use of it names the right import.
-    __file__ = None  # type: ignore[assignment]
+if __name__ != "adagrow.kernels":  # found as a top-level name from a checkout: see adagrow.checkout
+    from adagrow.checkout import stand_in
 
-    def __getattr__(name: str) -> None:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise ImportError("this folder is the package adagrow.kernels: import it as adagrow.kernels "
-                          "(importing it as 'kernels' would load second copies of its modules)")
+    __getattr__ = stand_in("kernels")
+    __path__: list[str] = []
 else:
     from .conv import fused_conv2d, fused_conv2d_ref
     from .convert import to_kernels
     from .modules import FusedConv2d
     from .w4a16 import load_tuning, lookup_config, save_tuning, tune, w4a16_matmul, w4a16_matmul_ref
 
-__all__ = ["w4a16_matmul", "w4a16_matmul_ref", "fused_conv2d", "fused_conv2d_ref", "FusedConv2d",
-           "to_kernels", "tune", "save_tuning", "load_tuning", "lookup_config"]
+    __all__ = ["w4a16_matmul", "w4a16_matmul_ref", "fused_conv2d", "fused_conv2d_ref", "FusedConv2d",
+               "to_kernels", "tune", "save_tuning", "load_tuning", "lookup_config"]

@@ -56,7 +56,7 @@ DW_CONFIGS: list[tuple[int, int, int]] = [(64, 64, 4), (32, 64, 4), (16, 64, 2)]
 MIN_DOT_K = 16  # tl.dot needs K blocks of at least 16
 
 
-def _torch_act(y: torch.Tensor, act: str) -> torch.Tensor:
+def apply_act(y: torch.Tensor, act: str) -> torch.Tensor:
     if act == "relu":
         return F.relu(y)
     if act == "silu":
@@ -96,7 +96,7 @@ def fused_conv2d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                  stride, padding, dilation, groups).permute(0, 2, 3, 1)
     if residual is not None:
         y = y + residual.float()
-    return _torch_act(y, act).to(x.dtype)
+    return apply_act(y, act).to(x.dtype)
 
 
 def conv_error_bound(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, bias: torch.Tensor | None,

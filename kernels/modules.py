@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conv import ACTS, _torch_act, conv_weight_matrix, fused_conv2d
+from .conv import ACTS, apply_act, conv_weight_matrix, fused_conv2d
 from .w4a16 import use_triton
 
 
@@ -62,7 +62,7 @@ class FusedConv2d(nn.Module):
         if self.weight is not None and not (use_triton(x) and x.dtype in (torch.float16, torch.bfloat16)):
             y = nn.functional.conv2d(x, self.conv_weight().to(x.dtype), bias, self.stride, self.padding,
                                      self.dilation, self.groups)
-            return _torch_act(y if residual is None else y + residual, self.act)
+            return apply_act(y if residual is None else y + residual, self.act)
         if not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # NHWC from here on
         res = None if residual is None else residual.permute(0, 2, 3, 1)

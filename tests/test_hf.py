@@ -68,10 +68,19 @@ def test_padded_positions_never_enter_a_hessian(monkeypatch) -> None:
         h1, n1 = one_by_one[name]
         expected = len(sents) if name == "pooler.dense" else tokens
         assert n == n1 == expected, name
-        assert torch.allclose(h, h1, rtol=1e-4, atol=1e-6 * float(h1.abs().max())), name
-    # without the mask the padding enters (the check above can fail)
+        assert _close(h, h1), name
+    # without the mask the padding enters (both checks above can fail)
     ids_only = _hessians(monkeypatch, bert, [{"input_ids": _padded(sents)["input_ids"]}])
     assert ids_only["encoder.layer.0.attention.self.query"][1] > tokens
+    assert not _close(ids_only["encoder.layer.1.output.dense"][0], one_by_one["encoder.layer.1.output.dense"][0])
+
+
+def _close(h: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Hessians equal up to float summation order, including the order's effect on the quantized
+    prefix: batching changes the order, and a rounding tie can move one 8-bit code by 1 (seen on
+    some CPUs), which moves later layers' Hessians by ~1e-4 of their scale; a padded position
+    entering moves them by O(1)."""
+    return torch.allclose(h, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
 
 
 def test_calibration_input_forms_agree() -> None:
@@ -268,7 +277,7 @@ def test_load_quantized_rebuilds_hf_model_from_its_config(tmp_path) -> None:
         assert read_metadata(path)["arch"]["name"] == "hf"
         rebuilt = load_quantized(path)  # no model=
         assert type(rebuilt) is type(q) and torch.equal(_out(rebuilt, batch), _out(q, batch))
-    from adagrow.compress.archs import build_arch
+    from adagrow.archs import build_arch
     record = read_metadata(path)["arch"]
     record["args"]["config"]["auto_map"] = {"AutoModel": "evil.Model"}
     with pytest.raises(ValueError, match="arch.args.config"):

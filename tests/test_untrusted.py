@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from adagrow.cli import main
 from adagrow.compress import QuantConfig, load_quantized, quantize, save_quantized
-from adagrow.compress.archs import ARCHITECTURES, build_arch
+from adagrow.archs import ARCHITECTURES, build_arch, names
 from adagrow.grow import GrowingCNN, GrowingTransformer, load_grown, save_grown
 from adagrow.grow.nets import RepCNN, TinyViT
 from adagrow.grow.reparam import reparameterize
@@ -144,7 +144,7 @@ def test_registry_covers_every_adagrow_arch() -> None:
         assert type(rebuilt) is type(model)
         assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
                {k: v.shape for k, v in model.state_dict().items()}
-    assert {m.adagrow_arch()["name"] for m in models} == set(ARCHITECTURES) - {"hf"}  # "hf": tests/test_hf.py
+    assert {m.adagrow_arch()["name"] for m in models} == set(names()) - {"hf"}  # "hf": tests/test_hf.py
     with pytest.raises(ValueError, match="f.json: field arch.args: architecture 'tinyvit' cannot be built"):
         build_arch({"name": "tinyvit", "args": {**models[1].adagrow_arch()["args"], "patch": 5}}, "f.json")
 

@@ -30,7 +30,7 @@ from adagrow.packed import unpack_codes
 
 from ..layer import set_module
 from ..model import QuantConfig, quantize
-from ..qmodules import QuantLinear, _QuantLayer
+from ..qmodules import QuantLinear, QuantLayer
 from .calibrate import CALIB_METHODS, collect_stats, threshold
 from .inputs import INPUT, OUTPUT, InputSpec, NamedForward, input_spec, named_inputs, resize_sequence, \
     stack_batches, to_numpy
@@ -86,10 +86,10 @@ def _check_exportable(model: nn.Module) -> None:
                          "form: adagrow.grow.reparam.reparameterize(model.eval())")
 
 
-def _float_twin(qmodel: nn.Module) -> tuple[nn.Module, dict[str, _QuantLayer]]:
+def _float_twin(qmodel: nn.Module) -> tuple[nn.Module, dict[str, QuantLayer]]:
     """Replace quantized layers by float layers holding the dequantized weights."""
     model = copy.deepcopy(qmodel)
-    qlayers = {n: m for n, m in qmodel.named_modules() if isinstance(m, _QuantLayer)}
+    qlayers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
     for name, q in qlayers.items():
         g = q.geo
         if isinstance(q, QuantLinear):
@@ -105,7 +105,7 @@ def _float_twin(qmodel: nn.Module) -> tuple[nn.Module, dict[str, _QuantLayer]]:
     return model, qlayers
 
 
-def _w4_weight(q: _QuantLayer) -> W4Weight | None:
+def _w4_weight(q: QuantLayer) -> W4Weight | None:
     """The ONNX DequantizeLinear form of a 4-bit layer, or None when its groups have none."""
     g, gs = q.geo, q.group_size
     codes = unpack_codes(q.qweight.cpu(), 4)[:, : g.k].numpy().astype(np.uint8)  # [N, K] canonical
@@ -227,7 +227,7 @@ def _int8(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tenso
     if weights == "obs":
         cfg = QuantConfig(bits=wbits, sym=True, group_size=-1, linear_group_size=-1, order="act")
         qmodel = _quantize(work, spec, batches, cfg, progress)
-        qlayers = {n: m for n, m in qmodel.named_modules() if isinstance(m, _QuantLayer)}
+        qlayers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
         dense = {f"{n}.weight": work.get_submodule(n).weight.detach().numpy() for n in qlayers}
         match = _match_initializers(graph.graph, dense)
         missing = [k for k in dense if k not in match]
@@ -272,14 +272,14 @@ def _int8(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tenso
 def _w4(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tensor]], report: ExportReport, *,
         quant_config: QuantConfig | None, accuracy_level: int | None, progress: bool) -> onnx.ModelProto:
     """The W4 graph: MatMulNBits for Linear weights, blocked int4 DequantizeLinear otherwise."""
-    if not any(isinstance(m, _QuantLayer) for m in model.modules()):
+    if not any(isinstance(m, QuantLayer) for m in model.modules()):
         cfg = quant_config or QuantConfig(bits=4, group_size="tier", linear_group_size=32)
         if cfg.bits != 4:
             raise ValueError(f"w4 export needs bits=4, quant_config has bits={cfg.bits}")
         if cfg.method == "obs" and not batches:
             raise ValueError("w4 export with OBS needs calibration batches (calib=...), or use method='rtn'")
         model = _quantize(model, spec, batches, cfg, progress)
-    bad = [n for n, m in model.named_modules() if isinstance(m, _QuantLayer) and m.bits != 4]
+    bad = [n for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.bits != 4]
     if bad:
         raise ValueError(f"w4 export: layers {bad} are not 4-bit")
     twin, qlayers = _float_twin(model)
@@ -373,7 +373,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor | Mapping[str, tor
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     _check_exportable(model)
     model = copy.deepcopy(model).cpu().float().eval()
-    has_quant = any(isinstance(m, _QuantLayer) for m in model.modules())
+    has_quant = any(isinstance(m, QuantLayer) for m in model.modules())
     if has_quant and precision != "w4":
         raise ValueError(f"the model holds quantized layers: export precision='w4', or export the float "
                          f"deploy model for {precision!r}")

@@ -1,56 +1,69 @@
 """Architecture records are data: a registered name plus arguments checked against a schema.
 
-A checkpoint records ``{"name": "vgg", "args": {...}}``. Loading looks the name up in
-:data:`ARCHITECTURES` (a static table written in code; nothing read from a file can add to it or
-name a module/function), checks every argument's type and range, and only then calls the
-builder. Builders import their model code lazily, so ``adagrow.compress`` imports alone.
+A checkpoint records ``{"name": "vgg", "args": {...}}``. Loading looks the name up in the
+registry :data:`ARCHITECTURES`, checks every argument's type and range against the entry's JSON
+schema, and only then calls the builder. Nothing read from a file can add an entry or name a
+module or function.
 
-To support a new architecture, add an :class:`Architecture` entry to :data:`ARCHITECTURES`.
+This module is the core layer's meeting point (docs/design.md §1): model families register their
+entries with :func:`register` from their own package (``adagrow.grow.archs`` registers the grown
+CNN / Transformer families), and the loaders in ``adagrow.compress`` and ``adagrow.grow`` build
+through it, so neither imports the other. The names a provider registers are listed in
+:data:`PROVIDERS`, a fixed table in code; :func:`lookup` imports the provider of a name on first use.
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from .schema import MODULE_PATH, check, int_list, integer, record
-
-MAX_CHANNELS = 8192
-MAX_CLASSES = 1_000_000
-MAX_DEPTH = 256
-_CH = integer(1, MAX_CHANNELS)
-_ODD_KERNEL = {**integer(1, 31), "not": {"multipleOf": 2}}
-_BRANCH = {"type": "string", "maxLength": 32,
-           "pattern": r"^(bn|(conv|avg)[1-9][0-9]?x[1-9][0-9]?|conv1x1-conv[1-9][0-9]?x[1-9][0-9]?)$"}
-_BRANCHES = {"type": "array", "items": _BRANCH, "minItems": 1, "maxItems": 64}
+from .schema import check, record
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """A buildable architecture: ``build(args) -> nn.Module`` and the JSON schema of ``args``."""
+    """A buildable architecture: ``build(args) -> nn.Module`` (the train-time form), the JSON
+    schema of ``args``, and optionally ``deploy(model) -> nn.Module`` (the inference form, e.g.
+    every re-parameterizable block fused)."""
 
     build: Callable[[dict[str, Any]], nn.Module]
     schema: dict[str, Any]
     doc: str
+    deploy: Callable[[nn.Module], nn.Module] | None = None
 
 
-def _repcnn(args: dict[str, Any]) -> nn.Module:
-    from adagrow.grow.nets import RepCNN
-    return RepCNN(**{**args, "widths": tuple(args["widths"]), "branches": tuple(args["branches"])})
+ARCHITECTURES: dict[str, Architecture] = {}
+
+# provider module -> the names it registers when imported (a fixed table: never read from a file)
+PROVIDERS: dict[str, tuple[str, ...]] = {
+    "adagrow.grow.archs": ("repcnn", "tinyvit", "vgg", "resnet", "bottleneck", "mobilenetv3", "transformer"),
+}
+_PROVIDER_OF = {name: module for module, names in PROVIDERS.items() for name in names}
 
 
-def _tinyvit(args: dict[str, Any]) -> nn.Module:
-    from adagrow.grow.nets import TinyViT
-    return TinyViT(**args)
+def register(name: str, arch: Architecture) -> None:
+    """Add ``arch`` under ``name``; a name is registered once (re-registering the same entry is a
+    no-op, a different one is an error)."""
+    if ARCHITECTURES.get(name, arch) != arch:
+        raise ValueError(f"architecture {name!r} is already registered")
+    ARCHITECTURES[name] = arch
 
 
-def _grown_cnn(family: str) -> Callable[[dict[str, Any]], nn.Module]:
-    def build(args: dict[str, Any]) -> nn.Module:
-        from adagrow.grow.checkpoint import build_from_arch
-        return build_from_arch({"type": "cnn", "family": family, **args})
-    return build
+def names() -> list[str]:
+    """Every architecture name a record may use (registered or provided on first use)."""
+    return sorted({*ARCHITECTURES, *_PROVIDER_OF})
+
+
+def lookup(name: str) -> Architecture:
+    """The entry of ``name``, importing its provider from :data:`PROVIDERS` if needed."""
+    if name not in ARCHITECTURES and name in _PROVIDER_OF:
+        importlib.import_module(_PROVIDER_OF[name])
+    if name not in ARCHITECTURES:
+        raise KeyError(f"unknown architecture {name!r}; known: {names()}")
+    return ARCHITECTURES[name]
 
 
 # Hugging Face transformers models: a built-in model_type, a task naming one of transformers' own
@@ -102,42 +115,7 @@ def hf_record(model: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def _transformer(args: dict[str, Any]) -> nn.Module:
-    from adagrow.grow.checkpoint import build_from_arch
-    return build_from_arch({"type": "transformer", **args})
-
-
-_REPCNN = record({"in_channels": _CH, "num_classes": integer(1, MAX_CLASSES),
-                  "widths": int_list(1, MAX_CHANNELS, 1, 8), "depth": integer(0, MAX_DEPTH),
-                  "kernel_size": _ODD_KERNEL, "stem_width": _CH, "branches": _BRANCHES})
-_TINYVIT = record({"img_size": integer(1, 4096), "patch": integer(1, 256), "in_channels": _CH,
-                   "num_classes": integer(1, MAX_CLASSES), "dim": _CH, "depth": integer(0, MAX_DEPTH),
-                   "heads": integer(1, 1024), "mlp_ratio": integer(1, 64)})
-# grow/cnn.py GrowingCNN.arch() without "type"/"family" (the family is the record's name)
-_GROWN_CNN = record({
-    "widths": int_list(1, MAX_CHANNELS, 3, 4), "in_channels": _CH, "num_classes": integer(1, MAX_CLASSES),
-    "depths": int_list(0, MAX_DEPTH, 3, 4),
-    "convs": {"type": "object", "maxProperties": 100_000, "propertyNames": {"pattern": MODULE_PATH},
-              "additionalProperties": record({"kernel_size": {"type": "array", "items": _ODD_KERNEL,
-                                                              "minItems": 2, "maxItems": 2},
-                                              "branches": _BRANCHES})}})
-# grow/transformer.py GrowingTransformer.arch() without "type"; depth and heads are the starting
-# values (the built model has one layer per layer_heads entry)
-_TRANSFORMER = record({
-    "kind": {"enum": ["vit", "bert"]}, "dim": _CH, "head_dim": integer(1, 1024), "heads": integer(1, 1024),
-    "depth": integer(1, MAX_DEPTH), "mlp_per_head": integer(1, 65536), "num_classes": integer(1, MAX_CLASSES),
-    "img_size": integer(1, 4096), "patch": integer(1, 256), "in_channels": _CH,
-    "vocab_size": integer(1, 10_000_000), "max_len": integer(1, 1 << 20),
-    "layer_heads": int_list(1, 1024, 1, MAX_DEPTH)})
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "repcnn": Architecture(_repcnn, _REPCNN, "adagrow.grow.nets.RepCNN"),
-    "tinyvit": Architecture(_tinyvit, _TINYVIT, "adagrow.grow.nets.TinyViT"),
-    **{family: Architecture(_grown_cnn(family), _GROWN_CNN, f"adagrow.grow.cnn.GrowingCNN({family!r})")
-       for family in ("vgg", "resnet", "bottleneck", "mobilenetv3")},
-    "transformer": Architecture(_transformer, _TRANSFORMER, "adagrow.grow.transformer.GrowingTransformer"),
-    "hf": Architecture(_hf, _HF, "transformers AutoConfig.for_model(model_type, **config) + Auto<task>.from_config"),
-}
+register("hf", Architecture(_hf, _HF, "transformers AutoConfig.for_model(model_type, **config) + Auto<task>.from_config"))
 
 
 def grown_record(arch: Any) -> Any:
@@ -159,20 +137,26 @@ def validate_arch(arch: Any, where: str, root: str = "arch",
     key (such as an import path), a missing, extra or mistyped argument or a value out of range.
     Errors call the record ``root`` and its arguments ``args_root`` (default ``<root>.args``).
     """
-    check(arch, record({"name": {"enum": sorted(ARCHITECTURES)}, "args": {"type": "object"}}), where, root)
+    check(arch, record({"name": {"enum": names()}, "args": {"type": "object"}}), where, root)
     name = arch["name"]
-    check(arch["args"], ARCHITECTURES[name].schema, where, args_root or f"{root}.args")
+    check(arch["args"], lookup(name).schema, where, args_root or f"{root}.args")
     return name, arch["args"]
 
 
-def build_arch(arch: Any, where: str, root: str = "arch", args_root: str | None = None) -> nn.Module:
-    """The freshly initialised model an architecture record describes (see :func:`validate_arch`)."""
+def build_arch(arch: Any, where: str, root: str = "arch", args_root: str | None = None,
+               deploy: bool = False) -> nn.Module:
+    """The freshly initialised model an architecture record describes (see :func:`validate_arch`);
+    with ``deploy=True`` its inference form (the entry's ``deploy``, e.g. branches fused)."""
     name, args = validate_arch(arch, where, root, args_root)
+    entry = lookup(name)
+    if deploy and entry.deploy is None:
+        raise ValueError(f"{where}: field {root}: architecture {name!r} has no deploy form")
     try:
-        return ARCHITECTURES[name].build(args)
+        model = entry.build(args)
+        return entry.deploy(model.eval()) if deploy else model
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise ValueError(f"{where}: field {args_root or root + '.args'}: architecture {name!r} cannot be built from "
                          f"these arguments: {exc}") from exc
 
 
-__all__ = ["Architecture", "ARCHITECTURES", "validate_arch", "build_arch", "grown_record", "hf_record"]
+__all__ = ["Architecture", "ARCHITECTURES", "PROVIDERS", "register", "lookup", "names", "validate_arch", "build_arch", "grown_record", "hf_record"]
