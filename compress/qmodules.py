@@ -144,7 +144,7 @@ def _cacheable(x: torch.Tensor) -> bool:
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
-def from_result(layer: nn.Module, res: QuantResult, name: str = "layer") -> _QuantLayer:
+def from_result(layer: nn.Module, res: QuantResult, name: str = "layer") -> QuantLayer:
     """A QuantLinear / QuantConv2d holding ``res``'s packed weights and the float layer's bias."""
     geo = geometry(layer, name)
     meta = {**geo.meta(), "bits": res.bits, "group_size": res.group_size, "sym": res.sym, "order": res.order,
