@@ -12,7 +12,8 @@ from typing import Any
 
 from adagrow import __version__
 
-DATA_HELP = "digits (bundled, default) | cifar10:/path/to/cifar-10-batches-py | npz:/path/file.npz (arrays x, y)"
+DATA_HELP = ("digits (bundled, default) | cluttered[:difficulty] (seeded, harder; difficulty in [0, 1], default 0.6) | "
+             "cifar10:/path/to/cifar-10-batches-py | npz:/path/file.npz (arrays x, y)")
 
 
 def _data(args: argparse.Namespace):
