@@ -158,6 +158,7 @@ class _Run:
         self.report: dict[str, dict[str, float]] = {}
         self.deferred: list[tuple[str, nn.Module, QuantResult]] = []
         self.target: torch.Tensor | None = None  # the float model's input to the layer, for the next call
+        self.before_block: Callable[[str], None] | None = None
 
     def layer(self, name: str, run: Callable[[], None] | None = None, stop_early: bool = False,
               defer: bool = False) -> None:
@@ -260,6 +261,8 @@ def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict
     float_target = run.config.float_target and run.config.method == "obs"
     finputs = inputs
     for block in blocks:
+        if run.before_block is not None:
+            run.before_block(block)
         mod = model.get_submodule(block)
         names = [n for n in layers if n == block or n.startswith(block + ".")]
         groups = input_groups(names, calls, shares_input)
@@ -314,7 +317,14 @@ def quantize(model: nn.Module, calib: Iterable | Callable[[nn.Module], Any] | No
     why) in ``["float"]``, the block list calibrated block by block in ``["blocks"]``.
     """
     config = copy.deepcopy(config or QuantConfig()).validate()
-    qmodel = (model if inplace else copy.deepcopy(model)).eval()
+    return quantize_model(model if inplace else copy.deepcopy(model), calib, config, progress)
+
+
+def quantize_model(qmodel: nn.Module, calib: Iterable | Callable[[nn.Module], Any] | None, config: QuantConfig,
+                   progress: bool, before_block: Callable[[str], None] | None = None) -> nn.Module:
+    """:func:`quantize` in place with a validated ``config``; ``before_block(name)`` runs before
+    each block is calibrated (:mod:`.onload` loads the block's weights there)."""
+    qmodel.eval()
     targets, left = _targets(qmodel, config)
     cal = Calibration(calib, qmodel)
     if not cal and config.method == "obs":
@@ -322,7 +332,7 @@ def quantize(model: nn.Module, calib: Iterable | Callable[[nn.Module], Any] | No
     mask = TokenMask(qmodel)
     try:
         with _calibration_mode(qmodel):
-            report, blocks = _quantize(qmodel, targets, left, cal, mask, config, progress)
+            report, blocks = _quantize(qmodel, targets, left, cal, mask, config, progress, before_block)
     finally:
         mask.remove()
     qmodel.adagrow_quant = {"config": asdict(config), "layers": report, "float": left, "blocks": blocks}
@@ -331,7 +341,8 @@ def quantize(model: nn.Module, calib: Iterable | Callable[[nn.Module], Any] | No
 
 
 def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, str], cal: Calibration,
-              mask: TokenMask, config: QuantConfig, progress: bool) -> tuple[dict, list[str]]:
+              mask: TokenMask, config: QuantConfig, progress: bool,
+              before_block: Callable[[str], None] | None) -> tuple[dict, list[str]]:
     blocks: list[str] = []
     if cal:
         probe = Probe(qmodel, targets, candidates(qmodel, list(targets)) if config.method == "obs" else [])
@@ -340,7 +351,7 @@ def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, 
         unused = [n for n in targets if n not in calls]
         if unused:
             left.update({n: "never called in forward" for n in unused})
-            warnings.warn(f"layers never called in forward, left in float: {unused}", stacklevel=3)
+            warnings.warn(f"layers never called in forward, left in float: {unused}", stacklevel=4)
         blocks = probe.chain() or []
     else:
         calls = {n: 1 for n in targets}
@@ -350,6 +361,7 @@ def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, 
         if blocks else []
     post = [n for n in order if n not in inside and n not in pre]
     run = _Run(qmodel, config, mask)
+    run.before_block = before_block
     full = lambda: cal.run(qmodel)  # noqa: E731
     stop = lambda n: calls[n] == 1 and cal.loop is None  # noqa: E731
     with tqdm(total=len(pre) + len(blocks) + len(post), desc=f"quantize W{config.bits} {config.method}",
@@ -366,4 +378,4 @@ def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, 
     return run.report, blocks
 
 
-__all__ = ["QuantConfig", "quantize", "DEFAULT_IGNORE"]
+__all__ = ["QuantConfig", "quantize", "quantize_model", "input_groups", "DEFAULT_IGNORE"]
