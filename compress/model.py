@@ -97,7 +97,7 @@ def _tied(model: nn.Module) -> set[int]:
     return {pid for pid, n in seen.items() if n > 1}
 
 
-def _targets(model: nn.Module, config: QuantConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def quant_targets(model: nn.Module, config: QuantConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Layers to quantize, and those left in float with the reason."""
     found, left, matched = {}, {}, set()
     tied = _tied(model)
@@ -325,7 +325,7 @@ def quantize_model(qmodel: nn.Module, calib: Iterable | Callable[[nn.Module], An
     """:func:`quantize` in place with a validated ``config``; ``before_block(name)`` runs before
     each block is calibrated (:mod:`.onload` loads the block's weights there)."""
     qmodel.eval()
-    targets, left = _targets(qmodel, config)
+    targets, left = quant_targets(qmodel, config)
     cal = Calibration(calib, qmodel)
     if not cal and config.method == "obs":
         raise ValueError("OBS quantization needs calibration data: calib is empty")
@@ -378,4 +378,4 @@ def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, 
     return run.report, blocks
 
 
-__all__ = ["QuantConfig", "quantize", "quantize_model", "input_groups", "DEFAULT_IGNORE"]
+__all__ = ["QuantConfig", "quantize", "quantize_model", "quant_targets", "input_groups", "DEFAULT_IGNORE"]

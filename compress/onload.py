@@ -21,8 +21,8 @@ from torch import nn
 
 from .blocks import candidates
 from .io import save_quantized
-from .model import QuantConfig, _targets, quantize_model
-from .qmodules import _QuantLayer
+from .model import QuantConfig, quant_targets, quantize_model
+from .qmodules import QuantLayer
 
 
 class Checkpoint:
@@ -95,7 +95,7 @@ class BlockLoader:
         self.loads += 1
 
     def _quantized(self, block: str) -> bool:
-        return any(isinstance(m, _QuantLayer) for m in self.model.get_submodule(block).modules())
+        return any(isinstance(m, QuantLayer) for m in self.model.get_submodule(block).modules())
 
     def _drop(self, block: str) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -148,7 +148,7 @@ def quantize_pretrained(src: str | os.PathLike, calib: Iterable | Callable[[nn.M
     ckpt = Checkpoint(src)
     model = empty_model(src, model_class)
     names = _names(model, ckpt)
-    lists = candidates(model, list(_targets(model, config)[0]))
+    lists = candidates(model, list(quant_targets(model, config)[0]))
     if not lists:
         raise ValueError(f"{src}: the model has no list of repeated blocks to load one at a time")
     blocks = lists[0]
