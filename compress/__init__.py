@@ -4,7 +4,7 @@ if __name__ != "adagrow.compress":  # found as a top-level name from a checkout:
     from adagrow.checkout import stand_in
 
     __getattr__ = stand_in("compress")
-    __path__: list[str] = []
+    __path__ = []  # type: ignore[no-redef]  # no submodules: never a second copy
 else:
     from .io import load_quantized, save_quantized
     from .model import QuantConfig, quantize

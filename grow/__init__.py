@@ -3,7 +3,7 @@ if __name__ != "adagrow.grow":  # found as a top-level name from a checkout: see
     from adagrow.checkout import stand_in
 
     __getattr__ = stand_in("grow")
-    __path__: list[str] = []
+    __path__ = []  # type: ignore[no-redef]  # no submodules: never a second copy
 else:
     from .budget import DeployBudget, deploy_cost, deploy_latency_ms
     from .checkpoint import build_from_arch, load_deploy, load_grown, save_grown
