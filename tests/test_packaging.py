@@ -80,3 +80,11 @@ def test_mypy_resolves_every_adagrow_import_from_a_checkout(tmp_path) -> None:
     unresolved = [line for line in out.stdout.splitlines() if "import-not-found" in line
                   or ("adagrow" in line and "has no attribute" in line and "Module" in line)]
     assert unresolved == [], "\n".join(unresolved[:20])
+
+
+def test_grow_help_names_every_data_source() -> None:
+    out = subprocess.run([sys.executable, "-m", "adagrow", "grow", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for kind in ("digits", "cluttered[:difficulty]", "cifar10:", "npz:"):
+        assert kind in text, kind
