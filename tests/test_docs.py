@@ -27,8 +27,8 @@ def python_blocks(path: Path) -> list[tuple[int, str]]:
     return [(text.count("\n", 0, m.start()) + 1, textwrap.dedent(m.group(2))) for m in BLOCK.finditer(text)]
 
 
-SNIPPETS = [pytest.param(code, id=f"{path.relative_to(ROOT)}:{line}")
-            for path in DOCS for line, code in python_blocks(path)]
+BLOCKS = [(f"{path.relative_to(ROOT)}:{line}", code) for path in DOCS for line, code in python_blocks(path)]
+SNIPPETS = [pytest.param(code, id=name) for name, code in BLOCKS]
 
 
 def repo_files(*suffixes: str) -> list[Path]:
@@ -60,7 +60,7 @@ def test_snippet_runs_as_written(code: str, tmp_path: Path) -> None:
 
 
 def test_there_are_snippets_to_run() -> None:
-    runnable = [p for p in SNIPPETS if not p.values[0].lstrip().startswith(NEEDS)]
+    runnable = [name for name, code in BLOCKS if not code.lstrip().startswith(NEEDS)]
     assert len(runnable) >= 3, "README and docs should carry runnable examples"
 
 
