@@ -7,10 +7,11 @@ disassembles it with the ``cuobjdump`` shipped in the triton wheel and writes on
 tensor-core ops, I2F in the main loop, global load bytes per main-loop iteration (SASS load
 widths x threads) vs the tile's unique bytes, and the SASS file name.
 
-Per shape it also writes a static time ESTIMATE (see ``adagrow.kernels.static.estimate_us``: the
-larger of SASS global bytes / HBM bandwidth and main-loop issue time) for the config the shipped
-table picks and for the best config, against fp16's memory time for the same shape
-(fp16 weights + activations + output / HBM bandwidth). Estimates, not measurements.
+Per shape it also writes a static time ESTIMATE (``adagrow.kernels.static.estimate_us``: the
+latency-aware model of docs/kernels.md, calibrated on GemLite's published H100 figures by
+``benchmarks/gemlite_static.py``) for the config the shipped table picks and for the best config,
+against the fp16 matmul under the same constants (``static.fp16_matmul_us``). Estimates, not
+measurements.
 
 Usage: ``python benchmarks/kernels_static.py --arch 90 --out benchmarks/results/kernels_static_sm90.json
 --sass-dir DIR [--paths gemv splitk] [--max-configs N] [--table kernels/tables/w4a16.json]``
@@ -53,12 +54,11 @@ def collect_specs(arch: int, paths: list[str] | None, max_configs: int | None) -
     return specs
 
 
-def fp16_memory_us(shape: dict[str, int], arch: int) -> float | None:
-    """fp16 matmul's memory time (weights + activations + output) for a matmul shape."""
+def fp16_us(shape: dict[str, int], arch: int) -> float | None:
+    """fp16 matmul's time under the same model constants (``static.fp16_matmul_us``)."""
     if not {"M", "N", "K"} <= set(shape):
         return None
-    m, n, k = shape["M"], shape["N"], shape["K"]
-    return (n * k + m * k + m * n) * 2 / static.ARCH[arch]["hbm"] * 1e6
+    return static.fp16_matmul_us(shape["M"], shape["N"], shape["K"], arch)
 
 
 def shape_estimates(records: list[dict], arch: int) -> list[dict]:
@@ -73,12 +73,13 @@ def shape_estimates(records: list[dict], arch: int) -> list[dict]:
             continue
         best = min(ok, key=lambda r: r["estimate_us"])
         default = next((r for r in ok if r.get("table_default")), ok[0])
-        fp16 = fp16_memory_us(dict(shape), arch)
+        fp16 = fp16_us(dict(shape), arch)
         row = {"label": "static estimate (not a measurement)", "path": path, "shape": dict(shape),
-               "fp16_memory_us": fp16}
+               "fp16_us": fp16}
         for tag, r in (("default", default), ("best", best)):
             row[tag] = {"config": r["config"], "estimate_us": r["estimate_us"],
-                        "estimate_mem_us": r["estimate_mem_us"], "estimate_issue_us": r["estimate_issue_us"],
+                        "estimate_mem_us": r["estimate_mem_us"], "estimate_sm_us": r["estimate_sm_us"],
+                        "estimate_bound": r["estimate_bound"],
                         "speedup_vs_fp16_estimate": fp16 / r["estimate_us"] if fp16 else None}
         out.append(row)
     return out
@@ -113,6 +114,18 @@ def update_table(table: Path, doc: dict) -> None:
             rows[f"{shape['N']},{shape['K']},{bucket}"] = list(e["best"]["config"].values())
     data["sources"][key] = f"static estimate, {doc['command']}, {doc['date']} (not measured on a GPU)"
     write_json(table, data)
+    mark_table_rows(doc, rows)
+
+
+def mark_table_rows(doc: dict, rows: dict[str, list[int]]) -> None:
+    """Re-mark which record is the table's row per matmul shape (``table_default``) after the
+    table changed, and recompute the per-shape estimates from the records (no recompile)."""
+    for r in doc["records"]:
+        if r["path"] in ("gemv", "splitk", "gemm"):
+            s, m = r["shape"], r["shape"]["M"]
+            bucket = 1 if m == 1 else min(1 << (m - 1).bit_length(), 256)
+            r["table_default"] = rows.get(f"{s['N']},{s['K']},{bucket}") == list(r["config"].values())
+    doc["estimates"] = shape_estimates(doc["records"], doc["arch"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,15 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     doc = run(args.arch, args.sass_dir, args.paths, args.max_configs)
     doc["command"] = "python benchmarks/kernels_static.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_json(args.out, doc)
     if args.table:
         update_table(args.table, doc)
+    write_json(args.out, doc)
     bad = [r for r in doc["records"] if r["spill_bytes"] or not r["fits"] or (r["w4"] and r["i2f_in_main_loop"])]
     for e in doc["estimates"]:
         d = e["default"]
         ratio = d["speedup_vs_fp16_estimate"]
-        print(f"{e['path']:>6} {e['shape']}: estimate {d['estimate_us']:.1f}us (mem {d['estimate_mem_us']:.1f}, "
-              f"issue {d['estimate_issue_us']:.1f})" + (f", fp16 memory {e['fp16_memory_us']:.1f}us, "
+        print(f"{e['path']:>6} {e['shape']}: estimate {d['estimate_us']:.1f}us (hbm {d['estimate_mem_us']:.1f}, "
+              f"sm {d['estimate_sm_us']:.1f})" + (f", fp16 {e['fp16_us']:.1f}us, "
                                                         f"x{ratio:.2f} (estimate)" if ratio else ""))
     print(f"wrote {args.out}: {len(doc['records'])} records, {len(bad)} with spills / smem over limit / I2F in a "
           "W4 main loop")

@@ -13,6 +13,7 @@ global loads; its instructions execute once per iteration of the kernel's K loop
 """
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import tempfile
@@ -20,18 +21,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Opt-in shared memory per block (what Triton checks ``metadata.shared`` against), per SM,
-# SM count, HBM bandwidth (bytes/s) and boost clock (Hz) of the reference GPU of each arch.
+# Reference GPU of each arch: opt-in shared memory per block (what Triton checks ``metadata.shared``
+# against) and per SM, SM count, peak HBM bandwidth (bytes/s), boost clock (Hz), dense fp16
+# tensor-core peak (FLOP/s), from the vendor data sheets.
 ARCH = {
-    90: {"gpu": "H100 SXM5", "table_key": "H100", "smem_limit": 232448, "smem_per_sm": 233472, "sms": 132,
-         "hbm": 3.35e12, "clock": 1.98e9},
-    80: {"gpu": "A100 SXM4 80GB", "table_key": "A100", "smem_limit": 166912, "smem_per_sm": 167936, "sms": 108,
-         "hbm": 2.039e12, "clock": 1.41e9},
+    90: {"gpu": "H100 SXM5", "table_key": "9.0/132", "smem_limit": 232448, "smem_per_sm": 233472, "sms": 132,
+         "hbm": 3.35e12, "clock": 1.83e9, "tc_flops": 989.4e12},
+    80: {"gpu": "A100 SXM4 80GB", "table_key": "8.0/108", "smem_limit": 166912, "smem_per_sm": 167936, "sms": 108,
+         "hbm": 2.039e12, "clock": 1.41e9, "tc_flops": 312e12},
 }
 REGS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM, SCHEDULERS = 65536, 64, 32, 4
 SMEM_RESERVED_PER_BLOCK = 1024  # the driver reserves 1 KiB of each block's shared memory (sm_80+)
 
-_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+# Latency model constants (physical, not fitted; docs/kernels.md "Static model" gives sources and
+# the sensitivity of the calibration to each):
+HBM_LATENCY_S = 600e-9      # loaded DRAM round trip of one global load (published 450-800 ns, H100/A100)
+DRAM_EFFICIENCY = 0.90      # fraction of peak HBM bandwidth a streaming read sustains (~3.0 of 3.35 TB/s)
+L2_BANDWIDTH = {90: 7.0e12, 80: 4.5e12}  # L2 -> SM bytes/s for operands re-read from L2 (microbenchmarks)
+CONVERT_LANES_PER_CLOCK = 16  # I2F / F2I / F2F results per clock per SM (CUDA guide throughput table)
+BARRIER_CYCLES = 24         # one BAR.SYNC when the warps arrive together
+WGMMA_LATENCY_CYCLES = 32   # fixed latency of a waited wgmma group, on top of its tensor-core time
+LAUNCH_S = 2.0e-6           # kernel launch + ramp + drain seen by back-to-back launches
+
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
 _TC_OPS = ("HMMA", "HGMMA", "IMMA", "QGMMA")
 
 
@@ -62,6 +74,7 @@ class StaticSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     aligned: tuple[str, ...] = ()
     extra_bytes: int = 0
+    hbm_bytes: int = 0               # unique bytes the launch moves to/from HBM (0: the SASS bytes)
 
 
 def runtime_signature(args: dict[str, str | int], constexprs: dict[str, Any]
@@ -167,11 +180,80 @@ def main_loop(instrs: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
     return max(loops, key=lambda t: t[:2])[2] if loops else instrs
 
 
-def analyze_sass(sass: str, threads: int) -> dict[str, Any]:
+_REG = re.compile(r"\bR(\d+)(\.64)?\b")
+_HGMMA = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)")
+_HMMA = re.compile(r"^HMMA\.(\d\d)(\d)(\d+)")
+_STORES = ("ST", "STG", "STS", "STL", "RED", "REDG", "ATOM", "ATOMG", "ATOMS")
+
+
+def _regs(text: str) -> set[int]:
+    out = set()
+    for m in _REG.finditer(text):
+        out.update((int(m.group(1)), int(m.group(1)) + 1) if m.group(2) else (int(m.group(1)),))
+    return out
+
+
+def dependent_round_trips(loop: list[tuple[int, str, str]]) -> int:
+    """Global round trips one iteration waits for in series: each time an instruction consumes a
+    register loaded by an LDG of the same iteration (and not yet waited for), one round trip is
+    exposed. Loads consumed only in a later iteration (prefetch) and cp.async (LDGSTS, staged over
+    ``num_stages``) expose none: 0 means every load is prefetched."""
+    trips, outstanding = 0, set()
+    for _, op, args in loop:
+        base = op.split(".")[0]
+        parts = args.split(",")
+        reads = _regs(args) if base in _STORES else _regs(",".join(parts[1:]))
+        if outstanding & reads:
+            trips, outstanding = trips + 1, set()
+        if base == "LDG":
+            first = _REG.search(parts[0])
+            if first:
+                outstanding.update(range(int(first.group(1)), int(first.group(1)) + max(1, load_bytes(op) // 4)))
+    return trips
+
+
+def mma_flops(op: str, num_warps: int) -> int:
+    """FLOPs one tensor-core instruction does for the whole program (``HGMMA.64x128x16`` per
+    warpgroup, ``HMMA.16816`` = m16 n8 k16 per warp); 0 for other opcodes."""
+    m = _HGMMA.match(op)
+    if m:
+        return 2 * math.prod(map(int, m.groups())) * max(1, num_warps // 4)
+    m = _HMMA.match(op)
+    return 2 * math.prod(map(int, m.groups())) * num_warps if m else 0
+
+
+def exposed_wgmma_cycles(loop: list[tuple[int, str, str]], num_warps: int, arch: int) -> float:
+    """Cycles one iteration waits for its own wgmma: at each ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` the
+    groups issued since the last wait finish (fixed latency + their tensor-core time) before any
+    further instruction; waits that leave groups in flight (``0x1``...) expose nothing."""
+    per_clock = ARCH[arch]["tc_flops"] / ARCH[arch]["sms"] / ARCH[arch]["clock"]
+    cycles, pending = 0.0, 0
+    for _, op, args in loop:
+        pending += mma_flops(op, num_warps) if op.startswith("HGMMA") else 0
+        if op.startswith("WARPGROUP.DEPBAR"):
+            m = re.search(r"0x([0-9a-f]+)", args)
+            if m and int(m.group(1), 16) == 0 and pending:
+                cycles += WGMMA_LATENCY_CYCLES + pending / per_clock
+                pending = 0
+    return cycles
+
+
+def whole_kernel_latency_facts(instrs: list[tuple[int, str, str]], num_warps: int, arch: int) -> dict[str, Any]:
+    """The latency facts of :func:`analyze_sass` over a whole kernel taken as one iteration
+    (kernels without a K loop)."""
+    return {"dependent_round_trips": dependent_round_trips(instrs),
+            "exposed_wgmma_cycles": exposed_wgmma_cycles(instrs, num_warps, arch),
+            "mma_flops_per_iter": sum(mma_flops(op, num_warps) for _, op, _ in instrs),
+            "conversions_in_main_loop": sum(op.split(".")[0] in ("I2F", "F2I", "F2F") for _, op, _ in instrs),
+            "bar_sync_in_main_loop": sum(op.startswith("BAR") for _, op, _ in instrs)}
+
+
+def analyze_sass(sass: str, threads: int, arch: int = 90) -> dict[str, Any]:
     """Counts from a SASS listing; per-iteration figures are for the whole program (all threads)."""
     instrs = parse_sass(sass)
     loop = main_loop(instrs)
     loads = [op for _, op, _ in loop if is_global_load(op)]
+    warps = max(1, threads // 32)
     return {
         "instructions": len(instrs),
         "loop_instructions": len(loop),
@@ -189,6 +271,17 @@ def analyze_sass(sass: str, threads: int) -> dict[str, Any]:
         "wgmma_in_flight": max((int(m.group(1), 16) for _, op, args in loop if op.startswith("WARPGROUP.DEPBAR")
                                 for m in [re.search(r"0x([0-9a-f]+)", args)] if m), default=-1),
         "bar_sync_in_main_loop": sum(op.startswith("BAR") for _, op, _ in loop),
+        # latency facts of the model (estimate_us)
+        "dependent_round_trips": dependent_round_trips(loop),
+        "wgmma_waits_in_main_loop": sum(op.startswith("WARPGROUP.DEPBAR") for _, op, _ in loop),
+        "exposed_wgmma_cycles": exposed_wgmma_cycles(loop, warps, arch),
+        "mma_flops_per_iter": sum(mma_flops(op, warps) for _, op, _ in loop),
+        "conversions_in_main_loop": sum(op.split(".")[0] in ("I2F", "F2I", "F2F") for _, op, _ in loop),
+        "membar_total": sum(op.startswith("MEMBAR") for _, op, _ in instrs),
+        "membar_gpu_total": sum(op.startswith("MEMBAR") and ".GPU" in op or op == "MEMBAR.SC.GPU"
+                                for _, op, _ in instrs),
+        "depbar_in_main_loop": sum(op.startswith("DEPBAR") for _, op, _ in loop),
+        "atomics_total": sum(op.split(".")[0] in ("ATOMG", "REDG", "ATOM", "RED") for _, op, _ in instrs),
     }
 
 
@@ -208,7 +301,7 @@ def inspect_spec(spec: StaticSpec, arch: int, sass_dir: Path | None = None) -> d
     sass = _cuobjdump(cubin, "-sass")
     res = resource_usage(cubin)
     threads = spec.num_warps * 32
-    facts = analyze_sass(sass, threads)
+    facts = analyze_sass(sass, threads, arch)
     shape = "x".join(f"{k}{v}" for k, v in spec.shape.items())
     cfg = "_".join(f"{k}{v}" for k, v in spec.config.items())
     name = f"sm{arch}_{spec.kernel}_{shape}_{cfg}.sass"
@@ -222,6 +315,7 @@ def inspect_spec(spec: StaticSpec, arch: int, sass_dir: Path | None = None) -> d
            "smem_limit": ARCH[arch]["smem_limit"], "fits": smem <= ARCH[arch]["smem_limit"], **facts,
            "unique_bytes_per_iter": spec.unique_bytes_per_iter, "iters_per_program": spec.iters_per_program,
            "n_programs": spec.n_programs, "w4": spec.w4, "extra_bytes": spec.extra_bytes,
+           "hbm_bytes": spec.hbm_bytes,
            "blocks_per_sm": occupancy(res["REG"], smem, spec.num_warps, arch), "sass": name, **spec.extra}
     rec["load_ratio"] = rec["global_load_bytes_per_iter"] / max(spec.unique_bytes_per_iter, 1)
     rec.update(estimate_us(rec, arch))
@@ -229,23 +323,63 @@ def inspect_spec(spec: StaticSpec, arch: int, sass_dir: Path | None = None) -> d
 
 
 def estimate_us(rec: dict[str, Any], arch: int) -> dict[str, float]:
-    """Static time ESTIMATE (microseconds) of one launch: the larger of
+    """Static time ESTIMATE (microseconds) of one launch from its SASS facts (a model, not a
+    measurement; docs/kernels.md "Static model").
 
-    - memory time: the global bytes the SASS loads (per-iteration load bytes x iterations x
-      programs, plus each program's out-of-loop bytes) / the arch's HBM bandwidth, and
-    - issue time: warp instructions of the main loop x iterations on the busiest SM / the SM's
-      issue rate (4 schedulers x clock), scaled by min(1, resident warps per scheduler / 2)
-      for latency that too few warps cannot hide.
+    Programs run in waves of ``r`` resident programs per SM (occupancy, capped by the busiest
+    SM's share of the grid); each wave runs ``iters`` main-loop rounds. One round is the slowest of
 
-    A model, not a measurement: it ignores L2 hits, DRAM efficiency, tails and launch overhead.
+    - the latency chain of one program: its dependent global round trips x HBM latency, plus
+      its own issue (loop instructions x warps / 4 schedulers, or its conversions on the
+      16-lane conversion pipe), barriers and waited wgmma groups (exposed tensor-core time);
+      when every load is prefetched (no round trip exposed), the larger of that work and the
+      HBM latency divided by the prefetch distance;
+    - the SM's issue slots, conversion pipe and tensor cores shared by the ``r`` programs.
+
+    Each wave adds two round trips (first loads, output store / atomics). The launch is the
+    larger of the busiest SM's time, unique HBM bytes / (DRAM efficiency x peak bandwidth) and
+    the SASS load bytes / L2 bandwidth, plus the launch overhead. Bytes in flight per SM
+    (``r`` x load bytes per iteration) therefore bound the bandwidth by Little's law.
     """
     a = ARCH[arch]
-    mem = (rec["global_load_bytes_per_iter"] * rec["iters_per_program"] + rec["extra_bytes"]) \
-        * rec["n_programs"] / a["hbm"]
-    per_sm = -(-rec["n_programs"] // a["sms"])  # programs on the busiest SM
-    resident = min(max(rec["blocks_per_sm"], 1), per_sm)
-    warp_instr = per_sm * rec["num_warps"] * rec["loop_instructions"] * rec["iters_per_program"]
-    eff = min(1.0, resident * rec["num_warps"] / SCHEDULERS / 2)
-    issue = warp_instr / (SCHEDULERS * a["clock"] * eff)
-    return {"estimate_mem_us": mem * 1e6, "estimate_issue_us": issue * 1e6,
-            "estimate_us": max(mem, issue) * 1e6}
+    clock, sms, warps = a["clock"], a["sms"], rec["num_warps"]
+    per_sm = -(-rec["n_programs"] // sms)
+    r_max = min(max(rec["blocks_per_sm"], 1), per_sm)
+    instr, conv = rec["loop_instructions"], rec.get("conversions_in_main_loop", 0)
+    issue_prog = instr * max(1.0, warps / SCHEDULERS)  # cycles: one program's warps on the schedulers
+    conv_prog = conv * warps * 32 / CONVERT_LANES_PER_CLOCK
+    own = (max(issue_prog, conv_prog) + rec.get("bar_sync_in_main_loop", 0) * BARRIER_CYCLES
+           + rec.get("exposed_wgmma_cycles", 0.0)) / clock
+    trips = rec.get("dependent_round_trips", 1)
+    if trips:  # the iteration waits for its own loads: latency and work in series
+        chain = trips * HBM_LATENCY_S + own
+    else:  # loads issued one iteration (LDG) or num_stages - 1 iterations (cp.async) ahead
+        ahead = 1 if rec.get("global_loads_in_main_loop", 0) > rec.get("cp_async_in_main_loop", 0) \
+            else max(1, rec.get("num_stages", 2) - 1)
+        chain = max(HBM_LATENCY_S / ahead, own)
+    tc_per_sm = a["tc_flops"] / sms
+
+    def round_s(r: int) -> float:
+        return max(chain, r * warps * instr / SCHEDULERS / clock, r * conv_prog / clock,
+                   r * rec.get("mma_flops_per_iter", 0) / tc_per_sm)
+
+    waves = [r_max] * (per_sm // r_max) + ([per_sm % r_max] if per_sm % r_max else [])
+    sm_time = sum(rec["iters_per_program"] * round_s(r) + 2 * HBM_LATENCY_S for r in waves)
+    sass_bytes = (rec["global_load_bytes_per_iter"] * rec["iters_per_program"] + rec["extra_bytes"]) \
+        * rec["n_programs"]
+    hbm_time = (rec.get("hbm_bytes") or sass_bytes) / (DRAM_EFFICIENCY * a["hbm"])
+    l2_time = sass_bytes / L2_BANDWIDTH[arch]
+    total = max(sm_time, hbm_time, l2_time) + LAUNCH_S
+    bound = max((("sm", sm_time), ("hbm", hbm_time), ("l2", l2_time)), key=lambda t: t[1])[0]
+    return {"estimate_us": total * 1e6, "estimate_sm_us": sm_time * 1e6, "estimate_mem_us": hbm_time * 1e6,
+            "estimate_l2_us": l2_time * 1e6, "estimate_chain_us_per_iter": chain * 1e6,
+            "estimate_waves": len(waves), "estimate_bound": bound,
+            "bytes_in_flight_per_sm": r_max * rec["global_load_bytes_per_iter"]}
+
+
+def fp16_matmul_us(m: int, n: int, k: int, arch: int) -> float:
+    """The fp16 baseline under the same constants: fp16 weights + activations + output at the
+    sustained HBM bandwidth, or the tensor-core peak, plus the launch overhead (microseconds)."""
+    a = ARCH[arch]
+    mem = (n * k + m * k + m * n) * 2 / (DRAM_EFFICIENCY * a["hbm"])
+    return (max(mem, 2 * m * n * k / a["tc_flops"]) + LAUNCH_S) * 1e6

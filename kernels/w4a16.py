@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,12 +47,12 @@ CONFIGS: dict[str, list[tuple[int, int, int, int, int, int]]] = {
              (1, 256, 128, 8, 8, 3)],
     "splitk": [(16, 256, 64, 4, 8, 3), (16, 256, 128, 4, 8, 3), (16, 128, 128, 4, 4, 3), (16, 128, 128, 8, 4, 3),
                (32, 256, 64, 4, 8, 3)],
-    "gemm": [(128, 256, 64, 2, 8, 3), (128, 128, 64, 2, 8, 4), (128, 128, 64, 4, 8, 4), (128, 128, 64, 1, 8, 3),
+    "gemm": [(128, 128, 64, 2, 8, 4), (128, 128, 64, 4, 8, 4), (128, 128, 64, 1, 8, 3),
              (64, 128, 64, 2, 4, 3), (128, 64, 64, 2, 4, 3)],
 }
-# Rows checked (spill-free) only on some archs (compute capability as 10 * major + minor):
-# 128x256 tiles keep a 128-register fp32 accumulator that spills with sm_80's mma.sync.
-ARCH_ONLY: dict[tuple[int, ...], tuple[int, ...]] = {(128, 256, 64, 2, 8, 3): (90,)}
+# Rows checked (spill-free) only on some archs (compute capability as 10 * major + minor); none
+# now: the 128x256 GEMM row spills on sm_90 too once the next tile's words are prefetched.
+ARCH_ONLY: dict[tuple[int, ...], tuple[int, ...]] = {}
 SPLITK_MAX_M = 32
 PER_CHANNEL_GROUP = 1 << 30  # GROUP constexpr of group_size=-1: every K tile is in group 0
 _TUNED: dict[str, tuple[int, ...]] = {}
@@ -167,10 +168,11 @@ if HAS_TRITON:
         return tl.reshape(tl.permute(_dequant_joined(qw, s16, c, dtype), (1, 0, 2)), (bn, bk8 * 8))
 
     @triton.jit
-    def _group_scales(s_ptr, z_ptr, t, rw, rn, nmask, N, K_PAD, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _group_scales(s_ptr, z_ptr, t, n_tiles, rw, rn, nmask, N, K_PAD, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
                       ROW_GROUPS: tl.constexpr):
-        """fp32 scales and zeros of K tile t: ``[1, BN]`` when the tile lies in one group
-        (GROUP a multiple of BLOCK_K), else ``[BK/8, BN]``, one group per word row."""
+        """fp32 scales and zeros of K tile t (a prefetch past the last tile reads in bounds,
+        values unused): ``[1, BN]`` when the tile lies in one group (GROUP a multiple of BLOCK_K), else
+        ``[BK/8, BN]``, one group per word row."""
         if ROW_GROUPS:
             kw = t * (BLOCK_K // 8) + rw
             offs = (kw * 8 // GROUP)[:, None] * N + rn[None, :]
@@ -178,87 +180,112 @@ if HAS_TRITON:
             s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:  # 1-D loads: the [BN] vectors, not a 2-D tile, get converted to the weights' layout
-            offs = (t * BLOCK_K // GROUP) * N + rn
+            offs = (tl.minimum(t, n_tiles - 1) * BLOCK_K // GROUP) * N + rn  # past the end: the last group
             s = tl.load(s_ptr + offs, mask=nmask, other=0.0).to(tl.float32)[None, :]
             z = tl.load(z_ptr + offs, mask=nmask, other=0.0).to(tl.float32)[None, :]
         return s, z
 
     @triton.jit
-    def _finish(acc, y_ptrs, mask, ws_ptrs, cnt_ptr, SPLIT_K: tl.constexpr):
-        """Store a program's fp32 partial. Split-K: add it into the fp32 workspace; the last of
-        the tile's SPLIT_K programs (atomic counter) reads the sum (L2, after the counter's acquire),
-        re-zeroes the workspace,
-        stores it in y's dtype and resets the counter, so no zero-fill or cast kernel runs."""
+    def _words(qw_ptr, t, rw, rn, nmask, N, K_PAD, BK8: tl.constexpr):
+        """Packed words ``[BK/8, BN]`` of K tile t (evict-first; masked past K_PAD, so a prefetch
+        beyond the last tile reads nothing)."""
+        kw = t * BK8 + rw
+        return tl.load(qw_ptr + kw[:, None] * N + rn[None, :], mask=(kw < K_PAD // 8)[:, None] & nmask[None, :],
+                       other=0, eviction_policy="evict_first")
+
+    @triton.jit
+    def _finish(acc, y_ptrs, mask, ws_ptrs, ws_stride, cnt_ptr, pid_k, SPLIT_K: tl.constexpr):
+        """Store a program's fp32 partial. Split-K: plain store into its own slice
+        ``ws[pid_k]`` of this call's workspace, then the tile's counter (acq_rel atomic: releases
+        the partial); the last of the SPLIT_K programs sums the slices in a fixed order (the result
+        does not depend on which program finished last) and stores y in its dtype. No data
+        atomics, nothing to re-zero: the workspace is the caller's, per call (docs/kernels.md)."""
         if SPLIT_K == 1:
             tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
         else:
-            tl.atomic_add(ws_ptrs, acc, mask=mask)
+            tl.store(ws_ptrs + pid_k * ws_stride, acc, mask=mask)
             tl.debug_barrier()
-            if tl.atomic_add(cnt_ptr, 1) == SPLIT_K - 1:
+            if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == SPLIT_K - 1:
                 total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-                tl.store(ws_ptrs, tl.zeros_like(acc), mask=mask)
+                for j in tl.static_range(1, SPLIT_K):
+                    total += tl.load(ws_ptrs + j * ws_stride, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(cnt_ptr, 0)
 
     @triton.jit
     def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, K_PAD,
                            GROUP: tl.constexpr, ROW_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-        """M = 1. Each program streams a [BLOCK_K/8, BLOCK_N] tile of words per iteration (each
-        word loaded once, evict-first) over K tiles pid_k, pid_k + SPLIT_K, ...; the per-element
-        fp32 accumulator is reduced across threads once, after the loop. Per group:
-        ``s * (sum x q - z sum x) = 16 s * sum x (1 + q/16) - (16 + z) s * sum x``."""
+                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, WIDE: tl.constexpr):
+        """M = 1. Each program streams [BLOCK_K/8, BLOCK_N] tiles of words over K tiles pid_k,
+        pid_k + SPLIT_K, ...; the words, x and scales/zeros of the next tile are loaded one
+        iteration ahead (register double buffer), so no load of an iteration is waited for in
+        the same iteration. The per-element fp32 accumulator is reduced across threads once,
+        after the loop. Per group: ``s * (sum x q - z sum x) = 16 s * sum x (1 + q/16) - (16 + z) s * sum x``."""
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         BK8: tl.constexpr = BLOCK_K // 8
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if WIDE:
+            rn = rn.to(tl.int64)
         nmask = rn < N
         rw = tl.arange(0, BK8)
+        n_tiles = tl.cdiv(K_PAD, BLOCK_K)
         acc = tl.zeros((BK8, BLOCK_N), dtype=tl.float32)
-        for t in range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K):
-            kw = t * BK8 + rw  # word rows past K_PAD/8 (last tile) are masked: no out-of-bounds reads
-            qw = tl.load(qw_ptr + kw[:, None] * N + rn[None, :], mask=(kw < K_PAD // 8)[:, None] & nmask[None, :],
-                         other=0, eviction_policy="evict_first")
-            xk = t * BLOCK_K + tl.arange(0, BLOCK_K)  # 1-D: each x element loaded by one thread
-            x = tl.reshape(tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32), (BK8, 8))
-            x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
-            s, z = _group_scales(s_ptr, z_ptr, t, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
+        xk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # 1-D: each x element loaded by one thread
+        s, z = _group_scales(s_ptr, z_ptr, pid_k, n_tiles, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
+        qw = _words(qw_ptr, pid_k, rw, rn, nmask, N, K_PAD, BK8)
+        xv = tl.load(x_ptr + xk, mask=xk < K, other=0.0)
+        for t in range(pid_k, n_tiles, SPLIT_K):
+            nt = t + SPLIT_K  # prefetch tile nt while tile t is computed
+            s_n, z_n = _group_scales(s_ptr, z_ptr, nt, n_tiles, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
+            qw_n = _words(qw_ptr, nt, rw, rn, nmask, N, K_PAD, BK8)
+            xk_n = nt * BLOCK_K + tl.arange(0, BLOCK_K)
+            xv_n = tl.load(x_ptr + xk_n, mask=xk_n < K, other=0.0)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _split8(tl.reshape(xv.to(tl.float32), (BK8, 8)))
             inner = x0[:, None] * _nibble(qw, 0) + x1[:, None] * _nibble(qw, 1) + x2[:, None] * _nibble(qw, 2) \
                 + x3[:, None] * _nibble(qw, 3) + x4[:, None] * _nibble(qw, 4) + x5[:, None] * _nibble(qw, 5) \
                 + x6[:, None] * _nibble(qw, 6) + x7[:, None] * _nibble(qw, 7)
             xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
             acc += 16.0 * s * inner - (16.0 + z) * s * xsum[:, None]
-        _finish(tl.sum(acc, axis=0), y_ptr + rn, nmask, ws_ptr + rn, cnt_ptr + pid_n, SPLIT_K)
+            s, z, qw, xv = s_n, z_n, qw_n, xv_n
+        _finish(tl.sum(acc, axis=0), y_ptr + rn, nmask, ws_ptr + rn, N, cnt_ptr + pid_n, pid_k, SPLIT_K)
 
     @triton.jit
     def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_PAD,
                           GROUP: tl.constexpr, ROW_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, WIDE: tl.constexpr):
         """Tensor-core path (split-K for small M, tiled GEMM), computed swapped:
         ``y^T tile [BLOCK_N, BLOCK_M] += W^T [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]``. Each
         program dequantizes its weight tile once per K step in registers (words loaded once,
-        nibbles unpacked in registers), which feeds the MMA as the register operand (Hopper
-        wgmma takes A from registers and stays asynchronous: the MMA overlaps the next tile's
-        dequant); the activation tile streams through shared memory (cp.async pipeline)."""
+        nibbles unpacked in registers; words and scales/zeros of the next tile are loaded one
+        iteration ahead), which feeds the MMA as the register operand; the activation tile streams
+        through shared memory (cp.async pipeline of ``num_stages``)."""
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         BK8: tl.constexpr = BLOCK_K // 8
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if WIDE:
+            rm = rm.to(tl.int64)
+            rn = rn.to(tl.int64)
         nmask = rn < N
         mmask = rm < M
         rw = tl.arange(0, BK8)
         rk = tl.arange(0, BLOCK_K)
+        n_tiles = tl.cdiv(K_PAD, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for t in range(pid_k, tl.cdiv(K_PAD, BLOCK_K), SPLIT_K):
+        s, z = _group_scales(s_ptr, z_ptr, pid_k, n_tiles, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
+        qw = _words(qw_ptr, pid_k, rw, rn, nmask, N, K_PAD, BK8)
+        for t in range(pid_k, n_tiles, SPLIT_K):
+            nt = t + SPLIT_K
+            s_n, z_n = _group_scales(s_ptr, z_ptr, nt, n_tiles, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
+            qw_n = _words(qw_ptr, nt, rw, rn, nmask, N, K_PAD, BK8)
             xk = t * BLOCK_K + rk
             xt = tl.load(x_ptr + rm[None, :] * K + xk[:, None], mask=mmask[None, :] & (xk < K)[:, None], other=0.0)
-            kw = t * BK8 + rw
-            qw = tl.load(qw_ptr + kw[:, None] * N + rn[None, :], mask=(kw < K_PAD // 8)[:, None] & nmask[None, :],
-                         other=0, eviction_policy="evict_first")
-            s, z = _group_scales(s_ptr, z_ptr, t, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
             acc = tl.dot(_dequant_tile_t(qw, 16.0 * s, (16.0 + z) * s, x_ptr.dtype.element_ty), xt, acc)
+            s, z, qw = s_n, z_n, qw_n
         tile = pid_m * tl.num_programs(1) + pid_n
         offs = rm[None, :] * N + rn[:, None]
-        _finish(acc, y_ptr + offs, mmask[None, :] & nmask[:, None], ws_ptr + offs, cnt_ptr + tile, SPLIT_K)
+        ws_stride = tl.cast(M, tl.int64) * N if WIDE else M * N
+        _finish(acc, y_ptr + offs, mmask[None, :] & nmask[:, None], ws_ptr + offs, ws_stride, cnt_ptr + tile, pid_k,
+                SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -281,39 +308,67 @@ def _grid(path: str, cfg: tuple[int, ...], m: int, n: int) -> tuple[int, ...]:
     return (triton.cdiv(n, bn), split) if path == "gemv" else (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
 
 
-_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+INT32_LIMIT = 2**31
 
 
-def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device's split-K workspace: fp32 partial sums and int32 tile counters, zeroed once
-    and left zeroed by every launch (the last program of a tile resets its part). Shared by
-    the device's launches, which must therefore run on one stream at a time (as a model's
-    layers do); it only grows outside CUDA graph capture."""
-    ws, cnt = _WORKSPACE.get(device, (None, None))
-    if ws is None or ws.numel() < floats or cnt.numel() < tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("w4a16_matmul: the split-K workspace must grow during CUDA graph capture; "
-                               "run the model once eagerly (same shapes) before capturing")
-        ws = torch.zeros(max(floats, 0 if ws is None else ws.numel()), device=device, dtype=torch.float32)
-        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), device=device, dtype=torch.int32)
-        _WORKSPACE[device] = (ws, cnt)
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything a launch needs that depends only on (path, config, M, N, K_pad, group): the
+    kernel's grid, constexprs and workspace size, computed once per layer shape and M
+    (:func:`plan_for`), so a call does no grid or constexpr arithmetic on the host."""
+    path: str
+    config: tuple[int, ...]
+    grid: tuple[int, ...]
+    meta: dict
+    ws_floats: int   # fp32 partials, SPLIT_K slices of M x N (0 without split-K)
+    tiles: int       # counters: one per output tile (0 without split-K)
+
+    @property
+    def kernel(self):
+        return _kernel_for(self.path)
+
+
+_PLANS: dict[tuple, LaunchPlan] = {}
+
+
+def plan_for(path: str, cfg: tuple[int, ...], m: int, n: int, k_pad: int, group_size: int) -> LaunchPlan:
+    """The (memoised) :class:`LaunchPlan` of a launch. ``WIDE`` (int64 offsets) when an offset
+    into x, y, the packed words or the workspace can reach 2^31."""
+    key = (path, cfg, m, n, k_pad, group_size)
+    plan = _PLANS.get(key)
+    if plan is None:
+        bm, bn, bk, split, warps, stages = cfg
+        grid = _grid(path, cfg, m, n)
+        group = PER_CHANNEL_GROUP if group_size == -1 else group_size
+        wide = max(m * k_pad, m * n * split, k_pad // 8 * n) >= INT32_LIMIT
+        meta = {"GROUP": group, "ROW_GROUPS": group % bk != 0, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                "WIDE": wide, "num_warps": warps, "num_stages": stages, "enable_fp_fusion": True}
+        if path != "gemv":
+            meta["BLOCK_M"] = bm
+        tiles = grid[0] * (grid[1] if path != "gemv" else 1)
+        plan = _PLANS[key] = LaunchPlan(path, cfg, grid, meta, m * n * split if split > 1 else 0,
+                                        tiles if split > 1 else 0)
+    return plan
+
+
+def split_workspace(plan: LaunchPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This call's split-K workspace, from PyTorch's caching allocator on the current stream:
+    fp32 partial slices (uninitialised: each program writes its slice before the tile's last
+    program reads it) and zeroed int32 tile counters. Nothing is shared between calls, so
+    concurrent streams and captured CUDA graphs (whose allocations come from the graph's
+    private pool) never see another call's workspace, and a failed launch leaves nothing
+    behind. Without split-K both are 1-element placeholders."""
+    ws = torch.empty(max(plan.ws_floats, 1), device=device, dtype=torch.float32)
+    cnt = torch.zeros(max(plan.tiles, 1), device=device, dtype=torch.int32)
     return ws, cnt
 
 
-def _args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-          path: str, cfg: tuple[int, ...], y: torch.Tensor) -> tuple[list, dict]:
+def _args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, plan: LaunchPlan,
+          y: torch.Tensor) -> list:
     m, k = x2.shape
     k_pad, n = qweight.shape[0] * 8, qweight.shape[1]
-    bm, bn, bk, split, warps, stages = cfg
-    grid = _grid(path, cfg, m, n)
-    ws, cnt = _workspace(x2.device, m * n if split > 1 else 1, grid[0] * (grid[1] if path != "gemv" else 1))
-    args = [x2, qweight, scales, zeros, y, ws, cnt] + ([n] if path == "gemv" else [m, n]) + [k, k_pad]
-    group = PER_CHANNEL_GROUP if group_size == -1 else group_size
-    meta = {"GROUP": group, "ROW_GROUPS": group % bk != 0, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
-            "num_warps": warps, "num_stages": stages}
-    if path != "gemv":
-        meta["BLOCK_M"] = bm
-    return args, meta
+    ws, cnt = split_workspace(plan, x2.device)
+    return [x2, qweight, scales, zeros, y, ws, cnt] + ([n] if plan.path == "gemv" else [m, n]) + [k, k_pad]
 
 
 _SMEM: dict[tuple, int] = {}
@@ -336,8 +391,9 @@ def config_problem(path: str, cfg: tuple[int, ...], group_size: int, dtype: torc
         x = torch.empty(m, 64 * 8, device=device, dtype=dtype)
         qw = torch.empty(64, 256, device=device, dtype=torch.int32)
         sz = torch.empty(64 * 8 // (group_size if group_size > 0 else 512), 256, device=device, dtype=dtype)
-        args, meta = _args(x, qw, sz, sz, group_size, path, cfg, torch.empty(m, 256, device=device, dtype=dtype))
-        _SMEM[key] = int(_kernel_for(path).warmup(*args, grid=_grid(path, cfg, m, 256), **meta).metadata.shared)
+        plan = plan_for(path, cfg, m, 256, 64 * 8, group_size)
+        args = _args(x, qw, sz, sz, plan, torch.empty(m, 256, device=device, dtype=dtype))
+        _SMEM[key] = int(plan.kernel.warmup(*args, grid=plan.grid, **plan.meta).metadata.shared)
     if _SMEM[key] > smem_limit(device):
         return f"needs {_SMEM[key]} B of shared memory, the device allows {smem_limit(device)} B per block"
     return None
@@ -356,11 +412,9 @@ def valid_configs(path: str, group_size: int, dtype: torch.dtype = torch.float16
 
 
 def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-            group_size: int, path: str, cfg: tuple[int, ...]) -> torch.Tensor:
-    m, n = x2.shape[0], qweight.shape[1]
-    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
-    args, meta = _args(x2, qweight, scales, zeros, group_size, path, cfg, y)
-    _kernel_for(path)[_grid(path, cfg, m, n)](*args, **meta)
+            plan: LaunchPlan) -> torch.Tensor:
+    y = torch.empty(x2.shape[0], qweight.shape[1], device=x2.device, dtype=x2.dtype)
+    plan.kernel[plan.grid](*_args(x2, qweight, scales, zeros, plan, y), **plan.meta)
     return y
 
 
@@ -385,8 +439,8 @@ def w4a16_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         config = lookup_config(m, n, k_pad, group_size, x.dtype, x.device)
     elif path != "gemv" and config[0] < 16:
         raise ValueError(f"w4a16 {path} config {config}: BLOCK_M must be >= 16 (tensor-core tiles)")
-    return _launch(x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), group_size, path,
-                   config).reshape(*x.shape[:-1], n)
+    plan = plan_for(path, tuple(config), m, n, k_pad, group_size)
+    return _launch(x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), plan).reshape(*x.shape[:-1], n)
 
 
 def kernel_supports(group_size: int) -> bool:
@@ -431,7 +485,7 @@ def _key(path: str, m: int, n: int, k_pad: int, group_size: int, dtype: torch.dt
 
 
 def shipped_table() -> dict[str, dict[str, list[int]]]:
-    """The package's per-GPU table: ``{gpu name substring: {"N,K,M-bucket": config}}``."""
+    """The package's table: ``{"<major>.<minor>/<SMs>": {"N,K,M-bucket": config}}``."""
     global _TABLE
     if _TABLE is None:
         data = json.loads(TABLE_FILE.read_text())
@@ -439,10 +493,31 @@ def shipped_table() -> dict[str, dict[str, list[int]]]:
     return _TABLE
 
 
+def device_key(device: torch.device) -> str:
+    """Table key of a device: compute capability and SM count (``"9.0/132"`` for H100 SXM, H200
+    and GH200 alike), ``"cpu"`` off CUDA."""
+    if device.type != "cuda":
+        return "cpu"
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.major}.{props.minor}/{props.multi_processor_count}"
+
+
+def table_rows(key: str) -> dict[str, list[int]]:
+    """The shipped rows for a device key: the exact (capability, SM count) entry, else the entry
+    of the same capability with the nearest SM count, else none."""
+    table = shipped_table()
+    if key in table or "/" not in key:
+        return table.get(key, {})
+    cc, sms = key.split("/")
+    same = [k for k in table if k.split("/")[0] == cc]
+    return table[min(same, key=lambda k: abs(int(k.split("/")[1]) - int(sms)))] if same else {}
+
+
 def lookup_config(m: int, n: int, k_pad: int, group_size: int, dtype: torch.dtype,
                   device: torch.device) -> tuple[int, ...]:
     """Config for a launch, without tuning: the user's tuning cache (:func:`tune` /
-    :func:`load_tuning`), then the shipped per-GPU table keyed by (N, K, M-bucket), then the
+    :func:`load_tuning`), then the shipped table of the device's (compute capability, SM count)
+    (:func:`table_rows`) keyed by (N, K, M-bucket), then the
     first valid row of the path's table. Entries that cannot run here are passed over."""
     path = path_for(m)
     memo = (path, m_bucket(m), n, k_pad, group_size, dtype, device)
@@ -454,10 +529,7 @@ def lookup_config(m: int, n: int, k_pad: int, group_size: int, dtype: torch.dtyp
 def _resolve_config(path: str, m: int, n: int, k_pad: int, group_size: int, dtype: torch.dtype,
                     device: torch.device) -> tuple[int, ...]:
     candidates = [_TUNED.get(_key(path, m, n, k_pad, group_size, dtype, device))]
-    name = _device_name(device)
-    for gpu, rows in shipped_table().items():
-        if gpu in name:
-            candidates.append(rows.get(f"{n},{k_pad},{m_bucket(m)}"))
+    candidates.append(table_rows(device_key(device)).get(f"{n},{k_pad},{m_bucket(m)}"))
     for cfg in candidates:
         if cfg is not None and tuple(cfg) in CONFIGS[path] and \
                 config_problem(path, tuple(cfg), group_size, dtype, device) is None:
@@ -531,7 +603,7 @@ def static_specs(arch: int) -> list:
     ``table_default``."""
     from .static import ARCH, StaticSpec, runtime_signature
     g = 128
-    gpu_rows = next((rows for gpu, rows in shipped_table().items() if gpu in ARCH[arch]["gpu"]), {})
+    gpu_rows = table_rows(ARCH[arch]["table_key"])
     specs = []
     for n, k in STATIC_SHAPES:
         for m in STATIC_MS:
@@ -544,18 +616,20 @@ def static_specs(arch: int) -> list:
                 ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16",
                         "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
                 ints = {"N": n} if path == "gemv" else {"M": m, "N": n}
-                consts = {"GROUP": g, "ROW_GROUPS": g % bk != 0, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}
+                consts = {"GROUP": g, "ROW_GROUPS": g % bk != 0, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                          "WIDE": False}
                 if path != "gemv":
                     consts["BLOCK_M"] = bm
                 sig, consts, aligned = runtime_signature({**ptrs, **ints, "K": k, "K_PAD": k}, consts)
                 grid = _grid(path, cfg, m, n)
                 rows = min(bm, m)
                 unique = bk // 8 * bn * 4 + rows * bk * 2 + 2 * bn * 2  # words + x + this group's s, z
-                out = rows * bn * (2 if split == 1 else 4 * 3 + 2)  # store, or add + swap + store
+                out = rows * bn * (2 if split == 1 else 4 + 4 + 2)  # store; or partial + 1/SPLIT_K of sum + y
                 specs.append(StaticSpec(
                     kernel=_kernel_for(path).__name__, path=path, fn=_kernel_for(path), signature=sig,
                     constexprs=consts, num_warps=warps, num_stages=stages, config=dict(zip(CONFIG_FIELDS, cfg)),
                     shape={"M": m, "N": n, "K": k, "G": g}, unique_bytes_per_iter=unique,
                     iters_per_program=triton.cdiv(k, bk * split), n_programs=math.prod(grid), aligned=aligned,
-                    extra_bytes=out, extra={"table_default": cfg == default}))
+                    extra_bytes=out, hbm_bytes=n * k // 2 + 2 * (k // g) * n * 2 + m * k * 2 + m * n * 2,
+                    extra={"table_default": cfg == default}))
     return specs

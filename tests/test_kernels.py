@@ -62,18 +62,74 @@ def test_w4a16_every_path(m: int, k: int, n: int, gs: int, sym: bool) -> None:
 
 def test_w4a16_default_gemv_row_long_k() -> None:
     """The shipped default GEMV row at M = 1 with K long enough that each of its SPLIT_K
-    programs loops several times; the split-K workspace is left zeroed for the next call."""
+    programs loops several times (the prefetch runs past the last tile), twice in a row."""
     cfg = w4.CONFIGS["gemv"][0]
     k = cfg[2] * cfg[3] * 3 - 72  # 3 iterations per program, the last K tile partly masked
     res = _packed_linear(k, 40, 128, False)
     x = torch.randn(1, k, dtype=torch.float16)
     w = dequantize_packed(res.qweight, res.scales, res.zeros, 4, k, 128)
     assert w4.lookup_config(1, 40, res.qweight.shape[0] * 8, 128, x.dtype, x.device) == cfg
-    for _ in range(2):  # the second call sees the workspace the first one left
+    for _ in range(2):
         y = w4.w4a16_matmul(x, res.qweight, res.scales, res.zeros, 128)
         _check(y, x, w, x.float() @ w.t(), _scales(res, k, 128))
-    ws, cnt = w4._WORKSPACE[x.device]
-    assert not ws.any() and not cnt.any()
+
+
+def test_w4a16_split_workspace_per_call_interleaved(monkeypatch) -> None:
+    """Interleaved shapes and paths: every split-K call gets its own workspace from the
+    allocator (never one another call saw), each tile counter ends at SPLIT_K (every program
+    of the tile arrived once, the last one wrote y) and every result matches the reference."""
+    seen: list[tuple[w4.LaunchPlan, torch.Tensor, torch.Tensor]] = []
+    real = w4.split_workspace
+
+    def spy(plan, device):
+        ws, cnt = real(plan, device)
+        assert not cnt.any(), "counters must start at zero"
+        assert all(ws.data_ptr() != old.data_ptr() for _, old, _ in seen), "workspace shared with an earlier call"
+        seen.append((plan, ws, cnt))
+        return ws, cnt
+
+    monkeypatch.setattr(w4, "split_workspace", spy)
+    layers = {(k, n, gs): _packed_linear(k, n, gs, False, seed=k + n) for k, n, gs in
+              [(200, 40, 64), (584, 136, 128), (72, 24, -1)]}
+    calls = [(1, 200, 40, 64, "gemv"), (17, 584, 136, 128, "splitk"), (1, 72, 24, -1, "gemv"),
+             (3, 200, 40, 64, "splitk"), (1, 584, 136, 128, "gemv"), (17, 200, 40, 64, "splitk")]
+    for m, k, n, gs, path in calls:
+        res = layers[(k, n, gs)]
+        x = torch.randn(m, k, dtype=torch.float16)
+        w = dequantize_packed(res.qweight, res.scales, res.zeros, 4, k, gs)
+        y = w4.w4a16_triton(x, res.qweight, res.scales, res.zeros, gs, path=path, config=SMALL[path])
+        _check(y, x, w, x.float() @ w.t(), _scales(res, k, gs))
+        plan, ws, cnt = seen[-1]
+        split = plan.config[3]
+        assert plan.tiles == cnt.numel() and plan.ws_floats == ws.numel() == split * m * n
+        assert torch.equal(cnt, torch.full_like(cnt, split)), f"tile counters {cnt.tolist()} != {split}"
+    assert len(seen) == len(calls)
+    assert not hasattr(w4, "_WORKSPACE"), "no workspace may outlive a call"
+
+
+def test_w4a16_int64_offsets_when_needed() -> None:
+    """Offsets past 2^31 switch the kernel to int64 indexing (a 128k-vocab head at M >= 16.4k)."""
+    assert not w4.plan_for("gemm", w4.CONFIGS["gemm"][0], 4096, 8192, 8192, 128).meta["WIDE"]
+    assert w4.plan_for("gemm", w4.CONFIGS["gemm"][0], 16_400, 131_072, 4096, 128).meta["WIDE"]
+    assert w4.plan_for("splitk", (16, 256, 64, 4, 8, 3), 32, 8192, 8192, 128).meta["enable_fp_fusion"] is True
+
+
+def test_w4a16_table_keyed_by_capability_and_sm_count(monkeypatch) -> None:
+    """An "NVIDIA H200" (9.0, 132 SMs) selects the Hopper rows whatever its name; an H100 PCIe
+    (9.0, 114 SMs) takes the nearest Hopper entry; an unknown capability gets none."""
+    import types
+    props = {"NVIDIA H200": (9, 0, 132), "NVIDIA H100 PCIe": (9, 0, 114), "NVIDIA GH200 480GB": (9, 0, 132),
+             "NVIDIA L4": (8, 9, 58)}
+    for name, (major, minor, sms) in props.items():
+        fake = types.SimpleNamespace(name=name, major=major, minor=minor, multi_processor_count=sms)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None, f=fake: f)
+        key = w4.device_key(torch.device("cuda", 0))
+        rows = w4.table_rows(key)
+        if major == 9:
+            assert rows is w4.shipped_table()["9.0/132"], name
+        else:
+            assert rows == {}, name
+    assert w4.device_key(torch.device("cpu")) == "cpu"
 
 
 def _run_op(m: int, dtype: torch.dtype) -> None:
@@ -126,7 +182,8 @@ def test_w4a16_configs_that_do_not_fit_are_skipped_with_reason(monkeypatch) -> N
     dev = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(w4, "smem_limit", lambda device: 100_000)
-    sm90_row = next(iter(w4.ARCH_ONLY))
+    sm90_row = w4.CONFIGS["gemm"][-1]
+    monkeypatch.setattr(w4, "ARCH_ONLY", {sm90_row: (90,)})
     assert "only for sm_90" in w4.config_problem("gemm", sm90_row, 128, torch.float16, dev)
     rows = [c for c in w4.CONFIGS["gemm"] if c not in w4.ARCH_ONLY]
     smem = {("gemm", c, 128, torch.float16, dev): 120_000 if i == 0 else 50_000 for i, c in enumerate(rows)}

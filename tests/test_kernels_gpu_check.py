@@ -1,0 +1,61 @@
+"""The pure-Python parts of benchmarks/gpu_check.py (case list, summary, JSON writer) and its
+refusal without CUDA; the GPU parts run on an H100 / H200 (docs/kernels.md)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adagrow.kernels import w4a16 as w4
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gc():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    yield mod
+    del sys.modules[spec.name]
+
+
+def test_case_list_covers_rows_and_odd_shapes(gc) -> None:
+    picks = {}
+
+    def shipped(m, n, kp):
+        picks[(m, n, kp)] = w4.CONFIGS[w4.path_for(m)][1]
+        return picks[(m, n, kp)]
+
+    cases = gc.case_list(shipped)
+    main = [c for c in cases if (c.n, c.k) in gc.MAIN_SHAPES]
+    assert len(main) == sum(len(w4.CONFIGS[w4.path_for(m)]) for m in gc.MAIN_MS) * len(gc.MAIN_SHAPES)
+    assert sum(c.shipped for c in main) == len(gc.MAIN_MS) * len(gc.MAIN_SHAPES)  # one shipped row each
+    odd = [c for c in cases if (c.n, c.k) not in gc.MAIN_SHAPES]
+    assert {(c.n, c.k, c.m) for c in odd} == {(n, k, m) for n, k in gc.ODD_SHAPES for m in gc.ODD_MS}
+    assert all(c.shipped and c.path == w4.path_for(c.m) for c in odd)
+    assert (1, 8192, 8192) in picks and gc.k_pad(8164) == 8192  # odd K is padded to the group
+
+
+def test_report_summary_and_json(gc, tmp_path) -> None:
+    rows = [{"N": 8192, "K": 8192, "M": 1, "config": [1], "shipped": True, "kernel_us": 20.0, "speedup_vs_fp16": 2.4},
+            {"N": 8192, "K": 8192, "M": 1, "config": [2], "shipped": False, "kernel_us": 16.0,
+             "speedup_vs_fp16": 3.0},
+            {"N": 4096, "K": 4096, "M": 16, "config": [3], "shipped": True, "error": "output exceeds the bound"}]
+    checks = [{"name": "two_streams", "ok": True}, {"name": "capture_then_grow", "ok": False}]
+    gc.write_report(tmp_path / "r.json", {"rows": rows, "checks": checks})
+    doc = json.loads((tmp_path / "r.json").read_text())
+    (s,) = doc["summary"]
+    assert s["best_config"] == [2] and s["shipped_config"] == [1] and s["target"] == 2.5
+    assert s["target_met"] is False and s["shipped_speedup"] == 2.4
+    assert [f.get("name", f.get("error")) for f in doc["failures"]] == ["capture_then_grow", "output exceeds the bound"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_refuses_without_cuda(gc, capsys, tmp_path) -> None:
+    assert gc.main(["--out", str(tmp_path / "x.json")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
