@@ -6,6 +6,7 @@ if __name__ != "adagrow.compress":  # found as a top-level name from a checkout:
     __getattr__ = stand_in("compress")
     __path__ = []  # type: ignore[no-redef]  # no submodules: never a second copy
 else:
+    from .hf_kernels import use_kernels
     from .io import load_quantized, save_quantized
     from .model import QuantConfig, quantize
     from .obs import OBSQuantizer, QuantResult, rtn_quantize
@@ -13,4 +14,4 @@ else:
     from .server_formats import save_compressed
 
     __all__ = ["OBSQuantizer", "QuantResult", "rtn_quantize", "QuantConfig", "quantize",
-               "QuantLinear", "QuantConv2d", "save_quantized", "load_quantized", "save_compressed"]
+               "QuantLinear", "QuantConv2d", "save_quantized", "load_quantized", "save_compressed", "use_kernels"]

@@ -105,3 +105,43 @@ def test_server_format_group_size_checked_before_quantizing(tmp_path, capsys, mo
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert perplexity(loaded, transformers.AutoTokenizer.from_pretrained(tmp_path / "q"),
                       "the weather is nice today and we went to the park", window=32, stride=16) > 1
+
+
+def _count_kernel_calls(monkeypatch) -> list[int]:
+    import adagrow.compress.qmodules as qm
+    calls, op = [0], qm.w4a16_matmul
+
+    def counted(*args):
+        calls[0] += 1
+        return op(*args)
+    monkeypatch.setattr(qm, "w4a16_matmul", counted)
+    return calls
+
+
+def test_generate_on_our_kernel_matches_the_reference_path(tmp_path, monkeypatch) -> None:
+    """Under TRITON_INTERPRET=1 (tests/conftest.py on CPU): the same greedy tokens with the kernel
+    as with the reference path, for our model and for its compressed-tensors folder loaded back."""
+    pytest.importorskip("compressed_tensors", reason="needs the hf extra (compressed-tensors)")
+    import copy
+    import adagrow.compress.qmodules as qm
+    from adagrow.compress import use_kernels
+    from adagrow.kernels.w4a16 import use_triton
+    if not use_triton(torch.zeros(1)):
+        pytest.skip("Triton does not run here (no CUDA, no TRITON_INTERPRET=1)")
+    q = quantize(_llama(), _calib(), QuantConfig(bits=4, group_size=32, sym=True), progress=False)
+    save_compressed(q, tmp_path / "ct")
+    prompts = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    ours, loaded = copy.deepcopy(q), transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    rep = use_kernels(ours)
+    assert len(rep.on_kernel) == 14 and not rep.repacked and not rep.not_on_kernel
+    rep_loaded = use_kernels(loaded)
+    assert len(rep_loaded.repacked) == 14 and sorted(rep_loaded.on_kernel) == sorted(rep.on_kernel)
+    calls = _count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        kernel_ours, kernel_loaded = _greedy(ours, prompts, 6), _greedy(loaded, prompts, 6)
+    assert calls[0] >= 14 * 6 * 2
+    monkeypatch.setattr(qm, "use_triton", lambda x: False)
+    calls[0] = 0
+    with torch.no_grad():
+        reference = _greedy(ours, prompts, 6)
+    assert calls[0] == 0 and torch.equal(kernel_ours, reference) and torch.equal(kernel_loaded, reference)
