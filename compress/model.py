@@ -31,6 +31,7 @@ from .qmodules import SCALE_DTYPES, QuantLayer, from_result
 from .server_formats import guard_save_pretrained
 
 METHODS = ("obs", "rtn")
+HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_IGNORE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out")
 
 
@@ -46,6 +47,9 @@ class QuantConfig:
     another parameter (an LM head tied to the embedding) are always left in float.
     Defaults (overlap-tier groups, reparam order) are the best error per scale measured by
     ``benchmarks/quant_quality.py`` (results in ``benchmarks/results/quant_quality_cpu.json``).
+    ``hessian_dtype``: float32 (default, as the reference GPTQ) or float64 for the layer
+    statistics and the OBS solve; float64 makes data-parallel runs (:meth:`OBSQuantizer.all_reduce`)
+    match one process to summation-order rounding (docs/scale.md).
     ``float_target`` (models calibrated block by block): each layer inside a block fits the float
     model's output of that layer on float inputs, not its own output on the quantized prefix's
     inputs, so it also corrects the error earlier layers left (GPTQv2); it costs one float forward
@@ -63,6 +67,7 @@ class QuantConfig:
     mse: bool = False
     float_target: bool = True
     scale_dtype: str = "float16"
+    hessian_dtype: str = "float32"
     skip: tuple[str, ...] = field(default_factory=tuple)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
 
@@ -73,6 +78,8 @@ class QuantConfig:
         check_order(self.order)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise ValueError(f"hessian_dtype must be one of {tuple(HESSIAN_DTYPES)}, got {self.hessian_dtype!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         for key in ("skip", "ignore"):
@@ -180,7 +187,7 @@ class _Run:
                 gs = cfg.group_size_for(geometry(layer, name).kind)
                 results.append(rtn_quantize(layer, cfg.bits, gs, cfg.sym, cfg.mse, scale_dtype=sdt, name=name))
         else:
-            lead = OBSQuantizer(layers[0], names[0])
+            lead = OBSQuantizer(layers[0], names[0], HESSIAN_DTYPES[cfg.hessian_dtype])
             is_linear = isinstance(layers[0], nn.Linear)
 
             def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
@@ -195,8 +202,9 @@ class _Run:
                 run()
             finally:
                 handle.remove()
+            lead.all_reduce()  # data-parallel calibration: every rank's samples (a no-op on one process)
             for name, layer in zip(names, layers):
-                q = lead if layer is layers[0] else OBSQuantizer(layer, name)
+                q = lead if layer is layers[0] else OBSQuantizer(layer, name, HESSIAN_DTYPES[cfg.hessian_dtype])
                 if q is not lead:
                     q.share(lead)
                 gs = cfg.group_size_for(geometry(layer, name).kind)

@@ -257,6 +257,27 @@ class OBSQuantizer:
                 raise ValueError(f"{self.name}: the float model's inputs to this layer are not finite")
             self.C.mul_(keep).add_(xfx, alpha=2 / self.nsamples)
 
+    @torch.no_grad()
+    def all_reduce(self) -> None:
+        """Under ``torch.distributed`` (more than one rank): replace this rank's statistics by
+        those of all ranks' samples together (sample-weighted means of H and C; one fixed-order
+        collective per tensor, then rank 0's result broadcast so every rank quantizes the same)."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        n = torch.tensor([float(self.nsamples)], dtype=torch.float64)
+        dist.all_reduce(n)
+        if self.H is None:
+            raise RuntimeError(f"{self.name}: this rank saw no calibration input for the layer")
+        for key in ("H", "C"):
+            t = getattr(self, key)
+            if t is not None:
+                t = t * (self.nsamples / float(n))
+                dist.all_reduce(t)
+                dist.broadcast(t, 0)
+                setattr(self, key, t)
+        self.nsamples = int(n)
+
     def _fit_target(self, w: torch.Tensor, g: int) -> torch.Tensor:
         """``W' = W (C + lam I) (H + lam I)^-1``: the weights whose output on the quantized prefix's
         inputs best matches the float layer's on the float inputs (ridge ``lam`` toward ``W``)."""

@@ -7,6 +7,7 @@ from adagrow.compress.onload import quantize_pretrained
 
 transformers = pytest.importorskip("transformers")
 CFG = QuantConfig(bits=4, group_size=32)
+CFG64 = QuantConfig(bits=4, group_size=32, hessian_dtype="float64")
 
 
 def _models() -> dict[str, torch.nn.Module]:
@@ -58,3 +59,41 @@ def test_missing_tensor_is_named(tmp_path) -> None:
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"no tensor for \['encoder.layer.1.attention.self.query.weight'\]"):
         quantize_pretrained(tmp_path, _calib(), CFG, progress=False)
+
+
+def _rank(rank: int, world: int, port: int, src, out) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = transformers.BertModel.from_pretrained(src).eval()
+        q = quantize(model, _calib4()[rank::world], CFG64, progress=False)
+        if rank == 0:
+            torch.save({n: m.dequantize() for n, m in q.named_modules() if isinstance(m, QuantLinear)}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _calib4() -> list[dict[str, torch.Tensor]]:
+    return _calib() + [{k: v.flip(0) for k, v in b.items()} for b in _calib()]
+
+
+def test_two_ranks_match_one(tmp_path) -> None:
+    """Data-parallel calibration (2 gloo ranks, half the batches each; Hessians all-reduced per
+    group) with float64 statistics: bit-identical quantized weights to one process on all the
+    batches. (With float32 statistics the summation order can flip a rounding, which OBS carries
+    along; on this random model that moves whole layers, see docs/scale.md.)"""
+    import socket
+    import torch.multiprocessing as mp
+    model = _models()["bert"]
+    model.save_pretrained(tmp_path / "src")
+    ref = quantize(model, _calib4(), CFG64, progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank, (2, port, tmp_path / "src", tmp_path / "w.pt"), nprocs=2, start_method="fork")
+    got = torch.load(tmp_path / "w.pt")
+    layers = {n: m for n, m in ref.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 3 * 6 + 1 and got.keys() == layers.keys()
+    for n, m in layers.items():
+        assert torch.equal(m.dequantize(), got[n]), n
