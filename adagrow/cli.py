@@ -463,6 +463,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ValueError/TypeError: bad input; OSError: missing files, existing outputs, disk full, permissions;
+# ImportError: an optional dependency; RuntimeError: torch / ONNX Runtime refusing a model;
+# MemoryError; safetensors' SafetensorError (unreadable files, failed writes).
+_LIBRARY_ERRORS = (ValueError, TypeError, OSError, ImportError, RuntimeError, MemoryError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line (its type when it has none)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, MemoryError) or not text:
+        text = f"{type(exc).__name__}{': ' + text if text else ''}"
+    return text if len(text) <= 2000 else text[:2000] + "..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -471,8 +485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         result = args.func(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
-        print(f"adagrow {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - every library error is one line and exit 2, never a traceback
+        from safetensors import SafetensorError
+        if not isinstance(exc, (*_LIBRARY_ERRORS, SafetensorError)):
+            raise
+        print(f"adagrow {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=1, default=str))

@@ -9,13 +9,12 @@ layer and against the tensors in the file, and tensors must be finite. Every pro
 from __future__ import annotations
 
 import copy
-import json
+import re
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -23,8 +22,9 @@ from adagrow import __version__
 from adagrow.archs import build_arch, hf_record
 from adagrow.checks import check_finite
 from adagrow.files import save_state
+from adagrow.packed import codes_per_word, padded_k
 from adagrow.schema import MODULE_PATH, check, field_name, input_shape, int_list, integer, record
-from adagrow.packed import padded_k
+from adagrow.stored import StoredTensor, check_against_header, on_meta, parse_json, read_header
 
 from .groups import GROUP_MODES
 from .layer import geometry, set_module
@@ -33,6 +33,7 @@ from .qmodules import SCALE_DTYPES, QuantLayer, quant_layer_from_meta
 from .server_formats import guard_save_pretrained, shared_aliases
 
 FORMAT = "adagrow-quantized"
+_MODULE_PATH = re.compile(MODULE_PATH)
 FORMAT_VERSION = 2  # 2: the architecture is {"name", "args"} (version 1 named a builder function)
 
 _BIG = 1 << 24
@@ -53,8 +54,7 @@ _LAYER = {
 }
 _META = record({"format": {"const": FORMAT}, "format_version": integer(1, FORMAT_VERSION),
                 "adagrow_version": {"type": "string"}, "config": {"type": ["object", "null"]},
-                "layers": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": MODULE_PATH},
-                           "additionalProperties": _LAYER},
+                "layers": {"type": "object", "minProperties": 1, "maxProperties": 100_000},  # records: _assemble
                 "report": {"type": "object"}, "arch": {"type": ["object", "null"]}, "deploy": {"type": "boolean"},
                 "input_shape": input_shape()},
                optional=("adagrow_version", "config", "report", "input_shape"))
@@ -81,23 +81,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
     return save_state(path, state, meta)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The adagrow metadata of a quantized checkpoint, checked field by field (``ValueError``
-    naming the file and the field for anything missing, mistyped or out of range)."""
-    path = Path(path)
+def _read(path: Path) -> tuple[dict[str, StoredTensor], dict[str, Any]]:
+    """The tensor table and the adagrow metadata (format and version checked, fields not yet)."""
     if not path.is_file():
         raise FileNotFoundError(f"quantized checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception as exc:  # safetensors raises several types for damaged headers
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt): {exc}") from exc
+    table, header = read_header(path)
     if "adagrow" not in header:
         raise ValueError(f"{path}: safetensors file without adagrow metadata (not saved by save_quantized)")
-    try:
-        meta = json.loads(header["adagrow"])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: adagrow metadata is not valid JSON: {exc}") from exc
+    meta = parse_json(header["adagrow"], str(path), "adagrow metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         fmt = meta.get("format") if isinstance(meta, dict) else None
         raise ValueError(f"{path}: field format: unknown format {fmt!r}, expected {FORMAT!r}")
@@ -106,6 +97,19 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: field format_version: {version} is newer than this adagrow supports "
                          f"({FORMAT_VERSION}); upgrade adagrow")
     check(meta, _META, str(path), "metadata")
+    return table, meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The adagrow metadata of a quantized checkpoint, checked field by field (``ValueError``
+    naming the file and the field for anything missing, mistyped or out of range). Reads the
+    header only, bounded in size and nesting (:mod:`adagrow.stored`)."""
+    path = Path(path)
+    meta = _read(path)[1]
+    for name, lmeta in meta["layers"].items():
+        if not _MODULE_PATH.match(name):
+            raise ValueError(f"{path}: field metadata.layers: {name!r} does not match {MODULE_PATH!r}")
+        check(lmeta, _LAYER, str(path), field_name("layers", [name]))
     return meta
 
 
@@ -144,22 +148,9 @@ def _check_layer(path: Path, name: str, lmeta: dict[str, Any], layer: nn.Module)
                          f"of a layer with K={geo.k} and kernel {list(geo.kernel_size)}")
 
 
-def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], qmodel: nn.Module,
-                   qlayers: dict[str, QuantLayer]) -> None:
-    """Every tensor the model needs is in the file with the right shape and dtype, finite, and
-    the group parameters are valid for their metadata."""
-    expected = qmodel.state_dict()
-    for key, src in shared_aliases(expected).items():  # tied weights are stored once
-        if key not in tensors and src in tensors:
-            tensors[key] = tensors[src]
-    missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-    if missing or extra:
-        raise ValueError(f"{path}: tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    for key, ref in expected.items():
-        t = tensors[key]
-        if t.dtype != ref.dtype or t.shape != ref.shape:
-            raise ValueError(f"{path}: tensor {key!r} is {str(t.dtype)[6:]} {list(t.shape)} in the file; the "
-                             f"metadata and model expect {str(ref.dtype)[6:]} {list(ref.shape)}")
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], qlayers: dict[str, QuantLayer]) -> None:
+    """Tensors (whose names, shapes and dtypes :func:`check_against_header` compared) are finite,
+    and the group parameters are valid for their metadata."""
     check_finite(tensors, str(path))
     for name, q in qlayers.items():
         scales, zeros = tensors[f"{name}.scales"], tensors[f"{name}.zeros"]
@@ -168,6 +159,13 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], qmodel: nn.Modu
         if not bool(((zeros >= 0) & (zeros <= 2**q.bits - 1) & (zeros == zeros.round())).all()):
             raise ValueError(f"{path}: tensor {name + '.zeros'!r} holds zero points that are not integers in "
                              f"0..{2**q.bits - 1} (bits={q.bits})")
+        per = codes_per_word(q.bits)
+        width = 32 // per
+        high = sum(((1 << width) - (1 << q.bits)) << (i * width) for i in range(per))  # bits above a code
+        if high and bool((tensors[f"{name}.qweight"] & torch.tensor(high - (1 << 32) if high >= 1 << 31 else high,
+                                                                     dtype=torch.int32)).any()):
+            raise ValueError(f"{path}: tensor {name + '.qweight'!r} holds codes outside 0..{2**q.bits - 1} "
+                             f"(bits={q.bits})")
         pg = tensors.get(f"{name}.position_group")
         if pg is not None and not bool(((pg >= 0) & (pg < q.meta["n_groups"])).all()):
             raise ValueError(f"{path}: tensor {name + '.position_group'!r} points outside the "
@@ -177,35 +175,67 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], qmodel: nn.Modu
             raise ValueError(f"{path}: tensor {name + '.position_group'!r} is not one group per position")
 
 
+def _assemble(path: Path, meta: dict[str, Any], model: nn.Module | None,
+              table: dict[str, StoredTensor]) -> tuple[nn.Module, dict[str, QuantLayer]]:
+    """The quantized model the metadata describes (on the current default device), its layers
+    checked against the model's and its state dict against the file's tensor table."""
+    qmodel = copy.deepcopy(model).eval() if model is not None else _build_arch(meta["arch"], meta["deploy"], path)
+    modules = dict(qmodel.named_modules())
+    for name in meta["layers"]:  # names first: thousands of bogus records cost one lookup each
+        if not _MODULE_PATH.match(name):
+            raise ValueError(f"{path}: field metadata.layers: {name!r} does not match {MODULE_PATH!r}")
+        if name not in modules:
+            raise ValueError(f"{path}: field {field_name('layers', [name])}: no such layer in the model")
+    qlayers = {}
+    for name, lmeta in meta["layers"].items():
+        check(lmeta, _LAYER, str(path), field_name("layers", [name]))
+        _check_layer(path, name, lmeta, modules[name])
+        qlayers[name] = quant_layer_from_meta(lmeta)
+        set_module(qmodel, name, qlayers[name])
+    check_against_header(path, table, qmodel)
+    return qmodel, qlayers
+
+
+def _device(path: Path, map_location: str | torch.device) -> torch.device:
+    """``map_location`` as a device this machine has (``ValueError`` naming it otherwise)."""
+    try:
+        device = torch.device(map_location)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as exc:
+        raise ValueError(f"{path}: map_location={str(map_location)!r} is not available on this machine: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return device
+
+
 def load_quantized(path: str | os.PathLike, model: nn.Module | None = None,
                    map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a quantized model saved by :func:`save_quantized`.
 
     ``model`` (optional) is a float model of the same architecture; its quantized layers are
-    replaced. Without it, the registered architecture recorded in the file is rebuilt.
+    replaced. Without it, the registered architecture recorded in the file is rebuilt: first on
+    the ``meta`` device, compared with the file's tensor table (so a record describing more than
+    the file stores is refused before anything is allocated), then for real.
     """
     path = Path(path)
-    meta = read_metadata(path)
-    qmodel = copy.deepcopy(model).eval() if model is not None else _build_arch(meta["arch"], meta["deploy"], path)
-    qlayers = {}
-    for name, lmeta in meta["layers"].items():
-        try:
-            layer = qmodel.get_submodule(name)
-        except AttributeError as exc:
-            raise ValueError(f"{path}: field {field_name('layers', [name])}: no such layer in the model") from exc
-        _check_layer(path, name, lmeta, layer)
-        qlayers[name] = quant_layer_from_meta(lmeta)
-        set_module(qmodel, name, qlayers[name])
+    table, meta = _read(path)
+    device = _device(path, map_location)
+    if model is None:
+        with on_meta(table):
+            _assemble(path, meta, None, table)
+    qmodel, qlayers = _assemble(path, meta, model, table)
     try:
-        tensors = load_file(str(path), device=str(map_location))
+        tensors = load_file(str(path), device=str(device))
     except Exception as exc:
         raise ValueError(f"{path}: tensor data is unreadable (truncated or corrupt): {exc}") from exc
-    _check_tensors(path, tensors, qmodel, qlayers)
+    for key, src in shared_aliases(qmodel.state_dict()).items():  # tied weights are stored once
+        if key not in tensors and src in tensors:
+            tensors[key] = tensors[src]
+    _check_tensors(path, tensors, qlayers)
     qmodel.load_state_dict(tensors, strict=True)
     qmodel.adagrow_quant = {"config": meta.get("config"), "layers": meta.get("report", {})}
     qmodel.adagrow_input_shape = meta.get("input_shape")
     guard_save_pretrained(qmodel)
-    return qmodel.to(map_location)
+    return qmodel.to(device)
 
 
 __all__ = ["save_quantized", "load_quantized", "read_metadata", "FORMAT", "FORMAT_VERSION"]

@@ -1,12 +1,10 @@
 """Grown-model checkpoints: safetensors + the architecture record, rebuilt without training code."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -14,12 +12,14 @@ from adagrow.archs import build_arch, grown_record
 from adagrow.checks import check_finite
 from adagrow.files import save_state
 from adagrow.schema import check, input_shape
+from adagrow.stored import check_against_header, on_meta, parse_json, read_header
 
 from .cnn import GrowingCNN
 from .reparam import RepConv2d, reparameterize
 from .transformer import GrowingTransformer
 
 FORMAT = "adagrow-grown"
+VERSION = 1  # the grown-checkpoint layout this adagrow writes and reads
 
 
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
@@ -53,30 +53,45 @@ def save_grown(model: GrowingCNN | GrowingTransformer, path: str | os.PathLike, 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    meta = {"format": FORMAT, "version": 1, "arch": model.arch(), "spec": model.spec(), "deploy": deploy,
+    meta = {"format": FORMAT, "version": VERSION, "arch": model.arch(), "spec": model.spec(), "deploy": deploy,
             "input_shape": getattr(model, "adagrow_input_shape", None)}
     return save_state(path, (reparameterize(model.eval()) if deploy else model).state_dict(), meta)
 
 
 def load_grown(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a grown model (eval mode; the deploy form if it was saved so) from :func:`save_grown`."""
+    """Rebuild a grown model (eval mode; the deploy form if it was saved so) from :func:`save_grown`.
+
+    The header alone is read first (bounded, :mod:`adagrow.stored`); the recorded architecture is
+    built on the ``meta`` device and compared with the file's tensor table, so a record describing
+    more than the file stores is refused before anything is allocated.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"grown checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("adagrow", "{}"))
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable grown checkpoint (truncated or corrupt): {exc}") from exc
+    table, header = read_header(path)
+    meta = parse_json(header.get("adagrow", "{}"), str(path), "adagrow metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a grown-model checkpoint (format "
                          f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    model = build_arch(grown_record(meta.get("arch")), str(path), args_root="arch")
+    version = meta.get("version")
+    if type(version) is not int or not 1 <= version <= VERSION:
+        raise ValueError(f"{path}: field version: {version!r} is not a grown-checkpoint version this adagrow "
+                         f"reads (1..{VERSION})" + ("; upgrade adagrow" if type(version) is int and version > VERSION
+                                                    else ""))
     check(meta.get("input_shape"), input_shape(), str(path), "input_shape")
+
+    def build() -> nn.Module:
+        model = build_arch(grown_record(meta.get("arch")), str(path), args_root="arch")
+        return reparameterize(model.eval()) if meta.get("deploy") else model
+
+    with on_meta(table):
+        check_against_header(path, table, build())
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable grown checkpoint (truncated or corrupt): {exc}") from exc
     check_finite(tensors, str(path))
-    if meta.get("deploy"):
-        model = reparameterize(model.eval())
+    model = build()
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

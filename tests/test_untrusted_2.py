@@ -1,0 +1,209 @@
+"""Trust, round 2 (docs/trust.md): crafted files asking for more memory than they store are refused
+before anything is allocated; bounded headers; version fields; packed codes; devices; the CLI's
+one-line errors; export checks that compare scale; atomic, race-free writes."""
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from adagrow.compress import QuantConfig, load_quantized, quantize, save_quantized
+from adagrow.grow import GrowingCNN, GrowingTransformer, load_grown, save_grown
+from adagrow.grow.nets import RepCNN
+from adagrow.grow.reparam import reparameterize
+from adagrow.stored import MAX_HEADER_BYTES, MAX_NESTING
+from test_untrusted import _craft  # a checkpoint copied with its metadata / tensors edited
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GrowingCNN("vgg", widths=(8, 8, 8), depths=(1, 0, 0)).eval()
+    return save_grown(model, tmp_path_factory.mktemp("g") / "g.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    deploy = reparameterize(RepCNN(widths=(8, 12), depth=1, stem_width=4).eval())
+    qmodel = quantize(deploy, None, QuantConfig(bits=3, group_size=-1, method="rtn"), progress=False)
+    return save_quantized(qmodel, tmp_path_factory.mktemp("q") / "q.safetensors")
+
+
+# ----------------------------------------------------------------------------- memory bombs
+def _huge_cnn(meta):  # 8192 channels, a 31x31 branch per conv: ~250 GB of float32 weights
+    arch = meta["arch"]
+    arch["widths"] = [8192, 8192, 8192]
+    for rec in arch["convs"].values():
+        rec.update(kernel_size=[31, 31], branches=["conv31x31"])
+
+
+def _huge_transformer(meta):  # a 10M-token vocabulary of width 8192: 330 GB
+    meta["arch"] = {"type": "transformer", "kind": "bert", "dim": 8192, "head_dim": 64, "heads": 128, "depth": 1,
+                    "mlp_per_head": 64, "num_classes": 10, "img_size": 16, "patch": 4, "in_channels": 1,
+                    "vocab_size": 10_000_000, "max_len": 8, "layer_heads": [128]}
+
+
+def _huge_repcnn(meta):
+    meta["arch"]["args"].update(widths=[8192, 8192], stem_width=8192, kernel_size=31, depth=8)
+
+
+_CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    import torch
+    from adagrow.compress import load_quantized
+    from adagrow.grow import load_grown
+    loader = {"grown": load_grown, "quantized": load_quantized}[sys.argv[2]]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    try:
+        loader(sys.argv[1])
+        err = None
+    except ValueError as exc:
+        err = str(exc)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "base_kb": base, "error": err,
+                      "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+""")
+
+
+@pytest.mark.parametrize("kind,edit,match", [
+    ("grown", _huge_cnn, "the recorded architecture asks for more than .* MiB of tensors, but the file stores 0 MiB"),
+    ("grown", _huge_transformer, "the recorded architecture asks for more than .* MiB"),
+    ("quantized", _huge_repcnn, r"field arch\.args: .* asks for more than .* MiB of tensors, but the file stores 0 MiB"),
+], ids=["grown-cnn-250GB", "grown-transformer-330GB", "quantized-repcnn"])
+def test_memory_bomb_is_refused_before_allocating(grown, ckpt, tmp_path, kind, edit, match) -> None:
+    path = _craft(grown if kind == "grown" else ckpt, tmp_path / "bomb.safetensors", edit)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), kind], capture_output=True, text=True,
+                          timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["error"] is not None and str(path) in res["error"]
+    import re
+    assert re.search(match, res["error"]), res["error"]
+    # measured on a shared 2-core box: 0.01-0.03 s, +0 MB over the 327 MB peak after importing torch
+    assert res["seconds"] < 2.0, res
+    assert (res["peak_kb"] - res["base_kb"]) / 1024 < 100, res
+    assert res["peak_kb"] / 1024 < 600, res
+
+
+def test_hf_memory_bomb_is_refused_before_allocating(tmp_path) -> None:
+    """An ``hf`` record under HF_MAX_PARAMS (4M tokens x 4096) but far beyond the file's tensors."""
+    transformers = pytest.importorskip("transformers")
+    import time
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    qmodel = quantize(transformers.BertModel(cfg).eval(), None, QuantConfig(bits=4, group_size=32, method="rtn"),
+                      progress=False)
+    src = save_quantized(qmodel, tmp_path / "bert.safetensors")
+    path = _craft(src, tmp_path / "bomb.safetensors",
+                  lambda m: m["arch"]["args"]["config"].update(vocab_size=4_000_000, hidden_size=4096))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"asks for more than .* MiB of tensors, but the file stores 0 MiB"):
+        load_quantized(path)
+    assert time.perf_counter() - t0 < 2.0
+
+
+def _raw_safetensors(path, header: bytes, data: bytes = b"") -> None:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+def test_header_size_and_nesting_are_bounded(tmp_path) -> None:
+    big = tmp_path / "big.safetensors"
+    with open(big, "wb") as f:  # the length claims 17 MiB; the file really is that long (sparse)
+        f.write(struct.pack("<Q", MAX_HEADER_BYTES + 1))
+        f.truncate(MAX_HEADER_BYTES + 64)
+    with pytest.raises(ValueError, match="longer than the 16,777,216-byte limit"):
+        load_quantized(big)
+    deep = tmp_path / "deep.safetensors"
+    _raw_safetensors(deep, b'{"__metadata__": {"adagrow": "' + b"[" * 50_000 + b"]" * 50_000 + b'"}}')
+    for loader in (load_quantized, load_grown):
+        with pytest.raises(ValueError, match=f"adagrow metadata is nested more than {MAX_NESTING} levels"):
+            loader(deep)
+    _raw_safetensors(deep, b'{"a": ' + b"[" * 50_000 + b"]" * 50_000 + b"}")
+    with pytest.raises(ValueError, match="header .* is nested more than"):
+        load_grown(deep)
+    lies = tmp_path / "lies.safetensors"
+    _raw_safetensors(lies, json.dumps({"w": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 1 << 42]}}
+                                      ).encode(), b"\0" * 16)
+    with pytest.raises(ValueError, match=r"truncated or corrupt\): tensor 'w' has an invalid entry"):
+        load_grown(lies)
+
+
+def test_thousands_of_bogus_layer_records_are_refused_fast(ckpt, tmp_path) -> None:
+    import time
+
+    def many(meta):
+        rec = next(iter(meta["layers"].values()))
+        meta["layers"].update({f"extra.l{i}": rec for i in range(20_000)})
+    path = _craft(ckpt, tmp_path / "many.safetensors", many)
+    load_quantized(ckpt)  # imports done
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"layers\.extra\.l0\b|layers\['extra.l0'\]: no such layer"):
+        load_quantized(path)
+    assert time.perf_counter() - t0 < 3.0  # measured 0.6-1.0 s on a shared 2-core box
+
+
+def test_grown_version_is_checked(grown, tmp_path) -> None:
+    for version, match in ((99, r"field version: 99 is not .* \(1\.\.1\); upgrade adagrow"),
+                           ("1", r"field version: '1' is not"), (None, "field version: None")):
+        path = _craft(grown, tmp_path / "v.safetensors", lambda m: m.update(version=version))
+        with pytest.raises(ValueError, match=match):
+            load_grown(path)
+
+
+def test_packed_codes_above_the_bit_width_are_refused(ckpt, tmp_path) -> None:
+    load_quantized(ckpt)  # 3-bit codes in 4-bit slots: the clean file loads
+
+    def code_15(t):
+        t["features.0.qweight"][0, 0] |= 8  # the first code becomes >= 8
+    path = _craft(ckpt, tmp_path / "c.safetensors", tensor_edit=code_15)
+    with pytest.raises(ValueError, match=r"tensor 'features.0.qweight' holds codes outside 0\.\.7 \(bits=3\)"):
+        load_quantized(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_unavailable_map_location_is_named(ckpt) -> None:
+    with pytest.raises(ValueError, match=r"map_location='cuda' is not available on this machine"):
+        load_quantized(ckpt, map_location="cuda")
+
+
+# ----------------------------------------------------------------------------- CLI errors
+@pytest.mark.parametrize("exc", [ValueError("bad\nrecord"), FileExistsError("out exists"), ImportError("no onnx"),
+                                 OSError(28, "No space left on device"), RecursionError("deep"), MemoryError()],
+                         ids=["value", "exists", "import", "disk-full", "recursion", "memory"])
+def test_cli_turns_library_errors_into_one_line(monkeypatch, tmp_path, capsys, exc) -> None:
+    import adagrow.grow
+    from adagrow.cli import main
+
+    def fail(path):
+        raise exc
+    monkeypatch.setattr(adagrow.grow, "load_grown", fail)
+    rc = main(["reparam", str(tmp_path / "g.safetensors"), "--out", str(tmp_path / "d.safetensors"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("adagrow reparam: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def test_cli_names_a_safetensors_error(monkeypatch, tmp_path, capsys) -> None:
+    from safetensors import SafetensorError
+
+    import adagrow.grow
+    from adagrow.cli import main
+
+    def fail(path):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+    monkeypatch.setattr(adagrow.grow, "load_grown", fail)
+    assert main(["reparam", str(tmp_path / "g"), "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_memory_bomb_in_one_line(grown, tmp_path, capsys) -> None:
+    from adagrow.cli import main
+    path = _craft(grown, tmp_path / "bomb.safetensors", _huge_cnn)
+    assert main(["reparam", str(path), "--out", str(tmp_path / "d.safetensors"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "asks for more than" in err and err.count("\n") == 1
