@@ -1,5 +1,5 @@
 """``adagrow demo``: grow a CNN on the bundled digits, reparameterize, quantize (RTN vs OBS vs
-OBS with overlap-aware order and groups, at W8 and W4), export ONNX (fp32, INT8 Q/DQ, W4), time
+OBS with overlap-aware order and groups, at W8, W4 and W3), export ONNX (fp32, INT8 Q/DQ, W4), time
 everything on the backends this machine has, and write a table, JSON, markdown and a plot."""
 from __future__ import annotations
 
@@ -26,7 +26,20 @@ METHODS = [  # (method label, precision, config)
     ("OBS act-order g128", "W4", QuantConfig(bits=4, order="act", group_size=128, linear_group_size=-1)),
     ("OBS overlap-aware (reparam order, tier groups)", "W4",
      QuantConfig(bits=4, order="reparam", group_size="tier", linear_group_size=-1)),
+    ("RTN per-channel", "W3", QuantConfig(bits=3, method="rtn", group_size=-1, linear_group_size=-1)),
+    ("OBS overlap-aware (reparam order, tier groups)", "W3",
+     QuantConfig(bits=3, order="reparam", group_size="tier", linear_group_size=-1)),
 ]
+
+
+def growth_config(fast: bool) -> GrowthConfig:
+    """Every growth setting spelled out, so the demo does not move when grow()'s defaults do.
+    ``max_kernel=5``: branches may widen the 3x3 deploy kernels to 5x5 (fused kernels whose
+    overlapping branches make round-to-nearest lossy, docs/demo.md)."""
+    return GrowthConfig(stop="auto", budget=None, interval=22 if fast else 66, grow_fraction=0.75,
+                        location="greedy", branch_sampling="with", width_fraction=0.7, max_kernel=5,
+                        preserve=True, widen_dim=True, retrain=False, auto_threshold=0.03, auto_tolerance=1,
+                        ema=0.5, seed=0)
 
 
 def _latency(fn, x: torch.Tensor, timing: dict[str, int]) -> float:
@@ -35,42 +48,66 @@ def _latency(fn, x: torch.Tensor, timing: dict[str, int]) -> float:
     return measure(lambda: fn(x), timing["warmup"], timing["runs"], timing["threads"], device)["median_ms"]
 
 
-def _torch_row(model: torch.nn.Module, x1: torch.Tensor, timing: dict[str, int]) -> tuple[float, float | None]:
-    """(CPU fp32 latency, GPU fp16 latency or None) at batch 1, in ms."""
-    cpu = _latency(torch.no_grad()(model), x1, timing)
+def _torch_row(model: torch.nn.Module, x1: torch.Tensor, timing: dict[str, int],
+               cpu: bool = True) -> tuple[float | None, float | None]:
+    """(CPU fp32 latency or None when not ``cpu``, GPU fp16 latency or None) at batch 1, in ms."""
+    cpu_ms = _latency(torch.no_grad()(model), x1, timing) if cpu else None
     gpu = None
     if torch.cuda.is_available():  # fp16 activations: fused convs / W4A16 Triton kernels
         gpu = _latency(torch.no_grad()(copy.deepcopy(model).cuda().half()), x1.cuda().half(), timing)
-    return cpu, gpu
+    return cpu_ms, gpu
 
 
-def _cross_check(rows: list[dict[str, Any]], suite: dict[str, Any]) -> None:
-    """Put the suite's median for the same (model, backend, precision, batch 1) next to the table
-    rows that have one: the float model on PyTorch eager and ONNX Runtime CPU."""
-    same = {("float (fused)", "FP32", "PyTorch eager"): ("eager", "fp32"),
-            ("float (fused)", "FP32", "ONNX Runtime CPU"): ("ort-cpu", "fp32")}
+SUITE_CASES = {("float (fused)", "FP32", "PyTorch eager"): ("eager", "fp32"),
+               ("float (fused)", "FP32", "ONNX Runtime CPU"): ("ort-cpu", "fp32")}
+
+
+def _from_suite(rows: list[dict[str, Any]], suite: dict[str, Any]) -> None:
+    """Fill the CPU latency of the table rows the suite also measures (the float model on PyTorch
+    eager and ONNX Runtime CPU, batch 1) from the suite's record: one measurement, one figure."""
     ok = {(r["backend"], r["precision"]): r for r in suite["rows"] if r["status"] == "ok" and r["batch"] == 1}
     for r in rows:
-        hit = ok.get(same.get((r["method"], r["precision"], r["backend"]), ("", "")))
-        if hit is not None:
-            r["suite_median_ms"] = hit["median_ms"]
+        case = SUITE_CASES.get((r["method"], r["precision"], r["backend"]))
+        if case is not None:
+            r["cpu_latency_ms"] = ok[case]["median_ms"]
+            r["latency_from"] = f"suite {case[0]} {case[1]} b1"
+
+
+def pareto(rows: list[dict]) -> list[dict]:
+    """Rows no other row beats on both CPU latency (lower) and accuracy (higher), fastest first."""
+    front, best = [], -1.0
+    for r in sorted(rows, key=lambda r: (r["cpu_latency_ms"], -r["accuracy"])):
+        if r["accuracy"] > best:
+            front.append(r)
+            best = r["accuracy"]
+    return front
 
 
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 6.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
     markers = {"PyTorch eager": "o", "ONNX Runtime CPU": "s"}
+    front = pareto(rows)
     for i, r in enumerate(rows):
-        ax.scatter(r["cpu_latency_ms"], 100 * r["accuracy"], s=50, marker=markers.get(r["backend"], "^"),
-                   color=plt.cm.tab10(i % 10), label=f"{r['method']}, {r['precision']} ({r['backend']})")
+        on = any(r is f for f in front)
+        ax.scatter(r["cpu_latency_ms"], 100 * r["accuracy"], s=70 if on else 35,
+                   marker=markers.get(r["backend"], "^"), color=plt.cm.tab20(i % 20),
+                   edgecolors="black" if on else "none", zorder=3)
+        short = r["method"].split(" (")[0].replace("weights + calibrated activations", "").strip()
+        ax.annotate(f"{i + 1}: {short} {r['precision']}", (r["cpu_latency_ms"], 100 * r["accuracy"]),
+                    xytext=(5, 4 if i % 2 else -10), textcoords="offset points", fontsize=7)
+    ax.plot([r["cpu_latency_ms"] for r in front], [100 * r["accuracy"] for r in front], "k--", lw=1,
+            label="Pareto front (no point is both faster and more accurate)", zorder=2)
+    for b, m in markers.items():
+        ax.scatter([], [], marker=m, color="gray", label=b)
     ax.set_xscale("log")
     ax.set_xlabel("CPU latency, batch 1 (ms, median, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"adagrow demo: grown {rows[0]['model']} on digits")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, frameon=False)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -96,7 +133,7 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
     t0 = time.perf_counter()
     fit, val = train_val_split(x_tr, y_tr, 0.15, seed=0)  # growth decisions never read the test set
     res = grow(GrowingCNN("vgg", widths=(16, 24, 32) if fast else (64, 96, 128)), fit, val,
-               epochs=3 if fast else 12, config=GrowthConfig(stop="auto", interval=22 if fast else 66), lr=0.05,
+               epochs=3 if fast else 12, config=growth_config(fast), lr=0.05,
                progress=progress)
     grow_s = time.perf_counter() - t0
     res.model.adagrow_input_shape = list(x_tr.shape[1:])  # checked by quantize / export / bench
@@ -109,11 +146,11 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
         fuse_diff = float((deploy(x_te) - res.model(x_te)).abs().max())
     float_acc = accuracy(deploy, x_te, y_te)
     rows: list[dict[str, Any]] = []
-    cpu, gpu = _torch_row(deploy, x1, timing)
+    cpu, gpu = _torch_row(deploy, x1, timing, cpu=False)  # CPU: the suite's eager fp32 b1 record
     rows.append({"model": res.model.spec(), "method": "float (fused)", "precision": "FP32", "backend": "PyTorch eager",
                  "cpu_latency_ms": cpu, "gpu_latency_ms": gpu, "accuracy": float_acc, "quantize_s": 0.0})
 
-    say("[3/5] quantizing: RTN vs OBS vs overlap-aware OBS, W8 and W4")
+    say("[3/5] quantizing: RTN vs OBS vs overlap-aware OBS, W8, W4 and W3")
     overlap_w4 = None
     for label, prec, cfg in METHODS:
         t0 = time.perf_counter()
@@ -123,7 +160,7 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
         rows.append({"model": res.model.spec(), "method": label, "precision": prec, "backend": "PyTorch eager",
                      "cpu_latency_ms": cpu, "gpu_latency_ms": gpu, "accuracy": accuracy(qmodel, x_te, y_te),
                      "quantize_s": q_s})
-        if "overlap" in label:
+        if "overlap" in label and prec == "W4":
             overlap_w4 = qmodel
     save_quantized(overlap_w4, out / "digits_w4_overlap.safetensors", overwrite=True)
 
@@ -136,7 +173,8 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
         sess = ort_session(rep.path, threads=threads)
         name = sess.get_inputs()[0].name
         acc = float((sess.run(None, {name: x_te.numpy()})[0].argmax(1) == y_te.numpy()).mean())
-        cpu = _latency(lambda x: sess.run(None, {name: x.numpy()}), x1, timing)
+        cpu = (None if (label, prec, "ONNX Runtime CPU") in SUITE_CASES  # the suite's record
+               else _latency(lambda x: sess.run(None, {name: x.numpy()}), x1, timing))
         rows.append({"model": res.model.spec(), "method": label, "precision": prec, "backend": "ONNX Runtime CPU",
                      "cpu_latency_ms": cpu, "gpu_latency_ms": None, "accuracy": acc, "quantize_s": None,
                      "onnx": fname, "onnx_cosine_vs_torch": rep.cosine})
@@ -150,7 +188,10 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
     if fast:  # torch.compile's first compilation alone takes longer than the fast demo
         suite["models"][0]["backends"].remove("compile")
     bench = run_suite(suite, progress=progress)
-    _cross_check(rows, bench)
+    _from_suite(rows, bench)
+    front = pareto(rows)
+    for r in rows:
+        r["pareto"] = any(r is f for f in front)
 
     table = _table(rows) + "\n\n" + CPU_REFERENCE_NOTE
     say("\n" + table)
@@ -173,7 +214,7 @@ def _table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         gpu = f"{r['gpu_latency_ms']:.3f}" if r["gpu_latency_ms"] is not None else "n/a (no GPU)"
-        suite = f" (suite: {r['suite_median_ms']:.3f})" if "suite_median_ms" in r else ""
+        suite = " (suite)" if "latency_from" in r else ""
         lines.append(f"| {r['model']} | {r['method']} | {r['precision']} | {r['backend']} | "
                      f"{r['cpu_latency_ms']:.3f}{suite} | {gpu} | {100 * r['accuracy']:.2f}% |")
     return "\n".join(lines)

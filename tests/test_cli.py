@@ -248,22 +248,27 @@ def test_demo_fast_writes_every_output(tmp_path, capsys) -> None:
         assert (out / name).stat().st_size > 0, name
     result = json.loads((out / "results.json").read_text())
     acc = {(r["method"], r["precision"], r["backend"]): r["accuracy"] for r in result["table"]}
-    assert len(acc) == 9 and all(r["cpu_latency_ms"] > 0 for r in result["table"])
+    assert len(acc) == 11 and all(r["cpu_latency_ms"] > 0 for r in result["table"])
+    front = [r for r in result["table"] if r["pareto"]]
+    assert front and all(not (o["cpu_latency_ms"] < r["cpu_latency_ms"] and o["accuracy"] > r["accuracy"])
+                         for r in front for o in result["table"])
     flt = acc[("float (fused)", "FP32", "PyTorch eager")]
     # measured here (AVX-512 VNNI CPU): float 88.4%, INT8 Q/DQ 88.2%, W8 88.2-88.4%, W4 87.1-88.2%
     assert flt > 0.7
     assert acc[("float (fused)", "FP32", "ONNX Runtime CPU")] == pytest.approx(flt, abs=0.005)
     assert abs(acc[("OBS W8 weights + calibrated activations", "INT8 QDQ", "ONNX Runtime CPU")] - flt) < 0.03
     for (method, prec, _), a in acc.items():
-        assert abs(a - flt) < {"W8": 0.015, "W4": 0.05}.get(prec, 0.03), (method, prec, a, flt)
+        if (method, prec) != ("RTN per-channel", "W3"):  # the row that is expected to fall
+            assert abs(a - flt) < {"W8": 0.015, "W4": 0.05, "W3": 0.08}.get(prec, 0.03), (method, prec, a, flt)
     _check_skips(result["suite"]["rows"])
-    # one timing method: the table's float rows agree with the suite's records of the same
-    # (model, backend, precision, batch 1); the suite used the table's warm-up, runs and threads
+    # one timing method: the suite ran with the table's warm-up, runs and threads, and the table's
+    # float rows are the suite's records of the same (model, backend, precision, batch 1)
     assert {k: result["suite"][k] for k in ("warmup", "runs", "threads")} == result["timing"]
-    crossed = [r for r in result["table"] if "suite_median_ms" in r]
-    assert {(r["backend"]) for r in crossed} == {"PyTorch eager", "ONNX Runtime CPU"}
-    for r in crossed:  # within noise (2 shared cores): a factor 3; the bug this guards was 90x
-        assert 1 / 3 < r["cpu_latency_ms"] / r["suite_median_ms"] < 3, r
+    ok = {(r["backend"], r["precision"]): r["median_ms"] for r in result["suite"]["rows"]
+          if r["status"] == "ok" and r["batch"] == 1}
+    by_row = {(r["method"], r["backend"]): r for r in result["table"] if r["precision"] == "FP32"}
+    assert by_row[("float (fused)", "PyTorch eager")]["cpu_latency_ms"] == ok[("eager", "fp32")]
+    assert by_row[("float (fused)", "ONNX Runtime CPU")]["cpu_latency_ms"] == ok[("ort-cpu", "fp32")]
     assert main(["demo", "--fast", "--out", str(out), "--quiet"]) == 2  # refuses to overwrite
 
 
