@@ -122,14 +122,15 @@ def _obs_block(w: torch.Tensor, u: torch.Tensor, sc: torch.Tensor, zc: torch.Ten
     Returns codes ``[rows, B]``, scaled errors ``[rows, B]`` for the lazy update, and the OBS loss
     (a 0-d tensor: no host synchronisation per column).
     """
-    w = w.clone()
-    codes, errs = torch.zeros_like(w), torch.zeros_like(w)
-    for i in range(w.shape[1]):
-        q = quantize_codes(w[:, i], sc[:, i], zc[:, i], bits)
-        err = (w[:, i] - dequantize_codes(q, sc[:, i], zc[:, i])) / u[i, i]
-        w[:, i:] -= err[:, None] * u[i, i:][None, :]
-        codes[:, i], errs[:, i] = q, err
-    return codes, errs, 0.5 * errs.square().sum()
+    # columns as contiguous rows: the per-column ops read and write contiguous memory (~1.5x faster)
+    wt, sct, zct = w.t().contiguous(), sc.t().contiguous(), zc.t().contiguous()
+    codes, errs = torch.empty_like(wt), torch.empty_like(wt)
+    for i in range(wt.shape[0]):
+        q = quantize_codes(wt[i], sct[i], zct[i], bits)
+        err = (wt[i] - dequantize_codes(q, sct[i], zct[i])) / u[i, i]
+        wt[i:] -= u[i, i:, None] * err[None, :]
+        codes[i], errs[i] = q, err
+    return codes.t(), errs.t(), 0.5 * errs.square().sum()
 
 
 def _obs_static(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor, sc: torch.Tensor,
@@ -198,12 +199,14 @@ class OBSQuantizer:
         self.C: torch.Tensor | None = None  # [conv groups, K, K]: 2/n sum x_float x^T (float target)
         self.nsamples = 0
         self._warned_fp16 = False
+        self._inverses: dict = {}  # {"H": the H they invert, key: (H^-1, damping)}, shared like H
 
     def share(self, other: "OBSQuantizer") -> None:
         """Use ``other``'s statistics (a layer fed the identical input tensor: q/k/v, gate/up)."""
         if other.geo.k != self.geo.k or other.geo.groups != self.geo.groups:
             raise ValueError(f"{self.name}: cannot share the Hessian of {other.name} (different input columns)")
         self.H, self.C, self.nsamples = other.H, other.C, other.nsamples
+        self._inverses = other._inverses
 
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor, target: torch.Tensor | None = None) -> None:
@@ -328,6 +331,9 @@ class OBSQuantizer:
         if self.H is None:
             raise RuntimeError(f"{name}: quantize() called before any add_batch(); feed calibration inputs first")
         check_parameters(self.layer, name)
+        if self._inverses.get("H") is not self.H:  # statistics replaced or updated since cached
+            self._inverses.clear()
+            self._inverses["H"] = self.H
         dead_groups = [g for g in range(geo.groups) if not bool((self.H[g].diagonal() > 0).any())]
         if len(dead_groups) == geo.groups:
             raise ValueError(f"{name}: every calibration input of this layer is zero ({self.nsamples} samples), "
@@ -364,7 +370,10 @@ class OBSQuantizer:
             check_scales(s, w, scale_dtype, name)
             scales[g * rows:(g + 1) * rows], zeros[g * rows:(g + 1) * rows] = s, z
             sc, zc = s.to(w)[:, gid], z.to(w)[:, gid]
-            hinv, pd = self._inverse(h, percdamp)
+            key = (self.nsamples, g, percdamp, h.dtype)
+            if key not in self._inverses:  # q/k/v, gate/up: one inverse for the group
+                self._inverses[key] = self._inverse(h, percdamp)
+            hinv, pd = self._inverses[key]
             damp = max(damp, pd)
             if order == "reparam-dynamic":
                 q, perm, l = _obs_dynamic(w, hinv, col_ov.to(w.device), sc, zc, bits, block_size)
