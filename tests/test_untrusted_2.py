@@ -207,3 +207,54 @@ def test_cli_refuses_a_memory_bomb_in_one_line(grown, tmp_path, capsys) -> None:
     assert main(["reparam", str(path), "--out", str(tmp_path / "d.safetensors"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "asks for more than" in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- export checks
+class _TimesBig(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) * 1e5  # beyond fp16's converter range: clamped to 1e4
+
+
+class _Branch(torch.nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x * -3  # data-dependent: the trace keeps one branch
+
+
+def test_fp16_export_of_a_clamped_constant_fails(tmp_path) -> None:
+    from adagrow.compress.export import export_onnx
+    from adagrow.compress.export.verify import ExportCheckError
+    torch.manual_seed(0)
+    model, x = _TimesBig().eval(), torch.randn(8, 4)
+    with pytest.raises(ExportCheckError, match=r"clamped constants .* 100000\.0 will be truncated to 10000"):
+        export_onnx(model, x, tmp_path / "m.onnx", "fp16")
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.warns(RuntimeWarning):
+        rep = export_onnx(model, x, tmp_path / "m.onnx", "fp16", check="warn")
+    assert not rep.passed and rep.clamped
+    assert any("norm is 0.1x the float model's" in n for n in rep.notes), rep.notes  # cosine alone would pass
+    assert rep.cosine > 0.9999
+
+
+def test_data_dependent_branch_fails_its_export_check(tmp_path) -> None:
+    from adagrow.compress.export import export_onnx
+    from adagrow.compress.export.verify import ExportCheckError
+    x = torch.rand(8, 4) + 0.1  # the example takes the x * 2 branch
+    with pytest.raises(ExportCheckError, match="held-out batch 0 negated"):
+        export_onnx(_Branch().eval(), x, tmp_path / "b.onnx", "fp32")
+    with pytest.warns(RuntimeWarning):
+        rep = export_onnx(_Branch().eval(), x, tmp_path / "b.onnx", "fp32", check="warn")
+    assert not rep.passed and any("Converting a tensor to a Python boolean" in w for w in rep.tracer_warnings)
+
+
+def test_plain_float_exports_still_pass(tmp_path) -> None:
+    from adagrow.compress.export import export_onnx
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    for precision in ("fp32", "fp16"):
+        rep = export_onnx(model, torch.randn(8, 4), tmp_path / f"{precision}.onnx", precision)
+        assert rep.passed and not rep.clamped and not rep.tracer_warnings
+        assert all(abs(c["norm_ratio"] - 1) < 1e-2 for c in rep.verification)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from .nbits import ACCURACY_LEVELS
 from .qdq import W4Weight, act_quant, activation_tensors, insert_act_qdq, quant_units, quantize_weights_int8, \
     rewrite_w4
 from .smooth import smooth_linears
-from .verify import CHECKS, THRESHOLDS, enforce, ort_session, verify
+from .verify import CHECKS, THRESHOLDS, ExportCheckError, enforce, ort_session, verify
 
 PRECISIONS = ("fp32", "fp16", "int8", "w4")
 TARGETS = ("onnxruntime", "tensorrt")
@@ -76,6 +77,8 @@ class ExportReport:
     kept_float: list[FloatUnit] = field(default_factory=list)  # int8 units left float, most sensitive first
     runs_float: list[str] = field(default_factory=list)  # w4: weights dequantized to run a float op
     notes: list[str] = field(default_factory=list)
+    tracer_warnings: list[str] = field(default_factory=list)  # "file:line: message" of each TracerWarning
+    clamped: list[str] = field(default_factory=list)  # fp16: constants the converter clamped to +-1e4
 
 
 def _check_exportable(model: nn.Module) -> None:
@@ -156,23 +159,62 @@ def _match_initializers(graph: onnx.GraphProto, weights: dict[str, np.ndarray]) 
     return out
 
 
-def _export_float(model: nn.Module, spec: InputSpec, opset: int) -> onnx.ModelProto:
+def _export_float(model: nn.Module, spec: InputSpec, opset: int, report: ExportReport | None = None) -> onnx.ModelProto:
+    """The float ONNX graph (TorchScript exporter). Its tracer warnings are not suppressed:
+    each is recorded in ``report.tracer_warnings`` (a data-dependent branch adds verification
+    inputs, :func:`_branch_feeds`)."""
     single = spec.names == [INPUT] and spec.output_names == [OUTPUT]
     traced = model if single else NamedForward(model, spec.names).eval()  # plain models keep their names
     with tempfile.TemporaryDirectory() as tmp:
         f = os.path.join(tmp, "float.onnx")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             try:
                 torch.onnx.export(traced, spec.args(), f, dynamo=False, opset_version=opset,
                                   input_names=spec.names, output_names=spec.output_names, do_constant_folding=True,
                                   dynamic_axes=spec.dynamic_axes)
             except Exception as exc:  # the exporter's errors name the op without an ONNX rule
                 raise ValueError(f"a layer of {type(model).__name__} has no ONNX export rule: {exc}") from exc
+        for c in caught:
+            msg = f"{Path(c.filename).name}:{c.lineno}: {str(c.message).split('. ')[0]}"
+            if report is not None and issubclass(c.category, torch.jit.TracerWarning) \
+                    and msg not in report.tracer_warnings:
+                report.tracer_warnings.append(msg)
         graph = onnxslim.slim(onnx.load(f))
     for i, node in enumerate(graph.graph.node):  # units are addressed by node name
         node.name = node.name or f"{node.op_type}_{i}"
     return graph
+
+
+_CLAMPED = re.compile(r"will be truncated to -?10000(\.0)?$")
+_DATA_DEPENDENT = ("Converting a tensor to a Python",)  # bool / number / index: a value became a constant
+
+
+def _fail(report: ExportReport, check: str, msg: str) -> None:
+    """A failed export check: :class:`ExportCheckError` with ``check="raise"``, else a warning,
+    a note and ``report.passed = False``."""
+    if check == "raise":
+        raise ExportCheckError(msg + "; pass check='warn' to keep the file anyway")
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    report.notes.append(msg)
+    report.passed = False
+
+
+def _branch_feeds(report: ExportReport, held: list[dict[str, torch.Tensor]]) -> list[tuple[str, dict]]:
+    """When tracing turned a tensor value into a Python constant (``if x.sum() > 0``), the graph
+    holds the branch the example took: verify also on the held-out float inputs negated and
+    scaled by 4, which take other branches of such tests. Token ids are left as they are."""
+    if not any(w.split(": ", 1)[-1].startswith(_DATA_DEPENDENT) for w in report.tracer_warnings):
+        return []
+    report.notes.append("tracing turned tensor values into constants (" + "; ".join(report.tracer_warnings[:3])
+                        + "): verified also on the inputs negated and scaled by 4")
+    out = []
+    for i, b in enumerate(held):
+        if any(x.is_floating_point() for x in b.values()):
+            for label, f in (("negated", -1.0), ("scaled by 4", 4.0)):
+                out.append((f"held-out batch {i} {label}",
+                            {n: x * f if x.is_floating_point() else x for n, x in b.items()}))
+    return out
 
 
 def _quantize(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tensor]], cfg: QuantConfig,
@@ -222,7 +264,7 @@ def _int8(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tenso
     if smooth is not None:
         fwd = NamedForward(work, spec.names)
         report.smoothed = smooth_linears(work, lambda: [fwd(*spec.args(b)) for b in batches], smooth)
-    graph = _export_float(work, spec, opset)
+    graph = _export_float(work, spec, opset, report)
     qweights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if weights == "obs":
         cfg = QuantConfig(bits=wbits, sym=True, group_size=-1, linear_group_size=-1, order="act")
@@ -292,7 +334,7 @@ def _w4(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tensor]
                                 "exact dequantized float")
         else:
             w4[f"{n}.weight"] = ww
-    graph = version_converter.convert_version(_export_float(twin, spec, 21), 21)
+    graph = version_converter.convert_version(_export_float(twin, spec, 21, report), 21)
     report.opset = 21
     match = _match_initializers(graph.graph, dense)
     missing = [k for k in w4 if k not in match]
@@ -400,20 +442,27 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor | Mapping[str, tor
         graph = _w4(model, spec, batches, report, quant_config=quant_config, accuracy_level=accuracy_level,
                     progress=progress)
     else:
-        graph = _export_float(model, spec, opset)
+        graph = _export_float(model, spec, opset, report)
         if precision == "fp16":
             from onnxconverter_common import float16
-            with warnings.catch_warnings():  # it warns for every tiny weight it rounds into fp16 range
-                warnings.simplefilter("ignore", UserWarning)
+            with warnings.catch_warnings(record=True) as caught:  # one warning per clamped constant
+                warnings.simplefilter("always", UserWarning)
                 graph = float16.convert_float_to_float16(
                     graph, keep_io_types=True, op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FP32)
+            # tiny weights rounded up to fp16's smallest normal are harmless; large ones clamped to
+            # +-1e4 change the model's scale (a x1e5 constant becomes x1e4)
+            report.clamped = sorted({str(c.message) for c in caught if _CLAMPED.search(str(c.message))})
+            if report.clamped:
+                _fail(report, check, f"{path}: fp16 export FAILED: the converter clamped constants beyond fp16's "
+                     f"range to +-1e4 ({'; '.join(report.clamped[:3])}); export fp32, or rescale the model")
     onnx.checker.check_model(graph, full_check=True)
+    feeds += _branch_feeds(report, held)
 
     def write_verified(tmp: str) -> None:
         onnx.save(graph, tmp)
         v = verify(tmp, reference, feeds)
         report.cosine, report.max_abs_diff, report.verification = v.cosine, v.max_abs_diff, v.cases
-        report.passed = enforce(v, precision, check, path, report.notes)
+        report.passed = enforce(v, precision, check, path, report.notes) and report.passed
 
     atomic_write(path, write_verified)
     return report
