@@ -107,7 +107,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"adagrow demo: grown {rows[0]['model']} on digits")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
