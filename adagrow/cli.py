@@ -79,8 +79,9 @@ def _group_size(text: str) -> int | str:
 
 
 def _folder_name(text: str) -> str:
-    if not text or "/" in text or "\\" in text or text.startswith("."):
-        raise argparse.ArgumentTypeError(f"expected a plain folder name, got {text!r}")
+    from adagrow.compress.export.triton_repo import SAFE_NAME
+    if not SAFE_NAME.fullmatch(text) or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"expected a plain folder name (letters, digits, '_', '.', '-'), got {text!r}")
     return text
 
 

@@ -78,7 +78,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
             "arch": model.adagrow_arch() if hasattr(model, "adagrow_arch") else hf_record(model),
             "deploy": bool(getattr(model, "adagrow_deploy", False)),
             "input_shape": getattr(model, "adagrow_input_shape", None)}
-    return save_state(path, state, meta)
+    return save_state(path, state, meta, overwrite)
 
 
 def _read(path: Path) -> tuple[dict[str, StoredTensor], dict[str, Any]]:

@@ -55,7 +55,7 @@ def save_grown(model: GrowingCNN | GrowingTransformer, path: str | os.PathLike, 
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     meta = {"format": FORMAT, "version": VERSION, "arch": model.arch(), "spec": model.spec(), "deploy": deploy,
             "input_shape": getattr(model, "adagrow_input_shape", None)}
-    return save_state(path, (reparameterize(model.eval()) if deploy else model).state_dict(), meta)
+    return save_state(path, (reparameterize(model.eval()) if deploy else model).state_dict(), meta, overwrite)
 
 
 def load_grown(path: str | os.PathLike) -> nn.Module:

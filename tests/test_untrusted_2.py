@@ -6,6 +6,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,3 +259,81 @@ def test_plain_float_exports_still_pass(tmp_path) -> None:
         rep = export_onnx(model, torch.randn(8, 4), tmp_path / f"{precision}.onnx", precision)
         assert rep.passed and not rep.clamped and not rep.tracer_warnings
         assert all(abs(c["norm_ratio"] - 1) < 1e-2 for c in rep.verification)
+
+
+# ----------------------------------------------------------------------------- files
+def test_overwrite_false_is_decided_atomically(tmp_path) -> None:
+    """Two writers that both passed the exists() check: exactly one wins, the other gets FileExistsError."""
+    from adagrow.files import atomic_write
+    path = tmp_path / "f.txt"
+    results = []
+
+    def write(tmp):
+        Path(tmp).write_text("first")
+        if not results:  # a second writer finishes while the first is still writing
+            results.append(atomic_write(path, lambda t: Path(t).write_text("second"), overwrite=False))
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        atomic_write(path, write, overwrite=False)
+    assert path.read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+def test_long_names_and_failed_writes(tmp_path) -> None:
+    from safetensors import SafetensorError
+
+    from adagrow.files import atomic_write
+    long = tmp_path / ("m" * 240 + ".safetensors")  # 252 bytes: the temp name must not grow it
+    atomic_write(long, lambda t: Path(t).write_text("ok"))
+    assert long.read_text() == "ok"
+    with pytest.raises(OSError, match="longer than 255 bytes"):
+        atomic_write(tmp_path / ("m" * 256), lambda t: None)
+
+    def disk_full(tmp):
+        Path(tmp).write_text("partial")
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+    with pytest.raises(OSError, match=r"writing failed .*No space left on device.*previous file is unchanged"):
+        atomic_write(long, disk_full)
+    assert long.read_text() == "ok" and sorted(p.name for p in tmp_path.iterdir()) == [long.name]
+
+
+def test_sigterm_during_a_write_leaves_no_temp_file(tmp_path) -> None:
+    code = textwrap.dedent(f"""
+        import os, signal, time
+        from pathlib import Path
+        from adagrow.files import atomic_write
+        def slow(tmp):
+            Path(tmp).write_text("x")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        atomic_write({str(tmp_path / 'out.bin')!r}, slow)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + 15, proc.stderr[-1000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_directory_replacement_keeps_a_complete_folder(tmp_path) -> None:
+    from adagrow.files import atomic_directory
+    dest = tmp_path / "model"
+    atomic_directory(dest, lambda d: (d / "a").write_text("old"))
+
+    def broken(d):
+        (d / "a").write_text("new")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        atomic_directory(dest, broken, overwrite=True)
+    assert (dest / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    atomic_directory(dest, lambda d: (d / "b").write_text("new"), overwrite=True)
+    assert [p.name for p in dest.iterdir()] == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("name", ['m"\nbackend: "python', "m n", "m'", "", ".hidden", "a/b"])
+def test_triton_model_names_cannot_inject_config(tmp_path, capsys, name) -> None:
+    from adagrow.cli import main
+    from adagrow.compress.export import export_triton_repository
+    with pytest.raises(ValueError, match="must be a plain folder name"):
+        export_triton_repository(tmp_path / "repo", name, tmp_path / "missing.onnx")
+    with pytest.raises(SystemExit) as info:
+        main(["export", "x.safetensors", "--out", str(tmp_path / "m.onnx"), "--triton-repo", str(tmp_path),
+              "--name", name])
+    assert info.value.code == 2 and "expected a plain folder name" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()

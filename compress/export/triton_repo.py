@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from onnx import TensorProto
 
 from adagrow.files import atomic_directory
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")  # model names; tensor names may also hold ':' and '/'
 TRITON_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.BFLOAT16: "TYPE_BF16",
                 TensorProto.INT64: "TYPE_INT64", TensorProto.INT32: "TYPE_INT32", TensorProto.INT8: "TYPE_INT8",
                 TensorProto.UINT8: "TYPE_UINT8", TensorProto.BOOL: "TYPE_BOOL", TensorProto.DOUBLE: "TYPE_FP64"}
@@ -21,6 +23,9 @@ def _io(values, inits: set[str], path) -> list[tuple[str, str, list[int]]]:
     for v in values:
         if v.name in inits:
             continue
+        if not re.fullmatch(r"[A-Za-z0-9_.:/-]{1,255}", v.name):
+            raise ValueError(f"{path}: tensor name {v.name!r} cannot be written into config.pbtxt (letters, digits, "
+                             "'_', '.', '-', ':' and '/' only)")
         t = v.type.tensor_type
         if t.elem_type not in TRITON_TYPES:
             raise ValueError(f"{path}: tensor {v.name!r} has an element type Triton does not map ({t.elem_type})")
@@ -53,8 +58,9 @@ def export_triton_repository(repo: str | os.PathLike, name: str, onnx_path: str 
     With ``engine_path`` the model is the TensorRT plan (``tensorrt_plan``; use ``kind="KIND_GPU"``),
     otherwise the ONNX file (``onnxruntime_onnx``).
     """
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"model name {name!r} must be a plain folder name")
+    if not SAFE_NAME.fullmatch(name) or name.startswith("."):
+        raise ValueError(f"model name {name!r} must be a plain folder name of letters, digits, '_', '.' and '-' "
+                         "(it is written into config.pbtxt)")
     if kind not in ("KIND_CPU", "KIND_GPU"):
         raise ValueError(f"kind must be KIND_CPU or KIND_GPU, got {kind!r}")
     if max_batch_size < 1 or any(not 1 <= b <= max_batch_size for b in preferred_batch_sizes):
