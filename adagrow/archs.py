@@ -68,15 +68,20 @@ def lookup(name: str) -> Architecture:
 
 # Hugging Face transformers models: a built-in model_type, a task naming one of transformers' own
 # auto classes (a fixed table here), and the config's fields as data. trust_remote_code is never
-# passed, and keys that would reach remote code or nested quantization are refused.
+# passed; auto_map (remote code) is dropped at save and ignored at load; trust_remote_code and
+# nested quantization are refused; attn_implementation names a built-in kernel (HF_ATTENTION).
 HF_TASKS = ("base", "causal-lm", "masked-lm", "sequence-classification")
 HF_MAX_PARAMS = 20_000_000_000
-_HF_DROP = ("model_type", "transformers_version", "quantization_config", "_name_or_path")
+_HF_DROP = ("model_type", "transformers_version", "quantization_config", "_name_or_path", "auto_map")
+HF_ATTENTION = (None, "eager", "sdpa")  # attn_implementation: transformers' built-in kernels only (no Hub repos)
 _HF = record({"model_type": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_-]{0,63}$"},
               "task": {"enum": list(HF_TASKS)},
               "config": {"type": "object", "maxProperties": 1000,
+                         "properties": {"attn_implementation": {"enum": list(HF_ATTENTION)},
+                                        "_attn_implementation": {"enum": list(HF_ATTENTION)}},
                          "propertyNames": {"pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
-                                           "not": {"enum": ["auto_map", "trust_remote_code", *_HF_DROP]}}}})
+                                           "not": {"enum": ["trust_remote_code",
+                                                            *(k for k in _HF_DROP if k != "auto_map")]}}}})
 
 
 def _hf_auto(task: str) -> Any:
@@ -89,7 +94,8 @@ def _hf_auto(task: str) -> Any:
 def _hf(args: dict[str, Any]) -> nn.Module:
     import torch
     import transformers
-    config = transformers.AutoConfig.for_model(args["model_type"], **args["config"])
+    fields = {k: v for k, v in args["config"].items() if k != "auto_map"}  # remote code: dropped, as at save
+    config = transformers.AutoConfig.for_model(args["model_type"], **fields)
     auto = _hf_auto(args["task"])
     with torch.device("meta"):  # size check before allocating anything
         n = sum(p.numel() for p in auto.from_config(config).parameters())

@@ -27,11 +27,16 @@ def is_causal_lm(model_or_config: Any) -> bool:
     return any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
+
+
 def load_hf(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a local folder (or a ``.gguf`` file, dequantized by transformers),
     in eval mode, never running remote code. The auto class follows ``config.architectures``:
     ``AutoModelForCausalLM`` for a ``*ForCausalLM`` or a GGUF file (GGUF holds decoder LMs; its
-    config names no architecture), else ``AutoModel``."""
+    config names no architecture), else ``AutoModel``. Refuses a folder without tokenizer files
+    (``FileNotFoundError``) and weights that are missing, unexpected or mis-shaped for the
+    config (``ValueError`` naming them): never a randomly initialised layer."""
     transformers = _transformers()
     folder = Path(folder)
     kwargs: dict[str, Any] = {"trust_remote_code": False}
@@ -42,9 +47,19 @@ def load_hf(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
     config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
     causal = "gguf_file" in kwargs or is_causal_lm(config)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = auto.from_pretrained(folder, **kwargs).eval()
+    if "gguf_file" not in kwargs and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); without them "
+                                "transformers falls back to a tokenizer that maps every word to [UNK]")
+    model, info = auto.from_pretrained(folder, output_loading_info=True, **kwargs)
+    bad = {k.replace("_keys", ""): sorted(map(str, info.get(k) or ()))
+           for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        raise ValueError(f"{folder}: the weights do not match config.json ("
+                         + "; ".join(f"{k} {v[:5]}{f' and {len(v) - 5} more' if len(v) > 5 else ''}"
+                                     for k, v in bad.items() if v)
+                         + "): transformers would initialise missing weights randomly and quantize them")
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
-    return model, tokenizer
+    return model.eval(), tokenizer
 
 
 def read_sentences(path: str | os.PathLike) -> list[str]:

@@ -279,7 +279,7 @@ def test_load_quantized_rebuilds_hf_model_from_its_config(tmp_path) -> None:
         assert type(rebuilt) is type(q) and torch.equal(_out(rebuilt, batch), _out(q, batch))
     from adagrow.archs import build_arch
     record = read_metadata(path)["arch"]
-    record["args"]["config"]["auto_map"] = {"AutoModel": "evil.Model"}
+    record["args"]["config"]["trust_remote_code"] = True
     with pytest.raises(ValueError, match="arch.args.config"):
         build_arch(record, "x.safetensors")
 

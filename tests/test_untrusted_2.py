@@ -337,3 +337,57 @@ def test_triton_model_names_cannot_inject_config(tmp_path, capsys, name) -> None
               "--name", name])
     assert info.value.code == 2 and "expected a plain folder name" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+def _tiny_bert_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    words = "the a cat dog sat ran on under mat sofa".split()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=15, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    model = transformers.BertModel(cfg).eval()
+    model.save_pretrained(tmp_path / "model")
+    transformers.BertTokenizer(vocab_file=str(vocab)).save_pretrained(tmp_path / "model")
+    return tmp_path / "model", model
+
+
+def test_hf_folder_with_a_missing_layer_or_no_tokenizer_is_refused(tmp_path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from adagrow.cli import main
+    from adagrow.hf import load_hf
+    folder, _ = _tiny_bert_folder(tmp_path)
+    load_hf(folder)  # the complete folder loads
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".layer.1." not in k}, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"weights do not match config.json \(missing \['encoder.layer.1"):
+        load_hf(folder)
+    rc = main(["quantize", "--hf", str(folder), "--out", str(tmp_path / "q.safetensors"), "--quiet"])
+    assert rc == 2 and "missing ['encoder.layer.1" in capsys.readouterr().err
+    assert not (tmp_path / "q.safetensors").exists()
+    save_file(weights, str(folder / "model.safetensors"))
+    for f in ("vocab.txt", "tokenizer.json"):
+        (folder / f).unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        load_hf(folder)
+
+
+def test_hf_records_drop_auto_map_and_refuse_hub_attention(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from adagrow.archs import build_arch, hf_record
+    _, model = _tiny_bert_folder(tmp_path)
+    model.config.auto_map = {"AutoModel": "evil.Model"}
+    record = hf_record(model)
+    assert "auto_map" not in record["args"]["config"]  # dropped at save
+    qmodel = quantize(model, None, QuantConfig(bits=4, group_size=32, method="rtn"), progress=False)
+    path = save_quantized(qmodel, tmp_path / "q.safetensors")
+    assert isinstance(load_quantized(path), transformers.BertModel)  # round trip
+    record["args"]["config"]["auto_map"] = {"AutoModel": "evil.Model"}  # written by another tool: ignored
+    assert not hasattr(build_arch(record, "x").config, "auto_map")
+    for attn in ("kernels-community/flash-attn", "flash_attention_2"):
+        record["args"]["config"]["attn_implementation"] = attn
+        with pytest.raises(ValueError, match=r"arch\.args\.config\.attn_implementation: .* is not one of"):
+            build_arch(record, "x")
