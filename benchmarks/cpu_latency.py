@@ -12,7 +12,8 @@ bfloat16 activations:
 
 Every variant of a model is timed with :func:`adagrow.bench.measure` (warm-up, median of
 ``--runs`` calls, ``--threads`` threads) in ``--rounds`` interleaved rounds (float, W4, float, W4,
-...) so load from other processes hits all variants alike; the figure is the median over rounds.
+...) so load from other processes hits all variants alike; the figures are the median and the
+minimum over rounds (on a shared machine the minimum is the less disturbed one).
 
 Usage: ``python benchmarks/cpu_latency.py [--threads 2] [--rounds 5] [--out PATH]``
 """
@@ -81,8 +82,9 @@ def timed_rounds(variants: dict[str, Callable[[], object]], rounds: int, runs: i
             for name, fn in variants.items():
                 got[name].append(measure(fn, 3, runs, threads)["median_ms"])
     base = statistics.median(next(iter(got.values())))
-    return {k: {"median_ms": statistics.median(v), "vs_first": statistics.median(v) / base, "round_medians_ms": v}
-            for k, v in got.items()}
+    low = min(next(iter(got.values())))
+    return {k: {"median_ms": statistics.median(v), "vs_first": statistics.median(v) / base,
+                "min_ms": min(v), "min_vs_first": min(v) / low, "round_medians_ms": v} for k, v in got.items()}
 
 
 def four_ways(model: nn.Module, qmodel: nn.Module, call: Callable[[nn.Module, torch.dtype], object],
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, run in cases.items():
         results[name] = run()
         for variant, r in results[name].items():
-            print(f"{name:<16} {variant:<36} {r['median_ms']:9.3f} ms  x{r['vs_first']:.2f}", flush=True)
+            print(f"{name:<16} {variant:<36} median {r['median_ms']:9.3f} ms  x{r['vs_first']:.2f}   "
+                  f"min {r['min_ms']:9.3f} ms  x{r['min_vs_first']:.2f}", flush=True)
     result = {"benchmark": "cpu_latency", "date": dt.date.today().isoformat(),
               "command": "python benchmarks/cpu_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
