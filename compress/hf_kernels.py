@@ -18,7 +18,7 @@ from adagrow.kernels.w4a16 import kernel_supports
 from adagrow.packed import pack_codes, padded_k
 
 from .layer import set_module
-from .qmodules import QuantLinear, QuantLayer, quant_layer_from_meta
+from .qmodules import QuantLayer, QuantLinear
 from .server_formats import unpack_dense
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -38,12 +38,13 @@ def _grid(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] 
     """``(codes [N, K], scales [N, n_groups], zeros [N, n_groups])`` (unsigned 4-bit codes and zero
     points, float) of a compressed-tensors Linear: still packed (``weight_packed``, transformers'
     compressed mode) or decompressed (``weight`` beside ``weight_scale``); None when not 4-bit."""
-    s = linear.weight_scale.detach().float()
+    scale: torch.Tensor = getattr(linear, "weight_scale")
+    s = scale.detach().float()
     n, n_groups = s.shape
     zp = getattr(linear, "weight_zero_point", None)
     packed = getattr(linear, "weight_packed", None)
     if isinstance(packed, torch.Tensor):
-        k = int(linear.weight_shape[1])
+        k = int(getattr(linear, "weight_shape")[1])
         if packed.shape != (n, -(-k * 4 // 32)):
             return None
         codes = unpack_dense(packed.detach().cpu(), 4, k).float()
@@ -78,15 +79,16 @@ def repack_linear(linear: nn.Linear, name: str = "layer") -> QuantLinear | None:
     meta = {"kind": "linear", "out_features": n, "k": k, "bits": 4, "group_size": gs,
             "sym": getattr(linear, "weight_zero_point", None) is None, "order": "none", "n_groups": n_groups,
             "scale_dtype": "float16", "bias": linear.bias is not None}
-    q = quant_layer_from_meta(meta)
+    q = QuantLinear(meta)
+    buf = dict(q.named_buffers())
     k_pad = padded_k(k, gs)
     pad = torch.cat([codes, ze[:, -1:].expand(n, k_pad - k)], 1) if k_pad > k else codes
-    q.qweight.copy_(pack_codes(pad.to(torch.int64), 4))
-    q.scales.copy_(s16.t())
-    q.zeros.copy_(z.t().to(torch.float16))
+    buf["qweight"].copy_(pack_codes(pad.to(torch.int64), 4))
+    buf["scales"].copy_(s16.t())
+    buf["zeros"].copy_(z.t().to(torch.float16))
     if linear.bias is not None:
-        q.bias.copy_(linear.bias.detach())
-    return q.to(linear.weight_scale.device)
+        buf["bias"].copy_(linear.bias.detach())
+    return q.to(s.device)
 
 
 def use_kernels(model: nn.Module, dtype: torch.dtype = torch.float16) -> KernelReport:
