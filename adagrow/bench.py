@@ -39,9 +39,11 @@ import torch
 from torch import nn
 
 from adagrow import __version__
+from adagrow.data import MAX_IMAGE_SIZE
 
 BACKENDS = ("eager", "compile", "ort-cpu", "ort-cuda", "tensorrt", "triton")
 PRECISIONS = ("fp32", "fp16", "int8", "w4a16")
+MAX_BATCH_BYTES = 4 << 30  # one input batch of a suite
 SUITE_DEFAULTS = {"warmup": 10, "runs": 50, "threads": 2, "batch_sizes": [1, 32], "seq_lens": [128], "data": "digits",
                   "size": 16}
 
@@ -63,7 +65,7 @@ def _suite_schema() -> dict[str, Any]:
     suite = record({"warmup": integer(0, 100_000), "runs": integer(1, 1_000_000), "threads": integer(1, 1024),
                     "batch_sizes": {**int_list(1, 65536, 1, 64), "uniqueItems": True},
                     "seq_lens": {**int_list(1, 1 << 20, 1, 64), "uniqueItems": True},
-                    "data": {"type": "string"}, "size": integer(1, 4096)}, optional=SUITE_DEFAULTS)
+                    "data": {"type": "string"}, "size": integer(1, MAX_IMAGE_SIZE)}, optional=SUITE_DEFAULTS)
     return record({"suite": suite, "model": {"type": "array", "items": model, "minItems": 1}}, optional=("suite",))
 
 
@@ -92,6 +94,11 @@ def load_suite(path: str | Path) -> dict[str, Any]:
         m.setdefault("backends", ["eager", "ort-cpu"])
         m.setdefault("precisions", ["fp32"])
     suite["models"] = models
+    biggest = max(suite["batch_sizes"]) * 3 * suite["size"] ** 2 * 4  # float32 images, up to 3 channels
+    if biggest > MAX_BATCH_BYTES:
+        raise ValueError(f"{path}: field suite.batch_sizes: a batch of {max(suite['batch_sizes'])} images of "
+                         f"{suite['size']}x{suite['size']} needs {biggest / 2**30:.1f} GiB, more than "
+                         f"{MAX_BATCH_BYTES / 2**30:.0f} GiB")
     return suite
 
 

@@ -188,9 +188,15 @@ def npz(path: str | Path, size: int | None = None, test_fraction: float = 0.25, 
     return _split(_normalize(x, size), y, test_fraction, seed)
 
 
+MAX_IMAGE_SIZE = 512  # pixels per side: the bundled digits at 4096 would take 120 GB
+
+
 def load_dataset(spec: str = "digits", size: int | None = 16) -> Split:
     """``digits`` | ``cluttered[:difficulty]`` (canvas ``size``, default 24) |
-    ``cifar10:/path/to/cifar-10-batches-bin`` | ``npz:/path/file.npz``."""
+    ``cifar10:/path/to/cifar-10-batches-bin`` | ``npz:/path/file.npz``. ``size`` is at most
+    :data:`MAX_IMAGE_SIZE` (``ValueError`` before anything is resized)."""
+    if size is not None and not 1 <= size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image size {size} is outside 1..{MAX_IMAGE_SIZE} pixels per side")
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         return digits(size=size or 8)

@@ -391,3 +391,17 @@ def test_hf_records_drop_auto_map_and_refuse_hub_attention(tmp_path) -> None:
         record["args"]["config"]["attn_implementation"] = attn
         with pytest.raises(ValueError, match=r"arch\.args\.config\.attn_implementation: .* is not one of"):
             build_arch(record, "x")
+
+
+def test_image_size_and_bench_batches_are_capped(tmp_path, capsys) -> None:
+    from adagrow.bench import load_suite
+    from adagrow.cli import main
+    rc = main(["grow", "--size", "4096", "--out", str(tmp_path / "g.safetensors"), "--quiet"])
+    assert rc == 2 and "image size 4096 is outside 1..512" in capsys.readouterr().err
+    suite = tmp_path / "s.toml"
+    suite.write_text('[suite]\nsize = 4096\n[[model]]\nname = "m"\npath = "m.safetensors"\n')
+    with pytest.raises(ValueError, match=r"field suite\.size: 4096 is greater than the maximum of 512"):
+        load_suite(suite)
+    suite.write_text('[suite]\nsize = 512\nbatch_sizes = [65536]\n[[model]]\nname = "m"\npath = "m.safetensors"\n')
+    with pytest.raises(ValueError, match=r"batch of 65536 images of 512x512 needs 192\.0 GiB"):
+        load_suite(suite)
