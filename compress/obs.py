@@ -339,6 +339,11 @@ class OBSQuantizer:
             raise ValueError(f"{name}: every calibration input of this layer is zero ({self.nsamples} samples), "
                              "so OBS would zero all its weights; check the calibration data, or quantize this "
                              "layer with method='rtn' or skip it")
+        if self.nsamples < geo.k:
+            warnings.warn(CalibrationWarning(
+                f"{name}: {self.nsamples} calibration rows (tokens / output positions) for {geo.k} input columns: "
+                "the Hessian cannot be full rank, so OBS leans on its damping; calibrate with at least "
+                f"{geo.k} tokens / positions"), stacklevel=2)
         if dead_groups:
             warnings.warn(CalibrationWarning(
                 f"{name}: conv groups {dead_groups[:8]}{'...' if len(dead_groups) > 8 else ''} saw only zero "

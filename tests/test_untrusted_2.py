@@ -405,3 +405,19 @@ def test_image_size_and_bench_batches_are_capped(tmp_path, capsys) -> None:
     suite.write_text('[suite]\nsize = 512\nbatch_sizes = [65536]\n[[model]]\nname = "m"\npath = "m.safetensors"\n')
     with pytest.raises(ValueError, match=r"batch of 65536 images of 512x512 needs 192\.0 GiB"):
         load_suite(suite)
+
+
+def test_too_few_calibration_tokens_warn_naming_the_layer() -> None:
+    from torch import nn
+
+    from adagrow.compress import OBSQuantizer
+    from adagrow.compress.obs import CalibrationWarning
+    q = OBSQuantizer(nn.Linear(64, 8), name="encoder.proj")
+    q.add_batch(torch.randn(10, 64))  # 10 rows for 64 columns
+    with pytest.warns(CalibrationWarning, match=r"encoder\.proj: 10 calibration rows .* for 64 input columns"):
+        q.quantize(bits=4, group_size=-1)
+    q.add_batch(torch.randn(100, 64))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        q.quantize(bits=4, group_size=-1)
