@@ -84,7 +84,7 @@ class QuantLayer(nn.Module):
         """The cached-weight CPU path, or None when it does not apply."""
         if not self.cache_dequantized:
             return None
-        weight = self._cached("dequantized", x.dtype, lambda: self.dequantize().to(x.dtype))
+        weight = self._cached("dequantized", x.dtype, lambda: self.dequantize().to(x.dtype).contiguous())
         return reference_forward(x, weight, bias, self.geo)
 
     def _cached(self, what: str, dtype: torch.dtype, build: Callable[[], Any]) -> Any:
