@@ -180,6 +180,11 @@ def _assemble(path: Path, meta: dict[str, Any], model: nn.Module | None,
     """The quantized model the metadata describes (on the current default device), its layers
     checked against the model's and its state dict against the file's tensor table."""
     qmodel = copy.deepcopy(model).eval() if model is not None else _build_arch(meta["arch"], meta["deploy"], path)
+    if model is None:  # a rebuilt model computes in the dtype of its stored float (unquantized) tensors
+        kept = {t.dtype for k, t in table.items()
+                if t.dtype.is_floating_point and k.rpartition(".")[0] not in meta["layers"]}
+        if len(kept) == 1 and kept != {torch.float32}:
+            qmodel = qmodel.to(kept.pop())
     modules = dict(qmodel.named_modules())
     for name in meta["layers"]:  # names first: thousands of bogus records cost one lookup each
         if not _MODULE_PATH.match(name):

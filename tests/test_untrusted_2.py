@@ -421,3 +421,12 @@ def test_too_few_calibration_tokens_warn_naming_the_layer() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", CalibrationWarning)
         q.quantize(bits=4, group_size=-1)
+
+
+def test_bf16_model_with_a_float_layer_round_trips(tmp_path) -> None:
+    torch.manual_seed(0)
+    deploy = reparameterize(RepCNN(widths=(8, 12), depth=1, stem_width=4).eval()).to(torch.bfloat16)
+    qmodel = quantize(deploy, None, QuantConfig(bits=4, group_size=-1, method="rtn", skip=("fc",)), progress=False)
+    loaded = load_quantized(save_quantized(qmodel, tmp_path / "bf16.safetensors"))  # no model=
+    x = torch.randn(2, 1, 9, 9, dtype=torch.bfloat16)
+    assert loaded.fc.weight.dtype == torch.bfloat16 and torch.equal(loaded(x), qmodel(x))
