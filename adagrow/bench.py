@@ -392,6 +392,24 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_OK_ROW = {"required": ["model", "backend", "precision", "batch", "median_ms"],
+           "properties": {"model": {"type": "string"}, "backend": {"type": "string"},
+                          "precision": {"type": "string"}, "batch": {"type": "integer"},
+                          "median_ms": {"type": "number", "exclusiveMinimum": 0}}}
+_RESULTS = {"type": "object", "required": ["rows"],
+            "properties": {"rows": {"type": "array", "items": {
+                "type": "object", "required": ["status"], "properties": {"status": {"type": "string"}},
+                "if": {"properties": {"status": {"const": "ok"}}}, "then": _OK_ROW}}}}
+
+
+def check_results(old: Any, where: str) -> dict:
+    """An earlier results JSON (``--compare``) checked before a run: ``ValueError`` naming the
+    file and the field of the first row :func:`compare` could not read."""
+    from adagrow.schema import check
+    check(old, _RESULTS, where, "results")
+    return old
+
+
 def compare(result: dict, old: dict) -> list[str]:
     """Lines with new/old median ratios for the cases both runs measured."""
     key = lambda r: (r["model"], r["backend"], r["precision"], r["batch"])  # noqa: E731

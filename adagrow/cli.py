@@ -310,14 +310,15 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from adagrow.bench import compare, load_suite, markdown, run_suite
+    from adagrow.bench import check_results, compare, load_suite, markdown, run_suite
     suite = load_suite(args.suite)
     old = None
     if args.compare:
         try:
             old = json.loads(Path(args.compare).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(f"cannot read --compare file {args.compare}: {exc}") from exc
+        check_results(old, f"--compare file {args.compare}")
     from adagrow.files import write_json, write_text
     for p in (args.out, args.markdown):
         if p:

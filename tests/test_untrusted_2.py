@@ -430,3 +430,21 @@ def test_bf16_model_with_a_float_layer_round_trips(tmp_path) -> None:
     loaded = load_quantized(save_quantized(qmodel, tmp_path / "bf16.safetensors"))  # no model=
     x = torch.randn(2, 1, 9, 9, dtype=torch.bfloat16)
     assert loaded.fc.weight.dtype == torch.bfloat16 and torch.equal(loaded(x), qmodel(x))
+
+
+@pytest.mark.parametrize("old,match", [
+    ("[1, 2]", r"field results: \[1, 2\] is not of type 'object'"),
+    ('{"rows": [{"status": "ok", "model": "m"}]}', r"field results\.rows\[0\]: 'backend' is a required property"),
+    ('{"rows": [{"status": "ok", "model": "m", "backend": "eager", "precision": "fp32", "batch": 1, '
+     '"median_ms": 0}]}', r"rows\[0\]\.median_ms: 0 is less than or equal to the minimum of 0"),
+], ids=["not-object", "row-fields", "zero-median"])
+def test_malformed_compare_file_is_refused_before_the_run(tmp_path, capsys, old, match) -> None:
+    import re
+
+    from adagrow.cli import main
+    (tmp_path / "old.json").write_text(old)
+    suite = tmp_path / "s.toml"
+    suite.write_text('[[model]]\nname = "m"\npath = "missing.safetensors"\n')
+    assert main(["bench", str(suite), "--compare", str(tmp_path / "old.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
