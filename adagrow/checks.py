@@ -32,6 +32,7 @@ def check_calibration(model: nn.Module, calls: list[tuple[tuple, dict]]) -> None
                                  f"{str(param.dtype)[6:]}; convert it (e.g. x.to({str(param.dtype)})")
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"calibration batch {i} contains NaN or inf")
+    _check_feature_dims(calls)
     if calls:
         args, kwargs = calls[0]
         first = lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() else t  # noqa: E731
@@ -42,6 +43,19 @@ def check_calibration(model: nn.Module, calls: list[tuple[tuple, dict]]) -> None
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             shape = shapes[0] if len(shapes) == 1 else shapes
             raise ValueError(f"calibration batch 0 of shape {shape} does not fit the model: {exc}") from exc
+
+
+def _check_feature_dims(calls: list[tuple[tuple, dict]]) -> None:
+    """Float inputs of every batch have batch 0's feature size (dim 1 of images, the last dim
+    otherwise; lengths may vary), so a later batch fails with its index, not a torch error."""
+    def dims(call: tuple[tuple, dict]) -> list[tuple[int, int]]:
+        return [(x.dim(), x.shape[1] if x.dim() == 4 else x.shape[-1]) for x in (*call[0], *call[1].values())
+                if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 1]
+    first = dims(calls[0]) if calls else []
+    for i, call in enumerate(calls[1:], 1):
+        if dims(call) != first:
+            raise ValueError(f"calibration batch {i} has (rank, features) {dims(call)}, but batch 0 has {first}: "
+                             "every batch must have the model's channels / features")
 
 
 def input_shape_mismatch(model: nn.Module, x: torch.Tensor) -> list[int] | None:

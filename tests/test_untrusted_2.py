@@ -448,3 +448,12 @@ def test_malformed_compare_file_is_refused_before_the_run(tmp_path, capsys, old,
     assert main(["bench", str(suite), "--compare", str(tmp_path / "old.json"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert re.search(match, err), err
+
+
+def test_a_later_calibration_batch_with_other_channels_is_named() -> None:
+    torch.manual_seed(0)
+    deploy = reparameterize(RepCNN(widths=(8, 12), depth=1, stem_width=4).eval())
+    with pytest.raises(ValueError, match=r"calibration batch 2 has \(rank, features\) \[\(4, 3\)\], but batch 0 "
+                                         r"has \[\(4, 1\)\]"):
+        quantize(deploy, [torch.randn(4, 1, 9, 9), torch.randn(4, 1, 9, 9), torch.randn(4, 3, 9, 9)],
+                 QuantConfig(bits=4, group_size=-1), progress=False)
