@@ -1,0 +1,233 @@
+"""Quantization speed and memory at scale (CPU): adagrow's defaults against the reference GPTQ,
+quantizing from disk block by block, and data-parallel calibration.
+
+- ``minilm``: all-MiniLM-L6-v2 W4 g128 on the first ``--sentences`` of ``adagrow.hf_text.CALIBRATION``,
+  cosine of mean-pooled embeddings to fp32 on ``HELD_OUT``; wall and CPU seconds of
+  ``quantize()`` with adagrow defaults (float target, reparam order) and of the reference GPTQ
+  (IST-DASLab/gptq's ``gptq.py`` + ``quant.py`` from ``--gptq DIR``, run in this process, true
+  sequential: q/k/v, attention output, intermediate, output; asymmetric, g128, no act order),
+  interleaved ``--repeats`` times;
+- ``from_disk``: a random Llama saved as safetensors, quantized by ``quantize_pretrained`` and by
+  in-memory ``quantize(from_pretrained(...))``, each in a fresh subprocess; peak RSS (ru_maxrss)
+  next to the largest block's float weights + one block boundary of activations + the process's
+  RSS before quantizing (fixed overhead);
+- ``ranks``: MiniLM calibrated by 1 and by 2 gloo ranks (half the batches each), wall seconds.
+
+Usage: ``python benchmarks/quant_speed.py --gptq DIR [--sentences 128] [--out PATH]``
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adagrow import __version__
+from adagrow.compress import QuantConfig, quantize
+from adagrow.compress.blocks import hidden
+from adagrow.files import write_json
+from adagrow.hf import cosine_to, embed, load_hf, tokenize
+from adagrow.hf_text import CALIBRATION, HELD_OUT
+from adagrow.models import minilm_path
+
+W4 = QuantConfig(bits=4, group_size=128)
+SEQUENTIAL = [["attention.self.query", "attention.self.key", "attention.self.value"],
+              ["attention.output.dense"], ["intermediate.dense"], ["output.dense"]]
+
+
+def _timed(fn):
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+@torch.no_grad()
+def reference_gptq(model: nn.Module, calib: list[dict], gptq_dir: Path) -> nn.Module:
+    """MiniLM quantized in place by the reference GPTQ, layer by layer (as its ``opt.py`` /
+    ``llama.py`` sequential drivers do), the fake-quantized weights kept in float."""
+    sys.path.insert(0, str(gptq_dir))
+    try:
+        gptq = importlib.import_module("gptq")
+    finally:
+        sys.path.remove(str(gptq_dir))
+    if not torch.cuda.is_available():
+        torch.cuda.synchronize = lambda *a, **k: None  # the reference calls it unconditionally
+    layers = model.encoder.layer
+    inps = []
+
+    def grab(mod, args, kwargs):
+        inps.append((args, kwargs))
+        raise ValueError  # stop after the embeddings
+
+    h = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    for b in calib:
+        try:
+            model(**b)
+        except ValueError:
+            pass
+    h.remove()
+    for layer in layers:
+        for names in SEQUENTIAL:
+            subs = {n: layer.get_submodule(n) for n in names}
+            g = {n: gptq.GPTQ(m) for n, m in subs.items()}
+            for n in names:
+                g[n].quantizer = gptq.Quantizer()
+                g[n].quantizer.configure(4, perchannel=True, sym=False, mse=False)
+            hs = [m.register_forward_hook(lambda mod, i, o, n=n: g[n].add_batch(i[0].data, o.data))
+                  for n, m in subs.items()]
+            for args, kwargs in inps:
+                layer(*args, **kwargs)
+            for x in hs:
+                x.remove()
+            for n in names:
+                g[n].fasterquant(blocksize=128, percdamp=0.01, groupsize=128)
+                g[n].free()
+        inps = [((hidden(layer(*a, **k)), *a[1:]), k) for a, k in inps]
+    return model
+
+
+def minilm(sentences: int, gptq_dir: Path | None, repeats: int) -> list[dict]:
+    model, tok = load_hf(minilm_path())
+    calib, held = tokenize(tok, CALIBRATION[:sentences]), tokenize(tok, HELD_OUT)
+    ref = embed(model, held)
+    rows = []
+    for rep in range(repeats):
+        runs = [("adagrow defaults W4 g128", lambda: quantize(model, calib, W4, progress=False))]
+        if gptq_dir is not None:
+            import copy
+            runs.insert(0, ("reference GPTQ W4 g128 (true sequential)",
+                            lambda: reference_gptq(copy.deepcopy(model), calib, gptq_dir)))
+        for label, fn in runs:
+            q, wall, cpu = _timed(fn)
+            rows.append({"method": label, "repeat": rep, "wall_s": wall, "cpu_s": cpu,
+                         "cosine": cosine_to(ref, embed(q, held))})
+            print(rows[-1], flush=True)
+    return rows
+
+
+_CHILD = r"""
+import json, sys, time, torch, transformers
+from adagrow.compress import QuantConfig, quantize
+from adagrow.compress.blocks import hidden
+from adagrow.compress.onload import quantize_pretrained
+mode, src, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+calib = [{"input_ids": torch.randint(0, 1000, (4, tokens // 16), generator=g)} for _ in range(4)]
+def status(key):  # /proc/self/status in bytes (VmHWM resets at exec, unlike ru_maxrss)
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+import transformers.models.llama.modeling_llama
+fixed = status("VmRSS")
+t0 = time.perf_counter()
+cfg = QuantConfig(bits=4, group_size=128)
+if mode == "disk":
+    quantize_pretrained(src, calib, cfg, progress=False)
+else:
+    quantize(transformers.AutoModelForCausalLM.from_pretrained(src), calib, cfg, progress=False, inplace=True)
+print(json.dumps({"peak_rss": status("VmHWM"), "fixed_rss": fixed,
+                  "wall_s": time.perf_counter() - t0}))
+"""
+
+
+def from_disk(hidden: int, layers: int, tokens: int) -> dict:
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers,
+                                   num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                                   intermediate_size=int(hidden * 2.75) // 64 * 64, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    block = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    total = sum(p.numel() * 4 for p in model.parameters())
+    outside = total - layers * block  # embeddings, final norm, LM head: loaded once
+    out = {"hidden": hidden, "layers": layers, "calib_tokens": tokens, "float_bytes": total,
+           "largest_block_float_bytes": block, "outside_blocks_float_bytes": outside,
+           "boundary_activation_bytes": tokens * hidden * 4}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        del model
+        for mode in ("disk", "memory"):
+            res = subprocess.run([sys.executable, "-c", _CHILD, mode, tmp, str(tokens)], capture_output=True,
+                                 text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+            print(mode, out[mode], flush=True)
+    # fixed overhead: the process after imports (VmRSS) and the weights outside the blocks
+    bound = block + out["boundary_activation_bytes"] + out["disk"]["fixed_rss"] + outside
+    out["bound_bytes"] = bound
+    out["disk_peak_over_bound"] = out["disk"]["peak_rss"] / bound
+    return out
+
+
+def _rank(rank: int, world: int, port: int, sentences: int, out: str) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model, tok = load_hf(minilm_path())
+        calib = tokenize(tok, CALIBRATION[:sentences])[rank::world]
+        dist.barrier()
+        q, wall, cpu = _timed(lambda: quantize(model, calib, W4, progress=False))
+        if rank == 0:
+            cos = cosine_to(embed(model, tokenize(tok, HELD_OUT)), embed(q, tokenize(tok, HELD_OUT)))
+            Path(out).write_text(json.dumps({"ranks": world, "wall_s": wall, "cpu_s_rank0": cpu, "cosine": cos}))
+    finally:
+        dist.destroy_process_group()
+
+
+def ranks(sentences: int) -> dict:
+    """MiniLM defaults calibrated by 2 gloo ranks (forked, one thread each)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s, tempfile.TemporaryDirectory() as tmp:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        mp.start_processes(_rank, (2, port, sentences, f"{tmp}/r.json"), nprocs=2, start_method="fork")
+        row = json.loads(Path(f"{tmp}/r.json").read_text())
+    print(row, flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gptq", type=Path, help="folder with IST-DASLab/gptq's gptq.py and quant.py")
+    ap.add_argument("--sentences", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--disk-hidden", type=int, default=768)
+    ap.add_argument("--disk-layers", type=int, default=4)
+    ap.add_argument("--disk-tokens", type=int, default=2048)
+    ap.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")
+    ap.add_argument("--sections", nargs="+", default=["minilm", "ranks", "from_disk"],
+                    help="run only these; the others are kept from an existing --out file")
+    ap.add_argument("--out", default="benchmarks/results/quant_speed_cpu.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    command = "python benchmarks/quant_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result.update({"benchmark": "quant_speed", "date": dt.date.today().isoformat(),
+                   "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                               "adagrow": __version__, "note": args.note}})
+    runs = {"minilm": lambda: minilm(args.sentences, args.gptq, args.repeats), "ranks": lambda: ranks(args.sentences),
+            "from_disk": lambda: from_disk(args.disk_hidden, args.disk_layers, args.disk_tokens)}
+    for name in args.sections:
+        result[name] = runs[name]()
+        result.setdefault("commands", {})[name] = command
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
