@@ -94,3 +94,17 @@ def test_design_sections_cited_in_code_exist() -> None:
             cited |= {s for s in m.groups() if s}
     assert cited, "code should cite docs/design.md"
     assert cited <= sections, f"cited sections missing from docs/design.md: {sorted(cited - sections)}"
+
+
+def test_relative_links_resolve() -> None:
+    bad = []
+    for path in [*DOCS, ROOT / "CHANGELOG.md"]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"(https?|mailto):", target) or target.startswith("#"):
+                continue  # a URL or an anchor
+            if target.startswith(("/", "file:")):
+                bad.append(f"{path.relative_to(ROOT)}: {target} (an absolute path)")
+                continue
+            if not (path.parent / target.split("#")[0]).exists():
+                bad.append(f"{path.relative_to(ROOT)}: {target}")
+    assert not bad, "links to missing files:\n" + "\n".join(bad)
