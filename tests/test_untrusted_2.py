@@ -53,12 +53,16 @@ def _huge_repcnn(meta):
 
 
 _CHILD = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, re, sys, time
     import torch
+
+    def hwm_kb():  # this process's own peak RSS (ru_maxrss would report the forking parent's)
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\\s+(\\d+)", f.read()).group(1))
     from adagrow.compress import load_quantized
     from adagrow.grow import load_grown
     loader = {"grown": load_grown, "quantized": load_quantized}[sys.argv[2]]
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = hwm_kb()
     t0 = time.perf_counter()
     try:
         loader(sys.argv[1])
@@ -66,7 +70,7 @@ _CHILD = textwrap.dedent("""
     except ValueError as exc:
         err = str(exc)
     print(json.dumps({"seconds": time.perf_counter() - t0, "base_kb": base, "error": err,
-                      "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                      "peak_kb": hwm_kb()}))
 """)
 
 
