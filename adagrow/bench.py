@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from adagrow import __version__
+from adagrow.threads import torch_threads
 from adagrow.data import MAX_IMAGE_SIZE
 
 BACKENDS = ("eager", "compile", "ort-cpu", "ort-cuda", "tensorrt", "triton")
@@ -170,12 +171,8 @@ def measure(fn, warmup: int, runs: int, threads: int, device: str = "cpu") -> di
     untimed calls, then the median (and p90) of ``runs`` timed ones, with PyTorch on ``threads``
     threads (restored afterwards) and CUDA synchronized per call when ``device`` is "cuda".
     ONNX Runtime sessions take their thread count when they are created (``ort_session``)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         times = time_calls(fn, warmup, runs, torch.cuda.synchronize if device == "cuda" else (lambda: None))
-    finally:
-        torch.set_num_threads(before)
     return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90)),
             "timing": {"warmup": warmup, "runs": runs, "threads": threads}}
 
