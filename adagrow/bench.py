@@ -26,9 +26,7 @@ import json
 import platform
 import resource
 import shutil
-import statistics
 import tempfile
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ import torch
 from torch import nn
 
 from adagrow import __version__
-from adagrow.threads import torch_threads
+from adagrow.timing import measure
 from adagrow.data import MAX_IMAGE_SIZE
 
 BACKENDS = ("eager", "compile", "ort-cpu", "ort-cuda", "tensorrt", "triton")
@@ -150,31 +148,6 @@ def model_source(path: str) -> str:
     if meta.get("format") == "adagrow-grown":
         return "grown"
     raise ValueError(f"{path}: neither an adagrow grown/quantized checkpoint nor an .onnx file")
-
-
-def time_calls(fn, warmup: int, runs: int, sync) -> list[float]:
-    """Milliseconds of ``runs`` timed calls after ``warmup`` untimed ones; ``sync`` waits for the device."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def measure(fn, warmup: int, runs: int, threads: int, device: str = "cpu") -> dict[str, Any]:
-    """The one timing method of every latency the demo and ``adagrow bench`` print: ``warmup``
-    untimed calls, then the median (and p90) of ``runs`` timed ones, with PyTorch on ``threads``
-    threads (restored afterwards) and CUDA synchronized per call when ``device`` is "cuda".
-    ONNX Runtime sessions take their thread count when they are created (``ort_session``)."""
-    with torch_threads(threads):
-        times = time_calls(fn, warmup, runs, torch.cuda.synchronize if device == "cuda" else (lambda: None))
-    return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90)),
-            "timing": {"warmup": warmup, "runs": runs, "threads": threads}}
 
 
 class _Prepared:

@@ -5,7 +5,7 @@ submodules, never a second copy of ``adagrow.<name>`` (which would register its 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 def stand_in(name: str) -> Callable[[str], NoReturn]:
@@ -15,3 +15,10 @@ def stand_in(name: str) -> Callable[[str], NoReturn]:
         raise AttributeError(f"{name!r} here is the source folder of adagrow.{name}, not a package: "
                              f"import adagrow.{name} (module {name!r} has no attribute {attr!r})")
     return missing
+
+
+def become_stand_in(namespace: dict[str, Any]) -> None:
+    """Turn the package whose globals are ``namespace`` (``compress``/``kernels``/``grow`` imported
+    by its short name) into the stand-in: no submodules, every attribute missing."""
+    namespace["__getattr__"] = stand_in(namespace["__name__"])
+    namespace["__path__"] = []  # no submodules: never a second copy

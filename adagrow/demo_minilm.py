@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from adagrow.bench import CPU_REFERENCE_NOTE, time_calls
+from adagrow.bench import CPU_REFERENCE_NOTE
+from adagrow.timing import time_calls
 from adagrow.compress import QuantConfig, quantize, save_compressed
 from adagrow.files import write_json, write_text
 from adagrow.hf import cosine_to, embed, load_hf, tokenize

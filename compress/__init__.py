@@ -1,10 +1,8 @@
 """Compression: uniform grids, round-to-nearest, the OBS quantizer, quantized modules, our
 checkpoints and server checkpoints (compressed-tensors, GPTQ)."""
 if __name__ != "adagrow.compress":  # found as a top-level name from a checkout: see adagrow.checkout
-    from adagrow.checkout import stand_in
-
-    __getattr__ = stand_in("compress")
-    __path__ = []  # type: ignore[no-redef]  # no submodules: never a second copy
+    from adagrow.checkout import become_stand_in
+    become_stand_in(globals())
 else:
     from .hf_kernels import use_kernels
     from .io import load_quantized, save_quantized

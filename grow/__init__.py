@@ -1,9 +1,7 @@
 """Growth: re-parameterizable blocks, growable CNN / Transformer families and the growth loop."""
 if __name__ != "adagrow.grow":  # found as a top-level name from a checkout: see adagrow.checkout
-    from adagrow.checkout import stand_in
-
-    __getattr__ = stand_in("grow")
-    __path__ = []  # type: ignore[no-redef]  # no submodules: never a second copy
+    from adagrow.checkout import become_stand_in
+    become_stand_in(globals())
 else:
     from .budget import DeployBudget, deploy_cost, deploy_latency_ms
     from .checkpoint import build_from_arch, load_deploy, load_grown, save_grown

@@ -7,22 +7,20 @@ session. Latency is the median of ``runs`` timed batch-1 calls on ``threads`` th
 """
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from adagrow.threads import torch_threads
+from adagrow.timing import measure
 
 from .cnn import flops
 from .reparam import reparameterize
 
 BACKENDS = ("torch", "ort-cpu")
+WARMUP = 10  # untimed calls before a latency measurement
 
 
 @dataclass
@@ -55,38 +53,22 @@ class DeployBudget:
             raise ValueError(f"threads and runs must be >= 1, got {self.threads}, {self.runs}")
 
 
-def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 10) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``runs`` calls after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def deploy_latency_ms(deploy: nn.Module, example: torch.Tensor, backend: str = "torch", threads: int = 1,
                       runs: int = 50) -> float:
     """Median batch-1 latency (ms) of a deploy-form model on ``backend`` (see module docstring)."""
     x = example[:1]
     if backend == "torch":
-        with torch_threads(threads), torch.no_grad():
-            return median_ms(lambda: deploy(x), runs)
+        with torch.no_grad():
+            return measure(lambda: deploy(x), WARMUP, runs, threads)["median_ms"]
     if backend == "ort-cpu":
-        import onnxruntime as ort  # the fp32 graph as adagrow.compress.export writes it, timed alone
+        from adagrow.onnxrt import cpu_session  # the fp32 graph as adagrow.compress.export writes it, timed alone
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "deploy.onnx"
             with torch.no_grad():
                 torch.onnx.export(deploy, (x,), str(path), dynamo=False, input_names=["input"])
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            sess = cpu_session(path, threads, spinning=False)
             feed = {"input": x.numpy()}
-            return median_ms(lambda: sess.run(None, feed), runs)
+            return measure(lambda: sess.run(None, feed), WARMUP, runs, threads)["median_ms"]
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 

@@ -8,10 +8,8 @@ Each op has a pure-PyTorch reference (used on CPU and by the tests) and a fake i
 for torch.compile / CUDA graphs. On CPU the kernels run only under ``TRITON_INTERPRET=1``.
 """
 if __name__ != "adagrow.kernels":  # found as a top-level name from a checkout: see adagrow.checkout
-    from adagrow.checkout import stand_in
-
-    __getattr__ = stand_in("kernels")
-    __path__ = []  # type: ignore[no-redef]  # no submodules: never a second copy
+    from adagrow.checkout import become_stand_in
+    become_stand_in(globals())
 else:
     from .conv import fused_conv2d, fused_conv2d_ref
     from .convert import to_kernels

@@ -1,6 +1,7 @@
 """The layers of docs/design.md §1, enforced statically on every import in the source tree.
 
-core (format/IO: packed, files, stored, schema, checks, the architecture registry, data, threads)
+core (format/IO: packed, files, stored, schema, checks, the architecture registry, data, threads,
+timing, ONNX Runtime sessions)
   -> kernels -> compress | grow (neither imports the other) -> export -> CLI / demo / bench.
 
 Every ``import`` / ``from`` statement counts, function-level ones included (a lazy import is still
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # package folder -> module prefix (adagrow/compress etc. are links to the top-level folders)
 TREES = {"adagrow": "adagrow", "compress": "adagrow.compress", "kernels": "adagrow.kernels", "grow": "adagrow.grow"}
 CORE = {"adagrow", "adagrow.packed", "adagrow.files", "adagrow.stored", "adagrow.schema", "adagrow.checks", "adagrow.archs",
-        "adagrow.threads", "adagrow.checkout", "adagrow.data", "adagrow.models", "adagrow.hf_text"}
+        "adagrow.threads", "adagrow.timing", "adagrow.onnxrt", "adagrow.checkout", "adagrow.data", "adagrow.models", "adagrow.hf_text"}
 ALLOWED = {"core": {"core"}, "kernels": {"core", "kernels"}, "compress": {"core", "kernels", "compress"},
            "grow": {"core", "kernels", "grow"}, "export": {"core", "kernels", "compress", "grow", "export"},
            "app": {"core", "kernels", "compress", "grow", "export", "app"}}

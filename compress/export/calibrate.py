@@ -14,6 +14,8 @@ import onnx
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
+from adagrow.onnxrt import cpu_session
+
 CALIB_METHODS = ("minmax", "percentile", "entropy", "mse")
 BINS = 2048
 
@@ -32,10 +34,7 @@ def _session(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
     for name in names:
         if name not in present:
             m.graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep tensor names
-    opts.log_severity_level = 3
-    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return cpu_session(m, optimize=False)  # keeps tensor names
 
 
 def collect_stats(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]],

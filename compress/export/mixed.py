@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from tqdm.auto import tqdm
+
+from adagrow.onnxrt import cpu_session
 
 from .verify import cosine
 
@@ -35,9 +36,7 @@ class FloatUnit:
 
 
 def _outputs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = cpu_session(model)
     return np.concatenate([o.astype(np.float64).ravel() for f in feeds for o in sess.run(None, f)])
 
 

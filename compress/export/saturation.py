@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper, version_converter
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+
+from adagrow.onnxrt import cpu_session
 
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
 SAFE_WEIGHT_MAX = INT16_MAX // (2 * 255)  # 64: |w| below this cannot saturate a u8 x s8 pair
@@ -166,10 +167,7 @@ def saturation_check(path: str | os.PathLike, feeds: list[dict[str, np.ndarray]]
         if u.act_q not in present:
             model.graph.output.append(onnx.ValueInfoProto(name=u.act_q))
             present.add(u.act_q)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the Q outputs
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = cpu_session(model, optimize=False)  # keeps the Q outputs
     names = [u.act_q for u in nodes]
     stats = {u.node.name or u.node.output[0]: SaturationStats(u.node.name or u.node.output[0],
                                                               int(np.abs(u.weight.astype(np.int32)).max()), 0, 0, 0)

@@ -17,6 +17,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from adagrow.onnxrt import cpu_session
+
 from .inputs import NamedForward, to_numpy
 
 THRESHOLDS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99, "w4": 0.98}
@@ -52,18 +54,8 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, optimized_p
     then dequantizes those 4-bit weights once at load (fp32 in memory, 4-bit on disk) instead of on
     every call; they hold no activation Q/DQ pairs to fuse, and ``MatMulNBits`` is not Q/DQ.
     """
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if weight_only(path):
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if optimized_path:
-        opts.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    config = {"session.disable_quant_qdq": "1"} if weight_only(path) else None
+    return cpu_session(path, threads, spinning=spinning, optimized_path=optimized_path, config=config)
 
 
 def run_session(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
