@@ -8,6 +8,7 @@ Round-to-nearest (:func:`rtn_quantize`) shares the grid, groups and packing.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from .order import check_order, column_overlap, saliency, static_order, tiered_o
 DAMP_RETRIES = 4  # lambda is multiplied by 10 up to this many times before giving up
 TARGET_DAMP = 1.0  # ridge of the float-target fit, relative to mean(diag H) (measured on MiniLM W4 g128)
 FP16_MAX = torch.finfo(torch.float16).max
+F32_SAFE = torch.finfo(torch.float32).max / 4  # bound on n * |x|max^2 for float32 statistics
 
 
 class CalibrationWarning(UserWarning):
@@ -223,24 +225,30 @@ class OBSQuantizer:
                              f"the layer input {tuple(inp.shape)}")
         if (target is None) != (self.C is None) and self.nsamples:
             raise ValueError(f"{self.name}: give a float-target input with every calibration batch or with none")
-        x = input_columns(inp.detach(), self.geo, self.name).to(self.dtype)
+        x = input_columns(inp.detach(), self.geo, self.name)
         n = x.shape[-1]
         if n == 0:
             return
-        xx = x @ x.transpose(1, 2)
-        if not bool(torch.isfinite(xx).all()):
-            if not bool(torch.isfinite(inp).all()):
-                raise ValueError(f"{self.name}: the layer's calibration inputs contain NaN or inf: the calibration "
-                                 f"data does, or a layer before {self.name} produces them (overflow or non-finite "
-                                 "weights)")
-            # |x| beyond ~1.8e19 overflows float32 products: this layer's statistics move to float64
+        # one reduction per batch instead of a finiteness check of the K x K products: NaN / inf
+        # inputs give a non-finite max, and |x_i x_j| summed over n rows stays below n * amax^2
+        amax = float(inp.detach().abs().max())
+        if not math.isfinite(amax):
+            raise ValueError(f"{self.name}: the layer's calibration inputs contain NaN or inf: the calibration "
+                             f"data does, or a layer before {self.name} produces them (overflow or non-finite "
+                             "weights)")
+        tmax = amax
+        if target is not None:
+            tmax = float(target.detach().abs().max())
+            if not math.isfinite(tmax):
+                raise ValueError(f"{self.name}: the float model's inputs to this layer are not finite")
+        if self.dtype == torch.float32 and n * amax * max(amax, tmax) > F32_SAFE:
+            # products that may overflow float32 (|x| beyond ~1e17): this layer's statistics move to float64
             self.dtype = torch.float64
-            x = x.double()
-            xx = x @ x.transpose(1, 2)
             if self.H is not None:
                 self.H = self.H.double()
                 self.C = None if self.C is None else self.C.double()
-        amax = float(inp.detach().abs().max())
+        x = x.to(self.dtype)
+        xx = x @ x.transpose(1, 2)
         if amax > FP16_MAX and not self._warned_fp16:
             self._warned_fp16 = True
             warnings.warn(CalibrationWarning(
@@ -255,10 +263,7 @@ class OBSQuantizer:
         self.H.mul_(keep).add_(xx, alpha=2 / self.nsamples)
         if target is not None:
             xf = input_columns(target.detach(), self.geo, self.name).to(self.dtype)
-            xfx = xf @ x.transpose(1, 2)
-            if not bool(torch.isfinite(xfx).all()):
-                raise ValueError(f"{self.name}: the float model's inputs to this layer are not finite")
-            self.C.mul_(keep).add_(xfx, alpha=2 / self.nsamples)
+            self.C.mul_(keep).add_(xf @ x.transpose(1, 2), alpha=2 / self.nsamples)
 
     @torch.no_grad()
     def all_reduce(self) -> None:
