@@ -70,17 +70,21 @@ class _Record:
     first: torch.Tensor | None = None
     extras: tuple = ()
     out: torch.Tensor | None = None
+    raw: Any = None  # the block's output as returned (the tuple / tensor ``out`` comes from)
 
 
 @dataclass
 class Probe:
     """One forward pass with hooks: target layers' call order and counts, which layer is fed the
-    very tensor the layer called just before it got (q/k/v, gate/up: ``shares_input``), and each
-    candidate block's input, extra arguments and output (for :meth:`chain`)."""
+    very tensor the layer called just before it got (q/k/v, gate/up: ``shares_input``), each
+    candidate block's input, extra arguments and output (for :meth:`chain`), and the inputs of
+    the ``watch`` layers."""
 
     model: nn.Module
     targets: dict[str, nn.Module]
     block_lists: list[list[str]]
+    watch: set[str] = field(default_factory=set)  # layers whose inputs are kept (``inputs``)
+    inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     first_call: dict[str, int] = field(default_factory=dict)
     blocks: dict[str, _Record] = field(default_factory=dict)
@@ -101,7 +105,7 @@ class Probe:
             self.blocks[name] = rec = _Record()
             handles.append(mod.register_forward_pre_hook(
                 lambda mod, args, kwargs, rec=rec: self._block_in(rec, args, kwargs), with_kwargs=True))
-            handles.append(mod.register_forward_hook(lambda mod, inp, out, rec=rec: setattr(rec, "out", hidden(out))))
+            handles.append(mod.register_forward_hook(lambda mod, inp, out, rec=rec: self._block_out(rec, out)))
         try:
             forward()
         finally:
@@ -116,7 +120,13 @@ class Probe:
             if self._last is not None and x is not None and self._last[1] is x:
                 self.shares_input[name] = self._last[0]
         self._last = (name, x)
+        if name in self.watch and x is not None:
+            self.inputs.setdefault(name, []).append(x)
         self.calls[name] = self.calls.get(name, 0) + 1
+
+    @staticmethod
+    def _block_out(rec: _Record, out: Any) -> None:
+        rec.out, rec.raw = hidden(out), out
 
     def _block_in(self, rec: _Record, args: tuple, kwargs: dict) -> None:
         rec.calls += 1
@@ -124,6 +134,12 @@ class Probe:
             rec.order = self._next()
             rec.first = args[0] if args and isinstance(args[0], torch.Tensor) else None
             rec.extras = (args[1:], kwargs)
+
+    def release(self) -> None:
+        """Drop the recorded tensors (block inputs / outputs, watched inputs); orders and counts stay."""
+        self.inputs.clear()
+        for rec in self.blocks.values():
+            rec.first, rec.extras, rec.out, rec.raw = None, (), None, None
 
     def chain(self) -> list[str] | None:
         """The first candidate block list that forms a chain in the recorded pass, or None."""

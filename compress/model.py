@@ -29,6 +29,7 @@ from .obs import OBSQuantizer, QuantResult, rtn_quantize
 from .order import check_order
 from .qmodules import SCALE_DTYPES, QuantLayer, from_result
 from .server_formats import guard_save_pretrained
+from .tail import blocks_skipped, tail_replayable
 
 METHODS = ("obs", "rtn")
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -259,12 +260,13 @@ def _float_pass(block: nn.Module, subs: list[str], inputs: list[tuple]) -> tuple
 
 
 def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict[str, int],
-                    shares_input: dict[str, str], inputs: list[tuple], bar: tqdm) -> None:
+                    shares_input: dict[str, str], inputs: list[tuple], bar: tqdm) -> list[Any]:
     """Quantize each block's layers in forward order from the block's captured inputs, one
     replay per group of layers sharing an input, then run the quantized block to get the next
     block's inputs. With ``float_target``, a float copy of the block runs once per batch on the
     float model's block inputs and gives each group its target (kept for the block: the float
-    inputs of every group, one block's worth of activations per group)."""
+    inputs of every group, one block's worth of activations per group). Returns the last
+    quantized block's outputs (one per calibration batch)."""
     model, mask = run.model, run.mask
     float_target = run.config.float_target and run.config.method == "obs"
     finputs = inputs
@@ -294,14 +296,16 @@ def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict
         for group in groups:
             run.group(group, lambda lead=group[0]: replay(lead), stop_early=calls[group[0]] == 1, defer=True)
         del ftargets
-        outputs = []
+        outputs, raw = [], []
         for args, kwargs, m in inputs:
             mask.mask = m
-            outputs.append(((hidden(mod(*args, **kwargs)), *args[1:]), kwargs, m))
+            raw.append(mod(*args, **kwargs))
+            outputs.append(((hidden(raw[-1]), *args[1:]), kwargs, m))
         run.swap()
         inputs, finputs = outputs, foutputs if float_target else outputs
         bar.update()
     mask.mask = None
+    return raw
 
 
 @torch.no_grad()
@@ -348,12 +352,20 @@ def quantize_model(qmodel: nn.Module, calib: Iterable | Callable[[nn.Module], An
     return qmodel
 
 
+def _without_blocks(model: nn.Module, blocks: list[str], last: list[Any], cal: Calibration) -> None:
+    """One calibration pass with the chain of blocks replaced by its stored last outputs."""
+    with blocks_skipped(model, blocks, last):
+        cal.run(model)
+
+
 def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, str], cal: Calibration,
               mask: TokenMask, config: QuantConfig, progress: bool,
               before_block: Callable[[str], None] | None) -> tuple[dict, list[str]]:
     blocks: list[str] = []
     if cal:
-        probe = Probe(qmodel, targets, candidates(qmodel, list(targets)) if config.method == "obs" else [])
+        lists = candidates(qmodel, list(targets)) if config.method == "obs" else []
+        outside = {n for n in targets if not any(n == b or n.startswith(b + ".") for bl in lists for b in bl)}
+        probe = Probe(qmodel, targets, lists, outside)
         probe.run(lambda: cal.run_first(qmodel))
         calls = probe.calls
         unused = [n for n in targets if n not in calls]
@@ -368,6 +380,11 @@ def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, 
     pre = [n for n in order if n not in inside and probe.first_call[n] < probe.blocks[blocks[0]].order] \
         if blocks else []
     post = [n for n in order if n not in inside and n not in pre]
+    # layers after the chain calibrated from the last block's outputs, when they depend on nothing else
+    replay_tail = bool(blocks and post) and tail_replayable(
+        qmodel, blocks, probe.blocks[blocks[-1]].raw, probe.inputs, post, lambda: cal.run_first(qmodel))
+    if cal:
+        probe.release()
     run = _Run(qmodel, config, mask)
     run.before_block = before_block
     full = lambda: cal.run(qmodel)  # noqa: E731
@@ -377,11 +394,12 @@ def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, 
         for name in pre:
             run.layer(name, full, stop(name))
             bar.update()
+        last: list[Any] = []
         if blocks:
-            _block_by_block(run, blocks, inside, calls, probe.shares_input, _capture(qmodel, blocks[0], cal, mask),
-                            bar)
+            last = _block_by_block(run, blocks, inside, calls, probe.shares_input,
+                                   _capture(qmodel, blocks[0], cal, mask), bar)
         for name in post:
-            run.layer(name, full, stop(name))
+            run.layer(name, (lambda: _without_blocks(qmodel, blocks, last, cal)) if replay_tail else full, stop(name))
             bar.update()
     return run.report, blocks
 

@@ -97,3 +97,41 @@ def test_two_ranks_match_one(tmp_path) -> None:
     assert len(layers) == 3 * 6 + 1 and got.keys() == layers.keys()
     for n, m in layers.items():
         assert torch.equal(m.dequantize(), got[n]), n
+
+
+class _Chain(torch.nn.Module):
+    """Three Linear blocks and a head fed the last block's output, or (``skip``) also the first's."""
+
+    def __init__(self, skip: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.skip = skip
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())
+                                          for _ in range(3))
+        self.head = torch.nn.Linear(32 if skip else 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        for block in self.blocks:
+            x = block(x)
+            feats.append(x)
+        return self.head(torch.cat([feats[0], x], -1) if self.skip else x)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_head_calibrated_without_rerunning_blocks_only_when_it_sees_the_last_block_alone(skip) -> None:
+    """A layer after the chain of blocks is calibrated from the last block's stored outputs (the
+    blocks skipped) only when, on the first batch, that gives it bit-identical inputs; a head that
+    also reads an earlier block's output has the blocks rerun."""
+    model = _Chain(skip).eval()
+    calls = [0]
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    calib = [torch.randn(8, 16) for _ in range(2)]
+    q = quantize(model, calib, CFG, progress=False, inplace=True)
+    assert q.adagrow_quant["blocks"] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert isinstance(q.head, QuantLinear)
+    # per block: calibration check and probe (first batch), then per batch: the layer's replay,
+    # the quantized block's output pass and the float copy's pass; block 0 once per batch when its
+    # inputs are captured; + every block per batch for the head if the blocks are rerun
+    assert calls[0] == 3 * (2 + 2 * 3) + 2 + (3 * 2 if skip else 0)
