@@ -15,7 +15,7 @@ import os
 import tempfile
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,20 +311,30 @@ def _int8(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tenso
     return build(frozenset(k.node for k in keep))
 
 
-def _w4(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tensor]], report: ExportReport, *,
-        quant_config: QuantConfig | None, accuracy_level: int | None, progress: bool) -> onnx.ModelProto:
-    """The W4 graph: MatMulNBits for Linear weights, blocked int4 DequantizeLinear otherwise."""
+def w4_quantized(model: nn.Module, quantize_fn: Callable[[QuantConfig], nn.Module], has_calib: bool,
+                 quant_config: QuantConfig | None) -> nn.Module:
+    """``model`` if it already holds quantized layers, else ``quantize_fn(config)`` with
+    ``quant_config`` (default: OBS, tier groups for convs, g32 for Linear); then every quantized
+    layer must be 4-bit."""
     if not any(isinstance(m, QuantLayer) for m in model.modules()):
         cfg = quant_config or QuantConfig(bits=4, group_size="tier", linear_group_size=32)
         if cfg.bits != 4:
             raise ValueError(f"w4 export needs bits=4, quant_config has bits={cfg.bits}")
-        if cfg.method == "obs" and not batches:
+        if cfg.method == "obs" and not has_calib:
             raise ValueError("w4 export with OBS needs calibration batches (calib=...), or use method='rtn'")
-        model = _quantize(model, spec, batches, cfg, progress)
+        model = quantize_fn(cfg)
     bad = [n for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.bits != 4]
     if bad:
         raise ValueError(f"w4 export: layers {bad} are not 4-bit")
-    twin, qlayers = _float_twin(model)
+    return model
+
+
+def w4_graph(qmodel: nn.Module, export_float: Callable[[nn.Module], onnx.ModelProto], report: ExportReport,
+             accuracy_level: int | None) -> onnx.ModelProto:
+    """The W4 graph of a 4-bit model: its float twin (dequantized weights) exported by
+    ``export_float``, then MatMulNBits for Linear weights, blocked int4 DequantizeLinear otherwise
+    (opset 21). Fills ``report.opset``, ``quantized_weights``, ``runs_float`` and notes."""
+    twin, qlayers = _float_twin(qmodel)
     dense = {f"{n}.weight": twin.get_submodule(n).weight.detach().numpy() for n in qlayers}
     w4: dict[str, W4Weight] = {}
     for n, q in qlayers.items():
@@ -334,7 +344,7 @@ def _w4(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tensor]
                                 "exact dequantized float")
         else:
             w4[f"{n}.weight"] = ww
-    graph = version_converter.convert_version(_export_float(twin, spec, 21, report), 21)
+    graph = version_converter.convert_version(export_float(twin), 21)
     report.opset = 21
     match = _match_initializers(graph.graph, dense)
     missing = [k for k in w4 if k not in match]
@@ -348,6 +358,14 @@ def _w4(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tensor]
                             f"session.disable_quant_qdq=1 (as ort_session sets it; fp32 weights in memory), else on "
                             f"every call: {report.runs_float}")
     return graph
+
+
+def _w4(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tensor]], report: ExportReport, *,
+        quant_config: QuantConfig | None, accuracy_level: int | None, progress: bool) -> onnx.ModelProto:
+    """The W4 graph: MatMulNBits for Linear weights, blocked int4 DequantizeLinear otherwise."""
+    qmodel = w4_quantized(model, lambda cfg: _quantize(model, spec, batches, cfg, progress), bool(batches),
+                          quant_config)
+    return w4_graph(qmodel, lambda twin: _export_float(twin, spec, 21, report), report, accuracy_level)
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor | Mapping[str, torch.Tensor], path: str | os.PathLike,

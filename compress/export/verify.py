@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 
 from adagrow.onnxrt import cpu_session
 
-from .inputs import NamedForward, to_numpy
+from .inputs import to_numpy
 
 THRESHOLDS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99, "w4": 0.98}
 # Cosine ignores scale: the output norm of ONNX Runtime over PyTorch's must also lie within
@@ -85,9 +86,10 @@ class Verification:
 
 
 @torch.no_grad()
-def verify(path: str | os.PathLike, reference: NamedForward, feeds: list[tuple[str, dict[str, torch.Tensor]]]
+def verify(path: str | os.PathLike, reference: Callable[..., Sequence[torch.Tensor]], feeds: list[tuple[str, dict[str, torch.Tensor]]]
            ) -> Verification:
-    """Compare every output of the ONNX model with ``reference`` on each ``(label, feed)``."""
+    """Compare every output of the ONNX model with ``reference`` (a ``NamedForward``, or any
+    module taking the feed's tensors in order and returning a tuple) on each ``(label, feed)``."""
     sess = ort_session(path)
     cases = []
     for label, feed in feeds:

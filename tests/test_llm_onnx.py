@@ -1,0 +1,142 @@
+"""Decoder LMs in ONNX with a KV cache, on tiny random Llamas: ONNX Runtime prefill + decode logits
+equal PyTorch's, greedy tokens from the ORT loop equal ``generate()`` (fp32) and the quantized
+PyTorch model's (W4 as MatMulNBits), and what cannot be exported is refused with the reason."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
+
+from adagrow.compress import QuantConfig, quantize  # noqa: E402
+from adagrow.compress.export import ExportCheckError, export_decoder_onnx, export_onnx, greedy_generate  # noqa: E402
+from adagrow.compress.export.decoder import past_names, present_names  # noqa: E402
+from adagrow.compress.export.verify import ort_session  # noqa: E402
+
+KW = dict(vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+          num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)  # varied greedy tokens
+
+
+def _llama(**extra) -> torch.nn.Module:
+    """Hidden 96, GQA (4 heads, 2 key/value heads), tied head; eos 2."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**KW, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                                   **extra)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three prompts of 7 tokens, rows 1 and 2 left-padded by 2 and 4."""
+    ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[2, :4] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory) -> tuple[torch.nn.Module, str, object]:
+    model = _llama()
+    path = tmp_path_factory.mktemp("onnx") / "llama.onnx"
+    return model, str(path), export_decoder_onnx(model, path)
+
+
+def test_graph_has_cache_inputs_and_outputs_with_dynamic_axes(fp32) -> None:
+    _, path, report = fp32
+    graph = onnx.load(path).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids", *past_names(2)] == report.inputs
+    assert [o.name for o in graph.output] == ["logits", *present_names(2)] == report.outputs
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(graph.input[3]) == ["batch", 2, "past_sequence", 24]  # GQA: 2 key/value heads of 24
+    assert dims(graph.output[1]) == ["batch", 2, "total_sequence", 24]
+    assert report.passed and report.cosine > 0.99999 and report.max_abs_diff < 1e-4
+    assert {c["shape"]["past_key_values.0.key"][2] for c in report.verification} == {0, 9}
+
+
+def test_ort_prefill_then_decode_logits_match_pytorch(fp32) -> None:
+    """Prefill on an empty cache, then one token at a time on ORT's own cache: every step's logits
+    equal the PyTorch model's on the whole sequence."""
+    model, path, _ = fp32
+    sess = ort_session(path)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    feed = {n: np.zeros((2, 2, 0, 24), np.float32) for n in past_names(2)}
+    outs = sess.run(None, {**feed, "input_ids": ids[:, :8].numpy(), "attention_mask": np.ones((2, 8), np.int64),
+                           "position_ids": np.tile(np.arange(8), (2, 1))})
+    np.testing.assert_allclose(outs[0], ref[:, :8], atol=1e-4, rtol=0)
+    for t in range(8, 12):
+        feed = dict(zip(past_names(2), outs[1:]))
+        outs = sess.run(None, {**feed, "input_ids": ids[:, t:t + 1].numpy(),
+                               "attention_mask": np.ones((2, t + 1), np.int64), "position_ids": np.full((2, 1), t)})
+        assert outs[1].shape == (2, 2, t + 1, 24)
+        np.testing.assert_allclose(outs[0][:, 0], ref[:, t], atol=1e-4, rtol=0)
+
+
+def test_ort_greedy_tokens_equal_generate(fp32) -> None:
+    """Left-padded batch, end-of-sequence handling included: the same tokens as generate()."""
+    model, path, _ = fp32
+    ids, mask = _prompts()
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=2)
+    assert len({int(t) for t in ref[:, 7:].flatten()}) > 8  # not one repeated token
+    got = greedy_generate(path, ids.numpy(), 16, attention_mask=mask.numpy(), eos_token_id=2)
+    assert got.new_tokens == 16 and got.decode_tokens_per_s > 0
+    np.testing.assert_array_equal(got.tokens, ref.numpy())
+
+
+def test_w4_matmulnbits_greedy_tokens_equal_the_quantized_model(tmp_path) -> None:
+    calib = [{"input_ids": torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(1))}]
+    q = quantize(_llama(), calib, QuantConfig(bits=4, group_size=32, sym=True), progress=False)
+    # accuracy level 0: MatMulNBits dequantizes to fp32, the quantized model's arithmetic
+    rep = export_decoder_onnx(q, tmp_path / "w4.onnx", "w4", accuracy_level=0)
+    ops = [n.op_type for n in onnx.load(tmp_path / "w4.onnx").graph.node]
+    assert rep.quantized_weights == ops.count("MatMulNBits") == 14 and rep.cosine > 0.9999
+    ids, mask = _prompts()
+    ref = q.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=2)
+    got = greedy_generate(tmp_path / "w4.onnx", ids.numpy(), 16, attention_mask=mask.numpy(), eos_token_id=2)
+    np.testing.assert_array_equal(got.tokens, ref.numpy())
+    # a float model is quantized by the export itself (RTN here); int8 compute stays within the W4 threshold
+    rep4 = export_decoder_onnx(_llama(), tmp_path / "rtn.onnx", "w4", quant_config=QuantConfig(method="rtn"))
+    assert rep4.quantized_weights == 14 and rep4.cosine >= rep4.threshold and not rep4.notes
+
+
+def test_refuses_what_it_cannot_export(tmp_path, fp32) -> None:
+    with pytest.raises(ValueError, match="LlamaModel is not a causal LM"):
+        export_decoder_onnx(transformers.LlamaModel(_llama().config), tmp_path / "a.onnx")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="model_type 'gpt2'.* not supported.*supported: llama"):
+        export_decoder_onnx(gpt2, tmp_path / "b.onnx")
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(**KW, sliding_window=64))
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        export_decoder_onnx(mistral, tmp_path / "c.onnx")
+    with pytest.raises(TypeError, match="needs a Hugging Face causal LM"):
+        export_decoder_onnx(torch.nn.Linear(4, 4), tmp_path / "d.onnx")
+    model, path, _ = fp32
+    with pytest.raises(FileExistsError):
+        export_decoder_onnx(model, path)
+    with pytest.raises(ValueError, match="w4 export with OBS needs calibration"):
+        export_decoder_onnx(model, tmp_path / "e.onnx", "w4")
+    plain = tmp_path / "plain.onnx"  # a logits-only export has no cache to generate with
+    export_onnx(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.randn(2, 4), plain, progress=False)
+    with pytest.raises(ValueError, match="not a KV-cache decoder export"):
+        greedy_generate(plain, np.zeros((1, 3), np.int64), 4)
+    assert not any(tmp_path.glob("[a-e].onnx"))
+
+
+def test_a_wrong_graph_is_not_written(tmp_path, monkeypatch) -> None:
+    """The ORT check compares against PyTorch: a graph that drifts from the model raises."""
+    import adagrow.compress.export.decoder as dec
+    real = dec._export_graph
+
+    def drifted(fwd, opset, report):  # the first layer's MLP output scaled by 1.5 in the graph only
+        mlp = fwd.model.model.layers[0].mlp.down_proj
+        with torch.no_grad():
+            mlp.weight.mul_(1.5)
+        try:
+            return real(fwd, opset, report)
+        finally:
+            with torch.no_grad():
+                mlp.weight.div_(1.5)
+    monkeypatch.setattr(dec, "_export_graph", drifted)
+    with pytest.raises(ExportCheckError, match="fp32 export FAILED verification"):
+        export_decoder_onnx(_llama(), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
