@@ -43,7 +43,8 @@ def fp32(tmp_path_factory) -> tuple[torch.nn.Module, str, object]:
 def test_graph_has_cache_inputs_and_outputs_with_dynamic_axes(fp32) -> None:
     _, path, report = fp32
     graph = onnx.load(path).graph
-    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids", *past_names(2)] == report.inputs
+    names = ["input_ids", "attention_mask", "position_ids", *past_names(2)]
+    assert [i.name for i in graph.input] == names == report.inputs
     assert [o.name for o in graph.output] == ["logits", *present_names(2)] == report.outputs
     dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
     assert dims(graph.input[3]) == ["batch", 2, "past_sequence", 24]  # GQA: 2 key/value heads of 24

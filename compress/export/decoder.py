@@ -145,8 +145,8 @@ def _verification_feeds(fwd: KVForward, vocab: int, seed: int) -> list[tuple[str
              ("prefill, batch 1", _feed(prompt[:1, :5], torch.ones(1, 5, dtype=torch.long), empty(1)))]
     for n in (1, 3):
         new = torch.randint(0, vocab, (2, n), generator=g)
-        feeds.append((f"{n} new token(s) after a past of 9", _feed(new, torch.cat([mask, torch.ones(2, n, dtype=torch.long)], 1),
-                                                                   past)))
+        longer = torch.cat([mask, torch.ones(2, n, dtype=torch.long)], 1)
+        feeds.append((f"{n} new token(s) after a past of 9", _feed(new, longer, past)))
     return feeds
 
 

@@ -86,8 +86,8 @@ class Verification:
 
 
 @torch.no_grad()
-def verify(path: str | os.PathLike, reference: Callable[..., Sequence[torch.Tensor]], feeds: list[tuple[str, dict[str, torch.Tensor]]]
-           ) -> Verification:
+def verify(path: str | os.PathLike, reference: Callable[..., Sequence[torch.Tensor]],
+           feeds: list[tuple[str, dict[str, torch.Tensor]]]) -> Verification:
     """Compare every output of the ONNX model with ``reference`` (a ``NamedForward``, or any
     module taking the feed's tensors in order and returning a tuple) on each ``(label, feed)``."""
     sess = ort_session(path)
