@@ -5,6 +5,8 @@ Codes along K are packed into int32 words of the transposed ``[K, N]`` matrix:
 ``bits <= 4``: 8 nibbles per word, ``qweight`` is ``int32[K_pad/8, N]`` (lowest nibble = lowest k);
 ``bits 5..8``: 4 bytes per word, ``int32[K_pad/4, N]``. Dequantized weight ``(q - z) * s`` with
 ``scales``/``zeros`` ``[n_groups, N]``; each column's group comes from :func:`column_groups`.
+The W4A16 kernels read scales and zeros as one 4-byte element per (group, column): the pairs of
+:func:`pack_scale_zero`, an in-memory repack (files keep ``scales`` and ``zeros``).
 """
 from __future__ import annotations
 
@@ -68,3 +70,22 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     s = scales.float().t()[:, gid]
     z = zeros.float().t()[:, gid]
     return ((codes - z) * s)[:, :k]
+
+
+def pack_scale_zero(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The kernels' layout of ``scales`` / ``zeros`` ``[n_groups, N]`` (fp16 or bf16, the same
+    dtype): ``[n_groups, N, 2]`` with ``[..., 0] = s`` and ``[..., 1] = z``, so a (group, column)
+    pair is one 4-byte element (low half s on little-endian devices). Exact: the values are
+    copied, not combined."""
+    if scales.dtype != zeros.dtype or scales.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"pack_scale_zero: scales/zeros must share a float16/bfloat16 dtype, "
+                        f"got {scales.dtype}/{zeros.dtype}")
+    if scales.shape != zeros.shape or scales.dim() != 2:
+        raise ValueError(f"pack_scale_zero: scales and zeros must be the same 2-D shape, "
+                         f"got {tuple(scales.shape)} / {tuple(zeros.shape)}")
+    return torch.stack([scales, zeros], dim=-1)
+
+
+def unpack_scale_zero(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_scale_zero`: ``(scales, zeros)`` ``[n_groups, N]``."""
+    return sz[..., 0], sz[..., 1]

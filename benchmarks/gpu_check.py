@@ -1,6 +1,9 @@
 """GPU check of the W4A16 kernels, ready for the first H100 / H200 session: one command, one JSON.
 
-    python benchmarks/gpu_check.py --out benchmarks/results/gpu_check_<gpu>.json [--budget-s 480]
+    python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check_<gpu>.json] [--budget-s 420]
+
+The JSON (default ``benchmarks/results/gpu_check_<gpu name>.json``) records the command, the GPU,
+the date, torch / triton versions, every row and check, and a summary against the targets.
 
 What it runs (group 128, fp16 activations; every assertion is recorded, the run exits 1 if one
 failed):
@@ -118,22 +121,23 @@ def require_cuda() -> str | None:
 
 
 class Layer:
-    """Packed 4-bit weights of one random linear layer on the GPU, with its fp16 weight, the
-    dequantized reference and the per-weight scales for the error bound."""
+    """Packed 4-bit weights of one random linear layer on ``device``, as a layer serves them
+    (words + the kernels' (s, z) pairs), with its fp16 weight, the dequantized reference and the
+    per-weight scales for the error bound."""
 
-    def __init__(self, n: int, k: int, seed: int) -> None:
+    def __init__(self, n: int, k: int, seed: int, device: str = "cuda") -> None:
         from torch import nn
 
         from adagrow.compress import rtn_quantize
-        from adagrow.packed import column_groups, dequantize_packed
+        from adagrow.packed import column_groups, dequantize_packed, pack_scale_zero
         torch.manual_seed(seed)
         lin = nn.Linear(k, n, bias=False)
         res = rtn_quantize(lin, bits=4, group_size=GROUP)
-        self.qw, self.s, self.z = res.qweight.cuda(), res.scales.cuda(), res.zeros.cuda()
-        self.w16 = lin.weight.detach().t().contiguous().half().cuda()
-        self.wdq = dequantize_packed(res.qweight, res.scales, res.zeros, 4, k, GROUP).cuda()
-        self.sfull = res.scales.float().t()[:, column_groups(self.qw.shape[0] * 8, GROUP)][:, :k].cuda()
-        self.hbm_bytes = self.qw.numel() * 4 + self.s.numel() * 4
+        self.qw, self.sz = res.qweight.to(device), pack_scale_zero(res.scales, res.zeros).to(device)
+        self.w16 = lin.weight.detach().t().contiguous().half().to(device)
+        self.wdq = dequantize_packed(res.qweight, res.scales, res.zeros, 4, k, GROUP).to(device)
+        self.sfull = res.scales.float().t()[:, column_groups(self.qw.shape[0] * 8, GROUP)][:, :k].to(device)
+        self.hbm_bytes = self.qw.numel() * 4 + self.sz.numel() * 2
 
     def err_ratio(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Largest |y - x W^T| / fp16 bound."""
@@ -141,7 +145,7 @@ class Layer:
         return float(((y.float() - ref).abs() / w4.error_bound(x, self.wdq, self.sfull)).max())
 
     def run(self, x: torch.Tensor, path: str | None = None, cfg: tuple[int, ...] | None = None) -> torch.Tensor:
-        return w4.w4a16_triton(x, self.qw, self.s, self.z, GROUP, path, cfg)
+        return w4.w4a16_triton_sz(x, self.qw, self.sz, GROUP, path, cfg)
 
 
 def kernel_us(fn: Callable[[], Any], reps: int = 10) -> float:
@@ -167,16 +171,20 @@ def do_bench_us(fn: Callable[[], Any]) -> float:
     return float(triton.testing.do_bench(fn, rep=100, return_mode="median")) * 1e3
 
 
-def check_row(case: Case, layers: dict, timed: bool) -> dict:
-    """Correctness on CALLS consecutive calls, then (if ``timed``) profiler / do_bench times."""
-    layer = layers.setdefault((case.n, case.k), Layer(case.n, case.k, seed=case.n + case.k))
+def check_row(case: Case, layers: dict, timed: bool, device: str = "cuda") -> dict:
+    """Correctness on CALLS consecutive calls, then (if ``timed``, CUDA only) profiler /
+    do_bench times. On the CPU (TRITON_INTERPRET=1, the tests) only the correctness part runs."""
+    key = (case.n, case.k)
+    if key not in layers:
+        layers[key] = Layer(case.n, case.k, seed=case.n + case.k, device=device)
+    layer = layers[key]
     row: dict[str, Any] = {"N": case.n, "K": case.k, "M": case.m, "path": case.path, "config": list(case.config),
                            "shipped": case.shipped}
-    why = w4.config_problem(case.path, case.config, GROUP, torch.float16, torch.device("cuda"))
+    why = w4.config_problem(case.path, case.config, GROUP, torch.float16, torch.device(device))
     if why:
         row["skipped"] = why
         return row
-    x = torch.randn(case.m, case.k, device="cuda", dtype=torch.float16)
+    x = torch.randn(case.m, case.k, device=device, dtype=torch.float16)
     try:
         ratios = [layer.err_ratio(x, layer.run(x, case.path, case.config)) for _ in range(CALLS)]
     except Exception as exc:  # a launch failure is a failed row, recorded with its reason
@@ -310,14 +318,21 @@ def run_check(out: Path, budget_s: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_check.json"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON to write (default benchmarks/results/gpu_check_<gpu name>.json)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop timing new rows after this many seconds")
     args = ap.parse_args(argv)
     why = require_cuda()
     if why:
         print(why, file=sys.stderr)
         return 2
-    return run_check(args.out, args.budget_s)
+    return run_check(args.out or default_out(torch.cuda.get_device_name()), args.budget_s)
+
+
+def default_out(gpu_name: str) -> Path:
+    """``benchmarks/results/gpu_check_<gpu name, lower case, non-alphanumerics as _>.json``."""
+    slug = "".join(c if c.isalnum() else "_" for c in gpu_name.lower()).strip("_")
+    return Path(__file__).parent / "results" / f"gpu_check_{slug}.json"
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 :class:`QuantLinear` layers) or a compressed-tensors folder loaded by transformers (whose Linear
 layers hold ``weight_packed`` or the dequantized ``weight``, and ``weight_scale``; those are
 repacked into :class:`QuantLinear` once, exactly), and casts everything else to fp16 / bf16. A 4-bit
-``QuantLinear`` then runs ``torch.ops.adagrow.w4a16_matmul`` on fp16 / bf16 inputs wherever Triton
+``QuantLinear`` then runs ``torch.ops.adagrow.w4a16_matmul_sz`` on fp16 / bf16 inputs wherever Triton
 runs (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``); elsewhere the PyTorch reference.
 """
 from __future__ import annotations

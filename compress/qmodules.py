@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from adagrow.kernels.conv import fused_conv2d
-from adagrow.kernels.w4a16 import kernel_supports, use_triton, w4a16_matmul
-from adagrow.packed import codes_per_word, dequantize_packed, padded_k
+from adagrow.kernels.w4a16 import kernel_supports, use_triton, w4a16_matmul_sz
+from adagrow.packed import codes_per_word, dequantize_packed, pack_scale_zero, padded_k
 
 from .cpu_path import INT4_DTYPES, int4_linear, kernel_group, pack_int4
 from .layer import LayerGeometry, geometry, matrix_to_weight, reference_forward
@@ -99,8 +99,10 @@ class QuantLayer(nn.Module):
         return entry[1]
 
     def clear_cache(self) -> None:
-        """Drop the CPU cache (the repacked or dequantized weight) to free its memory."""
+        """Drop the caches (the CPU repacked or dequantized weight, the kernels' (s, z) pairs)
+        to free their memory."""
         self.__dict__.pop("_cpu_cache", None)
+        self.__dict__.pop("_kernel_pairs", None)
 
     def extra_repr(self) -> str:
         return f"{self.geo.k}x{self.geo.out_features}, bits={self.bits}, group_size={self.group_size}"
@@ -118,8 +120,21 @@ class QuantLinear(QuantLayer):
         return int4_linear(x, pack, bias)
 
     def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y = w4a16_matmul(x, self.qweight, self.scales, self.zeros, self.group_size)
+        y = w4a16_matmul_sz(x, self.qweight, self.kernel_pairs(), self.group_size)
         return y if bias is None else y + bias
+
+    def kernel_pairs(self) -> torch.Tensor:
+        """The kernels' (s, z) pairs ``[n_groups, N, 2]`` (:func:`adagrow.packed.pack_scale_zero`),
+        an in-memory repack of ``scales`` / ``zeros`` kept until either changes (storage or
+        in-place version); rebuilt inline (not cached) while torch.compile traces."""
+        if torch.compiler.is_compiling():
+            return pack_scale_zero(self.scales, self.zeros)
+        key = tuple((t.data_ptr(), t._version, t.device) for t in (self.scales, self.zeros))
+        entry = self.__dict__.get("_kernel_pairs")
+        if entry is None or entry[0] != key:
+            entry = (key, pack_scale_zero(self.scales, self.zeros))
+            self.__dict__["_kernel_pairs"] = entry
+        return entry[1]
 
 
 class QuantConv2d(QuantLayer):

@@ -1,8 +1,9 @@
 """W4A16 matmul ``y = x @ dequant(qweight)``: fp16/bf16 activations, 4-bit packed weights (docs/design.md §5).
 
 ``qweight`` int32 ``[K_pad/8, N]`` (8 nibbles along K, lowest nibble = lowest k), ``scales`` /
-``zeros`` ``[K_pad/G, N]`` (``[1, N]`` per channel, ``group_size=-1``), fp32 accumulation, output
-in x's dtype. Every packed word is loaded once (evict-first) and its 8 nibbles are unpacked in
+``zeros`` ``[K_pad/G, N]`` (``[1, N]`` per channel, ``group_size=-1``), read by the kernels as (s, z)
+pairs ``[K_pad/G, N, 2]`` (:func:`adagrow.packed.pack_scale_zero`: one 4-byte load per group and
+column), fp32 accumulation, output in x's dtype. Every packed word is loaded once (evict-first) and its 8 nibbles are unpacked in
 registers; dequant uses no int->float conversion: nibble i is shifted under the exponent of 1.0
 (``(w << (19 - 4i)) & 0x780000 | 0x3F800000`` = 1 + q/16 as fp32), so
 ``(q - z) s = fma(1 + q/16, 16 s, -(16 + z) s)`` is one FMA, exact before its rounding.
@@ -10,10 +11,10 @@ registers; dequant uses no int->float conversion: nibble i is shifted under the 
 Paths by M (rows of x): a GEMV for M = 1 (per-element fp32 accumulator, one cross-thread
 reduction after the K loop), a tensor-core kernel for small M ("splitk", BLOCK_M 16-32) and
 large M ("gemm", BLOCK_M up to 128) that computes ``y^T = W^T x^T`` so the dequantized weight
-tile is the MMA's register operand (async wgmma on Hopper) while x streams through shared
-memory with software-pipelined loads. SPLIT_K > 1 programs
-add fp32 partials into a per-device workspace; the last program of each output tile (atomic
-counter) writes y in its dtype and re-zeroes the workspace, so no zero-fill or cast kernel runs.
+tile is the MMA's first operand (async wgmma on Hopper), every global load staged by cp.async
+(Triton's software pipeliner). SPLIT_K > 1 programs store fp32 partials into this call's
+workspace; the last program of each output tile (tile counter) sums them in a fixed order and
+writes y in its dtype.
 
 Configs: :data:`CONFIGS` per path; a launch takes the user's tuning cache (:func:`tune`,
 :func:`load_tuning`), then the shipped per-GPU table ``tables/w4a16.json`` keyed by
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from adagrow.packed import dequantize_packed
+from adagrow.packed import dequantize_packed, pack_scale_zero, unpack_scale_zero
 from adagrow.files import write_json
 
 from ._triton import HAS_TRITON, interpreting, smem_limit, tl, triton
@@ -50,9 +51,9 @@ CONFIGS: dict[str, list[tuple[int, int, int, int, int, int]]] = {
     "gemm": [(128, 128, 64, 2, 8, 4), (128, 128, 64, 4, 8, 4), (128, 128, 64, 1, 8, 3),
              (64, 128, 64, 2, 4, 3), (128, 64, 64, 2, 4, 3), (128, 64, 128, 2, 4, 3)],
 }
-# Rows checked (spill-free) only on some archs (compute capability as 10 * major + minor); none
-# now: the 128x256 GEMM row spills on sm_90 too once the next tile's words are prefetched.
-ARCH_ONLY: dict[tuple[int, ...], tuple[int, ...]] = {}
+# Rows checked (spill-free) only on some archs (compute capability as 10 * major + minor): the
+# unsplit 128x128x64 GEMM row spills 8 bytes on sm_80 with every load staged by cp.async.
+ARCH_ONLY: dict[tuple[int, ...], tuple[int, ...]] = {(128, 128, 64, 1, 8, 3): (90,)}
 SPLITK_MAX_M = 32
 PER_CHANNEL_GROUP = 1 << 30  # GROUP constexpr of group_size=-1: every K tile is in group 0
 _TUNED: dict[str, tuple[int, ...]] = {}
@@ -85,13 +86,30 @@ def error_bound(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, weight_err: f
 def check_w4a16_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                      group_size: int) -> tuple[int, int, int]:
     """Validate dtypes, devices and shapes; return (K, K_pad, N)."""
+    if scales.dtype not in (torch.float16, torch.bfloat16) or zeros.dtype != scales.dtype:
+        raise TypeError(f"w4a16_matmul: scales/zeros must share a float16/bfloat16 dtype, got {scales.dtype}/{zeros.dtype}")
+    if tuple(scales.shape) != tuple(zeros.shape):
+        raise ValueError(f"w4a16_matmul: scales/zeros shapes differ: {tuple(scales.shape)} / {tuple(zeros.shape)}")
+    return _check(x, qweight, scales, group_size, (x, qweight, scales, zeros), "scales/zeros")
+
+
+def check_w4a16_sz_args(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor,
+                        group_size: int) -> tuple[int, int, int]:
+    """:func:`check_w4a16_args` for the kernels' (s, z) pairs ``[n_groups, N, 2]``
+    (:func:`adagrow.packed.pack_scale_zero`); returns (K, K_pad, N)."""
+    if sz.dtype not in (torch.float16, torch.bfloat16) or sz.dim() != 3 or sz.shape[-1] != 2:
+        raise TypeError(f"w4a16_matmul_sz: sz must be float16/bfloat16 (s, z) pairs [n_groups, N, 2], "
+                        f"got {sz.dtype} {tuple(sz.shape)}")
+    return _check(x, qweight, sz, group_size, (x, qweight, sz), "sz")
+
+
+def _check(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group_size: int,
+           tensors: tuple[torch.Tensor, ...], what: str) -> tuple[int, int, int]:
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"w4a16_matmul: x must be float16 or bfloat16, got {x.dtype}")
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise TypeError(f"w4a16_matmul: qweight must be a 2-D int32 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
-    if scales.dtype not in (torch.float16, torch.bfloat16) or zeros.dtype != scales.dtype:
-        raise TypeError(f"w4a16_matmul: scales/zeros must share a float16/bfloat16 dtype, got {scales.dtype}/{zeros.dtype}")
-    devices = {t.device for t in (x, qweight, scales, zeros)}
+    devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"w4a16_matmul: tensors are on different devices: {sorted(map(str, devices))}")
     k, k_pad, n = x.shape[-1], qweight.shape[0] * 8, qweight.shape[1]
@@ -103,9 +121,9 @@ def check_w4a16_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                          f"padded to a multiple of {step} (group_size={group_size}): the packed tensors "
                          "do not match x or the declared group size")
     n_groups = 1 if group_size == -1 else k_pad // group_size
-    if tuple(scales.shape) != (n_groups, n) or tuple(zeros.shape) != (n_groups, n):
-        raise ValueError(f"w4a16_matmul: scales/zeros must be [{n_groups}, {n}] for group_size={group_size}, "
-                         f"got {tuple(scales.shape)} / {tuple(zeros.shape)}")
+    if tuple(sz.shape[:2]) != (n_groups, n):
+        raise ValueError(f"w4a16_matmul: {what} must be [{n_groups}, {n}] for group_size={group_size}, "
+                         f"got {tuple(sz.shape[:2])}")
     return k, k_pad, n
 
 
@@ -168,22 +186,33 @@ if HAS_TRITON:
         return tl.reshape(tl.permute(_dequant_joined(qw, s16, c, dtype), (1, 0, 2)), (bn, bk8 * 8))
 
     @triton.jit
-    def _group_scales(s_ptr, z_ptr, t, n_tiles, rw, rn, nmask, N, K_PAD, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-                      ROW_GROUPS: tl.constexpr):
-        """fp32 scales and zeros of K tile t (a prefetch past the last tile reads in bounds,
-        values unused): ``[1, BN]`` when the tile lies in one group (GROUP a multiple of BLOCK_K), else
-        ``[BK/8, BN]``, one group per word row."""
+    def _group_pairs(sz_ptr, t, n_tiles, rw, rn, nmask, N, K_PAD, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                     ROW_GROUPS: tl.constexpr):
+        """The (s, z) pairs of K tile t as raw int32 (one 4-byte load per group and column; a
+        prefetch past the last tile reads in bounds, values unused): ``[1, BN]`` when the tile lies
+        in one group (GROUP a multiple of BLOCK_K), else ``[BK/8, BN]``, one group per word row.
+        Kept as integers until :func:`_unpair`, so a prefetched pair needs no conversion before use."""
         if ROW_GROUPS:
             kw = t * (BLOCK_K // 8) + rw
             offs = (kw * 8 // GROUP)[:, None] * N + rn[None, :]
             mask = (kw < K_PAD // 8)[:, None] & nmask[None, :]
-            s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:  # 1-D loads: the [BN] vectors, not a 2-D tile, get converted to the weights' layout
+            p = tl.load(sz_ptr + offs, mask=mask, other=0)
+        else:  # 1-D loads: the [BN] vector, not a 2-D tile, gets converted to the weights' layout
             offs = (tl.minimum(t, n_tiles - 1) * BLOCK_K // GROUP) * N + rn  # past the end: the last group
-            s = tl.load(s_ptr + offs, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            z = tl.load(z_ptr + offs, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        return s, z
+            p = tl.load(sz_ptr + offs, mask=nmask, other=0)[None, :]
+        return p
+
+    @triton.jit
+    def _unpair(p, SCALE_BF16: tl.constexpr):
+        """``(16 s, (16 + z) s)`` in fp32 from (s, z) pairs (s in the low half): bf16 halves become
+        fp32 by a shift / mask alone; fp16 halves by a bitcast and one conversion each."""
+        if SCALE_BF16:
+            s = (p << 16).to(tl.float32, bitcast=True)
+            z = (p & -65536).to(tl.float32, bitcast=True)
+        else:
+            s = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            z = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return 16.0 * s, (16.0 + z) * s
 
     @triton.jit
     def _words(qw_ptr, t, rw, rn, nmask, N, K_PAD, BK8: tl.constexpr):
@@ -212,9 +241,10 @@ if HAS_TRITON:
                 tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, K_PAD,
+    def _w4a16_gemv_kernel(x_ptr, qw_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, K_PAD,
                            GROUP: tl.constexpr, ROW_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, WIDE: tl.constexpr):
+                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, WIDE: tl.constexpr,
+                           SCALE_BF16: tl.constexpr):
         """M = 1. Each program streams [BLOCK_K/8, BLOCK_N] tiles of words over K tiles pid_k,
         pid_k + SPLIT_K, ...; the words, x and scales/zeros of the next tile are loaded one
         iteration ahead (register double buffer), so no load of an iteration is waited for in
@@ -230,12 +260,12 @@ if HAS_TRITON:
         n_tiles = tl.cdiv(K_PAD, BLOCK_K)
         acc = tl.zeros((BK8, BLOCK_N), dtype=tl.float32)
         xk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # 1-D: each x element loaded by one thread
-        s, z = _group_scales(s_ptr, z_ptr, pid_k, n_tiles, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
+        sz = _group_pairs(sz_ptr, pid_k, n_tiles, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
         qw = _words(qw_ptr, pid_k, rw, rn, nmask, N, K_PAD, BK8)
         xv = tl.load(x_ptr + xk, mask=xk < K, other=0.0)
         for t in range(pid_k, n_tiles, SPLIT_K):
             nt = t + SPLIT_K  # prefetch tile nt while tile t is computed
-            s_n, z_n = _group_scales(s_ptr, z_ptr, nt, n_tiles, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
+            sz_n = _group_pairs(sz_ptr, nt, n_tiles, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
             qw_n = _words(qw_ptr, nt, rw, rn, nmask, N, K_PAD, BK8)
             xk_n = nt * BLOCK_K + tl.arange(0, BLOCK_K)
             xv_n = tl.load(x_ptr + xk_n, mask=xk_n < K, other=0.0)
@@ -244,20 +274,23 @@ if HAS_TRITON:
                 + x3[:, None] * _nibble(qw, 3) + x4[:, None] * _nibble(qw, 4) + x5[:, None] * _nibble(qw, 5) \
                 + x6[:, None] * _nibble(qw, 6) + x7[:, None] * _nibble(qw, 7)
             xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-            acc += 16.0 * s * inner - (16.0 + z) * s * xsum[:, None]
-            s, z, qw, xv = s_n, z_n, qw_n, xv_n
+            s16, c = _unpair(sz, SCALE_BF16)
+            acc += s16 * inner - c * xsum[:, None]
+            sz, qw, xv = sz_n, qw_n, xv_n
         _finish(tl.sum(acc, axis=0), y_ptr + rn, nmask, ws_ptr + rn, N, cnt_ptr + pid_n, pid_k, SPLIT_K)
 
     @triton.jit
-    def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_PAD,
+    def _w4a16_mma_kernel(x_ptr, qw_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_PAD,
                           GROUP: tl.constexpr, ROW_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, WIDE: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, WIDE: tl.constexpr,
+                          SCALE_BF16: tl.constexpr):
         """Tensor-core path (split-K for small M, tiled GEMM), computed swapped:
         ``y^T tile [BLOCK_N, BLOCK_M] += W^T [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]``. Each
         program dequantizes its weight tile once per K step in registers (words loaded once,
-        nibbles unpacked in registers; words and scales/zeros of the next tile are loaded one
-        iteration ahead), which feeds the MMA as the register operand; the activation tile streams
-        through shared memory (cp.async pipeline of ``num_stages``)."""
+        nibbles unpacked in registers), which feeds the MMA; the words, the (s, z) pairs (4 bytes,
+        the smallest cp.async) and the activation tile are all loaded in the loop of the tile
+        that uses them, so Triton's software pipeliner stages them by cp.async ``num_stages - 1``
+        tiles ahead: no global load is waited for by the iteration that issued it."""
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         BK8: tl.constexpr = BLOCK_K // 8
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -271,16 +304,13 @@ if HAS_TRITON:
         rk = tl.arange(0, BLOCK_K)
         n_tiles = tl.cdiv(K_PAD, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        s, z = _group_scales(s_ptr, z_ptr, pid_k, n_tiles, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
-        qw = _words(qw_ptr, pid_k, rw, rn, nmask, N, K_PAD, BK8)
         for t in range(pid_k, n_tiles, SPLIT_K):
-            nt = t + SPLIT_K
-            s_n, z_n = _group_scales(s_ptr, z_ptr, nt, n_tiles, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
-            qw_n = _words(qw_ptr, nt, rw, rn, nmask, N, K_PAD, BK8)
+            sz = _group_pairs(sz_ptr, t, n_tiles, rw, rn, nmask, N, K_PAD, GROUP, BLOCK_K, ROW_GROUPS)
+            qw = _words(qw_ptr, t, rw, rn, nmask, N, K_PAD, BK8)
             xk = t * BLOCK_K + rk
             xt = tl.load(x_ptr + rm[None, :] * K + xk[:, None], mask=mmask[None, :] & (xk < K)[:, None], other=0.0)
-            acc = tl.dot(_dequant_tile_t(qw, 16.0 * s, (16.0 + z) * s, x_ptr.dtype.element_ty), xt, acc)
-            s, z, qw = s_n, z_n, qw_n
+            s16, c = _unpair(sz, SCALE_BF16)
+            acc = tl.dot(_dequant_tile_t(qw, s16, c, x_ptr.dtype.element_ty), xt, acc)
         tile = pid_m * tl.num_programs(1) + pid_n
         offs = rm[None, :] * N + rn[:, None]
         ws_stride = tl.cast(M, tl.int64) * N if WIDE else M * N
@@ -331,10 +361,11 @@ class LaunchPlan:
 _PLANS: dict[tuple, LaunchPlan] = {}
 
 
-def plan_for(path: str, cfg: tuple[int, ...], m: int, n: int, k_pad: int, group_size: int) -> LaunchPlan:
+def plan_for(path: str, cfg: tuple[int, ...], m: int, n: int, k_pad: int, group_size: int,
+             scale_dtype: torch.dtype = torch.float16) -> LaunchPlan:
     """The (memoised) :class:`LaunchPlan` of a launch. ``WIDE`` (int64 offsets) when an offset
     into x, y, the packed words or the workspace can reach 2^31."""
-    key = (path, cfg, m, n, k_pad, group_size)
+    key = (path, cfg, m, n, k_pad, group_size, scale_dtype)
     plan = _PLANS.get(key)
     if plan is None:
         bm, bn, bk, split, warps, stages = cfg
@@ -342,7 +373,8 @@ def plan_for(path: str, cfg: tuple[int, ...], m: int, n: int, k_pad: int, group_
         group = PER_CHANNEL_GROUP if group_size == -1 else group_size
         wide = max(m * k_pad, m * n * split, k_pad // 8 * n) >= INT32_LIMIT
         meta = {"GROUP": group, "ROW_GROUPS": group % bk != 0, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
-                "WIDE": wide, "num_warps": warps, "num_stages": stages, "enable_fp_fusion": True}
+                "WIDE": wide, "SCALE_BF16": scale_dtype == torch.bfloat16, "num_warps": warps, "num_stages": stages,
+                "enable_fp_fusion": True}
         if path != "gemv":
             meta["BLOCK_M"] = bm
         tiles = grid[0] * (grid[1] if path != "gemv" else 1)
@@ -363,12 +395,12 @@ def split_workspace(plan: LaunchPlan, device: torch.device) -> tuple[torch.Tenso
     return ws, cnt
 
 
-def _args(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, plan: LaunchPlan,
-          y: torch.Tensor) -> list:
+def _args(x2: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, plan: LaunchPlan, y: torch.Tensor) -> list:
+    """Kernel arguments; the (s, z) pairs go in as one int32 per (group, column)."""
     m, k = x2.shape
     k_pad, n = qweight.shape[0] * 8, qweight.shape[1]
     ws, cnt = split_workspace(plan, x2.device)
-    return [x2, qweight, scales, zeros, y, ws, cnt] + ([n] if plan.path == "gemv" else [m, n]) + [k, k_pad]
+    return [x2, qweight, sz.view(torch.int32), y, ws, cnt] + ([n] if plan.path == "gemv" else [m, n]) + [k, k_pad]
 
 
 _SMEM: dict[tuple, int] = {}
@@ -390,9 +422,9 @@ def config_problem(path: str, cfg: tuple[int, ...], group_size: int, dtype: torc
         m = 1 if path == "gemv" else cfg[0]
         x = torch.empty(m, 64 * 8, device=device, dtype=dtype)
         qw = torch.empty(64, 256, device=device, dtype=torch.int32)
-        sz = torch.empty(64 * 8 // (group_size if group_size > 0 else 512), 256, device=device, dtype=dtype)
-        plan = plan_for(path, cfg, m, 256, 64 * 8, group_size)
-        args = _args(x, qw, sz, sz, plan, torch.empty(m, 256, device=device, dtype=dtype))
+        sz = torch.empty(64 * 8 // (group_size if group_size > 0 else 512), 256, 2, device=device, dtype=dtype)
+        plan = plan_for(path, cfg, m, 256, 64 * 8, group_size, dtype)
+        args = _args(x, qw, sz, plan, torch.empty(m, 256, device=device, dtype=dtype))
         _SMEM[key] = int(plan.kernel.warmup(*args, grid=plan.grid, **plan.meta).metadata.shared)
     if _SMEM[key] > smem_limit(device):
         return f"needs {_SMEM[key]} B of shared memory, the device allows {smem_limit(device)} B per block"
@@ -411,23 +443,32 @@ def valid_configs(path: str, group_size: int, dtype: torch.dtype = torch.float16
     return out
 
 
-def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-            plan: LaunchPlan) -> torch.Tensor:
+def _launch(x2: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, plan: LaunchPlan) -> torch.Tensor:
     y = torch.empty(x2.shape[0], qweight.shape[1], device=x2.device, dtype=x2.dtype)
-    plan.kernel[plan.grid](*_args(x2, qweight, scales, zeros, plan, y), **plan.meta)
+    plan.kernel[plan.grid](*_args(x2, qweight, sz, plan, y), **plan.meta)
     return y
 
 
 def w4a16_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int, path: str | None = None, config: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Run the Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1).
+    """:func:`w4a16_triton_sz` from separate ``scales`` / ``zeros``: repacks them into (s, z)
+    pairs (:func:`adagrow.packed.pack_scale_zero`, one small copy) on every call; layers keep
+    the pairs instead (``QuantLinear``)."""
+    check_w4a16_args(x, qweight, scales, zeros, group_size)
+    return w4a16_triton_sz(x, qweight, pack_scale_zero(scales, zeros), group_size, path, config)
+
+
+def w4a16_triton_sz(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group_size: int,
+                    path: str | None = None, config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Run the Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1) on (s, z) pairs
+    ``sz [n_groups, N, 2]``.
 
     ``path`` / ``config`` force a kernel path and config (tests, tuning); by default the path
     follows M and the config comes from :func:`lookup_config` (nothing is tuned here).
     """
     if not HAS_TRITON:
         raise RuntimeError("w4a16_triton needs the 'triton' package (pip install triton)")
-    _, k_pad, n = check_w4a16_args(x, qweight, scales, zeros, group_size)
+    _, k_pad, n = check_w4a16_sz_args(x, qweight, sz, group_size)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     m = x2.shape[0]
     if m == 0:
@@ -439,8 +480,8 @@ def w4a16_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         config = lookup_config(m, n, k_pad, group_size, x.dtype, x.device)
     elif path != "gemv" and config[0] < 16:
         raise ValueError(f"w4a16 {path} config {config}: BLOCK_M must be >= 16 (tensor-core tiles)")
-    plan = plan_for(path, tuple(config), m, n, k_pad, group_size)
-    return _launch(x2, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), plan).reshape(*x.shape[:-1], n)
+    plan = plan_for(path, tuple(config), m, n, k_pad, group_size, sz.dtype)
+    return _launch(x2, qweight.contiguous(), sz.contiguous(), plan).reshape(*x.shape[:-1], n)
 
 
 def kernel_supports(group_size: int) -> bool:
@@ -456,7 +497,9 @@ def use_triton(x: torch.Tensor) -> bool:
 @torch.library.custom_op("adagrow::w4a16_matmul", mutates_args=())
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int) -> torch.Tensor:
-    """``x [..., K]`` (fp16/bf16) @ packed 4-bit weight ``[K, N]`` -> ``[..., N]`` in x's dtype."""
+    """``x [..., K]`` (fp16/bf16) @ packed 4-bit weight ``[K, N]`` -> ``[..., N]`` in x's dtype.
+    Repacks scales / zeros into the kernels' pairs per call; :func:`w4a16_matmul_sz` takes them
+    prepacked."""
     if use_triton(x):
         return w4a16_triton(x, qweight, scales, zeros, group_size)
     check_w4a16_args(x, qweight, scales, zeros, group_size)
@@ -467,6 +510,24 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
       group_size: int) -> torch.Tensor:
     _, _, n = check_w4a16_args(x, qweight, scales, zeros, group_size)
+    return x.new_empty(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("adagrow::w4a16_matmul_sz", mutates_args=())
+def w4a16_matmul_sz(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """:func:`w4a16_matmul` on (s, z) pairs ``sz [n_groups, N, 2]`` from
+    :func:`adagrow.packed.pack_scale_zero` (the layout the kernels load: one 4-byte element per
+    group and column)."""
+    if use_triton(x):
+        return w4a16_triton_sz(x, qweight, sz, group_size)
+    check_w4a16_sz_args(x, qweight, sz, group_size)
+    scales, zeros = unpack_scale_zero(sz)
+    return w4a16_matmul_ref(x, qweight, scales, zeros, group_size)
+
+
+@w4a16_matmul_sz.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    _, _, n = check_w4a16_sz_args(x, qweight, sz, group_size)
     return x.new_empty(*x.shape[:-1], n)
 
 
@@ -613,11 +674,11 @@ def static_specs(arch: int) -> list:
                 if arch not in ARCH_ONLY.get(cfg, (arch,)):
                     continue
                 bm, bn, bk, split, warps, stages = cfg
-                ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp16",
+                ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": "*fp16",
                         "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
                 ints = {"N": n} if path == "gemv" else {"M": m, "N": n}
                 consts = {"GROUP": g, "ROW_GROUPS": g % bk != 0, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
-                          "WIDE": False}
+                          "WIDE": False, "SCALE_BF16": False}
                 if path != "gemv":
                     consts["BLOCK_M"] = bm
                 sig, consts, aligned = runtime_signature({**ptrs, **ints, "K": k, "K_PAD": k}, consts)

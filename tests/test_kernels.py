@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from adagrow.compress import QuantConfig, QuantConv2d, QuantLinear, quantize, rtn_quantize
-from adagrow.packed import column_groups, dequantize_packed
+from adagrow.compress.qmodules import from_result
+from adagrow.packed import column_groups, dequantize_packed, pack_scale_zero, unpack_scale_zero
 from adagrow.kernels import w4a16_matmul_ref
 from adagrow.kernels import w4a16 as w4
 
@@ -58,6 +59,29 @@ def test_w4a16_every_path(m: int, k: int, n: int, gs: int, sym: bool) -> None:
         y = w4.w4a16_triton(x, res.qweight, res.scales, res.zeros, gs, path=path, config=SMALL[path])
         assert y.dtype == torch.float16 and y.shape == (m, n)
         _check(y, x, w, ref, _scales(res, k, gs))
+
+
+@pytest.mark.parametrize("sdt", [torch.float16, torch.bfloat16])
+def test_w4a16_scale_zero_pairs_exact_in_both_scale_dtypes(sdt: torch.dtype) -> None:
+    """The kernels' (s, z) pairs are a lossless repack (one 4-byte element: s in the low half),
+    and the kernels unpack fp16 and bf16 scales alike: GEMV and split-K with bf16 scales under
+    fp16 activations match the reference within the fp16 bound."""
+    res = _packed_linear(200, 40, 64, False, seed=3)
+    s, z = res.scales.to(sdt), res.zeros.to(sdt)
+    sz = pack_scale_zero(s, z)
+    assert sz.shape == (*s.shape, 2) and sz.dtype == sdt
+    assert all(torch.equal(a, b) for a, b in zip(unpack_scale_zero(sz), (s, z)))
+    low = sz.view(torch.int32).squeeze(-1) & 0xFFFF  # little-endian: s is the low half of the int32
+    assert torch.equal(low, s.view(torch.int16).to(torch.int32) & 0xFFFF)
+    w = dequantize_packed(res.qweight, s, z, 4, 200, 64)
+    for m, path in ((1, "gemv"), (3, "splitk")):
+        x = torch.randn(m, 200, dtype=torch.float16)
+        y = w4.w4a16_triton_sz(x, res.qweight, sz, 64, path=path, config=SMALL[path])
+        _check(y, x, w, x.float() @ w.t(), s.float().t()[:, column_groups(res.qweight.shape[0] * 8, 64)][:, :200])
+    with pytest.raises(TypeError, match="share a float16/bfloat16 dtype"):
+        pack_scale_zero(s, z.float())
+    with pytest.raises(TypeError, match=r"\[n_groups, N, 2\]"):
+        w4.w4a16_matmul_sz(torch.randn(1, 200, dtype=torch.float16), res.qweight, s, 64)
 
 
 def test_w4a16_default_gemv_row_long_k() -> None:
@@ -234,6 +258,10 @@ def test_w4a16_opcheck() -> None:
     res = _packed_linear(72, 40, 32, False)
     x = torch.randn(3, 72, dtype=torch.float16)
     torch.library.opcheck(torch.ops.adagrow.w4a16_matmul.default, (x, res.qweight, res.scales, res.zeros, 32))
+    sz = pack_scale_zero(res.scales, res.zeros)
+    torch.library.opcheck(torch.ops.adagrow.w4a16_matmul_sz.default, (x, res.qweight, sz, 32))
+    assert torch.equal(torch.ops.adagrow.w4a16_matmul_sz(x, res.qweight, sz, 32),
+                       torch.ops.adagrow.w4a16_matmul(x, res.qweight, res.scales, res.zeros, 32))
 
 
 def test_tuning_cache_round_trip(tmp_path, monkeypatch) -> None:
@@ -264,6 +292,23 @@ def test_quant_modules_use_kernels_and_match_reference() -> None:
     y = qmodel.half()(x.half())  # fp16 input: Triton kernels (interpreter here)
     assert qmodel[0]._use_kernel(x.half()) and qmodel[3]._use_kernel(x.half()[:, 0, 0])
     assert (y.float() - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+def test_quant_linear_kernel_pairs_follow_the_scales() -> None:
+    """QuantLinear keeps the kernels' (s, z) pairs until scales or zeros change: an in-place
+    edit or a new tensor rebuilds them, and the kernel output follows."""
+    res = _packed_linear(72, 40, 32, False)
+    layer = from_result(nn.Linear(72, 40), res).half()
+    x = torch.randn(3, 72, dtype=torch.float16)
+    first = layer.kernel_pairs()
+    assert layer.kernel_pairs() is first and torch.equal(first, pack_scale_zero(layer.scales, layer.zeros))
+    y0 = layer(x)
+    layer.scales.mul_(2)
+    assert layer.kernel_pairs() is not first and torch.equal(layer.kernel_pairs()[..., 0], layer.scales)
+    assert torch.allclose((layer(x) - layer.bias.half()).float(), 2 * (y0 - layer.bias.half()).float(),
+                          rtol=1e-2, atol=1e-2)
+    layer.clear_cache()
+    assert "_kernel_pairs" not in layer.__dict__
 
 
 @cuda

@@ -59,3 +59,25 @@ def test_refuses_without_cuda(gc, capsys, tmp_path) -> None:
     assert gc.main(["--out", str(tmp_path / "x.json")]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_row_check_runs_on_cpu_under_the_interpreter(gc) -> None:
+    """The correctness half of a row (layer packing as served, 3 consecutive calls against the
+    fp16 bound) at small shapes on the CPU (TRITON_INTERPRET=1); a wrong config is reported."""
+    if not w4.use_triton(torch.zeros(1)):
+        pytest.skip("Triton does not run here (no CUDA, no TRITON_INTERPRET=1)")
+    layers: dict = {}
+    for m, path, cfg in ((1, "gemv", (1, 64, 32, 2, 4, 1)), (3, "splitk", (16, 64, 32, 3, 4, 1)),
+                         (40, "gemm", (16, 64, 64, 1, 4, 1))):
+        row = gc.check_row(gc.Case(72, 256, m, path, cfg, True), layers, timed=False, device="cpu")
+        assert row["correct"] and len(row["err_over_bound"]) == gc.CALLS and "error" not in row, row
+        assert row["timing_skipped"] == "time budget spent"
+    lay = layers[(72, 256)]
+    assert lay.sz.shape == (2, 72, 2) and lay.hbm_bytes == 256 // 8 * 72 * 4 + 2 * 72 * 4
+    x = torch.randn(2, 256, dtype=torch.float16)
+    assert gc.Layer.err_ratio(lay, x, (x.float() @ lay.wdq.t() * 1.5).half()) > 1  # a 50% error is caught
+
+
+def test_default_output_is_under_results(gc) -> None:
+    out = gc.default_out("NVIDIA H200")
+    assert out.parent == ROOT / "benchmarks" / "results" and out.name == "gpu_check_nvidia_h200.json"

@@ -109,12 +109,12 @@ def test_server_format_group_size_checked_before_quantizing(tmp_path, capsys, mo
 
 def _count_kernel_calls(monkeypatch) -> list[int]:
     import adagrow.compress.qmodules as qm
-    calls, op = [0], qm.w4a16_matmul
+    calls, op = [0], qm.w4a16_matmul_sz
 
     def counted(*args):
         calls[0] += 1
         return op(*args)
-    monkeypatch.setattr(qm, "w4a16_matmul", counted)
+    monkeypatch.setattr(qm, "w4a16_matmul_sz", counted)
     return calls
 
 
