@@ -1,10 +1,11 @@
 """Grown models against compute-matched controls on cluttered digits (CPU).
 
 For each family (VGG, ResNet, ViT) and seed, at the main difficulty:
-- ``grown``: grown from its "empty" start with the thesis' defaults (its own init for new layers,
-  a growth every 3 / 5 epochs, automatic stopping, then fine-tuning; decisions read a validation
-  split carved from the training data, never the test set); its training FLOPs G are counted per
-  step on the model as it was at that step (``adagrow.grow.flops``);
+- ``grown``: grown from its "empty" start with the defaults (the thesis' init for new layers, a
+  growth every 3 / 5 epochs, depth placed by a probe, the cosine LR restarted after each growth,
+  automatic stopping, then fine-tuning; decisions read a validation split carved from the training
+  data, never the test set); its training FLOPs G are counted per step on the model as it was at
+  that step, the placement probes included (``adagrow.grow.flops``);
 - ``scratch-flops``: the grown architecture trained from scratch for G FLOPs (fewer epochs);
 - ``scratch-epochs``: the same for the same epochs as the growth run;
 - ``fixed``: fixed nets of the same family, each trained for G FLOPs (the accuracy-vs-latency front);
@@ -93,9 +94,10 @@ def run_unit(family: str, seed: int, difficulty: float, args: argparse.Namespace
                "curve": [(h["train_flops"], h["val_acc"]) for h in epoch_rows],
                "growth_events": [{"step": h["step"], "epoch": h["epoch"], **h["growth"]}
                                  for h in res.history if "growth" in h]}
+        grew = ",".join(f"s{e['stage']}" if "stage" in e else e["kind"][0] for e in row["growth_events"])
         print(f"  {family:<7}d{difficulty:<4}{name:<15} s{seed} {row['spec']:<15} ep {epochs:>3} "
               f"acc {row['accuracy']:.4f} GFLOPs {row['train_flops'] / 1e9:7.1f} params {row['deploy_params']:>7} "
-              f"ort {row['ort_ms']:6.3f} ms train {row['train_s']:5.1f}s", flush=True)
+              f"ort {row['ort_ms']:6.3f} ms train {row['train_s']:5.1f}s {grew}", flush=True)
         rows.append(row)
         return res.model
 
@@ -303,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
               "task": {"data": "cluttered_digits", "size": args.size, "difficulty": args.difficulty,
                        "difficulties": args.difficulties, "n_train": args.n_train, "val_fraction": 0.15,
                        "epochs": args.epochs, "seeds": args.seeds, "growth_init": "thesis (preserve=False)",
+                       "placement": "probe (a candidate layer per stage, trained briefly on a copy; lowest "
+                                    "validation loss wins; probe FLOPs charged)",
+                       "lr_after_growth": "restart (cosine from the base LR over the remaining steps)",
                        "interval_epochs": {"cnn": 3, "vit": 5}, "train_flops": "3 x 2 x forward MACs x batch per step"},
               "budget_latency_ms": budget_ms, "wall_s": wall, "cpu_s": cpu, "rows": rows,
               "summary": list(summary.values()), "targets": tgts}

@@ -58,9 +58,10 @@ class FlopCounter:
         self.per_sample = TRAIN_FACTOR * forward_macs(self.model, self.example)
         self.model.train(was_training)
 
-    def step(self, batch: int) -> int:
-        """Account one optimizer step over ``batch`` samples; returns the running total."""
-        self.total += self.per_sample * batch
+    def step(self, batch: int, forward_only: bool = False) -> int:
+        """Account one optimizer step over ``batch`` samples (``forward_only``: an evaluation pass,
+        a third of a step); returns the running total."""
+        self.total += self.per_sample * batch // (3 if forward_only else 1)
         return self.total
 
 

@@ -3,9 +3,11 @@
 Every ``interval`` (the thesis: 3 epochs for CNNs, 5 for Transformers; during the first
 ``grow_fraction`` of training) a growth step picks depth or width by the ratio (CNN: two depth
 growths per width growth; Transformer: two width growths per depth growth), finds the location
-(greedy by BN/LayerNorm scale of layers that have trained at least two intervals, or random /
-sequential), applies it with the thesis' init by default (function-preserving with ``preserve``)
-and rebuilds the optimizer with the old state (new state zero). Growth stops by an architecture spec,
+(by default a probe: a candidate layer per stage, each trained briefly on a copy, the lowest
+validation loss wins; or greedy by BN/LayerNorm scale of layers that have trained at least two
+intervals, or random / sequential), applies it with the thesis' init by default
+(function-preserving with ``preserve``), rebuilds the optimizer with the old state (new state
+zero) and restarts the cosine LR schedule over the remaining steps. Growth stops by an architecture spec,
 a deploy budget (params / MACs / measured latency; a step that would break it is replaced by a
 cheaper one first) or automatically; the remaining steps fine-tune. Under ``torchrun`` every rank applies rank 0's decision and
 rank 0's new parameters, and the DDP wrapper is rebuilt after each growth.
@@ -18,7 +20,7 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -31,11 +33,13 @@ from .checkpoint import build_from_arch
 from .cnn import SPEC_NAMES, GrowingCNN, branch_space, importance
 from .flops import FlopCounter
 from .optim import rebuild_optimizer
-from .train import accuracy
+from .train import accuracy, batch_stat_loss
 from .transformer import Carry, GrowingTransformer
 
-LOCATIONS = ("greedy", "random", "sequential")
+LOCATIONS = ("probe", "greedy", "random", "sequential")
+LR_AFTER_GROWTH = ("continue", "restart")
 INTERVAL_EPOCHS = {"cnn": 3.0, "transformer": 5.0}  # the thesis' training between growths
+Probe = Callable[[list[dict[str, Any]]], list[float]]  # depth options -> validation loss after a short training
 
 
 @dataclass
@@ -53,7 +57,15 @@ class GrowthConfig:
     ``grow_fraction`` of the steps (the rest fine-tunes). ``preserve``: function-preserving new
     layers / branches / heads (see ``insert_layer``, ``add_branch``, ``add_head``); the default
     False is the thesis' init (each CNN family's own init, N(0, 0.1^2) for Transformers), which
-    measured better (docs/growth.md). ``max_kernel``: None keeps every conv's deploy kernel (new branches fuse into it),
+    measured better (docs/growth.md). ``location``: where depth growth goes; ``"probe"`` (default)
+    inserts a candidate layer at the end of every stage (Transformer: after every layer) into a copy
+    of the model, trains each copy for ``probe_steps`` optimizer steps on the same batches (None: a
+    tenth of the growth interval) and keeps the one with the lowest validation loss (the probes'
+    FLOPs are charged to the run); ``"greedy"`` ranks by BN / LayerNorm scale, ``"random"`` and
+    ``"sequential"`` ignore the model. Width growth ranks convs by BN scale under both ``"probe"`` and
+    ``"greedy"``. ``lr_after_growth``: ``"restart"`` (default) the cosine schedule from the base LR
+    over the remaining steps after every growth (new layers start at a high LR; measured better than
+    the thesis' one cosine, docs/growth.md), or ``"continue"`` it. ``max_kernel``: None keeps every conv's deploy kernel (new branches fuse into it),
     an int lets branches grow kernels up to that size. ``widen_dim``: Transformer head growth also
     widens the residual stream by one head_dim (as the thesis). ``retrain``: after growing, train
     the found architecture from scratch for the same epochs and return that model.
@@ -64,7 +76,9 @@ class GrowthConfig:
     interval: int | None = None
     interval_epochs: float | None = None
     grow_fraction: float = 0.75
-    location: str = "greedy"
+    location: str = "probe"
+    probe_steps: int | None = None
+    lr_after_growth: str = "restart"
     branch_sampling: str = "with"        # "with" replacement (thesis) or "without" (greedy)
     width_fraction: float = 0.7
     max_kernel: int | None = None
@@ -79,6 +93,10 @@ class GrowthConfig:
     def validate(self, model: nn.Module) -> None:
         if self.location not in LOCATIONS:
             raise ValueError(f"location must be one of {LOCATIONS}, got {self.location!r}")
+        if self.lr_after_growth not in LR_AFTER_GROWTH:
+            raise ValueError(f"lr_after_growth must be one of {LR_AFTER_GROWTH}, got {self.lr_after_growth!r}")
+        if self.probe_steps is not None and self.probe_steps < 1:
+            raise ValueError(f"probe_steps must be >= 1 optimizer step, got {self.probe_steps}")
         if self.branch_sampling not in ("with", "without"):
             raise ValueError(f"branch_sampling must be 'with' or 'without', got {self.branch_sampling!r}")
         if not 0 < self.width_fraction <= 1:
@@ -150,6 +168,7 @@ class Grower:
         epochs = config.interval_epochs or INTERVAL_EPOCHS["cnn" if self.is_cnn else "transformer"]
         self.interval = config.interval or max(1, round(epochs * steps_per_epoch))
         self.last_step = int(config.grow_fraction * total_steps)
+        self.probe_steps = config.probe_steps or max(1, self.interval // 10)
         self.budget = config.budgets()
         self.example = example
         if self.budget is not None and (self.budget.macs or self.budget.latency_ms) and example is None:
@@ -236,7 +255,7 @@ class Grower:
         convs = model.rep_convs()
         names = list(convs)
         n = max(1, math.ceil((fraction or self.config.width_fraction) * len(names)))
-        if self.config.location == "greedy":
+        if self.config.location in ("greedy", "probe"):
             fresh = self._fresh()
             chosen = sorted(names, key=lambda k: importance(convs[k], fresh) or 0.0, reverse=True)[:n]
         elif self.config.location == "random":
@@ -254,23 +273,34 @@ class Grower:
             branches[name] = self.rng.choice(space)
         return {"kind": "width", "branches": branches}
 
+    def _depth_options(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Every depth step a probe compares: a layer at the end of each stage that may still grow
+        (Transformer: after each layer)."""
+        if not self.is_cnn:
+            return [{"kind": "depth", "after": i} for i in range(model.depth)]
+        return [{"kind": "depth", "stage": i, "position": len(model.stages[i])} for i in self._stages(model)]
+
     def _candidates(self, model: nn.Module, kind: str, kinds: list[str]) -> list[dict[str, Any]]:
-        """The step the schedule asks for, then (under a budget) cheaper ones to try if it does not fit."""
-        first = self._depth(model) if kind == "depth" else self._width(model)
+        """The step(s) the schedule asks for (under ``location="probe"`` every depth option, for the
+        probe to choose from), then (under a budget) cheaper ones to try if none fits."""
+        probing = self.config.location == "probe"
+        if kind == "depth":
+            out = self._depth_options(model) if probing else [self._depth(model)]
+        else:
+            out = [self._width(model)]
         if self.budget is None:
-            return [first]
-        out = [first]
-        if self.is_cnn and kind == "depth":  # the same layer in the next most important stages
+            return out
+        if self.is_cnn and kind == "depth" and not probing:  # the same layer in the next most important stages
             fresh = self._fresh()
             for stage in sorted(self._stages(model), key=lambda i: -self._stage_score(model, i, fresh)):
-                if stage != first["stage"]:
+                if stage != out[0]["stage"]:
                     out.append({"kind": "depth", "stage": stage, "position": self._position(model, stage, fresh)})
         if self.is_cnn:  # width: fewer convs, cheapest branches (fused, they add no deploy cost)
             out.append(self._width(model, fraction=self.config.width_fraction / 2, specs=["bn", "conv1x1"]))
         elif "width" in kinds and kind == "depth":
             out.append(self._width(model))
         elif "depth" in kinds and kind == "width":
-            out.append(self._depth(model))
+            out.extend(self._depth_options(model) if probing else [self._depth(model)])
         return [c for c in out if c["kind"] in kinds]
 
     def _fits(self, model: nn.Module, decision: dict[str, Any]) -> dict[str, float] | None:
@@ -279,9 +309,40 @@ class Grower:
         cost = deploy_cost(trial, self.example, self.budget)
         return None if over_budget(cost, self.budget) else cost
 
-    def decide(self, model: nn.Module, val_acc: float | None, step: int | None = None) -> dict[str, Any] | None:
+    def _choose(self, model: nn.Module, options: list[dict[str, Any]], probe: Probe | None) -> dict[str, Any] | None:
+        """The first option (in order) that keeps the budget; under ``location="probe"`` the depth
+        options that keep it are compared by ``probe`` (validation loss after a short training) and
+        the lowest wins. Records the winner's deploy cost."""
+        i = 0
+        while i < len(options):
+            group = options[i:i + 1]
+            if self.config.location == "probe" and options[i]["kind"] == "depth":
+                group = [c for c in options[i:] if c["kind"] == "depth"]
+            i += len(group)
+            costs = [None] * len(group) if self.budget is None else [self._fits(model, c) for c in group]
+            fitting = [(c, k) for c, k in zip(group, costs) if self.budget is None or k is not None]
+            if not fitting:
+                continue
+            if len(fitting) > 1:
+                if probe is None:
+                    raise ValueError("location='probe' compares depth options by a short training probe: pass "
+                                     "decide(..., probe=...) (grow() does), or choose another location")
+                losses = probe([c for c, _ in fitting])
+                best = min(range(len(fitting)), key=losses.__getitem__)
+                decision, cost = fitting[best]
+                decision = dict(decision, probe_val_loss=[round(v, 5) for v in losses])
+            else:
+                decision, cost = fitting[0]
+            if cost is not None:
+                self.cost = cost
+            return decision
+        return None
+
+    def decide(self, model: nn.Module, val_acc: float | None, step: int | None = None,
+               probe: Probe | None = None) -> dict[str, Any] | None:
         """The next growth step at optimizer step ``step``, or None once growth has stopped (then
-        it stays stopped)."""
+        it stays stopped). ``probe``: validation losses of the given depth options after a short
+        training of each (``location="probe"``; ``grow()`` passes one)."""
         if self.stopped:
             return None
         self.step = self.step if step is None else step
@@ -299,15 +360,7 @@ class Grower:
             return None
         kind = self.pattern[self.growths % len(self.pattern)]
         kind = kind if kind in kinds else kinds[0]
-        decision = None
-        for candidate in self._candidates(model, kind, kinds):
-            if self.budget is None:
-                decision = candidate
-                break
-            cost = self._fits(model, candidate)
-            if cost is not None:
-                decision, self.cost = candidate, cost
-                break
+        decision = self._choose(model, self._candidates(model, kind, kinds), probe)
         if decision is None:
             self.stopped = True
             return None
@@ -416,24 +469,48 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
     gen = torch.Generator().manual_seed(seed)
     total = epochs * math.ceil(len(range(rank, len(x), world)) / batch_size)
     history: list[dict[str, Any]] = []
-    step = 0
+    step = start = 0  # start: where the cosine schedule (re)started
+
+    def sgd_step(net: nn.Module, opt: torch.optim.Optimizer, idx: torch.Tensor) -> None:
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def probe(options: list[dict[str, Any]]) -> list[float]:
+        """Validation loss of each depth option after ``probe_steps`` steps on a copy (same batches,
+        current LR and optimizer state); their FLOPs are charged to the run."""
+        picks = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 100003 + step))
+        batches = picks[rank::world][:grower.probe_steps * batch_size].split(batch_size)
+        losses = []
+        for option in options:
+            trial, trial_opt = copy.deepcopy((model, opt))
+            carry, _ = apply_growth(trial, option, grower.config)
+            trial_opt = rebuild_optimizer(trial_opt, trial, carry)
+            cost = FlopCounter(trial, x[:1])
+            trial.train()
+            for idx in batches:
+                sgd_step(trial, trial_opt, idx)
+                cost.step(len(idx))
+            losses.append(batch_stat_loss(trial, *val))
+            cost.step(len(val[0]), forward_only=True)
+            counter.total += cost.total
+        return losses
+
     for epoch in tqdm(range(epochs), desc="grow" if grower else "train", disable=not progress or rank != 0):
         model.train()
         order = torch.randperm(len(x), generator=gen)[rank::world]
         for idx in order.split(batch_size):
             for g in opt.param_groups:
-                g["lr"] = _cosine(lr, step, total)
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                g["lr"] = _cosine(lr, step - start, total - start)
+            sgd_step(net, opt, idx)
             counter.step(len(idx))
             step += 1
             if grower is None or not grower.due(step):
                 continue
             val_acc = accuracy(model, *val) if rank == 0 else None
             model.train()
-            payload = [grower.decide(model, val_acc, step) if rank == 0 else None]
+            payload = [grower.decide(model, val_acc, step, probe) if rank == 0 else None]
             if world > 1:
                 dist.broadcast_object_list(payload, src=0)
                 grower.stopped = payload[0] is None
@@ -445,6 +522,8 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
                 for t in [*model.parameters(), *model.buffers()]:
                     dist.broadcast(t.data, src=0)
             opt, net = rebuild_optimizer(opt, model, carry), wrap()
+            if grower.config.lr_after_growth == "restart":
+                start = step
             counter.reset()
             deploy, params_train = model.param_counts()
             history.append({"epoch": epoch + 1, "step": step, "val_acc": val_acc, "growth": decision,

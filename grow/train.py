@@ -31,3 +31,14 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.eval()
     correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
     return correct / len(x)
+
+
+@torch.no_grad()
+def batch_stat_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean cross-entropy with BatchNorm normalising by each batch's statistics (train mode), for a
+    model whose running statistics are not settled yet (a just-grown layer's still sit near their
+    init). Updates those running statistics: use it on a copy."""
+    model.train()
+    total = sum(float(F.cross_entropy(model(xb), yb, reduction="sum"))
+                for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    return total / len(x)

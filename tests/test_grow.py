@@ -9,6 +9,7 @@ from torch import nn
 
 from adagrow.grow import (DeployBudget, GrowingCNN, GrowingTransformer, Grower, GrowthConfig, apply_growth,
                           build_from_arch, deploy_cost, grow, load_grown, reparameterize, save_grown)
+from adagrow.grow import cnn as cnn_module
 from adagrow.grow.cnn import branch_space
 from adagrow.grow.cnn import flops as cnn_flops
 from adagrow.grow.flops import forward_macs, train_flops
@@ -58,16 +59,65 @@ def test_greedy_location_is_largest_gamma_stage_ignoring_fresh_layers() -> None:
     model.insert_layer(1, 2)
     _set_gamma(model, 0.5)
     _set_gamma(model.stages[1][1], 3.0)  # the first family layer of stage 1 matters most
-    decision = Grower(model, GrowthConfig(stop="auto")).decide(model, None)
+    decision = Grower(model, GrowthConfig(stop="auto", location="greedy")).decide(model, None)
     assert decision == {"kind": "depth", "stage": 1, "position": 2}  # right after that layer
     # a just-inserted layer's gamma is its init, not a measure of importance: it is ignored ...
-    grower = Grower(model, GrowthConfig(stop="auto", interval=10))
+    grower = Grower(model, GrowthConfig(stop="auto", interval=10, location="greedy"))
     fresh = model.insert_layer(2, 1, preserve=True)
     _set_gamma(fresh, 5.0)
     grower.born[id(fresh)] = 100
     assert grower.decide(model, None, step=110) == {"kind": "depth", "stage": 1, "position": 2}
     # ... until it has trained for two intervals
     assert grower.decide(model, None, step=120) == {"kind": "depth", "stage": 2, "position": 2}
+
+
+class _Dead(nn.Module):
+    """Kills the signal: whatever comes after it sees zeros."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0
+
+
+def test_probe_location_picks_the_stage_whose_layer_lowers_validation_loss(monkeypatch) -> None:
+    real = cnn_module.make_layer  # a new layer in stage 0 or 2 zeroes the features; only stage 1's helps
+    monkeypatch.setattr(cnn_module, "make_layer", lambda family, c: real(family, c) if c == 8
+                        else nn.Sequential(real(family, c), _Dead()))
+    train, val = _data(n=256)
+    torch.manual_seed(0)
+    model = GrowingCNN("vgg", widths=(4, 8, 16), num_classes=4)
+    res = grow(model, train, val, epochs=6, lr=0.05, progress=False,
+               config=GrowthConfig(stop="VGG-1-1-1", interval=9, probe_steps=2))  # 3 steps/epoch, one growth
+    (event,) = [h["growth"] for h in res.history if "growth" in h]
+    assert (event["kind"], event["stage"], event["position"]) == ("depth", 1, 1)
+    dead0, alive, dead2 = event["probe_val_loss"]  # one validation loss per stage, in stage order
+    assert alive < min(dead0, dead2) - 0.05  # a dead net only has the head's bias (the class priors)
+    assert res.model.spec() == "VGG-0-1-0"
+
+
+def test_probe_compares_only_options_within_budget_and_charges_its_flops() -> None:
+    model = _cnn()
+    example = torch.randn(1, 1, 8, 8)
+    seen: list[list[dict]] = []
+
+    def probe(options: list[dict]) -> list[float]:
+        seen.append(options)
+        return [float(o["stage"] == 0) for o in options]  # stage 0 is worst
+
+    stage2 = deploy_cost(_grown(model, 2), example)["macs"]
+    grower = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=stage2)), example=example)
+    decision = grower.decide(model, None, probe=probe)
+    assert [o["stage"] for o in seen[0]] == [1, 2]  # stage 0's layer costs more MACs than the budget allows
+    assert (decision["stage"], decision["position"], decision["probe_val_loss"]) == (1, 1, [0.0, 0.0])
+    with pytest.raises(ValueError, match="probe"):
+        Grower(model, GrowthConfig(stop="auto")).decide(model, None)
+    # the probes' training steps and validation passes count in the run's FLOPs
+    train, val = _data()  # 72 samples: batches of 64 and 8; one growth at step 3, one probe step each
+    res = grow(_cnn(), train, val, epochs=2, config=GrowthConfig(stop="VGG-1-1-1", interval=3, probe_steps=1),
+               lr=0.01, progress=False)
+    (record,) = [h for h in res.history if "growth" in h]
+    per_sample = [train_flops(_grown(_cnn(), stage), example, 1) for stage in range(3)]
+    expected = train_flops(_cnn(), example, 64 + 8 + 64) + sum(64 * p + len(val[0]) * p // 3 for p in per_sample)
+    assert record["train_flops"] == expected
 
 
 def test_random_and_sequential_locations() -> None:
@@ -140,12 +190,15 @@ def test_budget_overflow_tries_a_cheaper_step_first() -> None:
     stage0 = deploy_cost(_grown(model, 0), example)["macs"] - macs
     stage2 = deploy_cost(_grown(model, 2), example)["macs"] - macs
     assert stage2 < stage0
-    unlimited = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=10**12)), example=example)
+    unlimited = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=10**12), location="greedy"),
+                        example=example)
     assert unlimited.decide(model, None)["stage"] == 0
-    grower = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=macs + stage2)), example=example)
+    grower = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=macs + stage2), location="greedy"),
+                    example=example)
     assert grower.decide(model, None) == {"kind": "depth", "stage": 2, "position": 1}
     assert grower.cost["macs"] == macs + stage2
-    tight = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=macs + stage2 - 1)), example=example)
+    tight = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=macs + stage2 - 1), location="greedy"),
+                   example=example)
     width = tight.decide(model, None)  # no layer fits: a width step (fused, no deploy MACs) does
     assert width["kind"] == "width" and set(width["branches"].values()) <= {"bn", "conv1x1"}
     with pytest.raises(ValueError, match="already breaks the budget"):
@@ -174,7 +227,7 @@ def test_latency_budget_measures_the_deploy_model() -> None:
 
 def test_auto_stop_after_tolerated_small_gains() -> None:
     model = _cnn()
-    grower = Grower(model, GrowthConfig(stop="auto", auto_threshold=0.03, auto_tolerance=1, ema=1.0))
+    grower = Grower(model, GrowthConfig(stop="auto", auto_threshold=0.03, auto_tolerance=1, ema=1.0, location="greedy"))
     assert grower.decide(model, 0.50) is not None
     assert grower.decide(model, 0.60) is not None   # +10%: fine
     assert grower.decide(model, 0.61) is not None   # +1%: first strike, tolerated
