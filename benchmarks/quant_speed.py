@@ -11,7 +11,8 @@ quantizing from disk block by block, and data-parallel calibration.
   in-memory ``quantize(from_pretrained(...))``, each in a fresh subprocess; peak RSS (ru_maxrss)
   next to the largest block's float weights + one block boundary of activations + the process's
   RSS before quantizing (fixed overhead);
-- ``ranks``: MiniLM calibrated by 1 and by 2 gloo ranks (half the batches each), wall seconds.
+- ``ranks``: MiniLM quantized from its folder under ``torchrun`` by 1 and by 2 gloo ranks (half the
+  batches each, ``adagrow.compress.torchrun``): wall and CPU seconds per rank, speedups, cosine.
 
 Usage: ``python benchmarks/quant_speed.py --gptq DIR [--sentences 128] [--out PATH]``
 """
@@ -168,34 +169,31 @@ def from_disk(hidden: int, layers: int, tokens: int) -> dict:
     return out
 
 
-def _rank(rank: int, world: int, port: int, sentences: int, out: str) -> None:
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        model, tok = load_hf(minilm_path())
-        calib = tokenize(tok, CALIBRATION[:sentences])[rank::world]
-        dist.barrier()
-        q, wall, cpu = _timed(lambda: quantize(model, calib, W4, progress=False))
-        if rank == 0:
-            cos = cosine_to(embed(model, tokenize(tok, HELD_OUT)), embed(q, tokenize(tok, HELD_OUT)))
-            Path(out).write_text(json.dumps({"ranks": world, "wall_s": wall, "cpu_s_rank0": cpu, "cosine": cos}))
-    finally:
-        dist.destroy_process_group()
-
-
 def ranks(sentences: int) -> dict:
-    """MiniLM defaults calibrated by 2 gloo ranks (forked, one thread each)."""
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s, tempfile.TemporaryDirectory() as tmp:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        mp.start_processes(_rank, (2, port, sentences, f"{tmp}/r.json"), nprocs=2, start_method="fork")
-        row = json.loads(Path(f"{tmp}/r.json").read_text())
-    print(row, flush=True)
-    return row
+    """MiniLM defaults quantized from its checkpoint folder by ``torchrun`` with 1 and with 2 gloo
+    ranks (``adagrow.compress.torchrun``, one thread per rank, half the batches each): wall and
+    CPU seconds of every rank, the speedups, and the 2-rank model's cosine."""
+    from adagrow.compress import load_quantized
+    from adagrow.compress.torchrun import write_batches
+    model, tok = load_hf(minilm_path())
+    held = tokenize(tok, HELD_OUT)
+    out: dict = {"sentences": sentences}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_batches(f"{tmp}/calib.safetensors", [dict(b) for b in tokenize(tok, CALIBRATION[:sentences])])
+        for world in (1, 2):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+                   "-m", "adagrow.compress.torchrun", str(minilm_path()), f"{tmp}/calib.safetensors", f"{tmp}/{world}"]
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            run = json.loads(Path(f"{tmp}/{world}/run.json").read_text())
+            q = load_quantized(f"{tmp}/{world}/model.adagrow.safetensors", model=load_hf(minilm_path())[0])
+            out[f"ranks_{world}"] = {"per_rank": run["per_rank"], "cosine": cosine_to(embed(model, held), embed(q, held))}
+            print(world, out[f"ranks_{world}"], flush=True)
+    one, two = out["ranks_1"]["per_rank"], out["ranks_2"]["per_rank"]
+    out["speedup_wall"] = one[0]["wall_s"] / max(r["wall_s"] for r in two)
+    out["speedup_cpu_per_rank"] = one[0]["cpu_s"] / max(r["cpu_s"] for r in two)
+    out["command"] = "python -m torch.distributed.run --standalone --nproc_per_node N -m adagrow.compress.torchrun " \
+        "MINILM CALIB DST"
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,7 +1,7 @@
 """Quantizing a Hugging Face checkpoint without holding its float weights: the model is built on
 the meta device (accelerate's ``init_empty_weights``), the weights outside the repeated blocks
 (embeddings, norms, heads) are loaded once, and each block's weights are read from the
-safetensors files (memory-mapped) only when the block is needed, then dropped once a later block
+safetensors files (read into new tensors, not memory-mapped) only when the block is needed, then dropped once a later block
 is loaded (while probing) or replaced by its packed quantized layers (while quantizing).
 
 Peak memory is the weights outside the blocks, the packed blocks already quantized, one or two
@@ -25,12 +25,18 @@ from .model import QuantConfig, quant_targets, quantize_model
 from .qmodules import QuantLayer
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the JSON header
+
+
 class Checkpoint:
-    """Tensor names of a safetensors checkpoint folder (one file or an index of shards), read
-    lazily: each tensor is memory-mapped from its file when asked for."""
+    """Tensor names of a safetensors checkpoint folder (one file or an index of shards), each
+    tensor read from its file only when asked for, straight into a new tensor with ``read``
+    (no memory map: mapped file pages would count in the process's RSS and address space)."""
 
     def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
@@ -39,11 +45,52 @@ class Checkpoint:
             files = ["model.safetensors"]
         else:
             raise FileNotFoundError(f"{self.folder}: no model.safetensors or model.safetensors.index.json")
-        self._files = {f: safe_open(str(self.folder / f), framework="pt") for f in files}
-        self.where = {key: f for f, h in self._files.items() for key in h.keys()}
+        self._table: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        for f in files:
+            self._table.update(_header(self.folder / f))
+        self.where = {key: entry[0].name for key, entry in self._table.items()}
 
     def get(self, key: str) -> torch.Tensor:
-        return self._files[self.where[key]].get_tensor(key)
+        path, dtype, shape, begin, end = self._table[key]
+        out = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            with open(path, "rb") as fh:
+                fh.seek(begin)
+                got = fh.readinto(out.view(-1).view(torch.uint8).numpy())
+            if got != end - begin:
+                raise ValueError(f"{path}: tensor {key!r} is truncated ({got} of {end - begin} bytes)")
+        return out
+
+
+def _header(path: Path) -> dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]]:
+    """``name -> (file, dtype, shape, first byte, end byte)`` from a safetensors file's header,
+    each entry checked against the file's size and the tensor's byte count."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if not 0 < n <= min(MAX_HEADER, size - 8):
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: unreadable safetensors header: {exc}") from exc
+    table = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = _DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"]), \
+                info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: tensor {key!r} has an unsupported or malformed entry {info!r}") from exc
+        numel = 1
+        for d in shape:
+            numel *= d
+        begin, end = 8 + n + int(begin), 8 + n + int(end)
+        if min(shape, default=0) < 0 or end - begin != numel * dtype.itemsize or begin < 8 + n or end > size:
+            raise ValueError(f"{path}: tensor {key!r} ({info['dtype']} {list(shape)}) does not fit its byte range")
+        table[key] = (path, dtype, shape, begin, end)
+    return table
 
 
 def _names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:

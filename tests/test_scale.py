@@ -61,42 +61,8 @@ def test_missing_tensor_is_named(tmp_path) -> None:
         quantize_pretrained(tmp_path, _calib(), CFG, progress=False)
 
 
-def _rank(rank: int, world: int, port: int, src, out) -> None:
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        model = transformers.BertModel.from_pretrained(src).eval()
-        q = quantize(model, _calib4()[rank::world], CFG64, progress=False)
-        if rank == 0:
-            torch.save({n: m.dequantize() for n, m in q.named_modules() if isinstance(m, QuantLinear)}, out)
-    finally:
-        dist.destroy_process_group()
-
-
 def _calib4() -> list[dict[str, torch.Tensor]]:
     return _calib() + [{k: v.flip(0) for k, v in b.items()} for b in _calib()]
-
-
-def test_two_ranks_match_one(tmp_path) -> None:
-    """Data-parallel calibration (2 gloo ranks, half the batches each; Hessians all-reduced per
-    group) with float64 statistics: bit-identical quantized weights to one process on all the
-    batches. (With float32 statistics the summation order can flip a rounding, which OBS carries
-    along; on this random model that moves whole layers, see docs/scale.md.)"""
-    import socket
-    import torch.multiprocessing as mp
-    model = _models()["bert"]
-    model.save_pretrained(tmp_path / "src")
-    ref = quantize(model, _calib4(), CFG64, progress=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_rank, (2, port, tmp_path / "src", tmp_path / "w.pt"), nprocs=2, start_method="fork")
-    got = torch.load(tmp_path / "w.pt")
-    layers = {n: m for n, m in ref.named_modules() if isinstance(m, QuantLinear)}
-    assert len(layers) == 3 * 6 + 1 and got.keys() == layers.keys()
-    for n, m in layers.items():
-        assert torch.equal(m.dequantize(), got[n]), n
 
 
 class _Chain(torch.nn.Module):
@@ -135,3 +101,46 @@ def test_head_calibrated_without_rerunning_blocks_only_when_it_sees_the_last_blo
     # the quantized block's output pass and the float copy's pass; block 0 once per batch when its
     # inputs are captured; + every block per batch for the head if the blocks are rerun
     assert calls[0] == 3 * (2 + 2 * 3) + 2 + (3 * 2 if skip else 0)
+
+
+def test_torchrun_two_ranks_match_one(tmp_path) -> None:
+    """``python -m torch.distributed.run --nproc_per_node 2 -m adagrow.compress.torchrun`` (gloo,
+    a tiny Llama read block by block, half the batches per rank) writes the same quantized tensors,
+    bit for bit, as one process on all the batches, with float64 statistics (docs/scale.md)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from adagrow.compress.torchrun import main, write_batches
+    _models()["llama"].save_pretrained(tmp_path / "src")
+    write_batches(tmp_path / "calib.safetensors", _calib4())
+    args = [str(tmp_path / "src"), str(tmp_path / "calib.safetensors")]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "adagrow.compress.torchrun", *args, str(tmp_path / "two"), "--hessian-dtype", "float64"],
+                   check=True, cwd=root, env=env, timeout=300, capture_output=True)
+    one = main([*args, str(tmp_path / "one"), "--hessian-dtype", "float64"])
+    assert one["ranks"] == 1
+    two = load_file(tmp_path / "two" / "model.adagrow.safetensors")
+    ref = load_file(tmp_path / "one" / "model.adagrow.safetensors")
+    assert two.keys() == ref.keys() and sum(k.endswith("qweight") for k in ref) == 3 * 7
+    for k in ref:
+        assert torch.equal(two[k], ref[k]), k
+
+
+def test_checkpoint_reader_refuses_a_tensor_outside_its_file(tmp_path) -> None:
+    """Block weights are read straight from the safetensors bytes (no memory map); a file cut
+    short or a header whose byte ranges do not match the tensors is refused, naming the tensor."""
+    from adagrow.compress.onload import Checkpoint
+    _models()["bert"].save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    ckpt = Checkpoint(tmp_path)
+    key = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(ckpt.get(key), _models()["bert"].state_dict()[key])
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="does not fit its byte range"):
+        Checkpoint(tmp_path)

@@ -1,0 +1,98 @@
+"""Quantize a checkpoint folder with data-parallel calibration, as a ``torchrun`` entry point.
+
+.. code-block:: bash
+
+    python -m torch.distributed.run --nproc_per_node 2 -m adagrow.compress.torchrun SRC CALIB DST
+
+``CALIB`` is a safetensors file of calibration batches: tensors named ``<argument>.<batch>``
+(``input_ids.0``, ``attention_mask.0``, ``input_ids.1``, ...), each batch passed to the model
+as keyword arguments. Every rank reads the checkpoint block by block
+(:func:`~adagrow.compress.onload.quantize_pretrained`) and calibrates on batches
+``rank, rank + world, ...``; Hessians are all-reduced before each group of layers is quantized
+(docs/scale.md). Rank 0 writes ``DST/model.adagrow.safetensors`` and ``DST/run.json`` (wall and
+CPU seconds of every rank). Without ``torchrun`` (no ``RANK`` in the environment) it runs as one
+process on all the batches.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from adagrow.files import write_json
+
+from .model import HESSIAN_DTYPES, QuantConfig
+from .onload import quantize_pretrained
+
+_KEY = re.compile(r"^(?P<arg>[A-Za-z_][A-Za-z0-9_]*)\.(?P<batch>\d+)$")
+
+
+def read_batches(path: str | os.PathLike) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches from a safetensors file of ``<argument>.<batch>`` tensors."""
+    from safetensors.torch import load_file
+    batches: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(path)).items():
+        m = _KEY.match(key)
+        if m is None:
+            raise ValueError(f"{path}: tensor {key!r} is not named <argument>.<batch> (e.g. input_ids.0)")
+        batches.setdefault(int(m["batch"]), {})[m["arg"]] = tensor
+    if sorted(batches) != list(range(len(batches))):
+        raise ValueError(f"{path}: batches must be numbered 0..{len(batches) - 1}, got {sorted(batches)}")
+    return [batches[i] for i in range(len(batches))]
+
+
+def write_batches(path: str | os.PathLike, batches: list[dict[str, torch.Tensor]]) -> None:
+    """The inverse of :func:`read_batches`."""
+    from safetensors.torch import save_file
+    save_file({f"{k}.{i}": v.contiguous() for i, b in enumerate(batches) for k, v in b.items()}, str(path))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", help="Hugging Face checkpoint folder (config.json, model.safetensors)")
+    ap.add_argument("calib", help="safetensors file of calibration batches (<argument>.<batch> tensors)")
+    ap.add_argument("dst", help="output folder (rank 0 writes model.adagrow.safetensors and run.json)")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--hessian-dtype", choices=tuple(HESSIAN_DTYPES), default="float32")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import torch.distributed as dist
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    try:
+        batches = read_batches(args.calib)
+        if len(batches) < world:
+            raise ValueError(f"{args.calib}: {len(batches)} batches for {world} ranks; every rank needs one")
+        config = QuantConfig(bits=args.bits, group_size=args.group_size, hessian_dtype=args.hessian_dtype)
+        if distributed:
+            dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        qmodel = quantize_pretrained(args.src, batches[rank::world], config, progress=False)
+        times = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+        every = [times] * world
+        if distributed:
+            every = [{} for _ in range(world)]
+            dist.all_gather_object(every, times)
+        report = {"ranks": world, "batches": len(batches), "config": vars(args), "per_rank": every}
+        if rank == 0:
+            from .io import save_quantized
+            dst = Path(args.dst)
+            dst.mkdir(parents=True, exist_ok=True)
+            save_quantized(qmodel, dst / "model.adagrow.safetensors", overwrite=True)
+            write_json(dst / "run.json", report)
+        return report
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
