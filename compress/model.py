@@ -204,10 +204,15 @@ class _Run:
             finally:
                 handle.remove()
             lead.all_reduce()  # data-parallel calibration: every rank's samples (a no-op on one process)
-            for name, layer in zip(names, layers):
-                q = lead if layer is layers[0] else OBSQuantizer(layer, name, HESSIAN_DTYPES[cfg.hessian_dtype])
-                if q is not lead:
-                    q.share(lead)
+            quantizers = [lead]
+            for name, layer in zip(names[1:], layers[1:]):
+                quantizers.append(OBSQuantizer(layer, name, HESSIAN_DTYPES[cfg.hessian_dtype]))
+                quantizers[-1].share(lead)
+            for q in quantizers:  # the float-target fits first, so their statistics are freed before the inverses
+                q.fit_target()
+            for q in quantizers:
+                q.drop_target()
+            for name, layer, q in zip(names, layers, quantizers):
                 gs = cfg.group_size_for(geometry(layer, name).kind)
                 results.append(q.quantize(cfg.bits, gs, cfg.sym, cfg.order, percdamp=cfg.percdamp,
                                           block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt))
@@ -215,6 +220,7 @@ class _Run:
             self.report[name] = {"loss": res.loss, "damp": res.damp}
             if defer:
                 layer.weight.data.copy_(res.weight)
+                res.weight = layer.weight.data  # not a second float copy of the block's weights
                 self.deferred.append((name, layer, res))
             else:
                 set_module(self.model, name, from_result(layer, res, name))

@@ -135,11 +135,23 @@ def _obs_block(w: torch.Tensor, u: torch.Tensor, sc: torch.Tensor, zc: torch.Ten
     return codes.t(), errs.t(), 0.5 * errs.square().sum()
 
 
-def _obs_static(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor, sc: torch.Tensor,
+def _upper_factor(hinv: torch.Tensor, perm: torch.Tensor, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of ``H^-1`` with rows and columns in ``perm`` order (one K x K buffer)."""
+    u = hinv[perm[:, None], perm[None, :]]
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(u, upper=True, out=(u, info))
+    if int(info):
+        raise RuntimeError(f"{name}: the inverse Hessian is not positive definite in float "
+                           f"{str(hinv.dtype)[11:]} (ill-conditioned statistics); raise percdamp or use "
+                           "hessian_dtype='float64'")
+    return u
+
+
+def _obs_static(w: torch.Tensor, u: torch.Tensor, perm: torch.Tensor, sc: torch.Tensor,
                 zc: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ's blocked lazy-update loop over a fixed column order; codes in canonical order."""
+    """GPTQ's blocked lazy-update loop over a fixed column order with the upper Cholesky factor
+    ``u`` of the permuted ``H^-1`` (:func:`_upper_factor`); codes in canonical order."""
     w, sc, zc = w[:, perm].clone(), sc[:, perm], zc[:, perm]
-    u = torch.linalg.cholesky(hinv[perm][:, perm], upper=True)
     codes = torch.empty_like(w)
     loss = w.new_zeros(())
     for i1 in range(0, w.shape[1], block):
@@ -201,7 +213,8 @@ class OBSQuantizer:
         self.C: torch.Tensor | None = None  # [conv groups, K, K]: 2/n sum x_float x^T (float target)
         self.nsamples = 0
         self._warned_fp16 = False
-        self._inverses: dict = {}  # {"H": the H they invert, key: (H^-1, damping)}, shared like H
+        self._inverses: dict = {}  # {"H": the H they invert, key: (factor, damping)}, shared like H
+        self._weights: list[torch.Tensor] | None = None  # per conv group: the matrix to round (fit_target)
 
     def share(self, other: "OBSQuantizer") -> None:
         """Use ``other``'s statistics (a layer fed the identical input tensor: q/k/v, gate/up)."""
@@ -209,6 +222,14 @@ class OBSQuantizer:
             raise ValueError(f"{self.name}: cannot share the Hessian of {other.name} (different input columns)")
         self.H, self.C, self.nsamples = other.H, other.C, other.nsamples
         self._inverses = other._inverses
+
+    def _cache(self) -> dict:
+        """The factorizations shared with the layers sharing these statistics (emptied when the
+        statistics were replaced or updated since they were computed)."""
+        if self._inverses.get("H") is not self.H:
+            self._inverses.clear()
+            self._inverses["H"] = self.H
+        return self._inverses
 
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor, target: torch.Tensor | None = None) -> None:
@@ -258,6 +279,7 @@ class OBSQuantizer:
             self.H = torch.zeros(self.geo.groups, self.geo.k, self.geo.k, dtype=self.dtype, device=x.device)
             if target is not None:
                 self.C = torch.zeros_like(self.H)
+        self._weights = None
         keep = self.nsamples / (self.nsamples + n)
         self.nsamples += n
         self.H.mul_(keep).add_(xx, alpha=2 / self.nsamples)
@@ -285,28 +307,67 @@ class OBSQuantizer:
                 dist.broadcast(t, 0)
                 setattr(self, key, t)
         self.nsamples = int(n)
+        self._weights = None
 
     def _fit_target(self, w: torch.Tensor, g: int) -> torch.Tensor:
         """``W' = W (C + lam I) (H + lam I)^-1``: the weights whose output on the quantized prefix's
-        inputs best matches the float layer's on the float inputs (ridge ``lam`` toward ``W``)."""
-        h, c = self.H[g].to(w.dtype), self.C[g].to(w.dtype)
-        lam = TARGET_DAMP * float(h.diagonal().mean())
-        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        # H + lam I is symmetric positive definite (lam > 0): a Cholesky solve
-        return torch.cholesky_solve((w @ (c + lam * eye)).t(), torch.linalg.cholesky(h + lam * eye)).t()
+        inputs best matches the float layer's on the float inputs (ridge ``lam`` toward ``W``).
+        The Cholesky factor of ``H + lam I`` is computed once for the layers sharing H."""
+        cache, key = self._cache(), ("fit", g, w.dtype)
+        if key not in cache:
+            a = self.H[g].to(w.dtype, copy=True)
+            lam = TARGET_DAMP * float(a.diagonal().mean())
+            a.diagonal().add_(lam)  # symmetric positive definite (lam > 0): factorized in place
+            cache[key] = (torch.linalg.cholesky(a, out=a), lam)
+        factor, lam = cache[key]
+        rhs = (w @ self.C[g].to(w.dtype)).add_(w, alpha=lam)
+        return torch.cholesky_solve(rhs.t(), factor).t()
 
-    def _inverse(self, h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
-        """Dampened ``H^-1`` (checked to have an upper Cholesky factor) and the damping used."""
-        mean_diag = float(h.diagonal().mean())
+    @torch.no_grad()
+    def fit_target(self) -> None:
+        """Compute and keep the matrix :meth:`quantize` rounds: the layer's weight, or with a float
+        target (``C``) its fit (:meth:`_fit_target`). Call it for every layer sharing these
+        statistics, then :meth:`drop_target` on each, so the float-target statistics are freed
+        before the inverse Hessians are formed (docs/scale.md: working set)."""
+        if self._weights is not None:
+            return
+        if self.H is None:
+            raise RuntimeError(f"{self.name}: quantize() called before any add_batch(); feed calibration inputs first")
+        check_parameters(self.layer, self.name)
+        geo, rows = self.geo, self.geo.rows_per_group
+        w_all = weight_matrix(self.layer.weight.detach(), geo).to(self.H.device, self.dtype)
+        self._weights = []
+        for g in range(geo.groups):
+            w = w_all[g * rows:(g + 1) * rows].clone()
+            if self.C is not None and bool((self.H[g].diagonal() > 0).any()):
+                fit = self._fit_target(w, g)
+                if not bool(torch.isfinite(fit).all()):  # float32 overflow (weights near its maximum)
+                    fit = self._fit_target(w.double(), g)
+                w = fit
+            self._weights.append(w)
+
+    def drop_target(self) -> None:
+        """Free the float-target statistics and factors (after :meth:`fit_target`)."""
+        self.C = None
+        for key in [k for k in self._inverses if isinstance(k, tuple) and k[0] == "fit"]:
+            del self._inverses[key]
+
+    def _inverse(self, g: int | None, dead: torch.Tensor, dtype: torch.dtype,
+                 percdamp: float) -> tuple[torch.Tensor, float]:
+        """Dampened ``H^-1`` of conv group ``g`` (None: the identity, for a group without inputs;
+        dead columns' diagonal set to 1), factorized and inverted in one K x K buffer, and the
+        damping used."""
+        mean_diag = None
         for attempt in range(DAMP_RETRIES + 1):
             pd = percdamp * 10**attempt
-            hd = h.clone()
-            hd.diagonal().add_(pd * mean_diag)
-            chol, info = torch.linalg.cholesky_ex(hd)
+            a = torch.eye(self.geo.k, dtype=dtype, device=self.H.device) if g is None else self.H[g].to(dtype, copy=True)
+            a[dead, dead] = 1
+            mean_diag = float(a.diagonal().mean()) if mean_diag is None else mean_diag
+            a.diagonal().add_(pd * mean_diag)
+            info = torch.empty((), dtype=torch.int32)
+            torch.linalg.cholesky_ex(a, out=(a, info))
             if int(info) == 0:
-                hinv = torch.cholesky_inverse(chol)
-                if int(torch.linalg.cholesky_ex(hinv)[1]) == 0:
-                    return hinv, pd
+                return torch.cholesky_inverse(a, out=a), pd
         raise RuntimeError(f"{self.name}: Hessian is not positive definite even with relative "
                            f"damping {pd:g} ({DAMP_RETRIES} retries); the calibration data may be "
                            "degenerate (too few samples or constant inputs)")
@@ -333,12 +394,8 @@ class OBSQuantizer:
             raise ValueError(f"percdamp must be > 0, got {percdamp}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if self.H is None:
-            raise RuntimeError(f"{name}: quantize() called before any add_batch(); feed calibration inputs first")
-        check_parameters(self.layer, name)
-        if self._inverses.get("H") is not self.H:  # statistics replaced or updated since cached
-            self._inverses.clear()
-            self._inverses["H"] = self.H
+        self.fit_target()
+        cache = self._cache()
         dead_groups = [g for g in range(geo.groups) if not bool((self.H[g].diagonal() > 0).any())]
         if len(dead_groups) == geo.groups:
             raise ValueError(f"{name}: every calibration input of this layer is zero ({self.nsamples} samples), "
@@ -357,33 +414,27 @@ class OBSQuantizer:
         grouping = _Grouping(geo, group_size, overlap)
         col_ov = column_overlap(overlap, geo.k, geo.cin_per_group)
         gid = grouping.gid.to(self.H.device)
-        w_all = weight_matrix(self.layer.weight.detach(), geo).to(self.H.device, self.dtype)
         rows = geo.rows_per_group
-        codes = torch.empty_like(w_all)
+        codes = torch.empty(geo.out_features, geo.k, dtype=self.dtype, device=self.H.device)
         scales = torch.empty(geo.out_features, grouping.n_groups)
         zeros = torch.empty_like(scales)
         perms, loss, damp = [], 0.0, percdamp
         for g in range(geo.groups):
-            w = w_all[g * rows:(g + 1) * rows].clone()
-            if self.C is not None and g not in dead_groups:
-                fit = self._fit_target(w, g)
-                if not bool(torch.isfinite(fit).all()):  # float32 overflow (weights near its maximum)
-                    fit = self._fit_target(w.double(), g)
-                w = fit
+            w = self._weights[g].clone()
             # a group without any input keeps its weights: identity Hessian = round to nearest
-            h = torch.eye(geo.k, dtype=w.dtype, device=self.H.device) if g in dead_groups \
-                else self.H[g].to(w.dtype, copy=True)
-            dead = h.diagonal() == 0
-            h[dead, dead] = 1
+            diag = torch.ones(geo.k, dtype=w.dtype, device=w.device) if g in dead_groups \
+                else self.H[g].diagonal().to(w.dtype)
+            dead = diag == 0
+            diag = diag.masked_fill(dead, 1)
             w[:, dead] = 0
             s, z = group_params(w.float().cpu(), grouping.gid, grouping.n_groups, bits, sym, mse, scale_dtype)
             check_scales(s, w, scale_dtype, name)
             scales[g * rows:(g + 1) * rows], zeros[g * rows:(g + 1) * rows] = s, z
             sc, zc = s.to(w)[:, gid], z.to(w)[:, gid]
-            key = (self.nsamples, g, percdamp, h.dtype)
-            if key not in self._inverses:  # q/k/v, gate/up: one inverse for the group
-                self._inverses[key] = self._inverse(h, percdamp)
-            hinv, pd = self._inverses[key]
+            key = (self.nsamples, g, percdamp, w.dtype)
+            if key not in cache:  # q/k/v, gate/up: one inverse for the group
+                cache[key] = self._inverse(None if g in dead_groups else g, dead, w.dtype, percdamp)
+            hinv, pd = cache[key]
             damp = max(damp, pd)
             if order == "reparam-dynamic":
                 q, perm, l = _obs_dynamic(w, hinv, col_ov.to(w.device), sc, zc, bits, block_size)
@@ -392,8 +443,8 @@ class OBSQuantizer:
                 if order == "reparam":
                     err2 = (dequantize_codes(quantize_codes(w, sc, zc, bits), sc, zc) - w).square()
                     sal = saliency(err2, hinv.diagonal())
-                perm = static_order(order, h.diagonal(), col_ov.to(w.device), sal)
-                q, l = _obs_static(w, hinv, perm, sc, zc, bits, block_size)
+                perm = static_order(order, diag, col_ov.to(w.device), sal)
+                q, l = _obs_static(w, _upper_factor(hinv, perm, name), perm, sc, zc, bits, block_size)
             codes[g * rows:(g + 1) * rows] = q.to(codes.dtype)
             perms.append(perm.cpu())
             loss += l
