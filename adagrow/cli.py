@@ -279,16 +279,23 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from adagrow.compress.export import build_engine, export_onnx, export_triton_repository
     from adagrow.files import atomic_write
     from adagrow.grow import load_deploy
+    from adagrow.hf import is_causal_lm
     out = Path(args.out)
     _check_out(out, args.overwrite)
+    if args.hf:
+        return _export_hf_lm(args)
+    if args.checkpoint is None:
+        raise ValueError("give a grown/deploy/quantized CHECKPOINT, or --hf DIR for a Hugging Face causal LM")
     if args.engine:
         from adagrow.compress.export.tensorrt import import_tensorrt
         _check_out(Path(args.engine), args.overwrite)
         import_tensorrt()  # TensorRT and a GPU, or a clear error now
     if args.triton_repo:
         _check_out(Path(args.triton_repo) / args.name, args.overwrite, folder=True)
-    x_tr, _, x_te, _ = _data(args)
     model = load_quantized(args.checkpoint) if model_source(args.checkpoint) == "quantized" else load_deploy(args.checkpoint)
+    if is_causal_lm(model):
+        return _export_lm(model, args)
+    x_tr, _, x_te, _ = _data(args)
     _check_input_shape(model, x_te, args)
     result: dict[str, Any] = {"out": str(out)}
     with tempfile.TemporaryDirectory(prefix="adagrow-export-") as tmp:
@@ -307,6 +314,44 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     if args.engine:
         result["engine"] = str(args.engine)
     return result
+
+
+def _export_hf_lm(args: argparse.Namespace) -> dict[str, Any]:
+    """``--hf DIR``: a float causal LM (folder or .gguf) at fp32, or a compressed-tensors folder
+    written by ``adagrow quantize --hf`` at w4 (its 4-bit Linear layers repacked exactly)."""
+    from adagrow.compress.hf_kernels import repack_compressed
+    from adagrow.hf import is_causal_lm, load_hf
+    if args.checkpoint is not None:
+        raise ValueError("give either a CHECKPOINT or --hf DIR, not both")
+    model, _ = load_hf(args.hf)
+    if not is_causal_lm(model):
+        raise ValueError(f"--hf {args.hf}: {type(model).__name__} is not a causal LM; export encoders with the Python "
+                         "API (adagrow.compress.export.export_onnx)")
+    repacked = repack_compressed(model)
+    if args.precision == "w4" and not repacked:
+        raise ValueError(f"--hf {args.hf} holds a float model: quantize it first (adagrow quantize --hf {args.hf} "
+                         "--out q), then export the folder q with --precision w4")
+    if repacked and args.precision != "w4":
+        raise ValueError(f"--hf {args.hf} holds a 4-bit quantized model: export it with --precision w4")
+    return _export_lm(model, args)
+
+
+def _export_lm(model, args: argparse.Namespace, prompts: int = 3, new_tokens: int = 16) -> dict[str, Any]:
+    """A causal LM: ONNX with a KV cache (docs/llm.md), then greedy tokens from ONNX Runtime compared
+    with the PyTorch model's on ``prompts`` prompts of 8 random token ids (seed 0)."""
+    import numpy as np
+    import torch
+    from adagrow.compress.export import export_decoder_onnx, greedy_generate, torch_greedy_generate
+    if args.engine or args.triton_repo:
+        raise ValueError("--engine and --triton-repo take image models; a causal LM exports to ONNX (with a KV cache)")
+    rep = export_decoder_onnx(model, args.out, args.precision, overwrite=args.overwrite, progress=not args.quiet)
+    ids = torch.randint(0, int(model.config.vocab_size), (prompts, 8), generator=torch.Generator().manual_seed(0))
+    same = sum(np.array_equal(greedy_generate(rep.path, p[None].numpy(), new_tokens).tokens,
+                              torch_greedy_generate(model, p[None], new_tokens).tokens) for p in ids)
+    return {"out": rep.path, "precision": rep.precision, "kv_cache": True, "inputs": rep.inputs[:4] + ["..."],
+            "outputs": rep.outputs[:2] + ["..."], "max_abs_diff": rep.max_abs_diff, "cosine": rep.cosine,
+            "greedy_identical": f"{same}/{prompts} prompts of 8 random token ids, {new_tokens} new tokens",
+            "notes": rep.notes}
 
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -432,8 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common, data], help="export ONNX (and a TensorRT engine / Triton repo)",
                        description="Reads a grown/deploy checkpoint (fp32, fp16, int8) or a 4-bit quantized "
-                       "checkpoint (w4), writes OUT (.onnx), optionally an engine and a Triton model folder.")
-    p.add_argument("checkpoint")
+                       "checkpoint (w4), writes OUT (.onnx), optionally an engine and a Triton model folder. A causal "
+                       "LM (--hf DIR, or a quantized LM checkpoint) exports with a KV cache (fp32, w4).")
+    p.add_argument("checkpoint", nargs="?", help="grown, deploy or quantized checkpoint (or use --hf)")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face causal LM instead of CHECKPOINT: a float folder or .gguf "
+                   "file (fp32), or a folder written by adagrow quantize --hf (w4); exported with past_key_values / "
+                   "present (docs/llm.md)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "w4"])
     p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     p.add_argument("--calib-method", default="mse", choices=["minmax", "percentile", "entropy", "mse"])

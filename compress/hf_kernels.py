@@ -91,6 +91,20 @@ def repack_linear(linear: nn.Linear, name: str = "layer") -> QuantLinear | None:
     return q.to(s.device)
 
 
+def repack_compressed(model: nn.Module) -> list[str]:
+    """Replace, in place, every Linear of a compressed-tensors folder loaded by transformers whose
+    weight is on a 4-bit grid by the equivalent :class:`QuantLinear` (:func:`repack_linear`).
+    Returns the names of the layers replaced."""
+    repacked = []
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Linear and isinstance(getattr(mod, "weight_scale", None), torch.Tensor):
+            q = repack_linear(mod, name)
+            if q is not None:
+                set_module(model, name, q)
+                repacked.append(name)
+    return repacked
+
+
 def use_kernels(model: nn.Module, dtype: torch.dtype = torch.float16) -> KernelReport:
     """Make ``model`` (in place) run its 4-bit Linear layers on the W4A16 kernel.
 
@@ -100,13 +114,7 @@ def use_kernels(model: nn.Module, dtype: torch.dtype = torch.float16) -> KernelR
     """
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"the W4A16 kernel takes float16 or bfloat16 activations, got {dtype}")
-    repacked = []
-    for name, mod in list(model.named_modules()):
-        if type(mod) is nn.Linear and isinstance(getattr(mod, "weight_scale", None), torch.Tensor):
-            q = repack_linear(mod, name)
-            if q is not None:
-                set_module(model, name, q)
-                repacked.append(name)
+    repacked = repack_compressed(model)
     for mod in model.modules():
         if isinstance(mod, QuantLayer):
             if mod.bias is not None:
@@ -127,4 +135,4 @@ def use_kernels(model: nn.Module, dtype: torch.dtype = torch.float16) -> KernelR
     return KernelReport(repacked, on, off)
 
 
-__all__ = ["use_kernels", "repack_linear", "KernelReport", "KERNEL_DTYPES"]
+__all__ = ["use_kernels", "repack_linear", "repack_compressed", "KernelReport", "KERNEL_DTYPES"]

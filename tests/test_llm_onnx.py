@@ -116,6 +116,9 @@ def test_refuses_what_it_cannot_export(tmp_path, fp32) -> None:
         export_decoder_onnx(model, path)
     with pytest.raises(ValueError, match="w4 export with OBS needs calibration"):
         export_decoder_onnx(model, tmp_path / "e.onnx", "w4")
+    rtn = quantize(model, None, QuantConfig(method="rtn"), progress=False)
+    with pytest.raises(ValueError, match="holds quantized layers: export precision='w4'"):
+        export_decoder_onnx(rtn, tmp_path / "e.onnx")
     plain = tmp_path / "plain.onnx"  # a logits-only export has no cache to generate with
     export_onnx(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.randn(2, 4), plain, progress=False)
     with pytest.raises(ValueError, match="not a KV-cache decoder export"):
@@ -140,4 +143,44 @@ def test_a_wrong_graph_is_not_written(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(dec, "_export_graph", drifted)
     with pytest.raises(ExportCheckError, match="fp32 export FAILED verification"):
         export_decoder_onnx(_llama(), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def _folder(tmp_path, model: torch.nn.Module):
+    """``model`` saved with a small word-level tokenizer (load_hf wants tokenizer files)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["the", "weather", "is", "nice", "today", "and", "we", "went", "to", "park"]
+    tk = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}},
+                                    unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "llama"
+    model.save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(folder)
+    return folder
+
+
+def test_cli_exports_causal_lms_with_a_kv_cache(tmp_path, capsys) -> None:
+    """``adagrow export --hf`` on a float folder (fp32) and on the compressed-tensors folder of
+    ``adagrow quantize --hf`` (w4); an adagrow LM checkpoint with ``--precision w4``."""
+    import json
+    from adagrow.cli import main
+    from adagrow.compress import save_compressed, save_quantized
+    pytest.importorskip("compressed_tensors", reason="needs the hf extra (compressed-tensors)")
+    model = _llama()
+    folder = _folder(tmp_path, model)
+    argv = ["export", "--json", "--quiet"]
+    assert main(argv + ["--hf", str(folder), "--out", str(tmp_path / "fp32.onnx")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["kv_cache"] and res["greedy_identical"].startswith("3/3") and res["cosine"] > 0.9999
+    assert main(argv + ["--hf", str(folder), "--precision", "w4", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "holds a float model: quantize it first" in capsys.readouterr().err
+    q = quantize(model, None, QuantConfig(method="rtn", group_size=32, sym=True), progress=False)
+    save_compressed(q, tmp_path / "ct", tokenizer=transformers.AutoTokenizer.from_pretrained(folder))
+    assert main(argv + ["--hf", str(tmp_path / "ct"), "--precision", "w4", "--out", str(tmp_path / "ct.onnx")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["precision"] == "w4" and res["cosine"] > 0.99
+    assert [n.op_type for n in onnx.load(tmp_path / "ct.onnx").graph.node].count("MatMulNBits") == 14
+    save_quantized(q, tmp_path / "q.safetensors")
+    assert main(argv + [str(tmp_path / "q.safetensors"), "--precision", "w4", "--out", str(tmp_path / "q.onnx")]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_cache"]
     assert not (tmp_path / "x.onnx").exists()

@@ -64,7 +64,7 @@ def position_ids(attention_mask: np.ndarray | torch.Tensor, new: int) -> np.ndar
     return pos[:, mask.shape[1] - new:]
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     """The forward's cache keyword: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -104,7 +104,7 @@ class KVForward(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model, self.config = model, model.config
-        self.n_layers, self.cache_argument = int(self.config.num_hidden_layers), _cache_argument(model)
+        self.n_layers, self.cache_argument = int(self.config.num_hidden_layers), cache_argument(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -204,6 +204,10 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
     if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS} or None, got {accuracy_level!r}")
     check_decoder(model)
+    quantized = any(isinstance(m, QuantLayer) for m in model.modules())
+    if quantized and precision != "w4":
+        raise ValueError(f"the model holds quantized layers: export precision='w4', or export the float model for "
+                         f"{precision!r}")
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -211,7 +215,9 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
     if precision == "fp32" and float_bytes > MAX_PROTO_BYTES:
         raise ValueError(f"{float_bytes / 2**30:.1f} GiB of fp32 weights do not fit one ONNX file (< 2 GiB); "
                          "export precision='w4'")
-    model = copy.deepcopy(model).cpu().float().eval()
+    model = copy.deepcopy(model).cpu().eval()
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        model = model.float()  # not otherwise: transformers refuses .float() on a model loaded from GGUF
     config: Any = model.config
     config._attn_implementation = "eager"  # traced into plain ONNX ops (MatMul, Softmax)
     n = int(config.num_hidden_layers)
@@ -219,7 +225,6 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
                           inputs=["input_ids", "attention_mask", "position_ids", *past_names(n)],
                           outputs=["logits", *present_names(n)])
     if precision == "w4":
-        quantized = any(isinstance(m, QuantLayer) for m in model.modules())
         model = w4_quantized(model, lambda cfg: quantize(model, calib, cfg, progress=progress), bool(calib),
                              quant_config)
         if quantized:
@@ -243,5 +248,5 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
     return report
 
 
-__all__ = ["export_decoder_onnx", "check_decoder", "KVForward", "past_names", "present_names", "position_ids",
-           "SUPPORTED_ARCHS"]
+__all__ = ["export_decoder_onnx", "check_decoder", "KVForward", "cache_argument", "past_names", "present_names",
+           "position_ids", "SUPPORTED_ARCHS"]

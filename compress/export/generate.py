@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import torch
+from torch import nn
 
-from .decoder import past_names, position_ids, present_names
+from .decoder import cache_argument, past_names, position_ids, present_names
 from .verify import ort_session
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -103,4 +105,20 @@ def greedy_generate(model: str | os.PathLike | ort.InferenceSession, input_ids: 
     return Generation(np.concatenate(tokens, 1), len(times), times[0], float(sum(times[1:])))
 
 
-__all__ = ["greedy_generate", "Generation"]
+@torch.no_grad()
+def torch_greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> Generation:
+    """The PyTorch counterpart of :func:`greedy_generate` for one unpadded prompt ``[1, L]`` and no
+    end-of-sequence: the cache loop ``generate(do_sample=False)`` runs, timed the same way."""
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be one prompt [1, L], got shape {tuple(input_ids.shape)}")
+    key, times, tokens = cache_argument(model), [], [input_ids]
+    out: dict = {key: None}
+    for _ in range(max_new_tokens):
+        t0 = time.perf_counter()
+        out = model(input_ids=tokens[-1], use_cache=True, **{key: out[key]})
+        tokens.append(out["logits"][:, -1:].argmax(-1))
+        times.append(time.perf_counter() - t0)
+    return Generation(torch.cat(tokens, 1).numpy(), max_new_tokens, times[0], float(sum(times[1:])))
+
+
+__all__ = ["greedy_generate", "torch_greedy_generate", "Generation"]
