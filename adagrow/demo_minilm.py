@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from adagrow.bench import CPU_REFERENCE_NOTE
-from adagrow.timing import time_calls
+from adagrow.timing import measure
 from adagrow.compress import QuantConfig, quantize, save_compressed
 from adagrow.files import write_json, write_text
 from adagrow.hf import cosine_to, embed, load_hf, tokenize
@@ -52,8 +51,11 @@ class _Encoder(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).last_hidden_state
 
 
-def _ms(fn, x: Any, runs: int) -> float:
-    return float(np.median(time_calls(lambda: fn(x), 5, runs, lambda: None)))
+def _ms(fn, x: Any, runs: int, threads: int) -> float:
+    """Median ms of ``fn(x)`` by :func:`adagrow.timing.measure` (5 warm-up calls, no autograd), the
+    timing method of every latency the demos and ``adagrow bench`` print."""
+    with torch.no_grad():
+        return measure(lambda: fn(x), 5, runs, threads)["median_ms"]
 
 
 def _ort_row(model: nn.Module, precision: str, ids: torch.Tensor, out: Path, runs: int, threads: int) -> dict:
@@ -65,20 +67,22 @@ def _ort_row(model: nn.Module, precision: str, ids: torch.Tensor, out: Path, run
         return {"ort_latency_ms": None, "ort_note": f"export failed: {type(exc).__name__}: {str(exc)[:200]}"}
     sess = ort_session(rep.path, threads=threads)
     name = sess.get_inputs()[0].name
-    return {"ort_latency_ms": _ms(lambda x: sess.run(None, {name: x}), ids.numpy(), runs),
+    return {"ort_latency_ms": _ms(lambda x: sess.run(None, {name: x}), ids.numpy(), runs, threads),
             "ort_cosine_vs_torch": rep.cosine, "onnx": out.name}
 
 
 def evaluate(methods: list = METHODS, calib_sentences: list[str] = CALIBRATION, held_out: list[str] = HELD_OUT,
-             runs: int = 50, progress: bool = True) -> tuple[list[dict], dict[str, nn.Module], dict[str, Any]]:
+             runs: int = 50, progress: bool = True,
+             threads: int = 2) -> tuple[list[dict], dict[str, nn.Module], dict[str, Any]]:
     """Quantize MiniLM with each method; rows of figures, the quantized models by label, and the
-    float model, tokenizer and held-out batches."""
+    float model, tokenizer and held-out batches. Latencies: batch 1, ``runs`` calls on ``threads``
+    threads (:func:`adagrow.timing.measure`)."""
     model, tokenizer = load_hf(minilm_path())
     calib, held = tokenize(tokenizer, calib_sentences), tokenize(tokenizer, held_out)
     ref = embed(model, held)
     ids = tokenizer([held_out[0]], return_tensors="pt")["input_ids"]
     rows = [{"method": "float", "precision": "FP32", "cosine": 1.0, "one_minus_cos": 0.0, "quantize_s": 0.0,
-             "cpu_latency_ms": _ms(lambda x: model(input_ids=x), ids, runs)}]
+             "cpu_latency_ms": _ms(lambda x: model(input_ids=x), ids, runs, threads)}]
     qmodels = {}
     for label, prec, cfg in methods:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -88,7 +92,7 @@ def evaluate(methods: list = METHODS, calib_sentences: list[str] = CALIBRATION, 
         rows.append({"method": label, "precision": prec, "cosine": cos, "one_minus_cos": 1 - cos, "quantize_s": q_s,
                      "quantize_cpu_s": cpu_s,
                      "quantized_layers": len(q.adagrow_quant["layers"]),
-                     "cpu_latency_ms": _ms(torch.no_grad()(lambda x: q(input_ids=x)), ids, runs)})
+                     "cpu_latency_ms": _ms(lambda x: q(input_ids=x), ids, runs, threads)})
         qmodels[f"{label} {prec}"] = q
     return rows, qmodels, {"model": model, "tokenizer": tokenizer, "held": held, "ids": ids, "calib": calib}
 
@@ -129,7 +133,7 @@ def _run(out: Path, fast: bool, overwrite: bool, progress: bool, threads: int) -
     methods = METHODS[:3] if fast else METHODS  # fast: RTN, OBS act order, OBS defaults at W4
     say(f"[1/3] quantizing all-MiniLM-L6-v2: {', '.join(f'{m} {p}' for m, p, _ in methods)}")
     calib = CALIBRATION[:FAST_SENTENCES] if fast else CALIBRATION
-    rows, qmodels, ctx = evaluate(methods, calib, HELD_OUT, runs, progress)
+    rows, qmodels, ctx = evaluate(methods, calib, HELD_OUT, runs, progress, threads)
     say("[2/3] ONNX Runtime CPU (fp32 export of the float model, W4 export of the OBS defaults model)")
     best = qmodels["OBS adagrow defaults g128 W4"]
     rows[0].update(_ort_row(ctx["model"], "fp32", ctx["ids"], out / "minilm_fp32.onnx", runs, threads))

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows, _, ctx = evaluate(METHODS, progress=False)
+    rows, _, ctx = evaluate(METHODS, progress=False, threads=args.threads)
     print(markdown_table(rows))
     calls = forward_calls(ctx["model"], ctx["tokenizer"], (2, 4, 6))
     print("forward calls:", calls)

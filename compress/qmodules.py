@@ -4,10 +4,11 @@ Forward paths, first that applies:
 
 1. CUDA fp16/bf16 inputs, 4-bit: the Triton kernels.
 2. CPU (see :mod:`.cpu_path` and docs/demo.md): ``QuantLinear`` runs PyTorch's int4 weight-only
-   kernel on bfloat16 inputs where its shape constraints allow, repacked once at the first call;
-   a layer with ``cache_dequantized`` (``QuantConv2d``'s default) keeps its dequantized weight
-   and runs the float op. Both caches are rebuilt when the packed tensors change (in place or by
-   ``.to()``), and skipped while tracing / compiling.
+   kernel where its shape constraints allow, repacked once at the first call, on bfloat16 inputs
+   and (``bf16_activations``, the default) on float32 inputs rounded to bfloat16, the output cast
+   back to float32; otherwise a layer with ``cache_dequantized`` (the default) keeps its
+   dequantized weight and runs the float op. Both caches are rebuilt when the packed tensors change
+   (in place or by ``.to()``), and skipped while tracing / compiling.
 3. The reference: dequantize, then ``F.linear`` / ``F.conv2d`` in the input's dtype.
 """
 from __future__ import annotations
@@ -34,11 +35,12 @@ class QuantLayer(nn.Module):
 
     4-bit layers run the Triton kernels on CUDA fp16/bf16 inputs; on CPU see the module
     docstring; everything else runs the reference (dequantize, then F.linear / F.conv2d).
-    ``cache_dequantized`` (a per-instance switch; class default) keeps the dequantized CPU weight:
-    float speed for float memory. Set it False to dequantize on every call instead.
+    ``cache_dequantized`` (a per-instance switch; class default) keeps the dequantized CPU weight
+    of a layer that no CPU kernel runs: float speed for float memory. Set it False to dequantize
+    on every call instead (exactly the same outputs, low-bit memory, slower).
     """
 
-    cache_dequantized = False
+    cache_dequantized = True
 
     def __init__(self, meta: dict[str, Any]):
         super().__init__()
@@ -109,15 +111,28 @@ class QuantLayer(nn.Module):
 
 
 class QuantLinear(QuantLayer):
-    """Linear layer with packed low-bit weights."""
+    """Linear layer with packed low-bit weights.
+
+    ``bf16_activations`` (a per-instance switch; class default True): on CPU, float32 inputs run
+    the int4 kernel with the activations rounded to bfloat16 and the output cast back to float32
+    (4-bit weights in memory, faster than float on this project's CPU; outputs differ from the
+    float32 reference by bfloat16 rounding, ~1e-2 relative at most, docs/demo.md). False keeps
+    float32 numerics: the cached dequantized weight (``cache_dequantized``) or the reference.
+    """
+
+    bf16_activations = True
 
     def _cpu_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         group = kernel_group(self.geo.k, self.geo.out_features, self.bits, self.group_size)
-        if group is None or x.dtype not in INT4_DTYPES:
+        dtype = x.dtype if x.dtype in INT4_DTYPES else None
+        if x.dtype == torch.float32 and self.bf16_activations:
+            dtype = torch.bfloat16
+        if group is None or dtype is None:
             return super()._cpu_forward(x, bias)
-        pack = self._cached("int4", x.dtype, lambda: pack_int4(self.qweight, self.scales, self.zeros, self.geo.k,
-                                                               self.group_size, group, x.dtype))
-        return int4_linear(x, pack, bias)
+        pack = self._cached("int4", dtype, lambda: pack_int4(self.qweight, self.scales, self.zeros, self.geo.k,
+                                                             self.group_size, group, dtype))
+        y = int4_linear(x.to(dtype), pack, None).to(x.dtype)
+        return y if bias is None else y + bias
 
     def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = w4a16_matmul_sz(x, self.qweight, self.kernel_pairs(), self.group_size)
@@ -141,8 +156,6 @@ class QuantConv2d(QuantLayer):
     """Conv2d (grouped / depthwise too) with packed low-bit weights in (ky, kx, cin) K order.
     Keeps its dequantized CPU weight by default (``cache_dequantized``), as the ONNX Runtime
     export does: 4-bit on disk, float in memory."""
-
-    cache_dequantized = True
 
     def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         g = self.geo

@@ -1,5 +1,6 @@
-"""The quantized layers' CPU fast path: PyTorch's int4 kernel for QuantLinear (bfloat16 inputs) and
-the cached dequantized weight, both against the reference path (dequantize, then the float op)."""
+"""The quantized layers' CPU fast path: PyTorch's int4 kernel for QuantLinear (bfloat16 inputs, and
+float32 inputs rounded to bfloat16) and the cached dequantized weight, both against the reference
+path (dequantize, then the float op)."""
 from __future__ import annotations
 
 import pytest
@@ -28,19 +29,27 @@ def _quantized(layer: nn.Module, x: torch.Tensor, **cfg) -> nn.Module:
 def test_int4_kernel_matches_the_reference(k, n, group, sym, expect) -> None:
     torch.manual_seed(k + n)
     x = torch.randn(5, 3, k)
-    q = _quantized(nn.Linear(k, n), x.reshape(-1, k), bits=4, linear_group_size=group, sym=sym)
+    layer = nn.Linear(k, n)
+    q = _quantized(layer, x.reshape(-1, k), bits=4, linear_group_size=group, sym=sym)
     assert isinstance(q, QuantLinear) and kernel_group(k, n, 4, q.group_size) == expect
     with torch.no_grad():
         ref = F.linear(x, q.dequantize(), q.bias)  # float32 reference
-        assert torch.equal(q(x), ref)  # float32 inputs stay on the reference path
+        fast32 = q(x)  # float32 inputs: the int4 kernel on activations rounded to bfloat16
+        assert "_cpu_cache" in q.__dict__ and q.__dict__["_cpu_cache"][0][:2] == ("int4", torch.bfloat16)
         xb = x.bfloat16()
         fast = q(xb)
-        assert "_cpu_cache" in q.__dict__ and q.__dict__["_cpu_cache"][0][0] == "int4"
         ref_bf16 = F.linear(xb.float(), q.dequantize(), q.bias)
+        q.bf16_activations = False  # float32 numerics: the cached dequantized weight, the reference's op
+        assert torch.equal(q(x), ref) and q.__dict__["_cpu_cache"][0][0] == "dequantized"
     assert fast.dtype == torch.bfloat16 and fast.shape == ref.shape
+    assert fast32.dtype == torch.float32 and fast32.shape == ref.shape
     # bfloat16 rounding of activations, scales and the output: ~2^-8 relative per element
-    err = (fast.float() - ref_bf16).abs().max() / ref_bf16.abs().max()
-    assert err < 2e-2, err
+    for got, want in ((fast, ref_bf16), (fast32, ref)):
+        err = (got.float() - want).abs().max() / want.abs().max()
+        assert err < 2e-2, err
+    # and well below the quantization error itself (the float layer's output against ref)
+    with torch.no_grad():
+        assert (fast32 - ref).norm() < 0.1 * (ref - layer(x)).norm()
 
 
 def test_int4_cache_follows_the_weights() -> None:
@@ -63,7 +72,11 @@ def test_kernel_does_not_apply_outside_its_constraints() -> None:
     torch.manual_seed(1)
     x = torch.randn(3, 72).bfloat16()
     q = _quantized(nn.Linear(72, 32), x.float(), bits=4, linear_group_size=-1)
-    with torch.no_grad():  # falls back to the reference, in bfloat16
+    with torch.no_grad():  # falls back to the cached dequantized weight, in bfloat16
+        assert torch.equal(q(x), F.linear(x, q.dequantize().bfloat16(), q.bias.bfloat16()))
+        assert q.__dict__["_cpu_cache"][0][:2] == ("dequantized", torch.bfloat16)
+        q.clear_cache()
+        q.cache_dequantized = False  # or dequantizes on every call
         assert torch.equal(q(x), F.linear(x, q.dequantize().bfloat16(), q.bias.bfloat16()))
     assert "_cpu_cache" not in q.__dict__
 
