@@ -8,8 +8,9 @@ else:
     from .io import load_quantized, save_quantized
     from .model import QuantConfig, quantize
     from .obs import OBSQuantizer, QuantResult, rtn_quantize
-    from .qmodules import QuantConv2d, QuantLinear
+    from .qmodules import QuantConv2d, QuantLinear, use_bf16_activations
     from .server_formats import save_compressed
 
     __all__ = ["OBSQuantizer", "QuantResult", "rtn_quantize", "QuantConfig", "quantize",
-               "QuantLinear", "QuantConv2d", "save_quantized", "load_quantized", "save_compressed", "use_kernels"]
+               "QuantLinear", "QuantConv2d", "save_quantized", "load_quantized", "save_compressed", "use_kernels",
+               "use_bf16_activations"]

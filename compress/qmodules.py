@@ -5,9 +5,9 @@ Forward paths, first that applies:
 1. CUDA fp16/bf16 inputs, 4-bit: the Triton kernels.
 2. CPU (see :mod:`.cpu_path` and docs/demo.md): ``QuantLinear`` runs PyTorch's int4 weight-only
    kernel where its shape constraints allow, repacked once at the first call, on bfloat16 inputs
-   and (``bf16_activations``, the default) on float32 inputs rounded to bfloat16, the output cast
-   back to float32; otherwise a layer with ``cache_dequantized`` (the default) keeps its
-   dequantized weight and runs the float op. Both caches are rebuilt when the packed tensors change
+   and, when ``bf16_activations`` is on (:func:`use_bf16_activations`), on float32 inputs rounded
+   to bfloat16, the output cast back to float32; otherwise a layer with ``cache_dequantized`` (the
+   default) keeps its dequantized weight and runs the float op (float32 numerics, float memory). Both caches are rebuilt when the packed tensors change
    (in place or by ``.to()``), and skipped while tracing / compiling.
 3. The reference: dequantize, then ``F.linear`` / ``F.conv2d`` in the input's dtype.
 """
@@ -113,14 +113,15 @@ class QuantLayer(nn.Module):
 class QuantLinear(QuantLayer):
     """Linear layer with packed low-bit weights.
 
-    ``bf16_activations`` (a per-instance switch; class default True): on CPU, float32 inputs run
-    the int4 kernel with the activations rounded to bfloat16 and the output cast back to float32
-    (4-bit weights in memory, faster than float on this project's CPU; outputs differ from the
-    float32 reference by bfloat16 rounding, ~1e-2 relative at most, docs/demo.md). False keeps
-    float32 numerics: the cached dequantized weight (``cache_dequantized``) or the reference.
+    ``bf16_activations`` (a per-instance switch, :func:`use_bf16_activations`; off by default):
+    on CPU, float32 inputs run the int4 kernel with the activations rounded to bfloat16 and the
+    output cast back to float32 (4-bit weights in memory, faster than float at one token on this
+    project's CPU; outputs differ from the float32 reference by bfloat16 rounding, ~1e-2 relative
+    at most, docs/demo.md). Off keeps float32 numerics: the cached dequantized weight
+    (``cache_dequantized``) or the reference.
     """
 
-    bf16_activations = True
+    bf16_activations = False
 
     def _cpu_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         group = kernel_group(self.geo.k, self.geo.out_features, self.bits, self.group_size)
@@ -189,9 +190,20 @@ def from_result(layer: nn.Module, res: QuantResult, name: str = "layer") -> Quan
     return mod.to(layer.weight.device)
 
 
+def use_bf16_activations(model: nn.Module, enable: bool = True) -> int:
+    """Switch every :class:`QuantLinear` of ``model`` to (``enable``) or from the int4 kernel with
+    bfloat16 activations for float32 CPU inputs; drops their CPU caches. Returns how many layers
+    were switched."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.bf16_activations = enable
+        m.clear_cache()
+    return len(layers)
+
+
 def quant_layer_from_meta(meta: dict[str, Any]) -> QuantLayer:
     """An empty quantized layer with the buffers a checkpoint's layer metadata describes."""
     return (QuantConv2d if meta["kind"] == "conv" else QuantLinear)(meta)
 
 
-__all__ = ["QuantLinear", "QuantConv2d", "from_result", "quant_layer_from_meta"]
+__all__ = ["QuantLinear", "QuantConv2d", "from_result", "quant_layer_from_meta", "use_bf16_activations"]

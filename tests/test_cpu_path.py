@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adagrow.compress import QuantConfig, QuantConv2d, QuantLinear, quantize
+from adagrow.compress import QuantConfig, QuantConv2d, QuantLinear, quantize, use_bf16_activations
 from adagrow.compress.cpu_path import kernel_group
 
 
@@ -34,13 +34,14 @@ def test_int4_kernel_matches_the_reference(k, n, group, sym, expect) -> None:
     assert isinstance(q, QuantLinear) and kernel_group(k, n, 4, q.group_size) == expect
     with torch.no_grad():
         ref = F.linear(x, q.dequantize(), q.bias)  # float32 reference
-        fast32 = q(x)  # float32 inputs: the int4 kernel on activations rounded to bfloat16
-        assert "_cpu_cache" in q.__dict__ and q.__dict__["_cpu_cache"][0][:2] == ("int4", torch.bfloat16)
+        # float32 inputs by default: float32 numerics, the cached dequantized weight
+        assert torch.equal(q(x), ref) and q.__dict__["_cpu_cache"][0][:2] == ("dequantized", torch.float32)
+        assert use_bf16_activations(nn.Sequential(q)) == 1  # then: the int4 kernel, activations in bfloat16
+        fast32 = q(x)
+        assert q.__dict__["_cpu_cache"][0][:2] == ("int4", torch.bfloat16)
         xb = x.bfloat16()
         fast = q(xb)
         ref_bf16 = F.linear(xb.float(), q.dequantize(), q.bias)
-        q.bf16_activations = False  # float32 numerics: the cached dequantized weight, the reference's op
-        assert torch.equal(q(x), ref) and q.__dict__["_cpu_cache"][0][0] == "dequantized"
     assert fast.dtype == torch.bfloat16 and fast.shape == ref.shape
     assert fast32.dtype == torch.float32 and fast32.shape == ref.shape
     # bfloat16 rounding of activations, scales and the output: ~2^-8 relative per element
