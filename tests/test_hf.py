@@ -336,6 +336,18 @@ def test_bundled_text_is_disjoint_and_installed() -> None:
     assert not set(CALIBRATION) & set(HELD_OUT)
 
 
+def test_held_out_prose_shares_no_six_words_with_calibration() -> None:
+    """The LM perplexity text: 20 paragraphs of running prose, no 6-word sequence of the calibration text."""
+    import re
+    from adagrow.hf_text import CALIBRATION, HELD_OUT_PROSE
+
+    def grams(text: str, n: int = 6) -> set[tuple[str, ...]]:
+        words = re.sub(r"\W+", " ", text.lower()).split()
+        return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    assert len(HELD_OUT_PROSE) == 20 and all(len(p.split()) > 100 for p in HELD_OUT_PROSE)
+    assert not grams("\n".join(HELD_OUT_PROSE)) & set().union(*map(grams, CALIBRATION))
+
+
 def test_layers_fed_one_input_share_one_replay_and_hessian(monkeypatch) -> None:
     """Llama: q/k/v and gate/up are found by their identical input tensor; each group is
     calibrated once and its layers get the very same Hessian, equal to a one-layer run's."""

