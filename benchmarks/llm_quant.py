@@ -16,7 +16,8 @@ Calibration: the bundled English sentences (``adagrow/text/calibration_en.txt``)
 into windows of ``--seq-len`` tokens (``--windows`` of them at most; the text holds 32 of 256),
 as ``adagrow quantize --hf`` does. Results are written after each configuration, so an
 interrupted run keeps what it measured; ``--merge`` keeps the configurations already in ``--out``
-(same calibration and held-out settings), so configurations can run in separate processes.
+(same calibration and held-out settings, and their float perplexity), so configurations can run
+in separate processes.
 Timings are noisy on a shared CPU. Usage: ``python benchmarks/llm_quant.py [--configs NAME ...]
 [--out PATH] [--merge]``
 """
@@ -117,7 +118,7 @@ def main() -> None:
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "adagrow_version": __version__, "torch": torch.__version__, "platform": platform.platform(),
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), **settings,
-              "float_ppl": ppl(model), "configs": {}}
+              "float_ppl": old["float_ppl"] if old is not None else ppl(model), "configs": {}}
     if old is not None:
         result["configs"] = old["configs"]
         result["command"] = old["command"] + " ; " + result["command"]
