@@ -19,8 +19,11 @@ per shape, as ``benchmarks/kernels_static.py`` does for ours. GemLite is importe
 package ``__init__`` (which needs a CUDA device): ``torch.cuda`` queries are answered as an H100 while
 its kernel modules import. Configs that fail to compile are recorded with the reason.
 
+The file's ``sensitivity`` section re-estimates both sides with each model constant varied
+(``SENSITIVITY``): GemLite's calibration error and our best speedup per M.
+
 Usage: ``python benchmarks/gemlite_static.py --out benchmarks/results/gemlite_static_sm90.json``;
-``--refresh-ours`` recomputes only our side of that file after our records changed.
+``--refresh-ours`` recomputes only our side (and the sensitivity) of that file after our records changed.
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ OURS = Path(__file__).parent / "results" / "kernels_static_sm90.json"
 SASS_FACTS = ("regs", "spill_bytes", "smem_bytes", "blocks_per_sm", "has_loop", "global_load_bytes_per_iter",
               "unique_bytes_per_iter", "load_ratio", "i2f_in_main_loop", "tensor_core_ops",
               "tensor_core_ops_in_main_loop", "loop_instructions", "iters_per_program", "n_programs",
-              "dependent_round_trips", "bar_sync_in_main_loop", "exposed_wgmma_cycles", "conversions_in_main_loop",
+              "dependent_round_trips", "round_trip_distances", "int_alu_in_main_loop", "smem_bytes_per_iter",
+              "bar_sync_in_main_loop", "waited_wgmma_groups", "waited_wgmma_flops", "conversions_in_main_loop",
               "estimate_mem_us", "estimate_sm_us", "estimate_chain_us_per_iter", "estimate_bound", "estimate_us")
 # GemLite's published H100 speedups over fp16 (torch.matmul) at 8192 x 8192, 4-bit, group 128: the
 # calibration anchors of the static model (GemLite README benchmark plots, A16W4 HQQ on H100 SXM).
@@ -189,7 +193,7 @@ def whole_kernel_facts(rec: dict, sass_dir: Path, spec: static.StaticSpec) -> No
                                             "global_loads": sum(static.is_global_load(op) for _, op, _ in loop),
                                             "cas_atomics": sum(op.startswith("ATOMG.E.CAS") for _, op, _ in loop)}
     loads = [op for _, op, _ in instrs if static.is_global_load(op)]
-    rec.update(static.whole_kernel_latency_facts(instrs, spec.num_warps, ARCH))
+    rec.update(static.whole_kernel_latency_facts(instrs, spec.num_warps))
     rec.update(has_loop=False, loop_instructions=len(instrs), global_loads_in_main_loop=len(loads),
                global_load_bytes_per_iter=sum(static.load_bytes(op) for op in loads) * spec.num_warps * 32,
                i2f_in_main_loop=rec["i2f_total"], tensor_core_ops_in_main_loop=rec["tensor_core_ops"],
@@ -220,6 +224,41 @@ def refresh_ours(doc: dict) -> None:
             row["calibration"]["ours_speedup_estimate"] = row["calibration"]["fp16_model_us"] / row["ours"]["estimate_us"]
 
 
+# The model's constants varied one at a time around their values (docs/kernels.md "Static model")
+SENSITIVITY = {"WARP_IPC": (0.35, 0.4, 0.5, 0.6, 1.0), "TC_EFFICIENCY": (0.65, 0.75, 0.85, 1.0),
+               "HBM_LATENCY_S": (450e-9, 600e-9, 800e-9), "INT_LANES_PER_CLOCK": (64, 128),
+               "SMEM_BYTES_PER_CLOCK": (64, 128, 256)}
+
+
+def sensitivity(doc: dict) -> list[dict]:
+    """Re-estimate every GemLite record and every committed record of ours (the model is a pure
+    function of a record's SASS facts) with one model constant changed at a time: GemLite's
+    calibration error and our best estimated speedup per M, per value."""
+    ours = [r for r in json.loads(OURS.read_text())["records"] if r["fits"] and not r["spill_bytes"]]
+    theirs = [r for r in doc["records"] if r["fits"] and not r["spill_bytes"]]
+    rows = []
+    for name, values in SENSITIVITY.items():
+        for value in values:
+            with mock.patch.object(static, name, value):
+                row: dict = {"constant": name, "value": value, "gemlite_error": {}, "ours_speedup": {}}
+                for m in MS:
+                    fp16 = static.fp16_matmul_us(m, N, K, ARCH)
+                    shape = {"M": m, "N": N, "K": K, "G": G}
+                    best = {side: min(static.estimate_us(r, ARCH)["estimate_us"] for r in recs if r["shape"] == shape)
+                            for side, recs in (("gemlite", theirs), ("ours", ours))}
+                    row["gemlite_error"][m] = fp16 / best["gemlite"] / PUBLISHED_SPEEDUP[m] - 1
+                    row["ours_speedup"][m] = fp16 / best["ours"]
+            rows.append(row)
+    return rows
+
+
+def print_sensitivity(rows: list[dict]) -> None:
+    for row in rows:
+        print(f"{row['constant']}={row['value']:g}: GemLite error "
+              + " / ".join(f"{100 * e:+.1f}%" for e in row["gemlite_error"].values())
+              + ", ours x" + " / x".join(f"{v:.2f}" for v in row["ours_speedup"].values()))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -230,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.refresh_ours:
         doc = json.loads(args.out.read_text())
         refresh_ours(doc)
+        doc["sensitivity"] = sensitivity(doc)
         doc["ours_refreshed"] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                  "command": "python benchmarks/gemlite_static.py " + " ".join(argv or sys.argv[1:])}
         write_json(args.out, doc)
@@ -286,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
            "operands": "A16W4_HQQ_INT packing: W_q int32 (K/8, N) packed over K, fp16 scales + fma zeros (K/G, N), "
                        "W_group_mode 4, fp32 acc, data_contiguous, type_id 104",
            "shapes": shapes, "records": records, "failures": failures}
+    doc["sensitivity"] = sensitivity(doc)
     write_json(args.out, doc)
+    print_sensitivity(doc["sensitivity"])
     for s in shapes:
         g, o = s["gemlite"], s["ours"]
         print(f"M={s['shape']['M']:>3} GemLite {s['gemlite_matmul_type']} "

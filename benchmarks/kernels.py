@@ -157,14 +157,15 @@ def conv_layers() -> list[tuple[nn.Conv2d, int]]:
     return layers
 
 
-def bench_convs(batches, save) -> list[dict]:
+def bench_convs(batches, save, compile_eager: bool = True) -> list[dict]:
     """conv + bias + ReLU per layer and batch, all on the same channels_last fp16 input
     (``save(rows)`` after each row, so a run cut short keeps what it measured):
 
     - eager: ``relu(F.conv2d(x, w, b))`` (cuDNN, bias in the conv; channels_last is cuDNN's fast
       layout for fp16), 2 kernels;
-    - compile: ``torch.compile`` of that function, a fresh compile per (layer, batch) after
-      ``torch._dynamo.reset()`` (no recompile limit, no silent eager fallback);
+    - compile (``compile_eager``): ``torch.compile`` of that function, a fresh compile per
+      (layer, batch) after ``torch._dynamo.reset()`` (no recompile limit, no silent eager
+      fallback); off, the compile columns are None (``benchmarks/gpu_check.py``'s time budget);
     - fused fp16 / fused W4 (position groups): our kernel; its NHWC view of the channels_last
       input is free and happens inside the timed call (the model path, ``to_kernels``, runs NHWC
       end to end the same way).
@@ -210,22 +211,26 @@ def bench_convs(batches, save) -> list[dict]:
                     raise AssertionError(f"conv{i} b={batch} fused {name}: output exceeds the fp16 rounding "
                                          f"bound ({ratio:.2f}x the bound)")
                 errs[name] = ratio
-            torch._dynamo.reset()
-            compiled = torch.compile(eager)
-            compiled()
-            t_e, t_c, t_o, t_w = bench(eager), bench(compiled), bench(ours), bench(ours_w4)
+            t_c = None
+            if compile_eager:
+                torch._dynamo.reset()
+                compiled = torch.compile(eager)
+                compiled()
+                t_c = bench(compiled)
+            t_e, t_o, t_w = bench(eager), bench(ours), bench(ours_w4)
             row = {"layer": i, "batch": batch, "cin": conv.in_channels, "cout": conv.out_channels,
                    "groups": conv.groups, "kernel": list(conv.kernel_size), "stride": list(conv.stride),
                    "input": size, "layout": "channels_last", "ms_eager": t_e, "ms_compile": t_c,
                    "ms_fused_fp16": t_o, "ms_fused_w4": t_w, "speedup_vs_eager": t_e / t_o,
-                   "speedup_vs_compile": t_c / t_o, "speedup_w4_vs_eager": t_e / t_w,
+                   "speedup_vs_compile": t_c / t_o if t_c else None, "speedup_w4_vs_eager": t_e / t_w,
                    "err_over_bound_fp16": errs["fp16"], "err_over_bound_w4": errs["w4"],
                    "skipped_configs_so_far": skipped_configs()}
             rows.append(row)
             save(rows)
             print(f"conv{i} b={batch:>2} {conv.in_channels:>3}->{conv.out_channels:<3} g{conv.groups:<3} "
-                  f"k{conv.kernel_size[0]} s{conv.stride[0]}: eager {t_e * 1e3:7.1f}us compile {t_c * 1e3:7.1f}us "
-                  f"fused {t_o * 1e3:7.1f}us (x{t_e / t_o:.2f}) w4 {t_w * 1e3:7.1f}us "
+                  f"k{conv.kernel_size[0]} s{conv.stride[0]}: eager {t_e * 1e3:7.1f}us "
+                  + (f"compile {t_c * 1e3:7.1f}us " if t_c else "")
+                  + f"fused {t_o * 1e3:7.1f}us (x{t_e / t_o:.2f}) w4 {t_w * 1e3:7.1f}us "
                   f"err/bound {errs['fp16']:.2f}/{errs['w4']:.2f}", flush=True)
     return rows
 

@@ -33,12 +33,17 @@ ARCH = {
 REGS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM, SCHEDULERS = 65536, 64, 32, 4
 SMEM_RESERVED_PER_BLOCK = 1024  # the driver reserves 1 KiB of each block's shared memory (sm_80+)
 
-# Latency model constants (physical, not fitted; docs/kernels.md "Static model" gives sources and
-# the sensitivity of the calibration to each):
+# Model constants (physical and global, never per point; docs/kernels.md "Static model" gives the
+# source of each and the calibration's sensitivity to it):
 HBM_LATENCY_S = 600e-9      # loaded DRAM round trip of one global load (published 450-800 ns, H100/A100)
 DRAM_EFFICIENCY = 0.90      # fraction of peak HBM bandwidth a streaming read sustains (~3.0 of 3.35 TB/s)
 L2_BANDWIDTH = {90: 7.0e12, 80: 4.5e12}  # L2 -> SM bytes/s for operands re-read from L2 (microbenchmarks)
 CONVERT_LANES_PER_CLOCK = 16  # I2F / F2I / F2F results per clock per SM (CUDA guide throughput table)
+INT_LANES_PER_CLOCK = 64    # 32-bit integer add / logic / shift / compare per clock per SM (CUDA guide, cc 8.x/9.0)
+SMEM_BYTES_PER_CLOCK = 128  # shared-memory bandwidth per SM: 32 banks x 4 bytes per clock
+WARP_IPC = 0.5              # instructions per cycle one warp sustains on its own (dependent-issue latency);
+#                             the one calibrated constant (GemLite's published H100 figures), see the docs
+TC_EFFICIENCY = 0.75        # attained fraction of the dense fp16 tensor peak (cuBLAS / CUTLASS large GEMMs)
 BARRIER_CYCLES = 24         # one BAR.SYNC when the warps arrive together
 WGMMA_LATENCY_CYCLES = 32   # fixed latency of a waited wgmma group, on top of its tensor-core time
 LAUNCH_S = 2.0e-6           # kernel launch + ramp + drain seen by back-to-back launches
@@ -184,6 +189,9 @@ _REG = re.compile(r"\bR(\d+)(\.64)?\b")
 _HGMMA = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)")
 _HMMA = re.compile(r"^HMMA\.(\d\d)(\d)(\d+)")
 _STORES = ("ST", "STG", "STS", "STL", "RED", "REDG", "ATOM", "ATOMG", "ATOMS")
+# opcodes of the 32-bit integer pipe (half the FP32 pipe's lanes on sm_80 / sm_90); IMAD runs on the FMA pipe
+INT_ALU = ("LOP3", "LOP", "SHF", "SHL", "SHR", "IADD3", "IADD", "ISETP", "SEL", "PRMT", "LEA", "IMNMX", "BFE", "BFI",
+           "FLO", "POPC", "BMSK", "SGXT", "PLOP3", "VIADD", "VIMNMX")
 
 
 def _regs(text: str) -> set[int]:
@@ -193,23 +201,48 @@ def _regs(text: str) -> set[int]:
     return out
 
 
-def dependent_round_trips(loop: list[tuple[int, str, str]]) -> int:
-    """Global round trips one iteration waits for in series: each time an instruction consumes a
-    register loaded by an LDG of the same iteration (and not yet waited for), one round trip is
-    exposed. Loads consumed only in a later iteration (prefetch) and cp.async (LDGSTS, staged over
-    ``num_stages``) expose none: 0 means every load is prefetched."""
-    trips, outstanding = 0, set()
-    for _, op, args in loop:
+def round_trip_distances(loop: list[tuple[int, str, str]]) -> list[int]:
+    """The global round trips one iteration waits for in series, as instruction distances: each
+    time an instruction consumes a register loaded by an LDG of the same iteration (and not yet
+    waited for), one round trip is exposed, issued ``d`` instructions before its first consumer
+    (``d`` from the earliest outstanding load). Loads consumed only in a later iteration (prefetch)
+    and cp.async (LDGSTS, staged over ``num_stages``) expose none: ``[]`` means every load is
+    prefetched."""
+    out, outstanding, first = [], set(), None
+    for i, (_, op, args) in enumerate(loop):
         base = op.split(".")[0]
         parts = args.split(",")
         reads = _regs(args) if base in _STORES else _regs(",".join(parts[1:]))
         if outstanding & reads:
-            trips, outstanding = trips + 1, set()
+            out.append(i - first)
+            outstanding, first = set(), None
         if base == "LDG":
-            first = _REG.search(parts[0])
-            if first:
-                outstanding.update(range(int(first.group(1)), int(first.group(1)) + max(1, load_bytes(op) // 4)))
-    return trips
+            reg = _REG.search(parts[0])
+            if reg:
+                outstanding.update(range(int(reg.group(1)), int(reg.group(1)) + max(1, load_bytes(op) // 4)))
+                first = i if first is None else first
+    return out
+
+
+def dependent_round_trips(loop: list[tuple[int, str, str]]) -> int:
+    """How many global round trips one iteration waits for (:func:`round_trip_distances`)."""
+    return len(round_trip_distances(loop))
+
+
+def smem_bytes(loop: list[tuple[int, str, str]], num_warps: int) -> int:
+    """Shared-memory bytes one iteration moves through the load/store units for the whole
+    program: LDS / STS widths x threads and ``LDSM`` / ``STSM`` (``.4``: four 8x8 16-bit matrices
+    per warp, 512 B). Not counted: cp.async fills (LDGSTS; they arrive over the pipeline's stages
+    and are bounded by the L2 / HBM terms) and wgmma's own operand reads (part of the attained
+    tensor-core rate ``TC_EFFICIENCY``); dummy ``LDS RZ`` loads."""
+    threads, total = num_warps * 32, 0
+    for _, op, args in loop:
+        base, dest = op.split(".")[0], args.split(",")[0].strip()
+        if base in ("LDS", "STS") and not (base == "LDS" and dest == "RZ"):
+            total += load_bytes(op) * threads
+        elif base in ("LDSM", "STSM"):
+            total += (4 if ".4" in op else 2 if ".2" in op else 1) * 128 * num_warps
+    return total
 
 
 def mma_flops(op: str, num_warps: int) -> int:
@@ -222,33 +255,43 @@ def mma_flops(op: str, num_warps: int) -> int:
     return 2 * math.prod(map(int, m.groups())) * num_warps if m else 0
 
 
-def exposed_wgmma_cycles(loop: list[tuple[int, str, str]], num_warps: int, arch: int) -> float:
-    """Cycles one iteration waits for its own wgmma: at each ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` the
-    groups issued since the last wait finish (fixed latency + their tensor-core time) before any
-    further instruction; waits that leave groups in flight (``0x1``...) expose nothing."""
-    per_clock = ARCH[arch]["tc_flops"] / ARCH[arch]["sms"] / ARCH[arch]["clock"]
-    cycles, pending = 0.0, 0
+def waited_wgmma(loop: list[tuple[int, str, str]], num_warps: int) -> tuple[int, int]:
+    """``(groups, FLOPs)`` one iteration waits for of its own wgmma: at each
+    ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` the groups issued since the last wait must finish before
+    any further instruction (one waited group, their FLOPs); waits that leave groups in flight
+    (``0x1``...) expose nothing. :func:`estimate_us` charges each waited group a fixed latency
+    plus its FLOPs at the attained tensor-core rate."""
+    groups, flops, pending = 0, 0, 0
     for _, op, args in loop:
         pending += mma_flops(op, num_warps) if op.startswith("HGMMA") else 0
         if op.startswith("WARPGROUP.DEPBAR"):
             m = re.search(r"0x([0-9a-f]+)", args)
             if m and int(m.group(1), 16) == 0 and pending:
-                cycles += WGMMA_LATENCY_CYCLES + pending / per_clock
-                pending = 0
-    return cycles
+                groups, flops, pending = groups + 1, flops + pending, 0
+    return groups, flops
 
 
-def whole_kernel_latency_facts(instrs: list[tuple[int, str, str]], num_warps: int, arch: int) -> dict[str, Any]:
+def exposed_wgmma_cycles(groups: int, flops: int, arch: int) -> float:
+    """Cycles of waited wgmma (:func:`waited_wgmma`): a fixed latency per waited group plus the
+    FLOPs at ``TC_EFFICIENCY`` of the SM's tensor-core peak."""
+    per_clock = TC_EFFICIENCY * ARCH[arch]["tc_flops"] / ARCH[arch]["sms"] / ARCH[arch]["clock"]
+    return groups * WGMMA_LATENCY_CYCLES + flops / per_clock
+
+
+def whole_kernel_latency_facts(instrs: list[tuple[int, str, str]], num_warps: int) -> dict[str, Any]:
     """The latency facts of :func:`analyze_sass` over a whole kernel taken as one iteration
     (kernels without a K loop)."""
     return {"dependent_round_trips": dependent_round_trips(instrs),
-            "exposed_wgmma_cycles": exposed_wgmma_cycles(instrs, num_warps, arch),
+            "round_trip_distances": round_trip_distances(instrs),
+            "int_alu_in_main_loop": sum(op.split(".")[0] in INT_ALU for _, op, _ in instrs),
+            "smem_bytes_per_iter": smem_bytes(instrs, num_warps),
+            **dict(zip(("waited_wgmma_groups", "waited_wgmma_flops"), waited_wgmma(instrs, num_warps))),
             "mma_flops_per_iter": sum(mma_flops(op, num_warps) for _, op, _ in instrs),
             "conversions_in_main_loop": sum(op.split(".")[0] in ("I2F", "F2I", "F2F") for _, op, _ in instrs),
             "bar_sync_in_main_loop": sum(op.startswith("BAR") for _, op, _ in instrs)}
 
 
-def analyze_sass(sass: str, threads: int, arch: int = 90) -> dict[str, Any]:
+def analyze_sass(sass: str, threads: int) -> dict[str, Any]:
     """Counts from a SASS listing; per-iteration figures are for the whole program (all threads)."""
     instrs = parse_sass(sass)
     loop = main_loop(instrs)
@@ -273,8 +316,11 @@ def analyze_sass(sass: str, threads: int, arch: int = 90) -> dict[str, Any]:
         "bar_sync_in_main_loop": sum(op.startswith("BAR") for _, op, _ in loop),
         # latency facts of the model (estimate_us)
         "dependent_round_trips": dependent_round_trips(loop),
+        "round_trip_distances": round_trip_distances(loop),
+        "int_alu_in_main_loop": sum(op.split(".")[0] in INT_ALU for _, op, _ in loop),
+        "smem_bytes_per_iter": smem_bytes(loop, warps),
         "wgmma_waits_in_main_loop": sum(op.startswith("WARPGROUP.DEPBAR") for _, op, _ in loop),
-        "exposed_wgmma_cycles": exposed_wgmma_cycles(loop, warps, arch),
+        **dict(zip(("waited_wgmma_groups", "waited_wgmma_flops"), waited_wgmma(loop, warps))),
         "mma_flops_per_iter": sum(mma_flops(op, warps) for _, op, _ in loop),
         "conversions_in_main_loop": sum(op.split(".")[0] in ("I2F", "F2I", "F2F") for _, op, _ in loop),
         "membar_total": sum(op.startswith("MEMBAR") for _, op, _ in instrs),
@@ -301,7 +347,7 @@ def inspect_spec(spec: StaticSpec, arch: int, sass_dir: Path | None = None) -> d
     sass = _cuobjdump(cubin, "-sass")
     res = resource_usage(cubin)
     threads = spec.num_warps * 32
-    facts = analyze_sass(sass, threads, arch)
+    facts = analyze_sass(sass, threads)
     shape = "x".join(f"{k}{v}" for k, v in spec.shape.items())
     cfg = "_".join(f"{k}{v}" for k, v in spec.config.items())
     name = f"sm{arch}_{spec.kernel}_{shape}_{cfg}.sass"
@@ -329,14 +375,17 @@ def estimate_us(rec: dict[str, Any], arch: int) -> dict[str, float]:
     Programs run in waves of ``r`` resident programs per SM (occupancy, capped by the busiest
     SM's share of the grid); each wave runs ``iters`` main-loop rounds. One round is the slowest of
 
-    - the latency chain of one program: its dependent global round trips x HBM latency, plus
-      its own issue (loop instructions x warps / 4 schedulers, or its conversions on the
-      16-lane conversion pipe), barriers and waited wgmma groups (exposed tensor-core time);
-      when every load is prefetched (no round trip exposed), the larger of that work and the
-      HBM latency divided by the prefetch distance;
-    - the SM's issue slots, conversion pipe and tensor cores shared by the ``r`` programs.
+    - the latency chain of one program: its own work (the loop's instructions, each warp
+      issuing at most ``WARP_IPC`` per cycle and sharing a scheduler with its program's other
+      warps; or its integer-pipe, conversion-pipe or shared-memory work; + barriers + waited
+      wgmma groups) plus the exposed part of each same-iteration round trip (HBM latency minus the time
+      the warp spends issuing the ``d`` instructions between the load and its first consumer);
+      when every load is prefetched, the larger of that work and the HBM latency divided by the
+      prefetch distance;
+    - the SM's schedulers, integer pipe, conversion pipe, shared-memory bandwidth and tensor
+      cores (at ``TC_EFFICIENCY`` of the peak) shared by the ``r`` programs.
 
-    Each wave adds two round trips (first loads, output store / atomics). The launch is the
+    Each wave adds two round trips (first loads, output store / counter). The launch is the
     larger of the busiest SM's time, unique HBM bytes / (DRAM efficiency x peak bandwidth) and
     the SASS load bytes / L2 bandwidth, plus the launch overhead. Bytes in flight per SM
     (``r`` x load bytes per iteration) therefore bound the bandwidth by Little's law.
@@ -346,22 +395,24 @@ def estimate_us(rec: dict[str, Any], arch: int) -> dict[str, float]:
     per_sm = -(-rec["n_programs"] // sms)
     r_max = min(max(rec["blocks_per_sm"], 1), per_sm)
     instr, conv = rec["loop_instructions"], rec.get("conversions_in_main_loop", 0)
-    issue_prog = instr * max(1.0, warps / SCHEDULERS)  # cycles: one program's warps on the schedulers
+    cpi = max(warps / SCHEDULERS, 1.0 / WARP_IPC)  # cycles per instruction of one warp, its program alone
+    int_prog = rec.get("int_alu_in_main_loop", 0) * warps * 32 / INT_LANES_PER_CLOCK
     conv_prog = conv * warps * 32 / CONVERT_LANES_PER_CLOCK
-    own = (max(issue_prog, conv_prog) + rec.get("bar_sync_in_main_loop", 0) * BARRIER_CYCLES
-           + rec.get("exposed_wgmma_cycles", 0.0)) / clock
-    trips = rec.get("dependent_round_trips", 1)
-    if trips:  # the iteration waits for its own loads: latency and work in series
-        chain = trips * HBM_LATENCY_S + own
+    smem_prog = rec.get("smem_bytes_per_iter", 0) / SMEM_BYTES_PER_CLOCK
+    own = (max(instr * cpi, int_prog, conv_prog, smem_prog) + rec.get("bar_sync_in_main_loop", 0) * BARRIER_CYCLES
+           + exposed_wgmma_cycles(rec.get("waited_wgmma_groups", 0), rec.get("waited_wgmma_flops", 0), arch)) / clock
+    distances = rec.get("round_trip_distances", [0] * rec.get("dependent_round_trips", 1))
+    if distances:  # the iteration waits for its own loads: the unhidden latency adds to the work
+        chain = own + sum(max(0.0, HBM_LATENCY_S - d * cpi / clock) for d in distances)
     else:  # loads issued one iteration (LDG) or num_stages - 1 iterations (cp.async) ahead
         ahead = 1 if rec.get("global_loads_in_main_loop", 0) > rec.get("cp_async_in_main_loop", 0) \
             else max(1, rec.get("num_stages", 2) - 1)
         chain = max(HBM_LATENCY_S / ahead, own)
-    tc_per_sm = a["tc_flops"] / sms
+    tc_per_sm = TC_EFFICIENCY * a["tc_flops"] / sms
 
     def round_s(r: int) -> float:
-        return max(chain, r * warps * instr / SCHEDULERS / clock, r * conv_prog / clock,
-                   r * rec.get("mma_flops_per_iter", 0) / tc_per_sm)
+        return max(chain, r * warps * instr / SCHEDULERS / clock, r * int_prog / clock, r * conv_prog / clock,
+                   r * smem_prog / clock, r * rec.get("mma_flops_per_iter", 0) / tc_per_sm)
 
     waves = [r_max] * (per_sm // r_max) + ([per_sm % r_max] if per_sm % r_max else [])
     sm_time = sum(rec["iters_per_program"] * round_s(r) + 2 * HBM_LATENCY_S for r in waves)
@@ -379,7 +430,7 @@ def estimate_us(rec: dict[str, Any], arch: int) -> dict[str, float]:
 
 def fp16_matmul_us(m: int, n: int, k: int, arch: int) -> float:
     """The fp16 baseline under the same constants: fp16 weights + activations + output at the
-    sustained HBM bandwidth, or the tensor-core peak, plus the launch overhead (microseconds)."""
+    sustained HBM bandwidth, or the attained tensor-core rate, plus the launch overhead (microseconds)."""
     a = ARCH[arch]
     mem = (n * k + m * k + m * n) * 2 / (DRAM_EFFICIENCY * a["hbm"])
-    return (max(mem, 2 * m * n * k / a["tc_flops"]) + LAUNCH_S) * 1e6
+    return (max(mem, 2 * m * n * k / (TC_EFFICIENCY * a["tc_flops"])) + LAUNCH_S) * 1e6

@@ -138,6 +138,20 @@ def test_w4a16_int64_offsets_when_needed() -> None:
     assert w4.plan_for("splitk", (16, 256, 64, 4, 8, 3), 32, 8192, 8192, 128).meta["enable_fp_fusion"] is True
 
 
+def test_w4a16_int64_offsets_compute_the_same(monkeypatch) -> None:
+    """The int64-offset variant (``WIDE``) of every path, forced on small shapes by lowering the
+    limit, matches the reference like the int32 one."""
+    monkeypatch.setattr(w4, "INT32_LIMIT", 1000)
+    monkeypatch.setattr(w4, "_PLANS", {})
+    res = _packed_linear(200, 40, 64, False, seed=5)
+    w = dequantize_packed(res.qweight, res.scales, res.zeros, 4, 200, 64)
+    for m, path in ((1, "gemv"), (17, "splitk"), (33, "gemm")):
+        x = torch.randn(m, 200, dtype=torch.float16)
+        assert w4.plan_for(path, SMALL[path], m, 40, 256, 64).meta["WIDE"]
+        y = w4.w4a16_triton(x, res.qweight, res.scales, res.zeros, 64, path=path, config=SMALL[path])
+        _check(y, x, w, x.float() @ w.t(), _scales(res, 200, 64))
+
+
 def test_w4a16_table_keyed_by_capability_and_sm_count(monkeypatch) -> None:
     """An "NVIDIA H200" (9.0, 132 SMs) selects the Hopper rows whatever its name; an H100 PCIe
     (9.0, 114 SMs) takes the nearest Hopper entry; an unknown capability gets none."""

@@ -81,3 +81,32 @@ def test_row_check_runs_on_cpu_under_the_interpreter(gc) -> None:
 def test_default_output_is_under_results(gc) -> None:
     out = gc.default_out("NVIDIA H200")
     assert out.parent == ROOT / "benchmarks" / "results" and out.name == "gpu_check_nvidia_h200.json"
+
+
+def test_host_overhead_script_runs_with_launch_stubbed(tmp_path) -> None:
+    """benchmarks/kernels_host.py: every entry point is timed per shape with the launch stubbed
+    (one stubbed launch per kernel call, none left to the real kernel)."""
+    spec = importlib.util.spec_from_file_location("kernels_host", ROOT / "benchmarks" / "kernels_host.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod._NoLaunch.launches = 0
+    threads = torch.get_num_threads()
+    try:
+        assert mod.main(["--calls", "2", "--out", str(tmp_path / "h.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the script pins one thread for its timings
+    rows = json.loads((tmp_path / "h.json").read_text())["rows"]
+    assert [r["M"] for r in rows] == [m for m, _, _ in mod.SHAPES]
+    for r in rows:
+        assert all(r[f"{name}_host_us"] > 0 for name in ("w4a16_triton_sz", "op_sz", "op", "torch_empty"))
+    assert mod._NoLaunch.launches == len(mod.SHAPES) * 3 * (1 + 5 * 2)  # 3 kernel entry points, warm-up + 5 rounds
+
+
+def test_profiler_trace_split_into_calls(gc) -> None:
+    """kernel_us's trace reading: the flush kernel starts a call, its own time is not counted,
+    the median call is returned."""
+    ev = [(0, "vectorized_elementwise_kernel<AddFunctor>", 90.0), (1, "Memset (Device)", 1.0),
+          (2, "_w4a16_gemv_kernel", 10.0), (3, "vectorized_elementwise_kernel<AddFunctor>", 90.0),
+          (4, "Memset (Device)", 1.0), (5, "_w4a16_gemv_kernel", 14.0), (6, "vectorized_elementwise_kernel", 90.0),
+          (7, "Memset (Device)", 1.0), (8, "_w4a16_gemv_kernel", 12.0)]
+    assert gc.split_calls(list(reversed(ev))) == 13.0

@@ -62,14 +62,29 @@ def test_occupancy_and_estimate() -> None:
     a = static.ARCH[90]
     assert est["estimate_mem_us"] == pytest.approx(3.35e6 / (static.DRAM_EFFICIENCY * a["hbm"]) * 1e6)
     # 335 programs on 132 SMs: 3 per SM, all resident, one wave; each round is one program's
-    # chain (a round trip + 100 issue cycles), 10 rounds, + 2 round trips per wave + launch
-    chain = static.HBM_LATENCY_S + 100 / a["clock"]
+    # chain (a round trip consumed right away + 100 instructions at WARP_IPC per warp), 10
+    # rounds, + 2 round trips per wave + launch
+    own = 100 / static.WARP_IPC / a["clock"]
+    chain = static.HBM_LATENCY_S + own
     assert est["estimate_waves"] == 1 and est["estimate_bound"] == "sm"
     assert est["estimate_us"] == pytest.approx((10 * chain + 2 * static.HBM_LATENCY_S + static.LAUNCH_S) * 1e6)
     prefetched = static.estimate_us({**rec, "dependent_round_trips": 0, "global_loads_in_main_loop": 2}, 90)
     assert prefetched["estimate_chain_us_per_iter"] == pytest.approx(static.HBM_LATENCY_S * 1e6)  # latency > work
+    # a consumer 80 instructions after its load: 80 / WARP_IPC cycles of the latency are hidden
+    late = static.estimate_us({**rec, "round_trip_distances": [80]}, 90)
+    hidden = 80 / static.WARP_IPC / a["clock"]
+    assert late["estimate_chain_us_per_iter"] == pytest.approx((chain - hidden) * 1e6)
+    far = static.estimate_us({**rec, "round_trip_distances": [10_000]}, 90)  # fully hidden: the work alone
+    assert far["estimate_chain_us_per_iter"] == pytest.approx(own * 1e6)
     one_per_sm = static.estimate_us({**rec, "blocks_per_sm": 1}, 90)  # 3 waves of 1 instead of 1 wave of 3
     assert one_per_sm["estimate_waves"] == 3 and one_per_sm["estimate_us"] > 2.5 * est["estimate_us"] - 5
+    # shared resources: 3 programs x 4 warps x 100 instructions on 4 schedulers, or the integer
+    # pipe (64 lanes / clock), shared memory (128 B / clock), tensor cores at TC_EFFICIENCY
+    busy = {**rec, "round_trip_distances": [10_000], "int_alu_in_main_loop": 100, "smem_bytes_per_iter": 64_000}
+    est_busy = static.estimate_us(busy, 90)
+    per_round = max(own, 3 * 100 * 4 * 32 / static.INT_LANES_PER_CLOCK / a["clock"],
+                    3 * 64_000 / static.SMEM_BYTES_PER_CLOCK / a["clock"])
+    assert est_busy["estimate_sm_us"] == pytest.approx((10 * per_round + 2 * static.HBM_LATENCY_S) * 1e6)
 
 
 SASS_LAT = """
@@ -86,19 +101,34 @@ SASS_LAT = """
 
 
 def test_latency_facts_from_sass() -> None:
-    """Two round trips (R5 waits for the first loads; the U16 load issued after it is waited for
-    by HADD2), the waited HGMMA's tensor-core time, MEMBAR counts."""
+    """Two round trips (R5 waits for the first loads, 2 instructions after the first of them;
+    the U16 load is waited for by HADD2 right after it), the waited HGMMA's tensor-core time at
+    the attained rate, integer-pipe ops, shared-memory bytes, MEMBAR counts."""
     instrs = static.parse_sass(SASS_LAT)
-    assert static.dependent_round_trips(instrs) == 2
+    assert static.dependent_round_trips(instrs) == 2 and static.round_trip_distances(instrs) == [2, 1]
     assert static.dependent_round_trips(instrs[:2] + instrs[3:4]) == 0  # loads never consumed: prefetch
     assert static.mma_flops("HGMMA.64x16x16.F32", 8) == 2 * 64 * 16 * 16 * 2
     assert static.mma_flops("HMMA.16816.F32", 4) == 2 * 16 * 8 * 16 * 4 and static.mma_flops("FFMA", 4) == 0
     a = static.ARCH[90]
-    per_clock = a["tc_flops"] / a["sms"] / a["clock"]
-    assert static.exposed_wgmma_cycles(instrs, 4, 90) == pytest.approx(static.WGMMA_LATENCY_CYCLES
-                                                                      + 2 * 64 * 16 * 16 / per_clock)
+    per_clock = static.TC_EFFICIENCY * a["tc_flops"] / a["sms"] / a["clock"]
+    assert static.waited_wgmma(instrs, 4) == (1, 2 * 64 * 16 * 16)
+    assert static.exposed_wgmma_cycles(1, 2 * 64 * 16 * 16, 90) == pytest.approx(static.WGMMA_LATENCY_CYCLES
+                                                                                + 2 * 64 * 16 * 16 / per_clock)
     facts = static.analyze_sass(SASS_LAT, threads=128)
     assert facts["membar_gpu_total"] == 1 and facts["wgmma_in_flight"] == 0
+    smem = static.parse_sass("""
+        /*0000*/                   LDS.128 R4, [R2] ;
+        /*0010*/                   LDS RZ, [RZ] ;
+        /*0020*/                   STS.64 [R2], R4 ;
+        /*0030*/                   LDSM.16.M88.4 R8, [R3] ;
+        /*0040*/                   LDGSTS.E.BYPASS.128 [R1], desc[UR4][R6.64] ;
+        /*0050*/                   LOP3.LUT R1, R2, 0xf, RZ, 0xc0, !PT ;
+        /*0060*/                   SHF.R.U32.HI R1, RZ, 0x4, R2 ;
+        /*0070*/                   IMAD R1, R2, R3, R4 ;
+""")
+    assert static.smem_bytes(smem, 4) == (16 + 8) * 128 + 512 * 4  # no dummy LDS, no cp.async fill
+    facts = static.analyze_sass("\n".join(f"/*{a:04x}*/ {op} {args} ;" for a, op, args in smem), threads=128)
+    assert facts["int_alu_in_main_loop"] == 2 and facts["smem_bytes_per_iter"] == (16 + 8) * 128 + 512 * 4
 
 
 def _check_record(r: dict) -> None:
@@ -110,7 +140,11 @@ def _check_record(r: dict) -> None:
         assert r["global_load_bytes_per_iter"] <= 1.25 * r["unique_bytes_per_iter"], f"replicated loads: {where}"
     if r["path"] in ("splitk", "gemm"):
         assert r["tensor_core_ops_in_main_loop"] > 0, f"no tensor-core ops: {where}"
-        assert r["cp_async_in_main_loop"] > 0, f"loads not pipelined through shared memory: {where}"
+        assert r["cp_async_in_main_loop"] == r["global_loads_in_main_loop"] > 0, \
+            f"a global load of the loop is not staged by cp.async: {where}"
+        assert r["dependent_round_trips"] == 0, f"a load is waited for in the iteration that issues it: {where}"
+    if r["path"] in ("gemv", "splitk", "gemm"):  # the tile counter is the only atomic, its release the only fence
+        assert r["atomics_total"] <= 1 and r["membar_gpu_total"] <= 1, f"data atomics / GPU fences: {where}"
 
 
 def _records(doc_or_arch) -> dict:
@@ -168,6 +202,15 @@ def test_committed_json_covers_every_table_config(arch: int) -> None:
                 _check_record(records[key])
 
 
+def test_shipped_tensor_core_rows_keep_a_wgmma_group_in_flight() -> None:
+    """Every shipped sm_90 split-K / GEMM row waits with ``WARPGROUP.DEPBAR.LE gsb0, 0x1`` or
+    more: the next tile's dequant overlaps a wgmma group."""
+    shipped = [r for r in _records(90).values() if r.get("table_default") and r["path"] in ("splitk", "gemm")]
+    assert len(shipped) == 2 * len(w4.STATIC_SHAPES)
+    for r in shipped:
+        assert r["wgmma_in_flight"] >= 1, (r["config"], r["shape"])
+
+
 def test_static_estimates_are_the_model_of_the_records() -> None:
     """Each committed estimate row is the model applied to its record, against the fp16 model."""
     doc = json.loads(RESULTS[90].read_text())
@@ -208,3 +251,10 @@ def test_gemlite_comparison_is_current_and_consistent() -> None:
         assert s["ours"]["i2f_in_main_loop"] == 0
         c = s["calibration"]  # the model's calibration on GemLite's published H100 figures
         assert c["relative_error"] == pytest.approx(c["gemlite_speedup_estimate"] / c["published_speedup"] - 1)
+        assert abs(c["relative_error"]) <= 0.15, f"M={s['shape']['M']}: calibration error {c['relative_error']:+.1%}"
+        # the sensitivity row at the model's current constants reproduces the calibration
+        for row in doc["sensitivity"]:
+            if row["value"] == getattr(static, row["constant"]):
+                m = str(s["shape"]["M"])
+                assert row["gemlite_error"][m] == pytest.approx(c["relative_error"], rel=1e-9)
+                assert row["ours_speedup"][m] == pytest.approx(c["ours_speedup_estimate"], rel=1e-9)
