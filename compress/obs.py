@@ -147,22 +147,36 @@ def _upper_factor(hinv: torch.Tensor, perm: torch.Tensor, name: str) -> torch.Te
     return u
 
 
-def _obs_static(w: torch.Tensor, u: torch.Tensor, perm: torch.Tensor, sc: torch.Tensor,
-                zc: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _obs_static(w: torch.Tensor, u: torch.Tensor, perm: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                gid: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's blocked lazy-update loop over a fixed column order with the upper Cholesky factor
-    ``u`` of the permuted ``H^-1`` (:func:`_upper_factor`); codes in canonical order."""
-    w, sc, zc = w[:, perm].clone(), sc[:, perm], zc[:, perm]
+    ``u`` of the permuted ``H^-1`` (:func:`_upper_factor`); codes in canonical order. ``s``, ``z``
+    ``[rows, n_groups]`` are expanded to columns one block at a time (``gid``: each column's group)."""
+    w, gperm = w[:, perm].clone(), gid[perm]
     codes = torch.empty_like(w)
     loss = w.new_zeros(())
     for i1 in range(0, w.shape[1], block):
         i2 = min(i1 + block, w.shape[1])
-        q, err, l = _obs_block(w[:, i1:i2], u[i1:i2, i1:i2], sc[:, i1:i2], zc[:, i1:i2], bits)
+        g = gperm[i1:i2]
+        q, err, l = _obs_block(w[:, i1:i2], u[i1:i2, i1:i2], s[:, g], z[:, g], bits)
         codes[:, i1:i2] = q
         loss += l
         w[:, i2:] -= err @ u[i1:i2, i2:]
+    del w
     out = torch.empty_like(codes)
     out[:, perm] = codes
     return out, loss
+
+
+def _rounding_error(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gid: torch.Tensor, bits: int,
+                    chunk: int = 512) -> torch.Tensor:
+    """``[K]``: each column's summed squared round-to-nearest error, ``chunk`` columns at a time."""
+    out = torch.empty(w.shape[1], dtype=w.dtype, device=w.device)
+    for c1 in range(0, w.shape[1], chunk):
+        g, wc = gid[c1:c1 + chunk], w[:, c1:c1 + chunk]
+        sc, zc = s[:, g], z[:, g]
+        out[c1:c1 + chunk] = (dequantize_codes(quantize_codes(wc, sc, zc, bits), sc, zc) - wc).square().sum(0)
+    return out
 
 
 def _obs_dynamic(w: torch.Tensor, hinv: torch.Tensor, col_ov: torch.Tensor, sc: torch.Tensor,
@@ -182,7 +196,7 @@ def _obs_dynamic(w: torch.Tensor, hinv: torch.Tensor, col_ov: torch.Tensor, sc: 
         cur, later = remaining[tier], remaining[~tier]
         err2 = (dequantize_codes(quantize_codes(w[:, cur], sc[:, cur], zc[:, cur], bits),
                                  sc[:, cur], zc[:, cur]) - w[:, cur]).square()
-        cur = cur[torch.argsort(saliency(err2, hinv[cur, cur]), descending=True, stable=True)]
+        cur = cur[torch.argsort(saliency(err2.sum(0), hinv[cur, cur]), descending=True, stable=True)]
         blk, rest = cur[:block], torch.cat([cur[block:], later])
         h_bb = hinv[blk][:, blk]
         u_bb = torch.linalg.cholesky(h_bb, upper=True)
@@ -420,31 +434,32 @@ class OBSQuantizer:
         zeros = torch.empty_like(scales)
         perms, loss, damp = [], 0.0, percdamp
         for g in range(geo.groups):
-            w = self._weights[g].clone()
+            w = self._weights[g]
             # a group without any input keeps its weights: identity Hessian = round to nearest
             diag = torch.ones(geo.k, dtype=w.dtype, device=w.device) if g in dead_groups \
                 else self.H[g].diagonal().to(w.dtype)
             dead = diag == 0
             diag = diag.masked_fill(dead, 1)
-            w[:, dead] = 0
+            if bool(dead.any()):
+                w = w.clone()
+                w[:, dead] = 0
             s, z = group_params(w.float().cpu(), grouping.gid, grouping.n_groups, bits, sym, mse, scale_dtype)
             check_scales(s, w, scale_dtype, name)
             scales[g * rows:(g + 1) * rows], zeros[g * rows:(g + 1) * rows] = s, z
-            sc, zc = s.to(w)[:, gid], z.to(w)[:, gid]
+            s, z = s.to(w), z.to(w)
             key = (self.nsamples, g, percdamp, w.dtype)
             if key not in cache:  # q/k/v, gate/up: one inverse for the group
                 cache[key] = self._inverse(None if g in dead_groups else g, dead, w.dtype, percdamp)
             hinv, pd = cache[key]
             damp = max(damp, pd)
             if order == "reparam-dynamic":
-                q, perm, l = _obs_dynamic(w, hinv, col_ov.to(w.device), sc, zc, bits, block_size)
+                q, perm, l = _obs_dynamic(w, hinv, col_ov.to(w.device), s[:, gid], z[:, gid], bits, block_size)
             else:
                 sal = None
                 if order == "reparam":
-                    err2 = (dequantize_codes(quantize_codes(w, sc, zc, bits), sc, zc) - w).square()
-                    sal = saliency(err2, hinv.diagonal())
+                    sal = saliency(_rounding_error(w, s, z, gid, bits), hinv.diagonal())
                 perm = static_order(order, diag, col_ov.to(w.device), sal)
-                q, l = _obs_static(w, _upper_factor(hinv, perm, name), perm, sc, zc, bits, block_size)
+                q, l = _obs_static(w, _upper_factor(hinv, perm, name), perm, s, z, gid, bits, block_size)
             codes[g * rows:(g + 1) * rows] = q.to(codes.dtype)
             perms.append(perm.cpu())
             loss += l

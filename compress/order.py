@@ -21,8 +21,9 @@ def column_overlap(overlap: torch.Tensor | None, k: int, cin_per_group: int) -> 
 
 
 def saliency(err2: torch.Tensor, hinv_diag: torch.Tensor) -> torch.Tensor:
-    """OBS saliency ``s_j = sum_rows (q(w_ij) - w_ij)^2 / [H^-1]_jj`` from squared errors ``[rows, K]``."""
-    return err2.sum(0) / hinv_diag
+    """OBS saliency ``s_j = sum_rows (q(w_ij) - w_ij)^2 / [H^-1]_jj`` from each column's summed
+    squared rounding error ``[K]``."""
+    return err2 / hinv_diag
 
 
 def tiered_order(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
