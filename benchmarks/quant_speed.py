@@ -7,10 +7,12 @@ quantizing from disk block by block, and data-parallel calibration.
   (IST-DASLab/gptq's ``gptq.py`` + ``quant.py`` from ``--gptq DIR``, run in this process, true
   sequential: q/k/v, attention output, intermediate, output; asymmetric, g128, no act order),
   interleaved ``--repeats`` times;
-- ``from_disk``: a random Llama saved as safetensors, quantized by ``quantize_pretrained`` and by
-  in-memory ``quantize(from_pretrained(...))``, each in a fresh subprocess; peak RSS (ru_maxrss)
-  next to the largest block's float weights + one block boundary of activations + the process's
-  RSS before quantizing (fixed overhead);
+- ``from_disk``: a random Llama saved as safetensors, quantized by ``quantize_to_disk`` and by
+  in-memory ``quantize(from_pretrained(...))``, each in a fresh subprocess; peak RSS (VmHWM)
+  against 1.5 x (the largest block's float weights + one block boundary of activations + fixed
+  overhead: the process's RSS after its imports and the weights outside the blocks);
+- ``llama_1b``: a random ~1B-parameter Llama saved in bf16 (~2 GB), quantized from disk with
+  ``--big-tokens`` calibration tokens; peak RSS against half the file size;
 - ``ranks``: MiniLM quantized from its folder under ``torchrun`` by 1 and by 2 gloo ranks (half the
   batches each, ``adagrow.compress.torchrun``): wall and CPU seconds per rank, speedups, cosine.
 
@@ -119,21 +121,20 @@ def minilm(sentences: int, gptq_dir: Path | None, repeats: int) -> list[dict]:
 _CHILD = r"""
 import json, sys, time, torch, transformers
 from adagrow.compress import QuantConfig, quantize
-from adagrow.compress.blocks import hidden
-from adagrow.compress.onload import quantize_pretrained
-mode, src, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from adagrow.compress.onload import quantize_to_disk
+mode, src, tokens, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), getattr(torch, sys.argv[4])
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 calib = [{"input_ids": torch.randint(0, 1000, (4, tokens // 16), generator=g)} for _ in range(4)]
 def status(key):  # /proc/self/status in bytes (VmHWM resets at exec, unlike ru_maxrss)
     line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
     return int(line.split()[1]) * 1024
-import transformers.models.llama.modeling_llama
-fixed = status("VmRSS")
+import accelerate, safetensors.torch, transformers.models.llama.modeling_llama
+fixed = status("VmRSS")  # every import done, nothing loaded
 t0 = time.perf_counter()
 cfg = QuantConfig(bits=4, group_size=128)
 if mode == "disk":
-    quantize_pretrained(src, calib, cfg, progress=False)
+    quantize_to_disk(src, src + "/quantized", calib, cfg, dtype=dtype, progress=False)
 else:
     quantize(transformers.AutoModelForCausalLM.from_pretrained(src), calib, cfg, progress=False, inplace=True)
 print(json.dumps({"peak_rss": status("VmHWM"), "fixed_rss": fixed,
@@ -141,31 +142,58 @@ print(json.dumps({"peak_rss": status("VmHWM"), "fixed_rss": fixed,
 """
 
 
-def from_disk(hidden: int, layers: int, tokens: int) -> dict:
+def from_disk(hidden: int, layers: int, tokens: int, intermediate: int | None = None, vocab: int = 1000,
+              kv_heads: int | None = None, save_dtype: torch.dtype = torch.float32,
+              compute_dtype: torch.dtype = torch.float32, modes: tuple[str, ...] = ("disk", "memory")) -> dict:
+    """A random Llama saved as safetensors (``save_dtype``), quantized (W4 g128 defaults, weights
+    and activations in ``compute_dtype``) by each of ``modes`` in a fresh process: peak RSS (VmHWM)
+    against the bound 1.5 x (largest block's weights + one block boundary of activations + fixed
+    overhead), fixed overhead = the process's RSS after every import + the weights outside the blocks."""
     import transformers
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers,
-                                   num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                                   intermediate_size=int(hidden * 2.75) // 64 * 64, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    block = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
-    total = sum(p.numel() * 4 for p in model.parameters())
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                   num_attention_heads=hidden // 64, num_key_value_heads=kv_heads or hidden // 64,
+                                   intermediate_size=intermediate or int(hidden * 2.75) // 64 * 64,
+                                   tie_word_embeddings=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(save_dtype)  # a 1B model is built in bf16 directly (2 GB, not 4)
+    try:
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    size = compute_dtype.itemsize
+    block = sum(p.numel() * size for p in model.model.layers[0].parameters())
+    total = sum(p.numel() * size for p in model.parameters())
     outside = total - layers * block  # embeddings, final norm, LM head: loaded once
-    out = {"hidden": hidden, "layers": layers, "calib_tokens": tokens, "float_bytes": total,
-           "largest_block_float_bytes": block, "outside_blocks_float_bytes": outside,
-           "boundary_activation_bytes": tokens * hidden * 4}
+    out: dict = {"hidden": hidden, "intermediate": cfg.intermediate_size, "layers": layers, "vocab": vocab,
+                 "params": total // size, "saved_dtype": str(save_dtype)[6:],
+                 "compute_dtype": str(compute_dtype)[6:], "calib_tokens": tokens,
+                 "float_bytes": total, "largest_block_float_bytes": block, "outside_blocks_float_bytes": outside,
+                 "boundary_activation_bytes": tokens * hidden * size}
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         del model
-        for mode in ("disk", "memory"):
-            res = subprocess.run([sys.executable, "-c", _CHILD, mode, tmp, str(tokens)], capture_output=True,
+        out["file_bytes"] = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+        for mode in modes:
+            res = subprocess.run([sys.executable, "-c", _CHILD, mode, tmp, str(tokens), str(compute_dtype)[6:]],
+                                 capture_output=True,
                                  text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
             print(mode, out[mode], flush=True)
-    # fixed overhead: the process after imports (VmRSS) and the weights outside the blocks
-    bound = block + out["boundary_activation_bytes"] + out["disk"]["fixed_rss"] + outside
-    out["bound_bytes"] = bound
-    out["disk_peak_over_bound"] = out["disk"]["peak_rss"] / bound
+    out["budget_bytes"] = block + out["boundary_activation_bytes"] + out["disk"]["fixed_rss"] + outside
+    out["bound_bytes"] = 1.5 * out["budget_bytes"]
+    out["disk_peak_over_bound"] = out["disk"]["peak_rss"] / out["bound_bytes"]
+    out["disk_peak_over_file"] = out["disk"]["peak_rss"] / out["file_bytes"]
+    return out
+
+
+def llama_1b(tokens: int) -> dict:
+    """A random-init Llama of ~1B parameters saved in bf16 (~2 GB), quantized from disk in bf16 (the
+    Hessians and the solve in float32): the peak RSS against half the file size."""
+    out = from_disk(2048, 27, tokens, intermediate=4096, vocab=8192, kv_heads=8, save_dtype=torch.bfloat16,
+                    compute_dtype=torch.bfloat16, modes=("disk",))
+    out["cap_bytes"] = out["file_bytes"] / 2
+    out["under_cap"] = out["disk"]["peak_rss"] <= out["cap_bytes"]
     return out
 
 
@@ -206,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--disk-layers", type=int, default=4)
     ap.add_argument("--disk-tokens", type=int, default=2048)
     ap.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")
-    ap.add_argument("--sections", nargs="+", default=["minilm", "ranks", "from_disk"],
+    ap.add_argument("--big-tokens", type=int, default=512, help="calibration tokens of the ~1B run")
+    ap.add_argument("--sections", nargs="+", default=["minilm", "ranks", "from_disk", "llama_1b"],
                     help="run only these; the others are kept from an existing --out file")
     ap.add_argument("--out", default="benchmarks/results/quant_speed_cpu.json")
     args = ap.parse_args(argv)
@@ -218,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
                                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                                "adagrow": __version__, "note": args.note}})
     runs = {"minilm": lambda: minilm(args.sentences, args.gptq, args.repeats), "ranks": lambda: ranks(args.sentences),
-            "from_disk": lambda: from_disk(args.disk_hidden, args.disk_layers, args.disk_tokens)}
+            "from_disk": lambda: from_disk(args.disk_hidden, args.disk_layers, args.disk_tokens),
+            "llama_1b": lambda: llama_1b(args.big_tokens)}
     for name in args.sections:
         result[name] = runs[name]()
         result.setdefault("commands", {})[name] = command

@@ -136,8 +136,10 @@ class Probe:
             rec.extras = (args[1:], kwargs)
 
     def release(self) -> None:
-        """Drop the recorded tensors (block inputs / outputs, watched inputs); orders and counts stay."""
+        """Drop the recorded tensors (block inputs / outputs, watched inputs) and the references to
+        the target layers; orders and counts stay."""
         self.inputs.clear()
+        self.targets = {}
         for rec in self.blocks.values():
             rec.first, rec.extras, rec.out, rec.raw = None, (), None, None
 

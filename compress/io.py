@@ -64,21 +64,26 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = 
     """Write a quantized model atomically (temp file + rename). Refuses to replace an existing
     file unless ``overwrite=True``, and refuses a model with NaN/inf tensors. Returns the path."""
     path = Path(path)
-    layers = {n: m.meta for n, m in model.named_modules() if isinstance(m, QuantLayer)}
-    if not layers:
-        raise ValueError("save_quantized: the model has no quantized layers; run quantize() first")
+    meta = quantized_meta(model)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     state = model.state_dict()
     state = {k: v for k, v in state.items() if k not in shared_aliases(state)}  # tied weights once
     check_finite(state, f"save_quantized({path})")
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "adagrow_version": __version__,
+    return save_state(path, state, meta, overwrite)
+
+
+def quantized_meta(model: nn.Module) -> dict[str, Any]:
+    """The file metadata :func:`save_quantized` records (stored under the header key ``adagrow``)."""
+    layers = {n: m.meta for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+    if not layers:
+        raise ValueError("save_quantized: the model has no quantized layers; run quantize() first")
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "adagrow_version": __version__,
             "config": getattr(model, "adagrow_quant", {}).get("config"), "layers": layers,
             "report": getattr(model, "adagrow_quant", {}).get("layers", {}),
             "arch": model.adagrow_arch() if hasattr(model, "adagrow_arch") else hf_record(model),
             "deploy": bool(getattr(model, "adagrow_deploy", False)),
             "input_shape": getattr(model, "adagrow_input_shape", None)}
-    return save_state(path, state, meta, overwrite)
 
 
 def _read(path: Path) -> tuple[dict[str, StoredTensor], dict[str, Any]]:
@@ -243,4 +248,4 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None,
     return qmodel.to(device)
 
 
-__all__ = ["save_quantized", "load_quantized", "read_metadata", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_quantized", "quantized_meta", "load_quantized", "read_metadata", "FORMAT", "FORMAT_VERSION"]

@@ -167,6 +167,7 @@ class _Run:
         self.deferred: list[tuple[str, nn.Module, QuantResult]] = []
         self.target: torch.Tensor | None = None  # the float model's input to the layer, for the next call
         self.before_block: Callable[[str], None] | None = None
+        self.after_block: Callable[[str], None] | None = None
 
     def layer(self, name: str, run: Callable[[], None] | None = None, stop_early: bool = False,
               defer: bool = False) -> None:
@@ -308,6 +309,8 @@ def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict
             raw.append(mod(*args, **kwargs))
             outputs.append(((hidden(raw[-1]), *args[1:]), kwargs, m))
         run.swap()
+        if run.after_block is not None:
+            run.after_block(block)
         inputs, finputs = outputs, foutputs if float_target else outputs
         bar.update()
     mask.mask = None
@@ -339,9 +342,11 @@ def quantize(model: nn.Module, calib: Iterable | Callable[[nn.Module], Any] | No
 
 
 def quantize_model(qmodel: nn.Module, calib: Iterable | Callable[[nn.Module], Any] | None, config: QuantConfig,
-                   progress: bool, before_block: Callable[[str], None] | None = None) -> nn.Module:
+                   progress: bool, before_block: Callable[[str], None] | None = None,
+                   after_block: Callable[[str], None] | None = None) -> nn.Module:
     """:func:`quantize` in place with a validated ``config``; ``before_block(name)`` runs before
-    each block is calibrated (:mod:`.onload` loads the block's weights there)."""
+    each block is calibrated (:mod:`.onload` loads the block's weights there), ``after_block(name)``
+    once it is quantized if no later step runs it again (:mod:`.onload` writes it out there)."""
     qmodel.eval()
     targets, left = quant_targets(qmodel, config)
     cal = Calibration(calib, qmodel)
@@ -350,7 +355,7 @@ def quantize_model(qmodel: nn.Module, calib: Iterable | Callable[[nn.Module], An
     mask = TokenMask(qmodel)
     try:
         with _calibration_mode(qmodel):
-            report, blocks = _quantize(qmodel, targets, left, cal, mask, config, progress, before_block)
+            report, blocks = _quantize(qmodel, targets, left, cal, mask, config, progress, before_block, after_block)
     finally:
         mask.remove()
     qmodel.adagrow_quant = {"config": asdict(config), "layers": report, "float": left, "blocks": blocks}
@@ -366,7 +371,8 @@ def _without_blocks(model: nn.Module, blocks: list[str], last: list[Any], cal: C
 
 def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, str], cal: Calibration,
               mask: TokenMask, config: QuantConfig, progress: bool,
-              before_block: Callable[[str], None] | None) -> tuple[dict, list[str]]:
+              before_block: Callable[[str], None] | None,
+              after_block: Callable[[str], None] | None) -> tuple[dict, list[str]]:
     blocks: list[str] = []
     if cal:
         lists = candidates(qmodel, list(targets)) if config.method == "obs" else []
@@ -391,8 +397,13 @@ def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, 
         qmodel, blocks, probe.blocks[blocks[-1]].raw, probe.inputs, post, lambda: cal.run_first(qmodel))
     if cal:
         probe.release()
+    # the float layers are not needed by name from here on: dropping these references lets a
+    # replaced layer's float weights go (quantizing from disk loads them one block at a time)
+    targets.clear()
     run = _Run(qmodel, config, mask)
     run.before_block = before_block
+    if not post or replay_tail:  # nothing after the chain runs the blocks again
+        run.after_block = after_block
     full = lambda: cal.run(qmodel)  # noqa: E731
     stop = lambda n: calls[n] == 1 and cal.loop is None  # noqa: E731
     with tqdm(total=len(pre) + len(blocks) + len(post), desc=f"quantize W{config.bits} {config.method}",

@@ -10,8 +10,10 @@ calibration activations of one block boundary (``docs/scale.md`` has measured fi
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -20,14 +22,14 @@ import torch
 from torch import nn
 
 from .blocks import candidates
-from .io import save_quantized
+from .io import quantized_meta, save_quantized
 from .model import QuantConfig, quant_targets, quantize_model
 from .qmodules import QuantLayer
+from .server_formats import shared_aliases
+from .stream import SAFETENSORS_DTYPES, stream_safetensors
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the JSON header
 
 
@@ -171,27 +173,22 @@ def empty_model(folder: str | os.PathLike, model_class: Any = None) -> nn.Module
         return model_class(config)
 
 
-@torch.no_grad()
-def quantize_pretrained(src: str | os.PathLike, calib: Iterable | Callable[[nn.Module], Any],
-                        config: QuantConfig | None = None, dst: str | os.PathLike | None = None,
-                        dtype: torch.dtype = torch.float32, model_class: Any = None,
-                        progress: bool = True) -> nn.Module:
-    """Quantize the Hugging Face checkpoint folder ``src`` (safetensors) block by block without
-    loading all its float weights: the same result as ``quantize(from_pretrained(src), calib,
-    config)``, with peak memory bounded by the weights outside the blocks, the packed model and
-    one or two float blocks.
+def return_large_frees() -> None:
+    """glibc only (a no-op elsewhere): serve allocations of 1 MiB and more by ``mmap`` so that
+    freeing them returns the memory to the system. By default glibc raises that threshold up to
+    32 MiB as large blocks are freed, after which the OBS temporaries (K x K, N x K) come from the
+    heap and the freed ones stay in the process's RSS (measured: +100-300 MB on a 1024-wide
+    Llama). The setting stays for the rest of the process (mallopt ``M_MMAP_THRESHOLD``)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 2**20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
-    Args:
-        src: folder with ``config.json`` and ``model.safetensors`` (or a sharded index).
-        calib: calibration batches as for :func:`adagrow.compress.quantize`.
-        dst: if given, the quantized checkpoint is written there (:func:`save_quantized`).
-        dtype: compute dtype of the float weights (float32: the checkpoint's bf16/fp16 is upcast
-            one block at a time).
-        model_class: transformers class to build (default: ``config.architectures[0]``).
 
-    Returns the quantized model (``adagrow_quant`` also records ``"block_loads"``).
-    """
-    config = (config or QuantConfig()).validate()
+def _onloading(src: str | os.PathLike, config: QuantConfig, dtype: torch.dtype,
+               model_class: Any) -> tuple[nn.Module, "BlockLoader"]:
+    """The model on the meta device with its weights outside the blocks loaded, and the loader
+    of its blocks."""
     ckpt = Checkpoint(src)
     model = empty_model(src, model_class)
     names = _names(model, ckpt)
@@ -208,7 +205,31 @@ def quantize_pretrained(src: str | os.PathLike, calib: Iterable | Callable[[nn.M
     meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and not inside(n)]
     if meta:
         raise ValueError(f"{src}: the checkpoint has no tensor for {meta[:5]}")
-    loader = BlockLoader(model, ckpt, names, blocks, dtype)
+    return model, BlockLoader(model, ckpt, names, blocks, dtype)
+
+
+@torch.no_grad()
+def quantize_pretrained(src: str | os.PathLike, calib: Iterable | Callable[[nn.Module], Any],
+                        config: QuantConfig | None = None, dst: str | os.PathLike | None = None,
+                        dtype: torch.dtype = torch.float32, model_class: Any = None,
+                        progress: bool = True) -> nn.Module:
+    """Quantize the Hugging Face checkpoint folder ``src`` (safetensors) block by block without
+    loading all its float weights: the same result as ``quantize(from_pretrained(src), calib,
+    config)``, with peak memory bounded by the weights outside the blocks, the packed model and
+    one or two float blocks (:func:`quantize_to_disk` does not keep the packed model).
+
+    Args:
+        src: folder with ``config.json`` and ``model.safetensors`` (or a sharded index).
+        calib: calibration batches as for :func:`adagrow.compress.quantize`.
+        dst: if given, the quantized checkpoint is written there (:func:`save_quantized`).
+        dtype: compute dtype of the float weights (float32: the checkpoint's bf16/fp16 is upcast
+            one block at a time).
+        model_class: transformers class to build (default: ``config.architectures[0]``).
+
+    Returns the quantized model (``adagrow_quant`` also records ``"block_loads"``).
+    """
+    config = (config or QuantConfig()).validate()
+    model, loader = _onloading(src, config, dtype, model_class)
     try:
         qmodel = quantize_model(model, calib, config, progress, before_block=loader.load)
     finally:
@@ -219,4 +240,58 @@ def quantize_pretrained(src: str | os.PathLike, calib: Iterable | Callable[[nn.M
     return qmodel
 
 
-__all__ = ["Checkpoint", "BlockLoader", "empty_model", "quantize_pretrained"]
+@torch.no_grad()
+def quantize_to_disk(src: str | os.PathLike, dst: str | os.PathLike, calib: Iterable | Callable[[nn.Module], Any],
+                     config: QuantConfig | None = None, dtype: torch.dtype = torch.float32,
+                     model_class: Any = None, progress: bool = True, overwrite: bool = False) -> Path:
+    """:func:`quantize_pretrained` that keeps neither the float nor the packed model: each block's
+    packed tensors are written to a part file in ``dst`` once it is quantized and dropped from
+    memory, and ``dst/model.adagrow.safetensors`` (the file :func:`save_quantized` writes, byte
+    for byte the same tensors and metadata) is assembled from the parts at the end, streamed
+    (:func:`~adagrow.compress.stream.stream_safetensors`). Peak memory: the weights outside the
+    blocks, one float block and its float copy, one block boundary of activations and the OBS
+    working set of one group of layers (docs/scale.md); large allocations are returned to the
+    system when freed (:func:`return_large_frees`). A layer after the chain of blocks that
+    needs the blocks rerun (:mod:`.tail`) keeps the packed blocks in memory instead.
+
+    Returns the path of the written file.
+    """
+    from safetensors.torch import save_file
+    config = (config or QuantConfig()).validate()
+    out = Path(dst) / "model.adagrow.safetensors"
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    return_large_frees()
+    model, loader = _onloading(src, config, dtype, model_class)
+    parts: dict[str, tuple] = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".adagrow-parts-", dir=out.parent) as tmp:
+        def offload(block: str) -> None:
+            from accelerate.utils import set_module_tensor_to_device
+            mod = model.get_submodule(block)
+            for m in mod.modules():
+                if isinstance(m, QuantLayer):
+                    m.clear_cache()
+            state = {f"{block}.{k}": v.contiguous() for k, v in mod.state_dict().items()}
+            part = Path(tmp) / f"{len(parts)}.safetensors"
+            save_file(state, str(part))
+            parts.update(_header(part))
+            for name in state:
+                set_module_tensor_to_device(model, name, "meta")
+
+        try:
+            qmodel = quantize_model(model, calib, config, progress, before_block=loader.load, after_block=offload)
+        finally:
+            loader.remove()
+        qmodel.adagrow_quant["block_loads"] = loader.loads
+        state = qmodel.state_dict()
+        resident = {k: v for k, v in state.items() if not v.is_meta}
+        resident = {k: v for k, v in resident.items() if k not in shared_aliases(resident)}  # tied weights once
+        missing = [k for k, v in state.items() if v.is_meta and k not in parts]
+        if missing:
+            raise RuntimeError(f"{src}: tensors neither in memory nor written out: {missing[:5]}")
+        meta = {"adagrow": json.dumps(quantized_meta(qmodel))}
+        return stream_safetensors(out, {**resident, **{k: parts[k] for k in state if k in parts}}, meta, overwrite)
+
+
+__all__ = ["Checkpoint", "BlockLoader", "empty_model", "quantize_pretrained", "quantize_to_disk"]

@@ -144,3 +144,29 @@ def test_checkpoint_reader_refuses_a_tensor_outside_its_file(tmp_path) -> None:
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="does not fit its byte range"):
         Checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_quantize_to_disk_writes_the_same_file_without_keeping_blocks(tmp_path, arch) -> None:
+    """quantize_to_disk writes each quantized block out and drops it; the assembled file holds the
+    same tensors and metadata as save_quantized(quantize_pretrained(...)) and loads back."""
+    from safetensors import safe_open
+
+    from adagrow.compress import load_quantized
+    from adagrow.compress.onload import quantize_to_disk
+    model = _models()[arch]
+    model.save_pretrained(tmp_path / "src")
+    calib = _calib()
+    quantize_pretrained(tmp_path / "src", calib, CFG, dst=tmp_path / "ref", progress=False)
+    path = quantize_to_disk(tmp_path / "src", tmp_path / "got", calib, CFG, progress=False)
+    assert sorted(p.name for p in (tmp_path / "got").iterdir()) == ["model.adagrow.safetensors"]
+    with safe_open(str(tmp_path / "ref" / "model.adagrow.safetensors"), "pt") as ref, safe_open(str(path), "pt") as got:
+        assert ref.metadata() == got.metadata() and sorted(ref.keys()) == sorted(got.keys())
+        for k in ref.keys():
+            assert torch.equal(ref.get_tensor(k), got.get_tensor(k)), k
+    load = lambda f: load_quantized(f, model=type(model)(model.config).eval())  # noqa: E731
+    q, ref_q = load(path), load(tmp_path / "ref" / "model.adagrow.safetensors")
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) >= 3 * 6
+    assert torch.equal(q(**calib[0])[0], ref_q(**calib[0])[0])
+    with pytest.raises(FileExistsError):
+        quantize_to_disk(tmp_path / "src", tmp_path / "got", calib, CFG, progress=False)
