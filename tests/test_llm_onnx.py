@@ -87,8 +87,8 @@ def test_ort_greedy_tokens_equal_generate(fp32) -> None:
 def test_w4_matmulnbits_greedy_tokens_equal_the_quantized_model(tmp_path) -> None:
     calib = [{"input_ids": torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(1))}]
     q = quantize(_llama(), calib, QuantConfig(bits=4, group_size=32, sym=True), progress=False)
-    # accuracy level 0: MatMulNBits dequantizes to fp32, the quantized model's arithmetic
-    rep = export_decoder_onnx(q, tmp_path / "w4.onnx", "w4", accuracy_level=0)
+    # accuracy level 0 (the default): MatMulNBits computes in fp32, the quantized model's arithmetic
+    rep = export_decoder_onnx(q, tmp_path / "w4.onnx", "w4")
     ops = [n.op_type for n in onnx.load(tmp_path / "w4.onnx").graph.node]
     assert rep.quantized_weights == ops.count("MatMulNBits") == 14 and rep.cosine > 0.9999
     ids, mask = _prompts()
@@ -96,7 +96,8 @@ def test_w4_matmulnbits_greedy_tokens_equal_the_quantized_model(tmp_path) -> Non
     got = greedy_generate(tmp_path / "w4.onnx", ids.numpy(), 16, attention_mask=mask.numpy(), eos_token_id=2)
     np.testing.assert_array_equal(got.tokens, ref.numpy())
     # a float model is quantized by the export itself (RTN here); int8 compute stays within the W4 threshold
-    rep4 = export_decoder_onnx(_llama(), tmp_path / "rtn.onnx", "w4", quant_config=QuantConfig(method="rtn"))
+    rep4 = export_decoder_onnx(_llama(), tmp_path / "rtn.onnx", "w4", quant_config=QuantConfig(method="rtn"),
+                               accuracy_level=4)
     assert rep4.quantized_weights == 14 and rep4.cosine >= rep4.threshold and not rep4.notes
 
 
