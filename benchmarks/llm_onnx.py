@@ -104,7 +104,9 @@ def main() -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "adagrow_version": __version__, "torch": torch.__version__, "onnxruntime": ort.__version__,
         "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-        "threads": args.threads, "quant_config": kw, "quantize_s": time.perf_counter() - t0,
+        "threads": args.threads, "load_average_at_start": os.getloadavg(),
+        "note": "a 2-core CPU shared with other jobs: decode speeds are noisy, the backends interleaved",
+        "quant_config": kw, "quantize_s": time.perf_counter() - t0,
         "prompts": PROMPTS[: args.prompts], "new_tokens": args.new_tokens, "exports": {}}
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
@@ -150,6 +152,7 @@ def main() -> None:
         result["continuations"] = {n: [tokenizer.decode(t) for t in tokens[n]] for n in ("torch_w4", "ort_w4_level4")}
     result["calibration"] = None if calib is None else {"windows": sum(b["input_ids"].shape[0] for b in calib),
                                                          "seq_len": 256, "text": "adagrow/text/calibration_en.txt"}
+    result["load_average_at_end"] = os.getloadavg()
     print({k: result[k] for k in ("decode_tokens_per_s", "agreement", "perplexity")}, flush=True)
     write_json(args.out, result)
 
