@@ -22,7 +22,10 @@ def _transformers() -> Any:
 
 
 def is_causal_lm(model_or_config: Any) -> bool:
-    """Whether a transformers model (or its config) is a decoder LM (``*ForCausalLM``)."""
+    """Whether a transformers model (or its config) is a decoder LM (``*ForCausalLM``): the model's
+    class, or the config's ``architectures`` (which a config read from a GGUF file leaves empty)."""
+    if type(model_or_config).__name__.endswith("ForCausalLM"):
+        return True
     config = getattr(model_or_config, "config", model_or_config)
     return any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
 

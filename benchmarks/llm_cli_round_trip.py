@@ -70,6 +70,8 @@ def refused_before_work(gguf: Path, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/llm_cli_round_trip_cpu.json")
+    ap.add_argument("--calib", type=int, default=None, help="pass --calib N to adagrow quantize (calibration "
+                    "sentences; default: the command's own, 512)")
     args = ap.parse_args()
     import transformers
     from adagrow.hf import load_hf
@@ -88,6 +90,7 @@ def main() -> None:
         ac.quantize = lambda *a, **k: built.append(real(*a, **k)) or built[-1]
         out, stdout = tmp / "q", io.StringIO()
         argv = ["quantize", "--hf", str(gguf), "--out", str(out), "--json"]
+        argv += [] if args.calib is None else ["--calib", str(args.calib)]
         try:
             with contextlib.redirect_stdout(stdout):
                 rc = cli(argv)
@@ -95,7 +98,7 @@ def main() -> None:
             ac.quantize = real
         if rc != 0:
             raise SystemExit(f"adagrow quantize failed (exit {rc})")
-        result["command"] = "adagrow quantize --hf <SmolLM2 gguf> --out q --json"
+        result["command"] = "adagrow " + " ".join(argv[:1] + ["--hf", "<SmolLM2 gguf>", "--out", "q"] + argv[5:])
         result["cli_result"] = json.loads(stdout.getvalue())
         _, tokenizer = load_hf(gguf)
         loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()

@@ -185,3 +185,12 @@ def test_demo_smollm2_flow_on_a_tiny_llama(tmp_path, capsys, monkeypatch) -> Non
     assert rows["RTN"]["ppl_increase"] == pytest.approx(rows["RTN"]["ppl"] - rows["float"]["ppl"])
     assert res["server_folder"]["reload_same_greedy_tokens"] is True
     assert (out / "llm.md").is_file() and (out / demo.SERVER_FOLDER / "config.json").is_file()
+
+
+def test_a_causal_lm_is_recognised_without_config_architectures() -> None:
+    """A model loaded from a GGUF file has a config naming no architecture: its class still says
+    it is a causal LM (the CLI calibrates it on token windows and scores it by perplexity)."""
+    from adagrow.hf import is_causal_lm
+    model = _llama()
+    model.config.architectures = None
+    assert is_causal_lm(model) and not is_causal_lm(model.model) and not is_causal_lm(model.config)
