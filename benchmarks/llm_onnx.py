@@ -14,7 +14,7 @@ the float and the quantized model), and reports:
 - token agreement of each ORT export with its PyTorch model (W4 with the quantized model): the
   fraction of continuations that are identical, of token positions that agree, and the mean
   number of tokens before the first difference;
-- perplexity on adagrow's held-out English text (non-overlapping windows of ``--ppl-window``) of
+- perplexity on adagrow's held-out English prose (non-overlapping windows of ``--ppl-window``) of
   each ORT export and each PyTorch model;
 - decode tokens/s (the runs after the prompt's) of ORT W4 (both levels), ORT fp32 and PyTorch fp32,
   on the same ``--threads``, the backends interleaved prompt by prompt (the order rotating) for
@@ -41,11 +41,11 @@ import torch
 from adagrow import __version__
 from adagrow.compress import QuantConfig, quantize
 from adagrow.compress.export import Generation, export_decoder_onnx, greedy_generate, ort_session, torch_greedy_generate
-from adagrow.files import write_json
-from adagrow.hf import load_hf
 from adagrow.eval import perplexity
-from adagrow.hf_text import HELD_OUT
-from llm_quant import calibration, gguf_path
+from adagrow.files import write_json
+from adagrow.hf import lm_windows, load_hf
+from adagrow.hf_text import CALIBRATION, HELD_OUT_PROSE
+from adagrow.models import smollm2_path
 
 PROMPTS = ["The weather today is", "To make a good cup of tea,", "The capital of France is",
            "Once upon a time, in a small village,", "The best way to learn a new language is",
@@ -92,9 +92,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/llm_onnx_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_hf(gguf_path())
+    model, tokenizer = load_hf(smollm2_path())
     kw = dict(bits=4, group_size=64, sym=True) | ({"method": "rtn"} if args.quant == "rtn" else {})
-    calib = calibration(tokenizer, 256, args.windows) if args.quant == "obs" else None
+    calib = lm_windows(tokenizer, CALIBRATION, 256, args.windows) if args.quant == "obs" else None
     t0 = time.perf_counter()
     qmodel = quantize(model, calib, QuantConfig(**kw), progress=False)
     result: dict = {
@@ -144,8 +144,9 @@ def main() -> None:
         result["agreement"] = {"ort_fp32_vs_torch_fp32": agreement(tokens["ort_fp32"], tokens["torch_fp32"]),
                                **{f"{n}_vs_torch_w4": agreement(tokens[n], tokens["torch_w4"])
                                   for n in ("ort_w4_level4", "ort_w4_level0")}}
-        held = tokenizer("\n".join(HELD_OUT), return_tensors="pt")["input_ids"]
-        result["perplexity"] = {"held_out_tokens": held.shape[1], "window": args.ppl_window,
+        held = tokenizer("\n".join(HELD_OUT_PROSE), return_tensors="pt")["input_ids"]
+        result["perplexity"] = {"text": "adagrow/text/held_out_prose_en.txt", "tokens": held.shape[1],
+                                "window": args.ppl_window,
                                 "torch_fp32": perplexity(model, held, window=args.ppl_window, stride=args.ppl_window),
                                 "torch_w4": perplexity(qmodel, held, window=args.ppl_window, stride=args.ppl_window),
                                 **{n: ort_perplexity(s, held, args.ppl_window) for n, s in sessions.items()}}
