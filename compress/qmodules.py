@@ -7,7 +7,8 @@ Forward paths, first that applies:
    kernel where its shape constraints allow, repacked once at the first call, on bfloat16 inputs
    and, when ``bf16_activations`` is on (:func:`use_bf16_activations`), on float32 inputs rounded
    to bfloat16, the output cast back to float32; otherwise a layer with ``cache_dequantized`` (the
-   default) keeps its dequantized weight and runs the float op (float32 numerics, float memory). Both caches are rebuilt when the packed tensors change
+   default) keeps its dequantized weight and runs the float op (float32 numerics, float memory).
+   Both caches are rebuilt when the packed tensors change
    (in place or by ``.to()``), and skipped while tracing / compiling.
 3. The reference: dequantize, then ``F.linear`` / ``F.conv2d`` in the input's dtype.
 """
@@ -73,7 +74,9 @@ class QuantLayer(nn.Module):
                 and (isinstance(gs, str) or self.geo.kind == "conv" or kernel_supports(gs)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self._buffers["bias"]
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         if self._use_kernel(x):
             return self._kernel_forward(x, bias)
         if _cacheable(x):
@@ -92,8 +95,9 @@ class QuantLayer(nn.Module):
     def _cached(self, what: str, dtype: torch.dtype, build: Callable[[], Any]) -> Any:
         """``build()``, kept until the packed tensors change (storage or in-place version) or the
         dtype / kind asked for differs. One cache entry per layer."""
-        tensors = [t for t in (self.qweight, self.scales, self.zeros, self.position_group) if t is not None]
-        key = (what, dtype, tuple((t.data_ptr(), t._version) for t in tensors))
+        b = self._buffers  # direct: nn.Module attribute lookup costs microseconds per call
+        key = (what, dtype, *((t.data_ptr(), t._version) for t in (b["qweight"], b["scales"], b["zeros"])),
+               None if b["position_group"] is None else (b["position_group"].data_ptr(), b["position_group"]._version))
         entry = self.__dict__.get("_cpu_cache")
         if entry is None or entry[0] != key:
             entry = (key, build())
