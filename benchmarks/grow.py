@@ -277,7 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
              for d in (args.difficulties if fam in args.adapt_families else [args.difficulty])]
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
         done = [pool.submit(run_unit, fam, seed, d, args, budget_ms) for fam, seed, d in units]
-        rows = [row for fut in tqdm(done, desc="units") for row in fut.result()]
+        rows = []
+        for fut in tqdm(done, desc="units"):  # a run cut short keeps the finished units
+            rows.extend(fut.result())
+            write_json(args.out.with_suffix(".partial.json"), {"command": sys.argv, "rows": rows})
     summary = summarize(rows)
     tgts = targets(summary, args, budget_ms)
     lines = [f"{'family':<7} {'diff':>4} {'model':<15} {'spec(s)':<28} {'acc mean±std':>15} {'epochs':>6} "
@@ -312,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
               "budget_latency_ms": budget_ms, "wall_s": wall, "cpu_s": cpu, "rows": rows,
               "summary": list(summary.values()), "targets": tgts}
     write_json(args.out, result)
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     header = f"{command}\n{result['date']}  {machine['platform']}  {machine['note']}\n\n"
     atomic_write(args.out.with_suffix(".txt"), lambda tmp: Path(tmp).write_text(header + "\n".join(lines) + "\n"))
     pngs = plot(rows, summary, args, args.out)
