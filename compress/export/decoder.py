@@ -193,7 +193,7 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
             OBS needs ``calib``, token windows ``{"input_ids": [B, L]}``).
         accuracy_level: ``MatMulNBits`` accuracy level. 0 (the default): fp32 compute on the 4-bit
             weights, the quantized PyTorch model's arithmetic, so greedy generation follows it
-            token for token; 4: int8 activations, faster decoding (SmolLM2-135M: 1.25x) but greedy
+            token for token; 4: int8 activations, faster decoding (SmolLM2-135M: 1.3x) but greedy
             continuations drift from the PyTorch model's (docs/llm.md). None writes blocked int4
             DequantizeLinear + MatMul instead.
         check: ``raise`` (default: ``ExportCheckError`` and nothing written when the logits and
