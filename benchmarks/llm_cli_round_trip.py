@@ -64,7 +64,7 @@ def refused_before_work(gguf: Path, tmp: Path) -> dict:
         ac.quantize = real
     return {"command": "adagrow " + " ".join(argv[:1] + ["--hf", "<SmolLM2 gguf>"] + argv[3:]), "exit_code": rc,
             "quantize_called": bool(calls), "written": (tmp / "bad").exists(), "seconds": time.perf_counter() - t0,
-            "stderr": err.getvalue().strip()}
+            "stderr": [line for line in err.getvalue().splitlines() if line.startswith("adagrow")]}
 
 
 def main() -> None:
