@@ -96,8 +96,9 @@ class QuantLayer(nn.Module):
         """``build()``, kept until the packed tensors change (storage or in-place version) or the
         dtype / kind asked for differs. One cache entry per layer."""
         b = self._buffers  # direct: nn.Module attribute lookup costs microseconds per call
-        key = (what, dtype, *((t.data_ptr(), t._version) for t in (b["qweight"], b["scales"], b["zeros"])),
-               None if b["position_group"] is None else (b["position_group"].data_ptr(), b["position_group"]._version))
+        qw, sc, ze, pg = b["qweight"], b["scales"], b["zeros"], b["position_group"]
+        key = (what, dtype, qw.data_ptr(), qw._version, sc.data_ptr(), sc._version, ze.data_ptr(), ze._version,
+               None if pg is None else (pg.data_ptr(), pg._version))
         entry = self.__dict__.get("_cpu_cache")
         if entry is None or entry[0] != key:
             entry = (key, build())
