@@ -26,9 +26,10 @@ MAX_HEADER_BYTES = 16 << 20  # 16 MiB of JSON: ~50,000 layer records; adagrow's 
 MAX_NESTING = 64  # JSON nesting depth of the header and of the metadata strings in it
 SLACK_BYTES = 64 << 20  # non-persistent buffers (position ids, rotary tables) a model may hold beyond its file
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+DTYPES = {  # safetensors dtype name -> torch dtype
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool}
 _CORRUPT = "not a readable safetensors file (truncated or corrupt)"
 
 
@@ -39,6 +40,7 @@ class StoredTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    offset: int  # first byte in the file (after the 8-byte length and the header)
 
 
 def _depth(value: Any) -> int:
@@ -90,7 +92,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], dict[
     table, data = {}, size - 8 - n
     for name, entry in header.items():
         try:
-            dtype, shape, (start, end) = _DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+            dtype, shape, (start, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
             ok = all(type(d) is int and d >= 0 for d in (*shape, start, end)) and start <= end <= data
             numel = 1
             for d in shape:
@@ -99,9 +101,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], dict[
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"{path}: {_CORRUPT}: tensor {name!r} has an invalid entry {str(entry)[:200]} "
-                             f"({data:,} bytes of tensor data)")
-        table[name] = StoredTensor(dtype, shape, end - start)
+            raise ValueError(f"{path}: {_CORRUPT}: tensor {name!r} has an invalid entry {str(entry)[:200]}: an unknown "
+                             f"dtype, a malformed shape or a tensor that does not fit its byte range ({data:,} bytes "
+                             "of tensor data)")
+        table[name] = StoredTensor(dtype, shape, end - start, 8 + n + start)
     return table, meta
 
 

@@ -21,16 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from adagrow.stored import read_header
+
 from .blocks import candidates
 from .io import quantized_meta, save_quantized
 from .model import QuantConfig, quant_targets, quantize_model
 from .qmodules import QuantLayer
 from .server_formats import shared_aliases
-from .stream import SAFETENSORS_DTYPES, stream_safetensors
-
-
-_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the JSON header
+from .stream import stream_safetensors
 
 
 class Checkpoint:
@@ -66,33 +64,10 @@ class Checkpoint:
 
 def _header(path: Path) -> dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]]:
     """``name -> (file, dtype, shape, first byte, end byte)`` from a safetensors file's header,
-    each entry checked against the file's size and the tensor's byte count."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        if not 0 < n <= min(MAX_HEADER, size - 8):
-            raise ValueError(f"{path}: not a safetensors file (header length {n}, file {size} bytes)")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: unreadable safetensors header: {exc}") from exc
-    table = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = _DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"]), \
-                info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: tensor {key!r} has an unsupported or malformed entry {info!r}") from exc
-        numel = 1
-        for d in shape:
-            numel *= d
-        begin, end = 8 + n + int(begin), 8 + n + int(end)
-        if min(shape, default=0) < 0 or end - begin != numel * dtype.itemsize or begin < 8 + n or end > size:
-            raise ValueError(f"{path}: tensor {key!r} ({info['dtype']} {list(shape)}) does not fit its byte range")
-        table[key] = (path, dtype, shape, begin, end)
-    return table
+    each entry checked against the file's size and the tensor's byte count
+    (:func:`adagrow.stored.read_header`)."""
+    table, _ = read_header(path)
+    return {key: (path, t.dtype, t.shape, t.offset, t.offset + t.nbytes) for key, t in table.items()}
 
 
 def _names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:

@@ -12,10 +12,9 @@ import torch
 
 from adagrow.checks import check_finite
 from adagrow.files import atomic_write
+from adagrow.stored import DTYPES
 
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
+SAFETENSORS_DTYPES = {dtype: name for name, dtype in DTYPES.items()}  # torch dtype -> safetensors name
 CHUNK = 16 * 2**20  # bytes copied at a time from a source file
 
 # a tensor to write: in memory, or (file, dtype, shape, first byte, end byte) of a stored one
