@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from adagrow.bench import CPU_REFERENCE_NOTE, SUITE_DEFAULTS, markdown, measure, run_suite
+from adagrow.bench import CPU_REFERENCE_NOTE, SUITE_DEFAULTS, markdown, run_suite
 from adagrow.compress import QuantConfig, quantize, save_quantized
 from adagrow.compress.export import export_onnx, ort_session
 from adagrow.data import digits, train_val_split
 from adagrow.files import write_json, write_text
 from adagrow.grow import GrowingCNN, GrowthConfig, grow, reparameterize, save_grown
 from adagrow.grow.train import accuracy
+from adagrow.timing import measure
 
 METHODS = [  # (method label, precision, config)
     ("RTN per-channel", "W8", QuantConfig(bits=8, method="rtn", group_size=-1, linear_group_size=-1)),
@@ -50,7 +51,7 @@ def growth_config() -> GrowthConfig:
 
 
 def _latency(fn, x: torch.Tensor, timing: dict[str, int]) -> float:
-    """Median ms of ``fn(x)`` by :func:`adagrow.bench.measure`, the suite's timing method."""
+    """Median ms of ``fn(x)`` by :func:`adagrow.timing.measure`, the suite's timing method."""
     device = "cuda" if x.is_cuda else "cpu"
     return measure(lambda: fn(x), timing["warmup"], timing["runs"], timing["threads"], device)["median_ms"]
 
