@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adagrow.checks import all_finite
+
 
 @dataclass(frozen=True)
 class LayerGeometry:
@@ -64,7 +66,7 @@ def check_parameters(layer: nn.Module, name: str = "layer") -> None:
     it would store a NaN model)."""
     for what in ("weight", "bias"):
         t = getattr(layer, what, None)
-        if t is not None and not bool(torch.isfinite(t).all()):
+        if t is not None and not all_finite(t):
             n_bad = int((~torch.isfinite(t)).sum())
             kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
             raise ValueError(f"{name}: {what} contains {kind} ({n_bad} of {t.numel()} values non-finite); the "

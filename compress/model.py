@@ -25,7 +25,7 @@ from .calib import Calibration, StopForward, TokenMask
 from .grid import check_bits
 from .groups import check_group_size
 from .layer import geometry, set_module
-from .obs import OBSQuantizer, QuantResult, rtn_quantize
+from .obs import OBSQuantizer, QuantResult, fit_targets, rtn_quantize
 from .order import check_order
 from .qmodules import SCALE_DTYPES, QuantLayer, from_result
 from .server_formats import guard_save_pretrained
@@ -209,14 +209,14 @@ class _Run:
             for name, layer in zip(names[1:], layers[1:]):
                 quantizers.append(OBSQuantizer(layer, name, HESSIAN_DTYPES[cfg.hessian_dtype]))
                 quantizers[-1].share(lead)
-            for q in quantizers:  # the float-target fits first, so their statistics are freed before the inverses
-                q.fit_target()
-            for q in quantizers:
-                q.drop_target()
-            for name, layer, q in zip(names, layers, quantizers):
+            fit_targets(quantizers)  # first, so the float-target statistics are freed before the inverses
+            for i, (name, layer, q) in enumerate(zip(names, layers, quantizers)):
                 gs = cfg.group_size_for(geometry(layer, name).kind)
+                last = i == len(quantizers) - 1
                 results.append(q.quantize(cfg.bits, gs, cfg.sym, cfg.order, percdamp=cfg.percdamp,
-                                          block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt))
+                                          block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt, release=last))
+                if not last:
+                    q.release()  # the group's statistics are freed by the last layer's quantize
         for name, layer, res in zip(names, layers, results):
             self.report[name] = {"loss": res.loss, "damp": res.damp}
             if defer:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adagrow.packed import column_groups, pack_codes, padded_k
+from adagrow.checks import all_finite
+from adagrow.packed import codes_per_word, column_groups, pack_codes, padded_k
 
 from .grid import check_bits, check_scales, dequantize_codes, quantize_codes
 from .groups import check_group_size, group_params, position_groups
@@ -82,16 +83,23 @@ class _Grouping:
 
 def _finish(layer: nn.Module, geo: LayerGeometry, grouping: _Grouping, codes: torch.Tensor,
             scales: torch.Tensor, zeros: torch.Tensor, scale_dtype: torch.dtype, perm: torch.Tensor,
-            loss: float, damp: float, bits: int, sym: bool, order: str) -> QuantResult:
-    """Pack codes ``[N, K]`` with per-row group params ``[N, n_groups]`` into a QuantResult."""
-    codes = codes.float().cpu()
+            loss: float, damp: float, bits: int, sym: bool, order: str, rows: int = 256) -> QuantResult:
+    """Pack codes ``[N, K]`` (integer-valued, any dtype) with per-row group params ``[N, n_groups]``
+    into a QuantResult, ``rows`` output rows at a time (no full-size float or int64 temporaries)."""
+    codes = codes.cpu()
     scales, zeros = scales.float().cpu(), zeros.float().cpu()
-    pad_zero = zeros[:, grouping.gid_pad[geo.k:]]  # padding columns dequantize to exactly 0
-    qweight = pack_codes(torch.cat([codes, pad_zero], 1).round().long(), bits)
-    w_hat = dequantize_codes(codes, scales[:, grouping.gid], zeros[:, grouping.gid])
+    pad_gid = grouping.gid_pad[geo.k:]  # padding columns dequantize to exactly 0
+    n = codes.shape[0]
+    qweight = torch.empty(grouping.k_pad // codes_per_word(bits), n, dtype=torch.int32)
+    w_hat = torch.empty(n, geo.k, dtype=layer.weight.dtype)
+    for r1 in range(0, n, rows):
+        r2 = min(r1 + rows, n)
+        c, s, z = codes[r1:r2].float(), scales[r1:r2], zeros[r1:r2]
+        qweight[:, r1:r2] = pack_codes(torch.cat([c, z[:, pad_gid]], 1).round().long(), bits)
+        w_hat[r1:r2] = dequantize_codes(c, s[:, grouping.gid], z[:, grouping.gid])
     dev = layer.weight.device
     return QuantResult(
-        weight=matrix_to_weight(w_hat, geo).to(device=dev, dtype=layer.weight.dtype),
+        weight=matrix_to_weight(w_hat, geo).to(dev),
         qweight=qweight.to(dev),
         scales=scales.t().contiguous().to(device=dev, dtype=scale_dtype),
         zeros=zeros.t().contiguous().to(device=dev, dtype=scale_dtype),
@@ -135,37 +143,44 @@ def _obs_block(w: torch.Tensor, u: torch.Tensor, sc: torch.Tensor, zc: torch.Ten
     return codes.t(), errs.t(), 0.5 * errs.square().sum()
 
 
+def _cholesky_in_place(a: torch.Tensor, upper: bool = False) -> tuple[torch.Tensor, int]:
+    """Cholesky factor of the symmetric matrix ``a`` in ``a``'s own buffer, and LAPACK's info.
+
+    Factorized through the column-major view ``a.mT`` (equal to ``a``, being symmetric), which
+    LAPACK takes as it is: a row-major matrix is first copied (one more K x K buffer, measured).
+    The factor returned is that view."""
+    f = a.mT
+    info = torch.empty((), dtype=torch.int32, device=a.device)
+    torch.linalg.cholesky_ex(f, upper=upper, out=(f, info))
+    return f, int(info)
+
+
 def _upper_factor(hinv: torch.Tensor, perm: torch.Tensor, name: str) -> torch.Tensor:
     """Upper Cholesky factor of ``H^-1`` with rows and columns in ``perm`` order (one K x K buffer)."""
-    u = hinv[perm[:, None], perm[None, :]]
-    info = torch.empty((), dtype=torch.int32)
-    torch.linalg.cholesky_ex(u, upper=True, out=(u, info))
-    if int(info):
+    u, info = _cholesky_in_place(hinv[perm[:, None], perm[None, :]], upper=True)
+    if info:
         raise RuntimeError(f"{name}: the inverse Hessian is not positive definite in float "
                            f"{str(hinv.dtype)[11:]} (ill-conditioned statistics); raise percdamp or use "
                            "hessian_dtype='float64'")
     return u
 
 
-def _obs_static(w: torch.Tensor, u: torch.Tensor, perm: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
-                gid: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ's blocked lazy-update loop over a fixed column order with the upper Cholesky factor
-    ``u`` of the permuted ``H^-1`` (:func:`_upper_factor`); codes in canonical order. ``s``, ``z``
-    ``[rows, n_groups]`` are expanded to columns one block at a time (``gid``: each column's group)."""
-    w, gperm = w[:, perm].clone(), gid[perm]
-    codes = torch.empty_like(w)
+def _obs_static(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gid: torch.Tensor,
+                bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's blocked lazy-update loop over the columns of ``w`` in their given order (the
+    permuted weight matrix, overwritten: each block's columns by their codes once quantized)
+    with the upper Cholesky factor ``u`` of ``H^-1`` in the same order (:func:`_upper_factor`).
+    ``s``, ``z`` ``[rows, n_groups]`` are expanded to columns one block at a time (``gid``: each
+    column's group). Returns the codes (in ``w``'s column order) and the OBS loss."""
     loss = w.new_zeros(())
     for i1 in range(0, w.shape[1], block):
         i2 = min(i1 + block, w.shape[1])
-        g = gperm[i1:i2]
+        g = gid[i1:i2]
         q, err, l = _obs_block(w[:, i1:i2], u[i1:i2, i1:i2], s[:, g], z[:, g], bits)
-        codes[:, i1:i2] = q
         loss += l
         w[:, i2:] -= err @ u[i1:i2, i2:]
-    del w
-    out = torch.empty_like(codes)
-    out[:, perm] = codes
-    return out, loss
+        w[:, i1:i2] = q  # the block's columns are not read again
+    return w, loss
 
 
 def _rounding_error(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gid: torch.Tensor, bits: int,
@@ -283,7 +298,6 @@ class OBSQuantizer:
                 self.H = self.H.double()
                 self.C = None if self.C is None else self.C.double()
         x = x.to(self.dtype)
-        xx = x @ x.transpose(1, 2)
         if amax > FP16_MAX and not self._warned_fp16:
             self._warned_fp16 = True
             warnings.warn(CalibrationWarning(
@@ -296,10 +310,11 @@ class OBSQuantizer:
         self._weights = None
         keep = self.nsamples / (self.nsamples + n)
         self.nsamples += n
-        self.H.mul_(keep).add_(xx, alpha=2 / self.nsamples)
+        # fused in place (no K x K temporary): H <- keep H + 2/n x x^T
+        self.H.baddbmm_(x, x.transpose(1, 2), beta=keep, alpha=2 / self.nsamples)
         if target is not None:
             xf = input_columns(target.detach(), self.geo, self.name).to(self.dtype)
-            self.C.mul_(keep).add_(xf @ x.transpose(1, 2), alpha=2 / self.nsamples)
+            self.C.baddbmm_(xf, x.transpose(1, 2), beta=keep, alpha=2 / self.nsamples)
 
     @torch.no_grad()
     def all_reduce(self) -> None:
@@ -323,65 +338,105 @@ class OBSQuantizer:
         self.nsamples = int(n)
         self._weights = None
 
+    def _target_lam(self, g: int, dtype: torch.dtype) -> float:
+        """Ridge of the float-target fit: ``TARGET_DAMP`` x mean(diag H) in ``dtype``."""
+        return TARGET_DAMP * float(self.H[g].diagonal().to(dtype).mean())
+
+    def _fit_factor(self, g: int, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+        """Lower Cholesky factor of ``H + lam I`` and ``lam`` (computed once for the layers sharing H)."""
+        cache, key = self._cache(), ("fit", g, dtype)
+        if key not in cache:
+            a, lam = self.H[g].to(dtype, copy=True), self._target_lam(g, dtype)
+            a.diagonal().add_(lam)  # symmetric positive definite (lam > 0)
+            cache[key] = (_cholesky_in_place(a)[0], lam)
+        return cache[key]
+
+    def _target_rhs(self, w: torch.Tensor, g: int, rows: int = 256) -> torch.Tensor:
+        """``W (C + lam I)``, the right-hand side of the float-target fit, for the rows ``w`` of
+        conv group ``g`` (any dtype: converted ``rows`` rows at a time, so a half-precision
+        weight is never copied whole). In ``w``'s dtype when floating point of at least the
+        statistics' precision, else in theirs; float64 when float32 overflows."""
+        dtype = w.dtype if w.dtype.itemsize >= self.dtype.itemsize else self.dtype
+        lam = self._target_lam(g, dtype)
+        c = self.C[g].to(dtype)
+        rhs = torch.empty(w.shape, dtype=dtype, device=c.device)
+        for r1 in range(0, w.shape[0], rows):
+            wr = w[r1:r1 + rows].to(c.device, dtype)
+            rhs[r1:r1 + rows] = (wr @ c).add_(wr, alpha=lam)
+        if dtype == torch.float32 and not all_finite(rhs):  # weights near the float32 maximum
+            del rhs
+            return self._target_rhs(w.double(), g, rows)
+        return rhs
+
+    def _solve_target(self, rhs: torch.Tensor, g: int) -> torch.Tensor:
+        """``rhs (H + lam I)^-1``, solved in place of ``rhs`` (two triangular solves with the
+        Cholesky factor of ``H + lam I``, as ``cholesky_solve``, without its copy of ``rhs``)."""
+        factor = self._fit_factor(g, rhs.dtype)[0]
+        b = rhs.t()
+        torch.linalg.solve_triangular(factor, b, upper=False, out=b)
+        torch.linalg.solve_triangular(factor.mT, b, upper=True, out=b)
+        if not all_finite(rhs):
+            raise RuntimeError(f"{self.name}: the float-target fit overflows float {str(rhs.dtype)[11:]} "
+                               "(weights near its maximum); use hessian_dtype='float64' or float_target=False")
+        return rhs
+
     def _fit_target(self, w: torch.Tensor, g: int) -> torch.Tensor:
         """``W' = W (C + lam I) (H + lam I)^-1``: the weights whose output on the quantized prefix's
-        inputs best matches the float layer's on the float inputs (ridge ``lam`` toward ``W``).
-        The Cholesky factor of ``H + lam I`` is computed once for the layers sharing H."""
-        cache, key = self._cache(), ("fit", g, w.dtype)
-        if key not in cache:
-            a = self.H[g].to(w.dtype, copy=True)
-            lam = TARGET_DAMP * float(a.diagonal().mean())
-            a.diagonal().add_(lam)  # symmetric positive definite (lam > 0): factorized in place
-            cache[key] = (torch.linalg.cholesky(a, out=a), lam)
-        factor, lam = cache[key]
-        rhs = (w @ self.C[g].to(w.dtype)).add_(w, alpha=lam)
-        return torch.cholesky_solve(rhs.t(), factor).t()
+        inputs best matches the float layer's on the float inputs (ridge ``lam`` toward ``W``)."""
+        return self._solve_target(self._target_rhs(w, g), g)
+
+    def _rows(self, g: int) -> torch.Tensor:
+        """The layer's weight rows of conv group ``g`` as a ``[rows, K]`` matrix (the layer's dtype;
+        a view of the weight for a Linear)."""
+        if self.H is None:
+            raise RuntimeError(f"{self.name}: quantize() called before any add_batch(); feed calibration inputs first")
+        check_parameters(self.layer, self.name)
+        rows = self.geo.rows_per_group
+        return weight_matrix(self.layer.weight.detach(), self.geo)[g * rows:(g + 1) * rows]
+
+    def _fitted(self, g: int) -> bool:
+        """Whether conv group ``g`` has a float-target fit (``C`` held and the group saw inputs)."""
+        return self.C is not None and bool((self.H[g].diagonal() > 0).any())
+
+    def _target(self, g: int) -> torch.Tensor:
+        """Conv group ``g``'s matrix to round, owned (never the layer's storage), before any solve:
+        the float-target fit's right-hand side when :meth:`_fitted`, else the weight in the
+        statistics' dtype."""
+        w = self._rows(g)
+        return self._target_rhs(w, g) if self._fitted(g) else w.to(self.H.device, self.dtype, copy=True)
 
     @torch.no_grad()
     def fit_target(self) -> None:
         """Compute and keep the matrix :meth:`quantize` rounds: the layer's weight, or with a float
-        target (``C``) its fit (:meth:`_fit_target`). Call it for every layer sharing these
-        statistics, then :meth:`drop_target` on each, so the float-target statistics are freed
-        before the inverse Hessians are formed (docs/scale.md: working set)."""
-        if self._weights is not None:
-            return
-        if self.H is None:
-            raise RuntimeError(f"{self.name}: quantize() called before any add_batch(); feed calibration inputs first")
-        check_parameters(self.layer, self.name)
-        geo, rows = self.geo, self.geo.rows_per_group
-        w_all = weight_matrix(self.layer.weight.detach(), geo).to(self.H.device, self.dtype)
-        self._weights = []
-        for g in range(geo.groups):
-            w = w_all[g * rows:(g + 1) * rows].clone()
-            if self.C is not None and bool((self.H[g].diagonal() > 0).any()):
-                fit = self._fit_target(w, g)
-                if not bool(torch.isfinite(fit).all()):  # float32 overflow (weights near its maximum)
-                    fit = self._fit_target(w.double(), g)
-                w = fit
-            self._weights.append(w)
+        target (``C``) its fit (:meth:`_fit_target`). Layers sharing statistics: use
+        :func:`fit_targets`, which frees the float-target statistics as it goes."""
+        if self._weights is None:
+            fitted = [self._fitted(g) for g in range(self.geo.groups)]
+            self._weights = [self._solve_target(self._target(g), g) if f else self._target(g)
+                             for g, f in enumerate(fitted)]
 
-    def drop_target(self) -> None:
-        """Free the float-target statistics and factors (after :meth:`fit_target`)."""
-        self.C = None
-        for key in [k for k in self._inverses if isinstance(k, tuple) and k[0] == "fit"]:
-            del self._inverses[key]
+    def release(self) -> None:
+        """Drop this quantizer's statistics, fitted weights and its reference to the inverses it
+        shares (freed once no quantizer sharing them holds them). It cannot quantize afterwards."""
+        self.H = self.C = None
+        self._weights = None
+        self._inverses = {}
 
-    def _inverse(self, g: int | None, dead: torch.Tensor, dtype: torch.dtype,
+    def _inverse(self, h: torch.Tensor | None, dead: torch.Tensor, dtype: torch.dtype,
                  percdamp: float) -> tuple[torch.Tensor, float]:
-        """Dampened ``H^-1`` of conv group ``g`` (None: the identity, for a group without inputs;
-        dead columns' diagonal set to 1), factorized and inverted in one K x K buffer, and the
-        damping used."""
+        """Dampened inverse of ``h`` (one conv group's H; None: the identity, for a group without
+        inputs; dead columns' diagonal set to 1), factorized and inverted in one K x K buffer, and
+        the damping used."""
         mean_diag = None
         for attempt in range(DAMP_RETRIES + 1):
             pd = percdamp * 10**attempt
-            a = torch.eye(self.geo.k, dtype=dtype, device=self.H.device) if g is None else self.H[g].to(dtype, copy=True)
+            a = torch.eye(self.geo.k, dtype=dtype, device=dead.device) if h is None else h.to(dtype, copy=True)
             a[dead, dead] = 1
             mean_diag = float(a.diagonal().mean()) if mean_diag is None else mean_diag
             a.diagonal().add_(pd * mean_diag)
-            info = torch.empty((), dtype=torch.int32)
-            torch.linalg.cholesky_ex(a, out=(a, info))
-            if int(info) == 0:
-                return torch.cholesky_inverse(a, out=a), pd
+            f, info = _cholesky_in_place(a)
+            if info == 0:
+                return torch.cholesky_inverse(f, out=f), pd  # in place on the column-major factor
         raise RuntimeError(f"{self.name}: Hessian is not positive definite even with relative "
                            f"damping {pd:g} ({DAMP_RETRIES} retries); the calibration data may be "
                            "degenerate (too few samples or constant inputs)")
@@ -390,7 +445,7 @@ class OBSQuantizer:
     def quantize(self, bits: int = 4, group_size: int | str = 128, sym: bool = False,
                  order: str = "reparam", overlap: torch.Tensor | None = None, percdamp: float = 0.01,
                  block_size: int = 128, mse: bool = False,
-                 scale_dtype: torch.dtype = torch.float16) -> QuantResult:
+                 scale_dtype: torch.dtype = torch.float16, release: bool = False) -> QuantResult:
         """Quantize the layer's weight (the layer itself is not modified).
 
         Args:
@@ -399,6 +454,10 @@ class OBSQuantizer:
             overlap: ``[kh, kw]`` overlap map; None reads ``layer.reparam_overlap`` if present.
             percdamp: damping relative to mean(diag H). block_size: lazy-update block (columns).
             mse: search the clipping ratio per group. scale_dtype: float16 or bfloat16.
+            release: the last use of these statistics by this quantizer and those sharing them
+                (the others released already, :meth:`release`): H, its inverse and the fitted
+                weight are freed as soon as they are used, the OBS working set of one layer
+                being then at most two K x K buffers (docs/scale.md).
         """
         geo, name = self.geo, self.name
         check_bits(bits)
@@ -409,8 +468,10 @@ class OBSQuantizer:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.fit_target()
-        cache = self._cache()
-        dead_groups = [g for g in range(geo.groups) if not bool((self.H[g].diagonal() > 0).any())]
+        cache, H, weights = self._cache(), self.H, self._weights
+        if release:
+            self.release()
+        dead_groups = [g for g in range(geo.groups) if not bool((H[g].diagonal() > 0).any())]
         if len(dead_groups) == geo.groups:
             raise ValueError(f"{name}: every calibration input of this layer is zero ({self.nsamples} samples), "
                              "so OBS would zero all its weights; check the calibration data, or quantize this "
@@ -427,41 +488,76 @@ class OBSQuantizer:
         overlap = _resolve_overlap(self.layer, geo, overlap, name)
         grouping = _Grouping(geo, group_size, overlap)
         col_ov = column_overlap(overlap, geo.k, geo.cin_per_group)
-        gid = grouping.gid.to(self.H.device)
+        gid = grouping.gid.to(H.device)
         rows = geo.rows_per_group
-        codes = torch.empty(geo.out_features, geo.k, dtype=self.dtype, device=self.H.device)
+        codes = torch.empty(geo.out_features, geo.k, dtype=torch.uint8, device=H.device)  # bits <= 8
         scales = torch.empty(geo.out_features, grouping.n_groups)
         zeros = torch.empty_like(scales)
         perms, loss, damp = [], 0.0, percdamp
         for g in range(geo.groups):
-            w = self._weights[g]
+            r1, r2 = g * rows, (g + 1) * rows
+            w = weights[g]
+            if release:
+                weights[g] = None
             # a group without any input keeps its weights: identity Hessian = round to nearest
             diag = torch.ones(geo.k, dtype=w.dtype, device=w.device) if g in dead_groups \
-                else self.H[g].diagonal().to(w.dtype)
+                else H[g].diagonal().to(w.dtype, copy=True)
             dead = diag == 0
-            diag = diag.masked_fill(dead, 1)
+            diag.masked_fill_(dead, 1)
             if bool(dead.any()):
-                w = w.clone()
+                w = w if release else w.clone()
                 w[:, dead] = 0
             s, z = group_params(w.float().cpu(), grouping.gid, grouping.n_groups, bits, sym, mse, scale_dtype)
             check_scales(s, w, scale_dtype, name)
-            scales[g * rows:(g + 1) * rows], zeros[g * rows:(g + 1) * rows] = s, z
+            scales[r1:r2], zeros[r1:r2] = s, z
             s, z = s.to(w), z.to(w)
             key = (self.nsamples, g, percdamp, w.dtype)
-            if key not in cache:  # q/k/v, gate/up: one inverse for the group
-                cache[key] = self._inverse(None if g in dead_groups else g, dead, w.dtype, percdamp)
-            hinv, pd = cache[key]
+            hinv, pd = cache[key] if key in cache else \
+                self._inverse(None if g in dead_groups else H[g], dead, w.dtype, percdamp)
+            if not release:
+                cache[key] = (hinv, pd)  # q/k/v, gate/up: one inverse for the group
+            elif g == geo.groups - 1:
+                H = None
+                cache.clear()
             damp = max(damp, pd)
             if order == "reparam-dynamic":
                 q, perm, l = _obs_dynamic(w, hinv, col_ov.to(w.device), s[:, gid], z[:, gid], bits, block_size)
+                codes[r1:r2] = q.to(codes.dtype)
             else:
                 sal = None
                 if order == "reparam":
                     sal = saliency(_rounding_error(w, s, z, gid, bits), hinv.diagonal())
                 perm = static_order(order, diag, col_ov.to(w.device), sal)
-                q, l = _obs_static(w, _upper_factor(hinv, perm, name), perm, s, z, gid, bits, block_size)
-            codes[g * rows:(g + 1) * rows] = q.to(codes.dtype)
+                u = _upper_factor(hinv, perm, name)
+                del hinv  # with release, freed here (and w below, once permuted)
+                wp = w[:, perm]
+                del w
+                q, l = _obs_static(wp, u, s, z, gid[perm], bits, block_size)
+                del u, wp
+                codes[r1:r2, perm] = q.to(codes.dtype)
+            del q
             perms.append(perm.cpu())
             loss += l
         return _finish(self.layer, geo, grouping, codes, scales, zeros, scale_dtype, torch.stack(perms),
                        float(loss), damp, bits, sym, order)
+
+
+@torch.no_grad()
+def fit_targets(quantizers: list[OBSQuantizer]) -> None:
+    """:meth:`OBSQuantizer.fit_target` for the quantizers sharing one set of statistics (q/k/v),
+    in the order that holds the fewest K x K buffers at once: every right-hand side
+    ``W (C + lam I)`` while ``C`` is held, then ``C`` freed, then the shared factor of
+    ``H + lam I`` formed and every fit solved in place, then the factor freed (docs/scale.md:
+    working set). The float-target statistics are gone afterwards."""
+    pending = []
+    for q in quantizers:
+        if q._weights is None:
+            fitted = [q._fitted(g) for g in range(q.geo.groups)]
+            pending.append((q, fitted, [q._target(g) for g in range(q.geo.groups)]))
+    for q in quantizers:
+        q.C = None
+    for q, fitted, mats in pending:
+        q._weights = [q._solve_target(m, g) if f else m for g, (f, m) in enumerate(zip(fitted, mats))]
+    for q in quantizers:
+        for key in [k for k in q._inverses if isinstance(k, tuple) and k[0] == "fit"]:
+            del q._inverses[key]
