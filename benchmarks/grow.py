@@ -2,7 +2,8 @@
 
 For each family (VGG, ResNet, ViT) and seed, at the main difficulty:
 - ``grown``: grown from its "empty" start with the defaults (the thesis' init for new layers, a
-  growth every 3 / 5 epochs, depth placed by a probe, the cosine LR restarted after each growth,
+  growth every 3 / 5 epochs, depth placed by stage balance (CNN: the stage with the fewest layers,
+  nearest the input first) or a probe (ViT), the cosine LR restarted after each growth,
   automatic stopping, then fine-tuning; decisions read a validation split carved from the training
   data, never the test set); its training FLOPs G are counted per step on the model as it was at
   that step, the placement probes included (``adagrow.grow.flops``);
@@ -308,8 +309,10 @@ def main(argv: list[str] | None = None) -> dict:
               "task": {"data": "cluttered_digits", "size": args.size, "difficulty": args.difficulty,
                        "difficulties": args.difficulties, "n_train": args.n_train, "val_fraction": 0.15,
                        "epochs": args.epochs, "seeds": args.seeds, "growth_init": "thesis (preserve=False)",
-                       "placement": "probe (a candidate layer per stage, trained briefly on a copy; lowest "
-                                    "validation loss wins; probe FLOPs charged)",
+                       "placement": {"cnn": "balanced (the stage with the fewest layers, nearest the input "
+                                            "first)", "vit": "probe (a candidate layer after every layer, "
+                                            "trained briefly on a copy; lowest validation loss wins; probe FLOPs "
+                                            "charged)"},
                        "lr_after_growth": "restart (cosine from the base LR over the remaining steps)",
                        "interval_epochs": {"cnn": 3, "vit": 5}, "train_flops": "3 x 2 x forward MACs x batch per step"},
               "budget_latency_ms": budget_ms, "wall_s": wall, "cpu_s": cpu, "rows": rows,

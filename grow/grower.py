@@ -3,9 +3,10 @@
 Every ``interval`` (the thesis: 3 epochs for CNNs, 5 for Transformers; during the first
 ``grow_fraction`` of training) a growth step picks depth or width by the ratio (CNN: two depth
 growths per width growth; Transformer: two width growths per depth growth), finds the location
-(by default a probe: a candidate layer per stage, each trained briefly on a copy, the lowest
-validation loss wins; or greedy by BN/LayerNorm scale of layers that have trained at least two
-intervals, or random / sequential), applies it with the thesis' init by default
+(CNN default: balanced, the stage with the fewest layers, the one nearest the input first;
+Transformer default: a probe, a candidate layer after every layer, each trained briefly on a copy,
+the lowest validation loss wins; or greedy by BN/LayerNorm scale of layers that have trained at
+least two intervals, or random / sequential), applies it with the thesis' init by default
 (function-preserving with ``preserve``), rebuilds the optimizer with the old state (new state
 zero) and restarts the cosine LR schedule over the remaining steps. Growth stops by an architecture spec,
 a deploy budget (params / MACs / measured latency; a step that would break it is replaced by a
@@ -36,7 +37,8 @@ from .optim import rebuild_optimizer
 from .train import accuracy, batch_stat_loss
 from .transformer import Carry, GrowingTransformer
 
-LOCATIONS = ("probe", "greedy", "random", "sequential")
+LOCATIONS = ("balanced", "probe", "greedy", "random", "sequential")
+DEFAULT_LOCATION = {"cnn": "balanced", "transformer": "probe"}
 LR_AFTER_GROWTH = ("continue", "restart")
 INTERVAL_EPOCHS = {"cnn": 3.0, "transformer": 5.0}  # the thesis' training between growths
 Probe = Callable[[list[dict[str, Any]]], list[float]]  # depth options -> validation loss after a short training
@@ -57,13 +59,16 @@ class GrowthConfig:
     ``grow_fraction`` of the steps (the rest fine-tunes). ``preserve``: function-preserving new
     layers / branches / heads (see ``insert_layer``, ``add_branch``, ``add_head``); the default
     False is the thesis' init (each CNN family's own init, N(0, 0.1^2) for Transformers), which
-    measured better (docs/growth.md). ``location``: where depth growth goes; ``"probe"`` (default)
+    measured better (docs/growth.md). ``location``: where depth growth goes (None: ``"balanced"`` for
+    CNNs, ``"probe"`` for Transformers); ``"balanced"`` (CNN only) appends the layer to the stage with
+    the fewest family layers, the one nearest the input on a tie (so the stages grow in turn, from the
+    input; measured better than the probe, docs/growth.md); ``"probe"``
     inserts a candidate layer at the end of every stage (Transformer: after every layer) into a copy
     of the model, trains each copy for ``probe_steps`` optimizer steps on the same batches (None: a
     tenth of the growth interval) and keeps the one with the lowest validation loss (the probes'
     FLOPs are charged to the run); ``"greedy"`` ranks by BN / LayerNorm scale, ``"random"`` and
-    ``"sequential"`` ignore the model. Width growth ranks convs by BN scale under both ``"probe"`` and
-    ``"greedy"``. ``lr_after_growth``: ``"restart"`` (default) the cosine schedule from the base LR
+    ``"sequential"`` (stage / layer after stage, one per depth growth) ignore the model. Width growth
+    ranks convs by BN scale under ``"balanced"``, ``"probe"`` and ``"greedy"``. ``lr_after_growth``: ``"restart"`` (default) the cosine schedule from the base LR
     over the remaining steps after every growth (new layers start at a high LR; measured better than
     the thesis' one cosine, docs/growth.md), or ``"continue"`` it. ``max_kernel``: None keeps every conv's deploy kernel (new branches fuse into it),
     an int lets branches grow kernels up to that size. ``widen_dim``: Transformer head growth also
@@ -76,7 +81,7 @@ class GrowthConfig:
     interval: int | None = None
     interval_epochs: float | None = None
     grow_fraction: float = 0.75
-    location: str = "probe"
+    location: str | None = None
     probe_steps: int | None = None
     lr_after_growth: str = "restart"
     branch_sampling: str = "with"        # "with" replacement (thesis) or "without" (greedy)
@@ -91,8 +96,11 @@ class GrowthConfig:
     seed: int = 0
 
     def validate(self, model: nn.Module) -> None:
-        if self.location not in LOCATIONS:
-            raise ValueError(f"location must be one of {LOCATIONS}, got {self.location!r}")
+        if self.location is not None and self.location not in LOCATIONS:
+            raise ValueError(f"location must be one of {LOCATIONS} or None, got {self.location!r}")
+        if self.location == "balanced" and not isinstance(model, GrowingCNN):
+            raise ValueError("location='balanced' balances the stages of a CNN; a Transformer has one stack of "
+                             "layers: use 'probe', 'greedy', 'random' or 'sequential'")
         if self.lr_after_growth not in LR_AFTER_GROWTH:
             raise ValueError(f"lr_after_growth must be one of {LR_AFTER_GROWTH}, got {self.lr_after_growth!r}")
         if self.probe_steps is not None and self.probe_steps < 1:
@@ -169,12 +177,14 @@ class Grower:
         self.interval = config.interval or max(1, round(epochs * steps_per_epoch))
         self.last_step = int(config.grow_fraction * total_steps)
         self.probe_steps = config.probe_steps or max(1, self.interval // 10)
+        self.location = config.location or DEFAULT_LOCATION["cnn" if self.is_cnn else "transformer"]
         self.budget = config.budgets()
         self.example = example
         if self.budget is not None and (self.budget.macs or self.budget.latency_ms) and example is None:
             raise ValueError("a MACs or latency budget needs an example input")
         self.rng = random.Random(config.seed)
         self.growths = 0
+        self.depth_growths = 0
         self.stopped = False
         self.ema: float | None = None
         self.ema_at_growth: float | None = None
@@ -229,24 +239,27 @@ class Grower:
     def _position(self, model: GrowingCNN, stage: int, fresh: set[int]) -> int:
         layers = list(model.stages[stage])
         first = 1 if stage else 0
-        if self.config.location != "greedy":
+        if self.location != "greedy":
             return self.rng.randint(first, len(layers))
         scored = [(importance(layers[j], fresh), j) for j in range(len(layers))]
         scored = [(v, j) for v, j in scored if v is not None]
         return max(scored)[1] + 1 if scored else first  # after the most important trained layer
 
     def _depth(self, model: nn.Module) -> dict[str, Any]:
-        loc, fresh = self.config.location, self._fresh()
+        loc, fresh = self.location, self._fresh()
         if not self.is_cnn:
             scales = {i: layer.norm_scale() for i, layer in enumerate(model.layers) if id(layer) not in fresh}
             scales = scales or {i: layer.norm_scale() for i, layer in enumerate(model.layers)}
             after = {"greedy": max(scales, key=scales.__getitem__), "random": self.rng.randrange(model.depth),
-                     "sequential": self.growths % model.depth}[loc]
+                     "sequential": self.depth_growths % model.depth}[loc]
             return {"kind": "depth", "after": after}
         stages = self._stages(model)
+        if loc == "balanced":
+            stage = min(stages, key=lambda i: (model.depths[i], i))
+            return {"kind": "depth", "stage": stage, "position": len(model.stages[stage])}
         score = {i: self._stage_score(model, i, fresh) for i in stages}
         stage = {"greedy": max(stages, key=score.__getitem__), "random": self.rng.choice(stages),
-                 "sequential": stages[self.growths % len(stages)]}[loc]
+                 "sequential": stages[self.depth_growths % len(stages)]}[loc]
         return {"kind": "depth", "stage": stage, "position": self._position(model, stage, fresh)}
 
     def _width(self, model: nn.Module, fraction: float | None = None, specs: list[str] | None = None) -> dict[str, Any]:
@@ -255,10 +268,10 @@ class Grower:
         convs = model.rep_convs()
         names = list(convs)
         n = max(1, math.ceil((fraction or self.config.width_fraction) * len(names)))
-        if self.config.location in ("greedy", "probe"):
+        if self.location in ("balanced", "greedy", "probe"):
             fresh = self._fresh()
             chosen = sorted(names, key=lambda k: importance(convs[k], fresh) or 0.0, reverse=True)[:n]
-        elif self.config.location == "random":
+        elif self.location == "random":
             chosen = self.rng.sample(names, n)
         else:
             start = (self.growths * n) % len(names)
@@ -283,18 +296,24 @@ class Grower:
     def _candidates(self, model: nn.Module, kind: str, kinds: list[str]) -> list[dict[str, Any]]:
         """The step(s) the schedule asks for (under ``location="probe"`` every depth option, for the
         probe to choose from), then (under a budget) cheaper ones to try if none fits."""
-        probing = self.config.location == "probe"
+        probing = self.location == "probe"
         if kind == "depth":
             out = self._depth_options(model) if probing else [self._depth(model)]
         else:
             out = [self._width(model)]
         if self.budget is None:
             return out
-        if self.is_cnn and kind == "depth" and not probing:  # the same layer in the next most important stages
+        if self.is_cnn and kind == "depth" and not probing:  # the same layer in the next stages in turn
             fresh = self._fresh()
-            for stage in sorted(self._stages(model), key=lambda i: -self._stage_score(model, i, fresh)):
+            if self.location == "balanced":
+                order = sorted(self._stages(model), key=lambda i: (model.depths[i], i))
+            else:  # the next most important
+                order = sorted(self._stages(model), key=lambda i: -self._stage_score(model, i, fresh))
+            for stage in order:
                 if stage != out[0]["stage"]:
-                    out.append({"kind": "depth", "stage": stage, "position": self._position(model, stage, fresh)})
+                    position = len(model.stages[stage]) if self.location == "balanced" else \
+                        self._position(model, stage, fresh)
+                    out.append({"kind": "depth", "stage": stage, "position": position})
         if self.is_cnn:  # width: fewer convs, cheapest branches (fused, they add no deploy cost)
             out.append(self._width(model, fraction=self.config.width_fraction / 2, specs=["bn", "conv1x1"]))
         elif "width" in kinds and kind == "depth":
@@ -316,7 +335,7 @@ class Grower:
         i = 0
         while i < len(options):
             group = options[i:i + 1]
-            if self.config.location == "probe" and options[i]["kind"] == "depth":
+            if self.location == "probe" and options[i]["kind"] == "depth":
                 group = [c for c in options[i:] if c["kind"] == "depth"]
             i += len(group)
             costs = [None] * len(group) if self.budget is None else [self._fits(model, c) for c in group]
@@ -365,6 +384,7 @@ class Grower:
             self.stopped = True
             return None
         self.growths += 1
+        self.depth_growths += decision["kind"] == "depth"
         return decision
 
     def apply(self, model: nn.Module, decision: dict[str, Any], step: int) -> Carry:

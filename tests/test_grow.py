@@ -86,7 +86,7 @@ def test_probe_location_picks_the_stage_whose_layer_lowers_validation_loss(monke
     torch.manual_seed(0)
     model = GrowingCNN("vgg", widths=(4, 8, 16), num_classes=4)
     res = grow(model, train, val, epochs=6, lr=0.05, progress=False,
-               config=GrowthConfig(stop="VGG-1-1-1", interval=9, probe_steps=2))  # 3 steps/epoch, one growth
+               config=GrowthConfig(stop="VGG-1-1-1", interval=9, probe_steps=2, location="probe"))  # 3 steps/epoch, one growth
     (event,) = [h["growth"] for h in res.history if "growth" in h]
     assert (event["kind"], event["stage"], event["position"]) == ("depth", 1, 1)
     dead0, alive, dead2 = event["probe_val_loss"]  # one validation loss per stage, in stage order
@@ -104,15 +104,16 @@ def test_probe_compares_only_options_within_budget_and_charges_its_flops() -> No
         return [float(o["stage"] == 0) for o in options]  # stage 0 is worst
 
     stage2 = deploy_cost(_grown(model, 2), example)["macs"]
-    grower = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=stage2)), example=example)
+    grower = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=stage2), location="probe"),
+                    example=example)
     decision = grower.decide(model, None, probe=probe)
     assert [o["stage"] for o in seen[0]] == [1, 2]  # stage 0's layer costs more MACs than the budget allows
     assert (decision["stage"], decision["position"], decision["probe_val_loss"]) == (1, 1, [0.0, 0.0])
     with pytest.raises(ValueError, match="probe"):
-        Grower(model, GrowthConfig(stop="auto")).decide(model, None)
+        Grower(model, GrowthConfig(stop="auto", location="probe")).decide(model, None)
     # the probes' training steps and validation passes count in the run's FLOPs
     train, val = _data()  # 72 samples: batches of 64 and 8; one growth at step 3, one probe step each
-    res = grow(_cnn(), train, val, epochs=2, config=GrowthConfig(stop="VGG-1-1-1", interval=3, probe_steps=1),
+    res = grow(_cnn(), train, val, epochs=2, config=GrowthConfig(stop="VGG-1-1-1", interval=3, probe_steps=1, location="probe"),
                lr=0.01, progress=False)
     (record,) = [h for h in res.history if "growth" in h]
     per_sample = [train_flops(_grown(_cnn(), stage), example, 1) for stage in range(3)]
@@ -131,11 +132,35 @@ def test_random_and_sequential_locations() -> None:
     again = Grower(model, GrowthConfig(stop="auto", location="random", seed=3))
     assert [again._depth(model) for _ in range(60)] == picks  # seeded
     seq = Grower(model, GrowthConfig(stop="auto", location="sequential"))
-    stages = []
-    for _ in range(4):
-        stages.append(seq._depth(model)["stage"])
-        seq.growths += 1
-    assert stages == [0, 1, 2, 0]
+    decisions = [seq.decide(model, None) for _ in range(7)]  # depth, depth, width, depth, depth, width, depth
+    assert [d.get("stage") for d in decisions] == [0, 1, None, 2, 0, None, 1]  # a width growth skips no stage
+
+
+def test_balanced_location_grows_the_least_deep_stage_nearest_the_input_first() -> None:
+    model = GrowingCNN("vgg", widths=(8, 8, 16), num_classes=4, depths=(1, 0, 1))
+    grower = Grower(model, GrowthConfig(stop="auto"))  # the CNN default
+    assert grower.location == "balanced"
+    grown = []
+    for _ in range(6):
+        decision = grower.decide(model, None)
+        if decision["kind"] == "depth":
+            apply_growth(model, decision, grower.config)
+            grown.append((decision["stage"], decision["position"]))
+    assert grown == [(1, 1), (0, 1), (1, 2), (2, 2)]  # always appended to the stage
+    assert model.spec() == "VGG-2-2-2"
+    # a spec stop leaves out the stages that reached their target
+    model = GrowingCNN("vgg", widths=(8, 8, 16), num_classes=4, depths=(1, 0, 1))
+    grower = Grower(model, GrowthConfig(stop="VGG-1-2-1"))
+    assert [grower.decide(model, None)["stage"] for _ in range(2)] == [1, 1]
+    # under a budget the next stage in turn is tried when the first breaks it
+    model, example = _cnn(), torch.randn(1, 1, 8, 8)
+    stage1 = deploy_cost(_grown(model, 1), example)["macs"]
+    assert deploy_cost(_grown(model, 0), example)["macs"] > stage1  # stage 0 runs at the full resolution
+    grower = Grower(model, GrowthConfig(stop="budget", budget=DeployBudget(macs=stage1)), example=example)
+    assert grower.decide(model, None) == {"kind": "depth", "stage": 1, "position": 1}
+    with pytest.raises(ValueError, match="balanced"):
+        Grower(_vit(), GrowthConfig(location="balanced"))
+    assert Grower(_vit(), GrowthConfig()).location == "probe"
 
 
 def test_width_growth_keeps_deploy_kernel_by_default() -> None:
