@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from adagrow import __version__
+from adagrow.compress.cpu_path import INT4_MAX_ROWS
 from adagrow.timing import measure
 from adagrow.data import MAX_IMAGE_SIZE
 
@@ -47,10 +48,12 @@ SUITE_DEFAULTS = {"warmup": 10, "runs": 50, "threads": 2, "batch_sizes": [1, 32]
                   "size": 16}
 
 CPU_REFERENCE_NOTE = ("On CPU, PyTorch's quantized layers keep their dequantized weight after the first call (4-bit "
-                      "on disk, float in memory; float speed, float32 numerics); 4-bit Linears run PyTorch's int4 "
-                      "weight-only kernel on bfloat16 inputs, and on float32 inputs after "
-                      "adagrow.compress.use_bf16_activations(model). Latencies: median of the timed calls after "
-                      "warm-up, the same method for the table and the suite (adagrow.timing.measure).")
+                      "on disk, float in memory; float32 numerics; convs with kernels over 3x3 or groups, and large "
+                      "calls of 4-bit Linears, on oneDNN's prepacked weight); 4-bit Linears run PyTorch's int4 "
+                      f"weight-only kernel on bfloat16 inputs and on float32 calls of at most {INT4_MAX_ROWS} rows, "
+                      "rounded to bfloat16 (adagrow.compress.use_bf16_activations(model, False) keeps float32). "
+                      "Latencies: median of the timed calls after warm-up, the same method for the table and the "
+                      "suite (adagrow.timing.measure).")
 
 
 def _suite_schema() -> dict[str, Any]:

@@ -8,16 +8,22 @@ Three models, each float and W4 (RTN; latency does not depend on the method):
   back after each step so every timed step sees the same context; the LM head is tied to the
   embedding and stays float, as ``quantize`` leaves tied weights;
 - ``conv-cnn``: a fused RepCNN (5x5 deploy kernels, widths 32/64) on one 16x16 image, W4
-  per-channel, with the dequantized-weight cache on (the default) and off.
+  per-channel, with the dequantized-weight cache on (the default: the 3x3 stem on ``F.conv2d``,
+  the 5x5 convs on oneDNN's prepacked weight) and off.
 
-The transformers are timed five ways: float32 and bfloat16 float models; the W4 model on float32
-inputs by default (cached dequantized weights: float32 numerics, float memory) and after
-``use_bf16_activations`` (PyTorch's int4 kernel on activations rounded to bfloat16: 4-bit
-memory); the W4 model on bfloat16 inputs (the int4 kernel). Every variant of a model is timed with
+The transformers are timed six ways: float32 and bfloat16 float models; the W4 model on float32
+inputs by default (PyTorch's int4 kernel on activations rounded to bfloat16 for calls of at most
+``INT4_MAX_ROWS`` rows, the dequantized weight prepacked for oneDNN above), with
+``use_bf16_activations(model, False)`` (float32 numerics: cached dequantized weights and
+``F.linear``) and with ``use_bf16_activations(model)`` (the int4 kernel for every call); the W4
+model on bfloat16 inputs (the int4 kernel). Every variant of a model is timed with
 :func:`adagrow.timing.measure` (warm-up, median of ``--runs`` calls, ``--threads`` threads) in
 ``--rounds`` interleaved rounds so load from other processes hits all variants alike; the figures
 are the median and the minimum over rounds (on a shared machine the minimum is the less
-disturbed one), each with its ratio to the float32 float model.
+disturbed one), each with its ratio to the float32 float model. The JSON records the load
+average before and after and the CPU capability PyTorch ran with (set
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`` to time an
+AVX2-only CPU on an AVX-512 one).
 
 Usage: ``python benchmarks/cpu_latency.py [--threads 2] [--rounds 5] [--out PATH]``
 """
@@ -38,12 +44,14 @@ from torch import nn
 
 from adagrow import __version__
 from adagrow.compress import QuantConfig, quantize, use_bf16_activations
+from adagrow.compress.cpu_path import INT4_MAX_ROWS
 from adagrow.files import write_json
 from adagrow.grow.nets import RepCNN
 from adagrow.grow.reparam import reparameterize
 from adagrow.timing import measure
 
 W4 = QuantConfig(bits=4, method="rtn", group_size=-1, linear_group_size=128)
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def bf16(model: nn.Module) -> nn.Module:
@@ -71,16 +79,19 @@ def timed_rounds(variants: dict[str, Callable[[], object]], rounds: int, runs: i
                 "min_ms": min(v), "min_vs_first": min(v) / low, "round_medians_ms": v} for k, v in got.items()}
 
 
-def five_ways(model: nn.Module, qmodel: nn.Module, call: Callable[[nn.Module, torch.dtype], Callable[[], object]],
-              rounds: int, runs: int, threads: int) -> dict:
+def six_ways(model: nn.Module, qmodel: nn.Module, call: Callable[[nn.Module, torch.dtype], Callable[[], object]],
+             rounds: int, runs: int, threads: int) -> dict:
     """Float and W4, float32 and bfloat16 (see the module docstring), interleaved; ratios against
     the float32 float model. ``call(model, dtype)`` returns the timed function."""
-    fast, fb, qb = copy.deepcopy(qmodel), bf16(model), bf16(qmodel)  # copies before any call fills a cache
-    use_bf16_activations(fast)
+    exact, every, fb, qb = (copy.deepcopy(qmodel), copy.deepcopy(qmodel), bf16(model),
+                            bf16(qmodel))  # copies before any call fills a cache
+    use_bf16_activations(exact, False)
+    use_bf16_activations(every)
     f32, b16 = torch.float32, torch.bfloat16
     return timed_rounds({"float fp32": call(model, f32),
-                         "W4 fp32 (cached dequantized weights)": call(qmodel, f32),
-                         "W4 fp32, bf16 activations (int4 kernel)": call(fast, f32),
+                         f"W4 fp32 default (int4 kernel <= {INT4_MAX_ROWS} rows, else oneDNN prepacked)": call(qmodel, f32),
+                         "W4 fp32, float32 numerics (cached weights, F.linear)": call(exact, f32),
+                         "W4 fp32, bf16 activations every call (int4 kernel)": call(every, f32),
                          "float bf16": call(fb, b16), "W4 bf16 (int4 kernel)": call(qb, b16)}, rounds, runs, threads)
 
 
@@ -92,7 +103,7 @@ def minilm(seq: int, rounds: int, runs: int, threads: int) -> dict:
     calib = [{"input_ids": torch.randint(1000, 20000, (4, seq)),
               "attention_mask": torch.ones(4, seq, dtype=torch.long)}]
     qmodel = quantize(model, calib, W4, progress=False)
-    return five_ways(model, qmodel, lambda m, _dtype: lambda: m(input_ids=ids), rounds, runs, threads)
+    return six_ways(model, qmodel, lambda m, _dtype: lambda: m(input_ids=ids), rounds, runs, threads)
 
 
 def smollm2_decode(prompt: int, rounds: int, runs: int, threads: int) -> dict:
@@ -113,7 +124,7 @@ def smollm2_decode(prompt: int, rounds: int, runs: int, threads: int) -> dict:
             cache.crop(-1)  # drop the new token: the same context for every step
         return step
 
-    return five_ways(model, qmodel, decode_step, rounds, runs, threads)
+    return six_ways(model, qmodel, decode_step, rounds, runs, threads)
 
 
 def conv_cnn(rounds: int, runs: int, threads: int) -> dict:
@@ -125,7 +136,8 @@ def conv_cnn(rounds: int, runs: int, threads: int) -> dict:
     for m in uncached.modules():
         if hasattr(m, "cache_dequantized"):
             m.cache_dequantized = False
-    return timed_rounds({"float fp32": lambda: deploy(x), "W4 fp32 (cached dequantized weights)": lambda: qmodel(x),
+    return timed_rounds({"float fp32": lambda: deploy(x),
+                         "W4 fp32 default (cached weights; 5x5 convs oneDNN-prepacked)": lambda: qmodel(x),
                          "W4 fp32 (no cache: reference path)": lambda: uncached(x)}, rounds, runs, threads)
 
 
@@ -143,17 +155,20 @@ def main(argv: list[str] | None = None) -> dict:
     cases = {"minilm": lambda: minilm(args.seq, args.rounds, args.runs, args.threads),
              "smollm2-decode": lambda: smollm2_decode(args.prompt, args.rounds, args.runs, args.threads),
              "conv-cnn": lambda: conv_cnn(args.rounds, args.runs, args.threads)}
+    load_before = os.getloadavg()
     results = {}
     for name in args.models:
         results[name] = cases[name]()
         for variant, r in results[name].items():
-            print(f"{name:<16} {variant:<36} median {r['median_ms']:9.3f} ms  x{r['vs_first']:.2f}   "
+            print(f"{name:<16} {variant:<64} median {r['median_ms']:9.3f} ms  x{r['vs_first']:.2f}   "
                   f"min {r['min_ms']:9.3f} ms  x{r['min_vs_first']:.2f}", flush=True)
     result = {"benchmark": "cpu_latency", "date": dt.date.today().isoformat(),
               "command": "python benchmarks/cpu_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-                          "adagrow": __version__, "load": "shared with other processes; variants interleaved"},
+                          "adagrow": __version__, "isa_env": {k: os.environ.get(k) for k in ISA_ENV},
+                          "load": {"note": "shared with other processes; variants interleaved",
+                                   "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()}},
               "settings": vars(args) | {"w4": "RTN, Linear g128, conv per-channel", "batch": 1,
                                         "out": str(Path(args.out).name)},
               "results": results}

@@ -13,21 +13,35 @@ torchao's int4 weight-only layout runs on CPU). Its format differs from ours (do
 
 Our groups (a multiple of 32, or per-channel) are expressed with the largest kernel group size
 that divides both our group and ``K``, repeating each of our scales over its kernel groups.
-Measured on this project's 2-core AVX-512 (BF16) CPU the kernel is fast only with bfloat16
-activations (float32 activations take a slow path, ~10x slower than a float ``F.linear``), so
-the layers run it on bfloat16 inputs (:data:`INT4_DTYPES`), and on float32 inputs only rounded to
-bfloat16 first, when the layer's ``bf16_activations`` is on (``use_bf16_activations``).
+
+The kernel is fast only on bfloat16 activations (on float32 ones it takes a scalar path, ~20x
+slower than a float ``F.linear`` at one row and ~150x at 32 rows, on AVX-512 and AVX2 alike), so
+float32 inputs are rounded to bfloat16 for it. With the weights streamed from memory (a decoder's
+decode step) it beats a float32 ``F.linear`` by 2-10x up to ~8 rows on AVX-512 and AVX2; from
+~16 rows on an AVX2 CPU it loses. Float32 calls with more rows run the dequantized weight,
+prepacked once for oneDNN's float32 matmul (:func:`pack_float`), which beats ``F.linear`` on the
+same weight by 10-20% at 32 rows. Float32 convs with kernels larger than 3x3 or groups run their
+dequantized weight prepacked for oneDNN's convolution too (:func:`pack_conv`). Whether an output
+is rounded through bfloat16 depends only on the row count and the layer's switches, never on the
+CPU; oneDNN or not changes only the summation order of a float32 product (docs/demo.md, "CPU fast
+path").
 """
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from adagrow.packed import column_groups, unpack_codes
 
+from .layer import LayerGeometry
+
 INT4_DTYPES = (torch.bfloat16,)
 KERNEL_GROUPS = (256, 128, 64, 32)
+INT4_MAX_ROWS = 8  # float32 calls with at most this many rows take the int4 kernel by default
+ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 
 @dataclass(frozen=True)
@@ -68,4 +82,59 @@ def int4_linear(x: torch.Tensor, pack: Int4Pack, bias: torch.Tensor | None) -> t
     return y if bias is None else y + bias
 
 
-__all__ = ["INT4_DTYPES", "Int4Pack", "int4_linear", "kernel_group", "pack_int4"]
+@dataclass(frozen=True)
+class FloatPack:
+    """A float32 weight ``[N, K]``, prepacked for oneDNN's matmul where PyTorch has oneDNN on an
+    x86 CPU (``onednn``), else as it is."""
+
+    weight: torch.Tensor
+    onednn: bool
+
+
+def pack_float(weight: torch.Tensor) -> FloatPack:
+    """``weight`` (float32 ``[N, K]``) in the layout :func:`float_linear` runs fastest. The
+    prepacked tensor is opaque (no storage): it cannot be copied or saved, only run."""
+    weight = weight.contiguous()
+    if ONEDNN and weight.dtype == torch.float32:
+        return FloatPack(torch.ops.mkldnn._reorder_linear_weight(weight, None), True)
+    return FloatPack(weight, False)
+
+
+def float_linear(x: torch.Tensor, pack: FloatPack, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` in float32: oneDNN's matmul on the prepacked weight, else ``F.linear``.
+    Both are float32 products; they differ from each other only in summation order."""
+    if pack.onednn:
+        return torch.ops.mkldnn._linear_pointwise(x, pack.weight, bias, "none", [], "")
+    return F.linear(x, pack.weight, bias)
+
+
+def prepacks_conv(geo: LayerGeometry) -> bool:
+    """Whether a float32 conv runs on a oneDNN-prepacked weight: kernels larger than 3x3, or
+    grouped, the convs PyTorch's own float32 ``F.conv2d`` hands to oneDNN at any input size (and
+    reorders the weight for on every call). Small dense kernels stay on ``F.conv2d``, which runs
+    them on its im2col path at small inputs, faster there than a oneDNN call (a 1->16 3x3 conv on
+    16x16: 6 us against 29 us)."""
+    return ONEDNN and (geo.groups > 1 or min(geo.kernel_size) > 3)
+
+
+def pack_conv(weight: torch.Tensor, geo: LayerGeometry) -> FloatPack:
+    """A conv's float32 ``weight`` in the layout :func:`float_conv2d` runs fastest (see
+    :func:`prepacks_conv`)."""
+    weight = weight.contiguous()
+    if weight.dtype == torch.float32 and prepacks_conv(geo):
+        return FloatPack(torch.ops.mkldnn._reorder_convolution_weight(
+            weight, list(geo.padding), list(geo.stride), list(geo.dilation), geo.groups, None), True)
+    return FloatPack(weight, False)
+
+
+def float_conv2d(x: torch.Tensor, pack: FloatPack, bias: torch.Tensor | None, geo: LayerGeometry) -> torch.Tensor:
+    """The conv of ``geo`` in float32: oneDNN's convolution on the prepacked weight, else
+    ``F.conv2d``."""
+    if pack.onednn:
+        return torch.ops.mkldnn._convolution_pointwise(x, pack.weight, bias, list(geo.padding), list(geo.stride),
+                                                       list(geo.dilation), geo.groups, "none", [], "")
+    return F.conv2d(x, pack.weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
+
+
+__all__ = ["INT4_DTYPES", "INT4_MAX_ROWS", "FloatPack", "Int4Pack", "float_conv2d", "float_linear", "int4_linear",
+           "kernel_group", "pack_conv", "pack_float", "pack_int4", "prepacks_conv"]

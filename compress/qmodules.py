@@ -3,13 +3,14 @@
 Forward paths, first that applies:
 
 1. CUDA fp16/bf16 inputs, 4-bit: the Triton kernels.
-2. CPU (see :mod:`.cpu_path` and docs/demo.md): ``QuantLinear`` runs PyTorch's int4 weight-only
-   kernel where its shape constraints allow, repacked once at the first call, on bfloat16 inputs
-   and, when ``bf16_activations`` is on (:func:`use_bf16_activations`), on float32 inputs rounded
-   to bfloat16, the output cast back to float32; otherwise a layer with ``cache_dequantized`` (the
-   default) keeps its dequantized weight and runs the float op (float32 numerics, float memory).
-   Both caches are rebuilt when the packed tensors change
-   (in place or by ``.to()``), and skipped while tracing / compiling.
+2. CPU (see :mod:`.cpu_path` and docs/demo.md): a 4-bit ``QuantLinear`` the int4 weight-only
+   kernel takes runs it (repacked once, at the first call) on bfloat16 inputs and on float32
+   calls of at most ``INT4_MAX_ROWS`` rows, rounded to bfloat16 (``bf16_activations``, see
+   QuantLinear); its larger float32 calls run the cached dequantized weight prepacked for
+   oneDNN. Every other layer with ``cache_dequantized`` (the default) keeps its dequantized
+   weight and runs the float op (float numerics, float memory). The caches are rebuilt when the
+   packed tensors change (in place or by ``.to()``), skipped while tracing / compiling, and never
+   copied or pickled.
 3. The reference: dequantize, then ``F.linear`` / ``F.conv2d`` in the input's dtype.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ from adagrow.kernels.conv import fused_conv2d
 from adagrow.kernels.w4a16 import kernel_supports, use_triton, w4a16_matmul_sz
 from adagrow.packed import codes_per_word, dequantize_packed, pack_scale_zero, padded_k
 
-from .cpu_path import INT4_DTYPES, int4_linear, kernel_group, pack_int4
+from .cpu_path import (INT4_DTYPES, INT4_MAX_ROWS, float_conv2d, float_linear, int4_linear, kernel_group, pack_conv,
+                       pack_float, pack_int4)
 from .layer import LayerGeometry, geometry, matrix_to_weight, reference_forward
 from .obs import QuantResult
 
@@ -93,17 +95,35 @@ class QuantLayer(nn.Module):
         return reference_forward(x, weight, bias, self.geo)
 
     def _cached(self, what: str, dtype: torch.dtype, build: Callable[[], Any]) -> Any:
-        """``build()``, kept until the packed tensors change (storage or in-place version) or the
-        dtype / kind asked for differs. One cache entry per layer."""
+        """``build()``, kept per ``(what, dtype)`` until the packed tensors change (storage or
+        in-place version); a change drops every entry."""
         b = self._buffers  # direct: nn.Module attribute lookup costs microseconds per call
         qw, sc, ze, pg = b["qweight"], b["scales"], b["zeros"], b["position_group"]
-        key = (what, dtype, qw.data_ptr(), qw._version, sc.data_ptr(), sc._version, ze.data_ptr(), ze._version,
-               None if pg is None else (pg.data_ptr(), pg._version))
-        entry = self.__dict__.get("_cpu_cache")
-        if entry is None or entry[0] != key:
-            entry = (key, build())
-            self.__dict__["_cpu_cache"] = entry
-        return entry[1]
+        version = (qw.data_ptr(), qw._version, sc.data_ptr(), sc._version, ze.data_ptr(), ze._version,
+                   None if pg is None else (pg.data_ptr(), pg._version))
+        cache = self.__dict__.get("_cpu_cache")
+        if cache is None or cache[0] != version:
+            cache = (version, {})
+            self.__dict__["_cpu_cache"] = cache
+        entries = cache[1]
+        got = entries.get((what, dtype))
+        if got is None:
+            got = entries[(what, dtype)] = build()
+        return got
+
+    def cached_kinds(self) -> list[tuple[str, torch.dtype]]:
+        """The CPU caches this layer holds now, as ``(kind, dtype)``: kind ``"int4"`` (repacked for
+        the int4 kernel), ``"float"`` (a float32 weight, prepacked for oneDNN where it pays,
+        :class:`.cpu_path.FloatPack`) or ``"dequantized"`` (the plain weight)."""
+        cache = self.__dict__.get("_cpu_cache")
+        return [] if cache is None else list(cache[1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The module's state without the CPU caches (rebuilt on the next call; the prepacked
+        oneDNN weight cannot be copied or pickled)."""
+        state = super().__getstate__()
+        state.pop("_cpu_cache", None)
+        return state
 
     def clear_cache(self) -> None:
         """Drop the caches (the CPU repacked or dequantized weight, the kernels' (s, z) pairs)
@@ -118,27 +138,43 @@ class QuantLayer(nn.Module):
 class QuantLinear(QuantLayer):
     """Linear layer with packed low-bit weights.
 
-    ``bf16_activations`` (a per-instance switch, :func:`use_bf16_activations`; off by default):
-    on CPU, float32 inputs run the int4 kernel with the activations rounded to bfloat16 and the
-    output cast back to float32 (4-bit weights in memory, faster than float at one token on this
-    project's CPU; outputs differ from the float32 reference by bfloat16 rounding, ~1e-2 relative
-    at most, docs/demo.md). Off keeps float32 numerics: the cached dequantized weight
-    (``cache_dequantized``) or the reference.
+    ``bf16_activations`` (a per-instance switch, :func:`use_bf16_activations`) picks the CPU path
+    of float32 inputs for a 4-bit layer the int4 kernel takes (:func:`.cpu_path.kernel_group`):
+
+    - ``None`` (default): a call of at most ``INT4_MAX_ROWS`` rows (a decode step) runs the kernel
+      on activations rounded to bfloat16, the output cast back to float32: 4-bit weights
+      streamed, faster than float there; outputs differ from the float32 reference by bfloat16
+      rounding, ~1e-3 relative, at most ~1e-2 per element (docs/demo.md). Larger calls keep
+      float32 numerics on the cached dequantized weight prepacked for oneDNN's matmul
+      (``cache_dequantized``; else the reference).
+    - ``True``: every float32 call on the kernel.
+    - ``False``: none; the cached dequantized weight and ``F.linear`` (the reference's outputs
+      exactly), or the reference.
+
+    Other Linears (no int4 kernel) run the cached dequantized weight with ``F.linear``.
     """
 
-    bf16_activations = False
+    bf16_activations: bool | None = None
+
+    def __init__(self, meta: dict[str, Any]):
+        super().__init__(meta)
+        self.int4_group = kernel_group(self.geo.k, self.geo.out_features, self.bits, self.group_size)
 
     def _cpu_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        group = kernel_group(self.geo.k, self.geo.out_features, self.bits, self.group_size)
-        dtype = x.dtype if x.dtype in INT4_DTYPES else None
-        if x.dtype == torch.float32 and self.bf16_activations:
-            dtype = torch.bfloat16
-        if group is None or dtype is None:
+        group = self.int4_group
+        if group is None:
             return super()._cpu_forward(x, bias)
-        pack = self._cached("int4", dtype, lambda: pack_int4(self.qweight, self.scales, self.zeros, self.geo.k,
-                                                             self.group_size, group, dtype))
-        y = int4_linear(x.to(dtype), pack, None).to(x.dtype)
-        return y if bias is None else y + bias
+        mode, dtype = self.bf16_activations, x.dtype
+        if dtype == torch.float32 and (mode or (mode is None and x.numel() <= INT4_MAX_ROWS * self.geo.k)):
+            dtype = torch.bfloat16
+        if dtype in INT4_DTYPES:
+            pack = self._cached("int4", dtype, lambda: pack_int4(self.qweight, self.scales, self.zeros, self.geo.k,
+                                                                 self.group_size, group, dtype))
+            y = int4_linear(x.to(dtype), pack, None).to(x.dtype)
+            return y if bias is None else y + bias
+        if dtype == torch.float32 and mode is None and self.cache_dequantized:  # a large call, by default
+            return float_linear(x, self._cached("float", dtype, lambda: pack_float(self.dequantize())), bias)
+        return super()._cpu_forward(x, bias)
 
     def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = w4a16_matmul_sz(x, self.qweight, self.kernel_pairs(), self.group_size)
@@ -161,7 +197,15 @@ class QuantLinear(QuantLayer):
 class QuantConv2d(QuantLayer):
     """Conv2d (grouped / depthwise too) with packed low-bit weights in (ky, kx, cin) K order.
     Keeps its dequantized CPU weight by default (``cache_dequantized``), as the ONNX Runtime
-    export does: 4-bit on disk, float in memory."""
+    export does: 4-bit on disk, float in memory; for float32 inputs, kernels larger than 3x3 and
+    grouped convs keep it prepacked for oneDNN's convolution (:func:`.cpu_path.prepacks_conv`;
+    float32 numerics, another summation order than ``F.conv2d``)."""
+
+    def _cpu_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if x.dtype != torch.float32 or not self.cache_dequantized:
+            return super()._cpu_forward(x, bias)
+        return float_conv2d(x, self._cached("float", x.dtype, lambda: pack_conv(self.dequantize(), self.geo)),
+                            bias, self.geo)
 
     def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         g = self.geo
@@ -174,7 +218,8 @@ class QuantConv2d(QuantLayer):
 
 def _cacheable(x: torch.Tensor) -> bool:
     """A plain CPU call without autograd, tracing or compilation (the caches are Python state)."""
-    return (isinstance(x, torch.Tensor) and x.device.type == "cpu" and not x.requires_grad
+    # x.is_cpu, not x.device.type: building the device object costs ~3 us per call
+    return (isinstance(x, torch.Tensor) and x.is_cpu and not x.requires_grad
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
@@ -195,10 +240,11 @@ def from_result(layer: nn.Module, res: QuantResult, name: str = "layer") -> Quan
     return mod.to(layer.weight.device)
 
 
-def use_bf16_activations(model: nn.Module, enable: bool = True) -> int:
-    """Switch every :class:`QuantLinear` of ``model`` to (``enable``) or from the int4 kernel with
-    bfloat16 activations for float32 CPU inputs; drops their CPU caches. Returns how many layers
-    were switched."""
+def use_bf16_activations(model: nn.Module, enable: bool | None = True) -> int:
+    """Set every :class:`QuantLinear` of ``model``'s ``bf16_activations``: ``True`` runs the int4
+    kernel on bfloat16-rounded activations for every float32 CPU call, ``False`` for none (float32
+    numerics), ``None`` restores the default (calls of at most ``INT4_MAX_ROWS`` rows). Drops their
+    CPU caches. Returns how many layers were set."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for m in layers:
         m.bf16_activations = enable
