@@ -43,16 +43,21 @@ from adagrow.hf import lm_windows, load_hf
 from adagrow.hf_text import CALIBRATION, HELD_OUT_PROSE
 from adagrow.models import smollm2_path
 
+RESTRICTED = dict(sym=True, sym_grid="restricted")  # the symmetric grid before the signed one became the default
 CONFIGS = {  # name -> QuantConfig keyword arguments; *_g64_sym: what adagrow quantize --hf picks for a server folder
     "rtn_w4_g128": dict(method="rtn", bits=4, group_size=128),
     "rtn_w4_g64_sym": dict(method="rtn", bits=4, group_size=64, sym=True),
+    "rtn_w4_g64_sym_mse": dict(method="rtn", bits=4, group_size=64, sym=True, mse=True),
+    "rtn_w4_g64_sym_restricted": dict(method="rtn", bits=4, group_size=64, **RESTRICTED),
     "default_w4_g64_sym": dict(bits=4, group_size=64, sym=True),
     "gptq_w4_g64_sym": dict(bits=4, group_size=64, sym=True, order="act", float_target=False),
     "default_w4_g128": dict(bits=4, group_size=128),
     "default_w4_g64": dict(bits=4, group_size=64),
     "rtn_w3_g128": dict(method="rtn", bits=3, group_size=128),
     "rtn_w3_g64_sym": dict(method="rtn", bits=3, group_size=64, sym=True),
+    "rtn_w3_g64_sym_restricted": dict(method="rtn", bits=3, group_size=64, **RESTRICTED),
     "default_w3_g64_sym": dict(bits=3, group_size=64, sym=True),
+    "default_w3_g64_sym_restricted": dict(bits=3, group_size=64, **RESTRICTED),
     "gptq_w3_g64_sym": dict(bits=3, group_size=64, sym=True, order="act", float_target=False),
 }
 PROMPTS = ["The weather today is", "To make a good cup of tea,", "The capital of France is"]
@@ -85,8 +90,8 @@ def ratios(result: dict) -> None:
     rows = result["configs"]
     for row in rows.values():
         kw = row["config"]
-        base = {"rtn_g128": f"rtn_w{kw['bits']}_g128",
-                "rtn_same": f"rtn_w{kw['bits']}_g{kw['group_size']}{'_sym' if kw.get('sym') else ''}"}
+        sym = ("_sym" + ("_restricted" if kw.get("sym_grid") == "restricted" else "")) if kw.get("sym") else ""
+        base = {"rtn_g128": f"rtn_w{kw['bits']}_g128", "rtn_same": f"rtn_w{kw['bits']}_g{kw['group_size']}{sym}"}
         for key, ref in base.items():
             if ref in rows and rows[ref]["ppl_increase"] > 0:
                 row[f"increase_vs_{key}"] = row["ppl_increase"] / rows[ref]["ppl_increase"]

@@ -1,15 +1,20 @@
 """Uniform affine quantization grid: ``w_hat = (q - z) * s`` with ``q`` in ``[0, 2^bits)``.
 
-Symmetric grids put ``z = 2^(bits-1)`` and ``s = max|w| / (2^(bits-1) - 1)`` (codes stay in
-the restricted range ``z +- (2^(bits-1) - 1)``); asymmetric grids span ``[min(w, 0), max(w, 0)]``.
-Scales are rounded to their storage dtype (fp16 / bf16) before any code is computed, so the
-packed weights dequantize to exactly what the quantizer used.
+Symmetric grids put ``z = 2^(bits-1)``. The default, ``"signed"``, uses all ``2^bits`` codes: the
+weight of largest magnitude ``e`` (its sign kept) lands on code 0, ``s = e / -2^(bits-1)``, so the
+scale is negative when that weight is positive (llama.cpp Q4_0's rule; every consumer computes
+``(q - z) * s`` and loads it unchanged). ``"restricted"`` keeps codes in ``z +- (2^(bits-1) - 1)``
+with ``s = max|w| / (2^(bits-1) - 1) > 0`` (what int8 Q/DQ graphs for TensorRT need).
+Asymmetric grids span ``[min(w, 0), max(w, 0)]``. Scales are rounded to their storage dtype
+(fp16 / bf16) before any code is computed, so the packed weights dequantize to exactly what the
+quantizer used.
 """
 from __future__ import annotations
 
 import torch
 
 MIN_SCALE = 1e-6  # keeps fp16 scales off zero for all-zero (dead) rows
+SYM_GRIDS = ("signed", "restricted")
 
 
 def check_bits(bits: int) -> int:
@@ -18,19 +23,25 @@ def check_bits(bits: int) -> int:
     return bits
 
 
-def _params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool,
-            scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    maxq = 2**bits - 1
-    if sym:
-        amax = torch.maximum(xmin.abs(), xmax.abs())
-        scale = amax / (2 ** (bits - 1) - 1)
-        zero = torch.full_like(scale, 2 ** (bits - 1))
-    else:
-        scale = (xmax - xmin) / maxq
-    scale = scale.clamp_min(MIN_SCALE).to(scale_dtype).float()
+def check_sym_grid(sym_grid: str) -> str:
+    if sym_grid not in SYM_GRIDS:
+        raise ValueError(f"sym_grid must be one of {SYM_GRIDS}, got {sym_grid!r}")
+    return sym_grid
+
+
+def _params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype,
+            sym_grid: str = "signed") -> tuple[torch.Tensor, torch.Tensor]:
+    maxq, half = 2**bits - 1, 2 ** (bits - 1)
     if not sym:
-        zero = torch.round(-xmin / scale).clamp(0, maxq)
-    return scale, zero
+        scale = ((xmax - xmin) / maxq).clamp_min(MIN_SCALE).to(scale_dtype).float()
+        return scale, torch.round(-xmin / scale).clamp(0, maxq)
+    if sym_grid == "restricted":
+        scale = (torch.maximum(-xmin, xmax) / (half - 1)).clamp_min(MIN_SCALE).to(scale_dtype).float()
+    else:  # signed: the largest-magnitude weight on code 0 (a tie takes the negative one: positive scale)
+        extreme = torch.where(-xmin >= xmax, xmin, xmax)
+        magnitude = (extreme.abs() / half).clamp_min(MIN_SCALE).to(scale_dtype).float()
+        scale = torch.where(extreme > 0, -magnitude, magnitude)
+    return scale, torch.full_like(scale, half)
 
 
 def check_scales(scales: torch.Tensor, w: torch.Tensor, scale_dtype: torch.dtype, name: str = "layer") -> None:
@@ -47,22 +58,24 @@ def check_scales(scales: torch.Tensor, w: torch.Tensor, scale_dtype: torch.dtype
 
 def grid_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False,
                 scale_dtype: torch.dtype = torch.float16, grid: int = 100,
-                maxshrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+                maxshrink: float = 0.8, sym_grid: str = "signed") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(scale, zero)``, each ``[rows]`` float32, for the weights ``w`` ``[rows, cols]``.
 
+    ``sym_grid`` (symmetric grids only): ``"signed"`` or ``"restricted"`` (module docstring).
     ``mse=True`` searches the clipping ratio ``p`` in ``[1 - maxshrink, 1]`` (``grid`` steps) that
     minimises the squared rounding error of each row.
     """
     w = w.float()
     xmin = w.amin(1).clamp_max(0)
     xmax = w.amax(1).clamp_min(0)
-    scale, zero = _params(xmin, xmax, bits, sym, scale_dtype)
+    check_sym_grid(sym_grid)
+    scale, zero = _params(xmin, xmax, bits, sym, scale_dtype, sym_grid)
     if not mse:
         return scale, zero
     best = torch.full_like(scale, float("inf"))
     for i in range(grid):
         p = 1 - i * maxshrink / grid
-        s, z = _params(p * xmin, p * xmax, bits, sym, scale_dtype)
+        s, z = _params(p * xmin, p * xmax, bits, sym, scale_dtype, sym_grid)
         err = (dequantize_codes(quantize_codes(w, s[:, None], z[:, None], bits), s[:, None], z[:, None]) - w)
         err = err.pow(2).sum(1)
         better = err < best

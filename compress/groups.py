@@ -44,14 +44,16 @@ def position_groups(overlap: torch.Tensor, group_size: str) -> torch.Tensor:
 
 
 def group_params(w: torch.Tensor, gid: torch.Tensor, n_groups: int, bits: int, sym: bool,
-                 mse: bool, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                 mse: bool, scale_dtype: torch.dtype, sym_grid: str = "signed") -> tuple[torch.Tensor, torch.Tensor]:
     """Static ``(scales, zeros)`` ``[rows, n_groups]`` from each group's columns of ``w`` ``[rows, K]``."""
     scales = torch.empty(w.shape[0], n_groups)
     zeros = torch.empty(w.shape[0], n_groups)
     for g in range(n_groups):
         cols = gid[: w.shape[1]] == g
         if cols.any():
-            scales[:, g], zeros[:, g] = grid_params(w[:, cols], bits, sym, mse, scale_dtype)
+            scales[:, g], zeros[:, g] = grid_params(w[:, cols], bits, sym, mse, scale_dtype,
+                                                       sym_grid=sym_grid)
         else:  # a group made only of padding: any valid grid dequantizes its zeros to zero
-            scales[:, g], zeros[:, g] = grid_params(w.new_zeros(w.shape[0], 1), bits, sym, False, scale_dtype)
+            scales[:, g], zeros[:, g] = grid_params(w.new_zeros(w.shape[0], 1), bits, sym, False, scale_dtype,
+                                                       sym_grid=sym_grid)
     return scales, zeros

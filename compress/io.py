@@ -159,8 +159,8 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], qlayers: dict[s
     check_finite(tensors, str(path))
     for name, q in qlayers.items():
         scales, zeros = tensors[f"{name}.scales"], tensors[f"{name}.zeros"]
-        if not bool((scales > 0).all()):
-            raise ValueError(f"{path}: tensor {name + '.scales'!r} has scales <= 0")
+        if not bool((scales != 0).all()):  # negative scales are valid (signed symmetric grids)
+            raise ValueError(f"{path}: tensor {name + '.scales'!r} has zero scales")
         if not bool(((zeros >= 0) & (zeros <= 2**q.bits - 1) & (zeros == zeros.round())).all()):
             raise ValueError(f"{path}: tensor {name + '.zeros'!r} holds zero points that are not integers in "
                              f"0..{2**q.bits - 1} (bits={q.bits})")

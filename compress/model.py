@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .blocks import Probe, candidates, hidden
 from .calib import Calibration, StopForward, TokenMask
-from .grid import check_bits
+from .grid import check_bits, check_sym_grid
 from .groups import check_group_size
 from .layer import geometry, set_module
 from .obs import OBSQuantizer, QuantResult, fit_targets, rtn_quantize
@@ -55,12 +55,16 @@ class QuantConfig:
     model's output of that layer on float inputs, not its own output on the quantized prefix's
     inputs, so it also corrects the error earlier layers left (GPTQv2); it costs one float forward
     of each block and keeps the float inputs of the block's layers during that block.
+    ``sym_grid`` (with ``sym=True``): ``"signed"`` (default: all ``2^bits`` codes, the weight of
+    largest magnitude on code 0, scales may be negative) or ``"restricted"`` (codes ``z +- (2^(bits-1) - 1)``,
+    positive scales); docs/design.md §4.
     """
 
     bits: int = 4
     group_size: int | str = "tier"
     linear_group_size: int | None = None
     sym: bool = False
+    sym_grid: str = "signed"
     method: str = "obs"
     order: str = "reparam"
     percdamp: float = 0.01
@@ -77,6 +81,7 @@ class QuantConfig:
         check_group_size(self.group_size, is_conv=True)
         check_group_size(self.group_size_for("linear"), is_conv=False)
         check_order(self.order)
+        check_sym_grid(self.sym_grid)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.hessian_dtype not in HESSIAN_DTYPES:
@@ -187,7 +192,8 @@ class _Run:
         if cfg.method == "rtn":
             for name, layer in zip(names, layers):
                 gs = cfg.group_size_for(geometry(layer, name).kind)
-                results.append(rtn_quantize(layer, cfg.bits, gs, cfg.sym, cfg.mse, scale_dtype=sdt, name=name))
+                results.append(rtn_quantize(layer, cfg.bits, gs, cfg.sym, cfg.mse, scale_dtype=sdt, name=name,
+                                            sym_grid=cfg.sym_grid))
         else:
             lead = OBSQuantizer(layers[0], names[0], HESSIAN_DTYPES[cfg.hessian_dtype])
             is_linear = isinstance(layers[0], nn.Linear)
@@ -214,7 +220,8 @@ class _Run:
                 gs = cfg.group_size_for(geometry(layer, name).kind)
                 last = i == len(quantizers) - 1
                 results.append(q.quantize(cfg.bits, gs, cfg.sym, cfg.order, percdamp=cfg.percdamp,
-                                          block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt, release=last))
+                                          block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt, release=last,
+                                          sym_grid=cfg.sym_grid))
                 if not last:
                     q.release()  # the group's statistics are freed by the last layer's quantize
         for name, layer, res in zip(names, layers, results):

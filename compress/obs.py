@@ -110,7 +110,8 @@ def _finish(layer: nn.Module, geo: LayerGeometry, grouping: _Grouping, codes: to
 
 def rtn_quantize(layer: nn.Module, bits: int = 4, group_size: int | str = 128, sym: bool = False,
                  mse: bool = False, overlap: torch.Tensor | None = None,
-                 scale_dtype: torch.dtype = torch.float16, name: str = "layer") -> QuantResult:
+                 scale_dtype: torch.dtype = torch.float16, name: str = "layer",
+                 sym_grid: str = "signed") -> QuantResult:
     """Round-to-nearest on the same grid, groups and packed format as OBS (the baseline)."""
     geo = geometry(layer, name)
     check_bits(bits)
@@ -118,7 +119,7 @@ def rtn_quantize(layer: nn.Module, bits: int = 4, group_size: int | str = 128, s
     group_size = check_group_size(group_size, geo.kind == "conv")
     grouping = _Grouping(geo, group_size, _resolve_overlap(layer, geo, overlap, name))
     w = weight_matrix(layer.weight.detach(), geo).float().cpu()
-    s, z = group_params(w, grouping.gid, grouping.n_groups, bits, sym, mse, scale_dtype)
+    s, z = group_params(w, grouping.gid, grouping.n_groups, bits, sym, mse, scale_dtype, sym_grid)
     check_scales(s, w, scale_dtype, name)
     codes = quantize_codes(w, s[:, grouping.gid], z[:, grouping.gid], bits)
     perm = torch.arange(geo.k).repeat(geo.groups, 1)
@@ -445,7 +446,8 @@ class OBSQuantizer:
     def quantize(self, bits: int = 4, group_size: int | str = 128, sym: bool = False,
                  order: str = "reparam", overlap: torch.Tensor | None = None, percdamp: float = 0.01,
                  block_size: int = 128, mse: bool = False,
-                 scale_dtype: torch.dtype = torch.float16, release: bool = False) -> QuantResult:
+                 scale_dtype: torch.dtype = torch.float16, release: bool = False,
+                 sym_grid: str = "signed") -> QuantResult:
         """Quantize the layer's weight (the layer itself is not modified).
 
         Args:
@@ -458,6 +460,7 @@ class OBSQuantizer:
                 (the others released already, :meth:`release`): H, its inverse and the fitted
                 weight are freed as soon as they are used, the OBS working set of one layer
                 being then at most two K x K buffers (docs/scale.md).
+            sym_grid: "signed" (all 2^bits codes) or "restricted" (symmetric grids; adagrow.compress.grid).
         """
         geo, name = self.geo, self.name
         check_bits(bits)
@@ -507,7 +510,8 @@ class OBSQuantizer:
             if bool(dead.any()):
                 w = w if release else w.clone()
                 w[:, dead] = 0
-            s, z = group_params(w.float().cpu(), grouping.gid, grouping.n_groups, bits, sym, mse, scale_dtype)
+            s, z = group_params(w.float().cpu(), grouping.gid, grouping.n_groups, bits, sym, mse, scale_dtype,
+                                sym_grid)
             check_scales(s, w, scale_dtype, name)
             scales[r1:r2], zeros[r1:r2] = s, z
             s, z = s.to(w), z.to(w)

@@ -240,7 +240,7 @@ def _set(key, fn):
      r"'features.2.scales' contains NaN"),
     (_set(f"{CONV}.bias", lambda b: b.index_fill(0, torch.tensor([1]), float("inf"))),
      r"'features.2.bias' contains inf"),
-    (_set(f"{CONV}.scales", lambda s: -s), r"'features.2.scales' has scales <= 0"),
+    (_set(f"{CONV}.scales", lambda s: s.index_fill(0, torch.tensor([0]), 0.0)), r"'features.2.scales' has zero scales"),
     (_set(f"{CONV}.zeros", lambda z: z + 99), r"'features.2.zeros' holds zero points that are not integers in 0..15"),
     (_set(f"{CONV}.zeros", lambda z: z + 0.5), r"'features.2.zeros' holds zero points"),
     (_set(f"{CONV}.position_group", lambda p: p + 7), r"'features.2.position_group' points outside"),

@@ -267,7 +267,8 @@ def _int8(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tenso
     graph = _export_float(work, spec, opset, report)
     qweights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if weights == "obs":
-        cfg = QuantConfig(bits=wbits, sym=True, group_size=-1, linear_group_size=-1, order="act")
+        cfg = QuantConfig(bits=wbits, sym=True, sym_grid="restricted", group_size=-1, linear_group_size=-1,
+                          order="act")  # Q/DQ int8 weights stay in +-levels
         qmodel = _quantize(work, spec, batches, cfg, progress)
         qlayers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
         dense = {f"{n}.weight": work.get_submodule(n).weight.detach().numpy() for n in qlayers}
