@@ -437,7 +437,8 @@ class OBSQuantizer:
             a.diagonal().add_(pd * mean_diag)
             f, info = _cholesky_in_place(a)
             if info == 0:
-                return torch.cholesky_inverse(f, out=f), pd  # in place on the column-major factor
+                torch.cholesky_inverse(f, out=f)  # in place on the column-major factor
+                return a, pd  # the same (exactly symmetric) matrix row-major: gathers from it are ~5x faster
         raise RuntimeError(f"{self.name}: Hessian is not positive definite even with relative "
                            f"damping {pd:g} ({DAMP_RETRIES} retries); the calibration data may be "
                            "degenerate (too few samples or constant inputs)")
