@@ -8,9 +8,10 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
 
-from adagrow.compress import QuantConfig, quantize  # noqa: E402
+from adagrow.compress import QuantConfig, quantize, use_bf16_activations  # noqa: E402
 from adagrow.compress.export import ExportCheckError, export_decoder_onnx, export_onnx, greedy_generate  # noqa: E402
 from adagrow.compress.export.decoder import past_names, present_names  # noqa: E402
+from adagrow.compress.export.tied import share_tied_embedding  # noqa: E402
 from adagrow.compress.export.verify import ort_session  # noqa: E402
 
 KW = dict(vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -53,6 +54,35 @@ def test_graph_has_cache_inputs_and_outputs_with_dynamic_axes(fp32) -> None:
     assert {c["shape"]["past_key_values.0.key"][2] for c in report.verification} == {0, 9}
 
 
+def _vocab_matrices(path) -> list[str]:
+    return [t.name for t in onnx.load(path).graph.initializer if sorted(t.dims) == [96, 128]]
+
+
+def test_tied_embedding_is_stored_once(fp32) -> None:
+    """The head's transposed weight serves the embedding's Gather too (the logits tests above run on
+    that graph)."""
+    assert len(_vocab_matrices(fp32[1])) == 1
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_share_tied_embedding_computes_the_same_and_leaves_an_untied_head(tmp_path, tied: bool) -> None:
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((10, 3)).astype(np.float32)
+    head = emb.T.copy() if tied else rng.standard_normal((3, 10)).astype(np.float32)
+    mh = onnx.helper
+    graph = mh.make_graph([mh.make_node("Gather", ["E", "ids"], ["x"]), mh.make_node("MatMul", ["x", "T"], ["y"])],
+                          "g", [mh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["b", "s"])],
+                          [mh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", "s", 10])],
+                          [onnx.numpy_helper.from_array(emb, "E"), onnx.numpy_helper.from_array(head, "T")])
+    model = mh.make_model(graph, opset_imports=[mh.make_opsetid("", 17)])
+    assert share_tied_embedding(model) == (["E"] if tied else [])
+    assert [t.name for t in model.graph.initializer] == (["T"] if tied else ["E", "T"])
+    ids = np.array([[1, 4, 9], [0, 0, 7]])
+    onnx.save(model, tmp_path / "g.onnx")
+    got = ort_session(tmp_path / "g.onnx").run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, emb[ids] @ head)
+
+
 def test_ort_prefill_then_decode_logits_match_pytorch(fp32) -> None:
     """Prefill on an empty cache, then one token at a time on ORT's own cache: every step's logits
     equal the PyTorch model's on the whole sequence."""
@@ -87,10 +117,12 @@ def test_ort_greedy_tokens_equal_generate(fp32) -> None:
 def test_w4_matmulnbits_greedy_tokens_equal_the_quantized_model(tmp_path) -> None:
     calib = [{"input_ids": torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(1))}]
     q = quantize(_llama(), calib, QuantConfig(bits=4, group_size=32, sym=True), progress=False)
+    use_bf16_activations(q, False)  # the PyTorch reference in float32, not the CPU int4 kernel's bfloat16
     # accuracy level 0 (the default): MatMulNBits computes in fp32, the quantized model's arithmetic
     rep = export_decoder_onnx(q, tmp_path / "w4.onnx", "w4")
     ops = [n.op_type for n in onnx.load(tmp_path / "w4.onnx").graph.node]
     assert rep.quantized_weights == ops.count("MatMulNBits") == 14 and rep.cosine > 0.9999
+    assert len(_vocab_matrices(tmp_path / "w4.onnx")) == 1  # the float head, tied: stored once
     ids, mask = _prompts()
     ref = q.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=2)
     got = greedy_generate(tmp_path / "w4.onnx", ids.numpy(), 16, attention_mask=mask.numpy(), eos_token_id=2)

@@ -35,6 +35,7 @@ from ..model import QuantConfig, quantize
 from ..qmodules import QuantLayer
 from .nbits import ACCURACY_LEVELS
 from .onnx_export import ExportReport, w4_graph, w4_quantized
+from .tied import share_tied_embedding
 from .verify import CHECKS, THRESHOLDS, enforce, verify
 
 PRECISIONS = ("fp32", "w4")
@@ -235,6 +236,7 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
         graph = w4_graph(model, lambda twin: _export_graph(KVForward(twin), 21, report), report, accuracy_level)
     else:
         graph = _export_graph(KVForward(model), opset, report)
+    share_tied_embedding(graph)  # a tied embedding / head stored once
     report.dynamic_axes = {i.name: {d: s.dim_param for d, s in enumerate(i.type.tensor_type.shape.dim) if s.dim_param}
                            for i in [*graph.graph.input, *graph.graph.output]}
     onnx.checker.check_model(graph, full_check=True)
