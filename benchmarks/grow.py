@@ -43,6 +43,7 @@ from adagrow.files import atomic_write, write_json
 from adagrow.grow import (DeployBudget, GrowingCNN, GrowingTransformer, GrowthConfig, build_from_arch, deploy_cost,
                           deploy_latency_ms, grow, reparameterize)
 from adagrow.grow.flops import train_flops
+from adagrow.grow.grower import AUTO_RULES
 from adagrow.grow.train import accuracy
 
 matplotlib.use("Agg")
@@ -110,7 +111,8 @@ def run_unit(family: str, seed: int, difficulty: float, args: argparse.Namespace
         train(name, model, GrowthConfig(stop=model.spec(), seed=seed), epochs)
 
     torch.manual_seed(seed)
-    grown = train("grown", make(None), GrowthConfig(stop="auto", seed=seed), args.epochs)
+    auto = {"auto_rule": args.auto_rule, **({"fit_target": args.fit_target} if args.fit_target is not None else {})}
+    grown = train("grown", make(None), GrowthConfig(stop="auto", seed=seed, **auto), args.epochs)
     budget_g = rows[-1]["train_flops"]
     if main_task:
         matched("scratch-flops", grown.arch(), budget_g, fresh=True)
@@ -257,6 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget-families", nargs="*", default=["vgg"], help="CNN families grown to a latency budget")
     ap.add_argument("--budget-latency-ms", type=float, default=None,
                     help="latency budget (ORT CPU, 1 thread); default: the fixed X-1-1-1 net's measured latency")
+    ap.add_argument("--auto-rule", choices=AUTO_RULES, default=GrowthConfig.auto_rule,
+                    help="what the grown runs' automatic stop reads (GrowthConfig.auto_rule)")
+    ap.add_argument("--fit-target", type=float, default=None,
+                    help="auto_rule='underfit': stop once the training accuracy reaches it (default: GrowthConfig's)")
     ap.add_argument("--runs", type=int, default=100, help="timed calls per latency figure")
     ap.add_argument("--threads", type=int, default=1, help="training threads per job")
     ap.add_argument("--jobs", type=int, default=1, help="(family, seed, difficulty) units run in parallel processes")
@@ -313,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
                                             "first)", "vit": "probe (a candidate layer after every layer, "
                                             "trained briefly on a copy; lowest validation loss wins; probe FLOPs "
                                             "charged)"},
+                       "stop": {"rule": args.auto_rule, "fit_target": args.fit_target or GrowthConfig.fit_target}
+                       if args.auto_rule == "underfit" else {"rule": "gain"},
                        "lr_after_growth": "restart (cosine from the base LR over the remaining steps)",
                        "interval_epochs": {"cnn": 3, "vit": 5}, "train_flops": "3 x 2 x forward MACs x batch per step"},
               "budget_latency_ms": budget_ms, "wall_s": wall, "cpu_s": cpu, "rows": rows,

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import random
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,6 +41,7 @@ from .transformer import Carry, GrowingTransformer
 LOCATIONS = ("balanced", "probe", "greedy", "random", "sequential")
 DEFAULT_LOCATION = {"cnn": "balanced", "transformer": "probe"}
 LR_AFTER_GROWTH = ("continue", "restart")
+AUTO_RULES = ("gain", "underfit")
 INTERVAL_EPOCHS = {"cnn": 3.0, "transformer": 5.0}  # the thesis' training between growths
 Probe = Callable[[list[dict[str, Any]]], list[float]]  # depth options -> validation loss after a short training
 
@@ -52,6 +54,11 @@ class GrowthConfig:
     (int P: deploy params <= P and train-time params <= 1.5 P), ``"auto"`` (EMA of validation
     accuracy; stop once the gain since the previous growth stays under ``auto_threshold`` more than
     ``auto_tolerance`` times) or ``"budget"`` (grow until ``budget`` would be broken).
+    ``auto_rule`` picks what ``"auto"`` reads: ``"gain"`` (default) the validation-accuracy gain
+    above; ``"underfit"`` the training accuracy over the epoch before each growth point (the
+    batches' own train-mode predictions, no extra pass): grow while it is below ``fit_target``,
+    stop once the model fits its training images that well (a model that still underfits needs
+    capacity; one that fits them does not, docs/growth.md "Stop rule").
     ``budget``: a :class:`DeployBudget` (deploy params / MACs / measured latency) that every step
     must keep; a step that would break it is replaced by a cheaper one, or growth stops.
     ``interval_epochs``: epochs of training between growths (None: the thesis' 3 for CNNs, 5 for
@@ -92,6 +99,8 @@ class GrowthConfig:
     retrain: bool = False
     auto_threshold: float = 0.03
     auto_tolerance: int = 1
+    auto_rule: str = "gain"
+    fit_target: float = 0.62
     ema: float = 0.5
     seed: int = 0
 
@@ -101,6 +110,10 @@ class GrowthConfig:
         if self.location == "balanced" and not isinstance(model, GrowingCNN):
             raise ValueError("location='balanced' balances the stages of a CNN; a Transformer has one stack of "
                              "layers: use 'probe', 'greedy', 'random' or 'sequential'")
+        if self.auto_rule not in AUTO_RULES:
+            raise ValueError(f"auto_rule must be one of {AUTO_RULES}, got {self.auto_rule!r}")
+        if not 0 < self.fit_target <= 1:
+            raise ValueError(f"fit_target must be a training accuracy in (0, 1], got {self.fit_target}")
         if self.lr_after_growth not in LR_AFTER_GROWTH:
             raise ValueError(f"lr_after_growth must be one of {LR_AFTER_GROWTH}, got {self.lr_after_growth!r}")
         if self.probe_steps is not None and self.probe_steps < 1:
@@ -358,14 +371,22 @@ class Grower:
         return None
 
     def decide(self, model: nn.Module, val_acc: float | None, step: int | None = None,
-               probe: Probe | None = None) -> dict[str, Any] | None:
+               probe: Probe | None = None, fit_acc: float | None = None) -> dict[str, Any] | None:
         """The next growth step at optimizer step ``step``, or None once growth has stopped (then
         it stays stopped). ``probe``: validation losses of the given depth options after a short
-        training of each (``location="probe"``; ``grow()`` passes one)."""
+        training of each (``location="probe"``; ``grow()`` passes one). ``fit_acc``: training
+        accuracy over the last epoch's batches (``auto_rule="underfit"``; ``grow()`` passes it)."""
         if self.stopped:
             return None
         self.step = self.step if step is None else step
-        if self.config.stop == "auto" and val_acc is not None:
+        if self.config.stop == "auto" and self.config.auto_rule == "underfit":
+            if fit_acc is None:
+                raise ValueError("auto_rule='underfit' needs the training accuracy: pass decide(..., fit_acc=...) "
+                                 "(grow() does)")
+            if fit_acc >= self.config.fit_target:
+                self.stopped = True
+                return None
+        elif self.config.stop == "auto" and val_acc is not None:
             self.ema = val_acc if self.ema is None else self.config.ema * val_acc + (1 - self.config.ema) * self.ema
             if self.ema_at_growth is not None and self.ema - self.ema_at_growth < self.config.auto_threshold:
                 self.strikes += 1
@@ -490,12 +511,16 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
     total = epochs * math.ceil(len(range(rank, len(x), world)) / batch_size)
     history: list[dict[str, Any]] = []
     step = start = 0  # start: where the cosine schedule (re)started
+    recent: deque[tuple[int, int]] = deque(maxlen=total // epochs)  # (right, seen) per step, the last epoch's
 
-    def sgd_step(net: nn.Module, opt: torch.optim.Optimizer, idx: torch.Tensor) -> None:
-        loss = F.cross_entropy(net(x[idx]), y[idx])
+    def sgd_step(net: nn.Module, opt: torch.optim.Optimizer, idx: torch.Tensor) -> int:
+        """One optimizer step; returns how many of the batch's images it classified right."""
+        logits = net(x[idx])
+        loss = F.cross_entropy(logits, y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        return int((logits.argmax(1) == y[idx]).sum())
 
     def probe(options: list[dict[str, Any]]) -> list[float]:
         """Validation loss of each depth option after ``probe_steps`` steps on a copy (same batches,
@@ -523,14 +548,15 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
         for idx in order.split(batch_size):
             for g in opt.param_groups:
                 g["lr"] = _cosine(lr, step - start, total - start)
-            sgd_step(net, opt, idx)
+            recent.append((sgd_step(net, opt, idx), len(idx)))
             counter.step(len(idx))
             step += 1
             if grower is None or not grower.due(step):
                 continue
             val_acc = accuracy(model, *val) if rank == 0 else None
+            fit_acc = sum(r for r, _ in recent) / sum(n for _, n in recent)
             model.train()
-            payload = [grower.decide(model, val_acc, step, probe) if rank == 0 else None]
+            payload = [grower.decide(model, val_acc, step, probe, fit_acc) if rank == 0 else None]
             if world > 1:
                 dist.broadcast_object_list(payload, src=0)
                 grower.stopped = payload[0] is None
@@ -546,7 +572,7 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
                 start = step
             counter.reset()
             deploy, params_train = model.param_counts()
-            history.append({"epoch": epoch + 1, "step": step, "val_acc": val_acc, "growth": decision,
+            history.append({"epoch": epoch + 1, "step": step, "val_acc": val_acc, "fit_acc": fit_acc, "growth": decision,
                             "spec": model.spec(), "params_deploy": deploy, "params_train": params_train,
                             "train_flops": counter.total})
         deploy, params_train = model.param_counts()

@@ -260,6 +260,35 @@ def test_auto_stop_after_tolerated_small_gains() -> None:
     assert grower.decide(model, 0.90) is None       # and stays stopped
 
 
+def test_underfit_stop_grows_while_training_accuracy_is_below_target() -> None:
+    model = _cnn()
+    grower = Grower(model, GrowthConfig(stop="auto", auto_rule="underfit", fit_target=0.8))
+    assert grower.decide(model, 0.10, fit_acc=0.30) is not None
+    assert grower.decide(model, 0.05, fit_acc=0.79) is not None   # val falling does not matter, only the fit
+    assert grower.decide(model, 0.60, fit_acc=0.80) is None       # fits its training images: stop
+    assert grower.decide(model, 0.60, fit_acc=0.10) is None       # and stays stopped
+    with pytest.raises(ValueError, match="fit_acc"):
+        Grower(model, GrowthConfig(stop="auto", auto_rule="underfit")).decide(model, 0.5)
+    for bad in ({"auto_rule": "slope"}, {"fit_target": 0.0}, {"fit_target": 1.5}):
+        with pytest.raises(ValueError, match="auto_rule|fit_target"):
+            GrowthConfig(**bad).validate(model)
+
+
+def test_underfit_stop_in_the_loop_reads_the_training_accuracy() -> None:
+    """grow() records the epoch's training accuracy at each growth point; a target the model
+    reaches stops growth earlier than one it does not."""
+    fit, val = _data(256)
+    specs = {}
+    for target in (0.05, 1.0):
+        res = grow(_cnn(), fit, val, 8, GrowthConfig(stop="auto", auto_rule="underfit", fit_target=target,
+                                                      interval_epochs=1, seed=0), lr=0.05, progress=False)
+        growths = [h for h in res.history if "growth" in h]
+        assert all(0.0 <= h["fit_acc"] <= 1.0 for h in growths)
+        specs[target] = (len(growths), res.model.spec())
+    assert specs[0.05] == (0, "VGG-0-0-0")   # 5% is below chance on 4 classes: never underfits
+    assert specs[1.0][0] == 6                 # 100% is never reached here: a growth at every point (75% of 8 epochs)
+
+
 def test_bad_specs_and_budgets() -> None:
     model = _cnn()
     for spec in ("VGG-1-2", "ResNet-1-1-1", "VGG-a-b-c", "ViT-D2-H2"):
