@@ -29,6 +29,7 @@ import torch
 import adagrow.compress as ac
 from adagrow import __version__
 from adagrow.cli import main as cli
+from adagrow.compress import use_bf16_activations
 from adagrow.files import write_json
 from adagrow.models import smollm2_path
 
@@ -102,10 +103,14 @@ def main() -> None:
         result["cli_result"] = json.loads(stdout.getvalue())
         _, tokenizer = load_hf(gguf)
         loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-        ours, theirs = greedy(built[0], tokenizer), greedy(loaded, tokenizer)
-        same = [a == b for a, b in zip(ours, theirs)]
+        theirs = greedy(loaded, tokenizer)
+        use_bf16_activations(built[0], False)  # float32 numerics, what transformers computes on the folder
+        same = [a == b for a, b in zip(greedy(built[0], tokenizer), theirs)]
+        use_bf16_activations(built[0], None)  # the default: decode steps on the CPU int4 kernel, bfloat16
+        same_bf16 = [a == b for a, b in zip(greedy(built[0], tokenizer), theirs)]
         result["round_trip"] = {"reload": 'AutoModelForCausalLM.from_pretrained("q")', "prompts": len(PROMPTS),
                                 "new_tokens": 20, "same_greedy_tokens": sum(same), "all_same": all(same),
+                                "same_greedy_tokens_bf16_decode": sum(same_bf16),
                                 "sample": tokenizer.decode(theirs[0]),
                                 "folder_mb": sum(f.stat().st_size for f in out.iterdir()) / 1e6}
     print(result["round_trip"], flush=True)

@@ -9,7 +9,8 @@ prose (:data:`adagrow.hf_text.HELD_OUT_PROSE`, never used for calibration; strid
 asymmetric, and at the configuration's own bits / group / symmetry), the wall time of
 ``quantize()``, the size of the written checkpoint, and a reload check: symmetric configurations
 are written as a compressed-tensors folder and loaded back with
-``AutoModelForCausalLM.from_pretrained`` (greedy tokens compared with the in-memory model's); the
+``AutoModelForCausalLM.from_pretrained`` (greedy tokens compared with the in-memory model's, in
+float32 and with the CPU fast path's bfloat16 decode steps, the default); the
 others as adagrow's own file, loaded with ``load_quantized``.
 
 Calibration: the bundled English sentences (``adagrow/text/calibration_en.txt``) joined and cut
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 from adagrow import __version__
-from adagrow.compress import QuantConfig, load_quantized, quantize, save_compressed, save_quantized
+from adagrow.compress import QuantConfig, load_quantized, quantize, save_compressed, save_quantized, use_bf16_activations
 from adagrow.eval import perplexity
 from adagrow.files import write_json
 from adagrow.hf import lm_windows, load_hf
@@ -80,8 +81,13 @@ def reload_check(qmodel, tokenizer, sym: bool, tmp: Path) -> dict:
         out = save_quantized(qmodel, tmp / "q.safetensors")
         loaded = load_quantized(out)
         size, fmt = out.stat().st_size, "adagrow"
-    same = greedy(loaded, tokenizer) == greedy(qmodel, tokenizer)
-    return {"format": fmt, "file_mb": size / 1e6, "reload_same_greedy_tokens": same}
+    same = {}
+    for key, numerics in (("", False), ("_bf16_decode", None)):  # float32; the default: decode on the int4 kernel
+        for m in (qmodel, loaded):  # (a model transformers decompressed holds no QuantLinear: always float32)
+            use_bf16_activations(m, numerics)
+        same[key] = greedy(qmodel, tokenizer) == greedy(loaded, tokenizer)
+    return {"format": fmt, "file_mb": size / 1e6, "reload_same_greedy_tokens": same[""],
+            "reload_same_greedy_tokens_bf16_decode": same["_bf16_decode"]}
 
 
 def ratios(result: dict) -> None:
