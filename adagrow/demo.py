@@ -40,13 +40,13 @@ def growth_config() -> GrowthConfig:
     gaining a branch at each width step (``width_fraction=1``, ``max_kernel=5``: branches may widen
     the 3x3 deploy kernels to 5x5), function-preserving (``preserve``: a new VGG layer starts as the
     identity, a Dirac kernel), one cosine learning-rate schedule over the run, and automatic
-    stopping only once validation accuracy has fallen three times (``auto_threshold=0``,
+    stopping only once validation accuracy has fallen three times (``auto_rule="gain"``, ``auto_threshold=0``,
     ``auto_tolerance=2``). The grown model's fused kernels keep one dominant centre tap per output
     channel (the identity init, ``bn`` and 1x1 branches), which is what round-to-nearest loses and
     OBS keeps (docs/demo.md)."""
     return GrowthConfig(stop="auto", budget=None, interval=8, grow_fraction=0.75, location="greedy", probe_steps=None,
                         lr_after_growth="continue", branch_sampling="with", width_fraction=1.0, max_kernel=5,
-                        preserve=True, widen_dim=True, retrain=False, auto_threshold=0.0, auto_tolerance=2,
+                        preserve=True, widen_dim=True, retrain=False, auto_rule="gain", auto_threshold=0.0, auto_tolerance=2,
                         ema=0.5, seed=0)
 
 

@@ -252,7 +252,8 @@ def test_latency_budget_measures_the_deploy_model() -> None:
 
 def test_auto_stop_after_tolerated_small_gains() -> None:
     model = _cnn()
-    grower = Grower(model, GrowthConfig(stop="auto", auto_threshold=0.03, auto_tolerance=1, ema=1.0, location="greedy"))
+    grower = Grower(model, GrowthConfig(stop="auto", auto_rule="gain", auto_threshold=0.03, auto_tolerance=1, ema=1.0,
+                                        location="greedy"))
     assert grower.decide(model, 0.50) is not None
     assert grower.decide(model, 0.60) is not None   # +10%: fine
     assert grower.decide(model, 0.61) is not None   # +1%: first strike, tolerated
@@ -267,8 +268,9 @@ def test_underfit_stop_grows_while_training_accuracy_is_below_target() -> None:
     assert grower.decide(model, 0.05, fit_acc=0.79) is not None   # val falling does not matter, only the fit
     assert grower.decide(model, 0.60, fit_acc=0.80) is None       # fits its training images: stop
     assert grower.decide(model, 0.60, fit_acc=0.10) is None       # and stays stopped
-    with pytest.raises(ValueError, match="fit_acc"):
-        Grower(model, GrowthConfig(stop="auto", auto_rule="underfit")).decide(model, 0.5)
+    assert GrowthConfig().auto_rule == "underfit"
+    no_signal = Grower(model, GrowthConfig(stop="auto"))
+    assert no_signal.decide(model, 0.5) is not None                  # no training accuracy passed: no stop
     for bad in ({"auto_rule": "slope"}, {"fit_target": 0.0}, {"fit_target": 1.5}):
         with pytest.raises(ValueError, match="auto_rule|fit_target"):
             GrowthConfig(**bad).validate(model)
