@@ -54,11 +54,12 @@ class GrowthConfig:
     (int P: deploy params <= P and train-time params <= 1.5 P), ``"auto"`` (by ``auto_rule``; with
     ``"gain"``: EMA of validation accuracy, stop once the gain since the previous growth stays under
     ``auto_threshold`` more than ``auto_tolerance`` times) or ``"budget"`` (grow until ``budget`` would be broken).
-    ``auto_rule`` picks what ``"auto"`` reads: ``"underfit"`` (default) the training accuracy over
-    the epoch before each growth point (the batches' own train-mode predictions, no extra pass):
-    grow while it is below ``fit_target``, stop once the model fits its training images that well
-    (a model that still underfits needs capacity; one that fits them does not; it grew larger nets
-    on harder tasks, docs/growth.md "Stop rule"); ``"gain"`` the validation-accuracy gain above.
+    ``auto_rule`` picks what ``"auto"`` reads: ``"gain"`` (default) the validation-accuracy gain
+    above; ``"underfit"`` the training accuracy over the epoch before each growth point (the
+    batches' own train-mode predictions, no extra pass): grow while it is below ``fit_target``,
+    stop once the model fits its training images that well. It grew larger nets on harder tasks
+    (docs/growth.md "Stop rule"), but ``fit_target`` is an absolute accuracy that belongs to one
+    recipe and task family (an easy task crosses it before the first growth), hence an option.
     ``budget``: a :class:`DeployBudget` (deploy params / MACs / measured latency) that every step
     must keep; a step that would break it is replaced by a cheaper one, or growth stops.
     ``interval_epochs``: epochs of training between growths (None: the thesis' 3 for CNNs, 5 for
@@ -99,7 +100,7 @@ class GrowthConfig:
     retrain: bool = False
     auto_threshold: float = 0.03
     auto_tolerance: int = 1
-    auto_rule: str = "underfit"
+    auto_rule: str = "gain"
     fit_target: float = 0.62
     ema: float = 0.5
     seed: int = 0
@@ -380,7 +381,10 @@ class Grower:
             return None
         self.step = self.step if step is None else step
         if self.config.stop == "auto" and self.config.auto_rule == "underfit":
-            if fit_acc is not None and fit_acc >= self.config.fit_target:
+            if fit_acc is None:
+                raise ValueError("auto_rule='underfit' needs the training accuracy: pass decide(..., fit_acc=...) "
+                                 "(grow() does)")
+            if fit_acc >= self.config.fit_target:
                 self.stopped = True
                 return None
         elif self.config.stop == "auto" and val_acc is not None:

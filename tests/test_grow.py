@@ -268,9 +268,8 @@ def test_underfit_stop_grows_while_training_accuracy_is_below_target() -> None:
     assert grower.decide(model, 0.05, fit_acc=0.79) is not None   # val falling does not matter, only the fit
     assert grower.decide(model, 0.60, fit_acc=0.80) is None       # fits its training images: stop
     assert grower.decide(model, 0.60, fit_acc=0.10) is None       # and stays stopped
-    assert GrowthConfig().auto_rule == "underfit"
-    no_signal = Grower(model, GrowthConfig(stop="auto"))
-    assert no_signal.decide(model, 0.5) is not None                  # no training accuracy passed: no stop
+    with pytest.raises(ValueError, match="fit_acc"):
+        Grower(model, GrowthConfig(stop="auto", auto_rule="underfit")).decide(model, 0.5)
     for bad in ({"auto_rule": "slope"}, {"fit_target": 0.0}, {"fit_target": 1.5}):
         with pytest.raises(ValueError, match="auto_rule|fit_target"):
             GrowthConfig(**bad).validate(model)
