@@ -463,10 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", parents=[common, data], help="export ONNX (and a TensorRT engine / Triton repo)",
                        description="Reads a grown/deploy checkpoint (fp32, fp16, int8) or a 4-bit quantized "
                        "checkpoint (w4), writes OUT (.onnx), optionally an engine and a Triton model folder. A causal "
-                       "LM (--hf DIR, or a quantized LM checkpoint) exports with a KV cache (fp32, w4).")
+                       "LM (--hf DIR, or a quantized LM checkpoint) exports with a KV cache (fp32, int8, w4).")
     p.add_argument("checkpoint", nargs="?", help="grown, deploy or quantized checkpoint (or use --hf)")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face causal LM instead of CHECKPOINT: a float folder or .gguf "
-                   "file (fp32), or a folder written by adagrow quantize --hf (w4); exported with past_key_values / "
+                   "file (fp32, int8), or a folder written by adagrow quantize --hf (w4); exported with past_key_values / "
                    "present (docs/llm.md)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "w4"])
     p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])

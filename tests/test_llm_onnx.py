@@ -1,6 +1,7 @@
 """Decoder LMs in ONNX with a KV cache, on tiny random Llamas: ONNX Runtime prefill + decode logits
 equal PyTorch's, greedy tokens from the ORT loop equal ``generate()`` (fp32) and the quantized
-PyTorch model's (W4 as MatMulNBits), and what cannot be exported is refused with the reason."""
+PyTorch model's (W4 as MatMulNBits; INT8 weights as 8-bit MatMulNBits), and what cannot be
+exported is refused with the reason."""
 import numpy as np
 import onnx
 import pytest
@@ -133,6 +134,53 @@ def test_w4_matmulnbits_greedy_tokens_equal_the_quantized_model(tmp_path) -> Non
     assert rep4.quantized_weights == 14 and rep4.cosine >= rep4.threshold and not rep4.notes
 
 
+def test_int8_weights_run_with_the_cache_and_follow_the_float_model(tmp_path) -> None:
+    """INT8 Linear weights (8-bit MatMulNBits, fp32 compute): ORT's prefill + decode logits equal a
+    PyTorch model holding the same per-channel int8 weights, stay within the int8 threshold of the
+    float model's, and greedy tokens mostly agree with the float model's."""
+    from adagrow.compress.export.qdq import int8_codes
+    model = _llama()
+    rep = export_decoder_onnx(model, tmp_path / "int8.onnx", "int8")
+    graph = onnx.load(tmp_path / "int8.onnx").graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert rep.quantized_weights == len(nbits) == 14 and {a.i for n in nbits for a in n.attribute if a.name == "bits"} \
+        == {8}
+    assert len(_vocab_matrices(tmp_path / "int8.onnx")) == 1  # the float head, tied: stored once
+    assert rep.passed and rep.threshold == 0.99 <= rep.cosine < 0.99999  # quantized, not float
+    twin = _llama()
+    with torch.no_grad():  # the same int8 grid in PyTorch: per output channel, symmetric, |q| <= 127
+        for name, m in twin.named_modules():
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                q, s = int8_codes(m.weight.numpy(), None, axis=0)
+                assert np.abs(q).max() == 127
+                m.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
+    sess = ort_session(tmp_path / "int8.onnx")
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, float_ref = twin(input_ids=ids).logits.numpy(), model(input_ids=ids).logits.numpy()
+    feed = {n: np.zeros((2, 2, 0, 24), np.float32) for n in past_names(2)}
+    outs = sess.run(None, {**feed, "input_ids": ids[:, :8].numpy(), "attention_mask": np.ones((2, 8), np.int64),
+                           "position_ids": np.tile(np.arange(8), (2, 1))})
+    steps = [outs[0]]
+    for t in range(8, 12):
+        outs = sess.run(None, {**dict(zip(past_names(2), outs[1:])), "input_ids": ids[:, t:t + 1].numpy(),
+                               "attention_mask": np.ones((2, t + 1), np.int64), "position_ids": np.full((2, 1), t)})
+        steps.append(outs[0])
+    got = np.concatenate(steps, 1)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    assert np.abs(got - float_ref).max() > 1e-3  # the weights did change
+    cos = (got * float_ref).sum() / np.linalg.norm(got) / np.linalg.norm(float_ref)
+    assert cos >= rep.threshold
+    # next-token choices on the same 24 positions: the int8 graph picks the float model's on most
+    agree = (got.argmax(-1) == float_ref.argmax(-1)).mean()
+    assert agree >= 0.9
+    prompts, mask = _prompts()  # greedy generation: token for token the int8 PyTorch model's
+    ref_tokens = twin.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                               pad_token_id=2)
+    got = greedy_generate(tmp_path / "int8.onnx", prompts.numpy(), 16, attention_mask=mask.numpy(), eos_token_id=2)
+    np.testing.assert_array_equal(got.tokens, ref_tokens.numpy())
+
+
 def test_refuses_what_it_cannot_export(tmp_path, fp32) -> None:
     with pytest.raises(ValueError, match="LlamaModel is not a causal LM"):
         export_decoder_onnx(transformers.LlamaModel(_llama().config), tmp_path / "a.onnx")
@@ -193,7 +241,7 @@ def _folder(tmp_path, model: torch.nn.Module):
 
 
 def test_cli_exports_causal_lms_with_a_kv_cache(tmp_path, capsys) -> None:
-    """``adagrow export --hf`` on a float folder (fp32) and on the compressed-tensors folder of
+    """``adagrow export --hf`` on a float folder (fp32, int8) and on the compressed-tensors folder of
     ``adagrow quantize --hf`` (w4); an adagrow LM checkpoint with ``--precision w4``."""
     import json
     from adagrow.cli import main
@@ -205,6 +253,9 @@ def test_cli_exports_causal_lms_with_a_kv_cache(tmp_path, capsys) -> None:
     assert main(argv + ["--hf", str(folder), "--out", str(tmp_path / "fp32.onnx")]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["kv_cache"] and res["greedy_identical"].startswith("3/3") and res["cosine"] > 0.9999
+    assert main(argv + ["--hf", str(folder), "--precision", "int8", "--out", str(tmp_path / "int8.onnx")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["precision"] == "int8" and 0.99 <= res["cosine"] < 0.99999
     assert main(argv + ["--hf", str(folder), "--precision", "w4", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "holds a float model: quantize it first" in capsys.readouterr().err
     q = quantize(model, None, QuantConfig(method="rtn", group_size=32, sym=True), progress=False)

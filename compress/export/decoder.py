@@ -11,7 +11,7 @@ The graph is traced by PyTorch's TorchScript exporter through the model's own fo
 transformers ``DynamicCache`` built from the past inputs (eager attention: the mask and the
 cache concatenation become ONNX ops). It is traced with a non-empty past, so the cache length is
 read from the tensors' shapes, never frozen. Before the file is written, ONNX Runtime is checked
-against the PyTorch model (the quantized one for W4) on held-out prefills (with left padding, at
+against the PyTorch model (the quantized one for W4, the float one for INT8) on held-out prefills (with left padding, at
 another batch size) and on decode steps fed the PyTorch model's cache.
 """
 from __future__ import annotations
@@ -27,21 +27,24 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from adagrow.files import atomic_write
 
 from ..model import QuantConfig, quantize
 from ..qmodules import QuantLayer
-from .nbits import ACCURACY_LEVELS
-from .onnx_export import ExportReport, w4_graph, w4_quantized
+from .nbits import ACCURACY_LEVELS, MS_DOMAIN, matmul_nbits_node
+from .onnx_export import ExportReport, match_initializers, w4_graph, w4_quantized
+from .qdq import int8_codes, quantizable_nodes, quantize_weights_int8
 from .tied import share_tied_embedding
 from .verify import CHECKS, THRESHOLDS, enforce, verify
 
-PRECISIONS = ("fp32", "w4")
+PRECISIONS = ("fp32", "int8", "w4")
 # model_type values whose forward is a plain decoder stack on a DynamicCache (RoPE, GQA, RMSNorm);
 # sliding-window layers are refused separately (the graph would not truncate the cache)
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+INT8_BLOCK = 32  # MatMulNBits block of an int8 weight: per-channel scales repeat over blocks (exact)
 MAX_PROTO_BYTES = 2**31 - 2**26  # one ONNX file (protobuf) holds < 2 GiB, with room for the graph
 
 
@@ -178,6 +181,45 @@ def _export_graph(fwd: KVForward, opset: int, report: ExportReport) -> onnx.Mode
         return onnx.load(f)
 
 
+def int8_linear_weights(graph: onnx.ModelProto, model: nn.Module, accuracy_level: int | None) -> int:
+    """Store, in place, every Linear weight of ``model`` but the LM head as int8 (per output channel,
+    symmetric, |q| <= 127); the head stays float, as in ``w4``, and a tied embedding keeps sharing it.
+
+    With ``accuracy_level`` each becomes ONNX Runtime's 8-bit ``MatMulNBits`` (codes ``q + 128``,
+    zero point 128, the channel's scale on every block of ``INT8_BLOCK``) at that level: 0 computes
+    in fp32 on the dequantized weight, the same on every CPU. ``None`` writes int8
+    ``DequantizeLinear`` + ``MatMul``, which ORT fuses into ``MatMulNBits`` at its session option
+    ``session.qdq_matmulnbits_accuracy_level`` (4, int8 activations, by default in ORT 1.32).
+    Returns the number of weights quantized."""
+    head = model.get_output_embeddings()
+    dense = {f"{n}.weight": m.weight.detach().numpy() for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and m is not head}
+    linear = {init for init, _ in match_initializers(graph.graph, dense).values()}
+    if len(linear) != len(dense):
+        raise ValueError(f"int8 export: {len(dense) - len(linear)} of {len(dense)} Linear weights were not found "
+                         "among the ONNX initializers")
+    if accuracy_level is None:
+        keep = frozenset(n.name for n, _ in quantizable_nodes(graph.graph) if n.input[1] not in linear)
+        return quantize_weights_int8(graph, {}, {}, int32_bias=False, levels=127, keep_float=keep)
+    inits = {t.name: t for t in graph.graph.initializer}
+    nodes = []
+    for node in graph.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in linear:
+            nodes.append(node)
+            continue
+        q, s = int8_codes(numpy_helper.to_array(inits[node.input[1]]).astype(np.float32), None, axis=1)  # [K, N]
+        codes, zeros = (q.astype(np.int16) + 128).astype(np.uint8), np.full((1, q.shape[1]), 128, np.uint8)
+        mm, new = matmul_nbits_node(node.input[0], node.output[0], node.input[1], codes, s[None], zeros, INT8_BLOCK,
+                                    accuracy_level, f"{node.name}_MatMulNBits", bits=8)
+        graph.graph.initializer.remove(inits[node.input[1]])
+        graph.graph.initializer.extend(new)
+        nodes.append(mm)
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    graph.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    return len(linear)
+
+
 def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp32", *,
                         quant_config: QuantConfig | None = None, calib: list | None = None,
                         accuracy_level: int | None = 0, check: str = "raise", opset: int = 17, seed: int = 0,
@@ -188,7 +230,8 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
         model: a transformers ``*ForCausalLM`` (Llama, Mistral, Qwen2/3 style); for ``w4`` it may
             already be quantized by :func:`adagrow.compress.quantize` (4-bit).
         path: the ``.onnx`` file; an existing file is only replaced with ``overwrite=True``.
-        precision: ``fp32`` | ``w4`` (4-bit Linear weights as ONNX Runtime ``MatMulNBits``; the
+        precision: ``fp32`` | ``int8`` (int8 Linear weights per output channel, fp32 compute, the
+            head float) | ``w4`` (4-bit Linear weights as ONNX Runtime ``MatMulNBits``; the
             head stays as the model has it, float unless quantized on purpose).
         quant_config: ``w4`` on a float model: quantizer settings (default OBS, g32 for Linear;
             OBS needs ``calib``, token windows ``{"input_ids": [B, L]}``).
@@ -196,7 +239,8 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
             weights, the quantized PyTorch model's arithmetic, so greedy generation follows it
             token for token; 4: int8 activations, faster decoding (SmolLM2-135M: 1.3x) but greedy
             continuations drift from the PyTorch model's (docs/llm.md). None writes blocked int4
-            DequantizeLinear + MatMul instead.
+            DequantizeLinear + MatMul instead. The same for ``int8`` (8-bit ``MatMulNBits``; None:
+            int8 DequantizeLinear + MatMul).
         check: ``raise`` (default: ``ExportCheckError`` and nothing written when the logits and
             cache disagree with PyTorch beyond the precision's cosine threshold) or ``warn``.
         seed: seed of the held-out verification tokens.
@@ -236,6 +280,9 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
         graph = w4_graph(model, lambda twin: _export_graph(KVForward(twin), 21, report), report, accuracy_level)
     else:
         graph = _export_graph(KVForward(model), opset, report)
+    if precision == "int8":
+        report.quantized_weights, report.weight_range = int8_linear_weights(graph, model, accuracy_level), \
+            "full"
     share_tied_embedding(graph)  # a tied embedding / head stored once
     report.dynamic_axes = {i.name: {d: s.dim_param for d, s in enumerate(i.type.tensor_type.shape.dim) if s.dim_param}
                            for i in [*graph.graph.input, *graph.graph.output]}

@@ -136,7 +136,7 @@ def _w4_weight(q: QuantLayer) -> W4Weight | None:
     return W4Weight(w.copy(), s.astype(np.float32), z, axis=1, block_size=gs)
 
 
-def _match_initializers(graph: onnx.GraphProto, weights: dict[str, np.ndarray]) -> dict[str, tuple[str, bool]]:
+def match_initializers(graph: onnx.GraphProto, weights: dict[str, np.ndarray]) -> dict[str, tuple[str, bool]]:
     """Map each layer weight (key ``"<layer>.weight"``, PyTorch layout) to the ONNX initializer that
     holds it and whether it is transposed there: by name, else by exact content, as is or
     transposed (Linear on 3-D input exports as MatMul on a folded ``[K, N]`` constant)."""
@@ -272,7 +272,7 @@ def _int8(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tenso
         qmodel = _quantize(work, spec, batches, cfg, progress)
         qlayers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
         dense = {f"{n}.weight": work.get_submodule(n).weight.detach().numpy() for n in qlayers}
-        match = _match_initializers(graph.graph, dense)
+        match = match_initializers(graph.graph, dense)
         missing = [k for k in dense if k not in match]
         if missing:
             report.notes.append(f"OBS weights not matched to ONNX weights (rounded instead): {missing}")
@@ -347,7 +347,7 @@ def w4_graph(qmodel: nn.Module, export_float: Callable[[nn.Module], onnx.ModelPr
             w4[f"{n}.weight"] = ww
     graph = version_converter.convert_version(export_float(twin), 21)
     report.opset = 21
-    match = _match_initializers(graph.graph, dense)
+    match = match_initializers(graph.graph, dense)
     missing = [k for k in w4 if k not in match]
     if missing:
         report.notes.append(f"4-bit weights not matched to ONNX initializers (kept as float): {missing}")

@@ -154,6 +154,14 @@ def _bshape(axis: int, ndim: int) -> list[int]:
     return [-1 if d == axis else 1 for d in range(ndim)]
 
 
+def int8_codes(w: np.ndarray, scales: np.ndarray | None, axis: int, levels: int = 127
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes in ``[-levels, levels]``, float32 per-channel scales along ``axis``) of ``w``:
+    symmetric, zero point 0; ``scales`` default to ``max|w| / levels``."""
+    s = weight_scales(w, axis, levels) if scales is None else scales.astype(np.float32)
+    return np.clip(np.round(w / s.reshape(_bshape(axis, w.ndim))), -levels, levels).astype(np.int8), s
+
+
 def quantize_weights_int8(model: onnx.ModelProto, weights: dict[str, tuple[np.ndarray, np.ndarray]],
                           plan: dict[str, ActQuant], int32_bias: bool, levels: int = 127,
                           keep_float: frozenset[str] = frozenset()) -> int:
@@ -174,9 +182,8 @@ def quantize_weights_int8(model: onnx.ModelProto, weights: dict[str, tuple[np.nd
         if node.name in keep_float:
             continue
         if wname not in done:
-            w, s = weights.get(wname, (numpy_helper.to_array(inits[wname]).astype(np.float32), None))
-            s = weight_scales(w, axis, levels) if s is None else s.astype(np.float32)
-            q = np.clip(np.round(w / s.reshape(_bshape(axis, w.ndim))), -levels, levels).astype(np.int8)
+            q, s = int8_codes(*weights.get(wname, (numpy_helper.to_array(inits[wname]).astype(np.float32), None)),
+                              axis, levels)
             graph.initializer.remove(inits[wname])
             graph.initializer.extend([numpy_helper.from_array(q, f"{wname}_int8"),
                                       numpy_helper.from_array(s, f"{wname}_wscale"),
