@@ -5,7 +5,8 @@ The model is quantized to W4 (``--quant rtn``, the default: round-to-nearest, g6
 group size ``adagrow quantize --hf`` picks for SmolLM2's K = 576, a few seconds; or ``obs``:
 adagrow's defaults on ``--windows`` calibration windows of 256 tokens, minutes on a shared CPU)
 and exported with :func:`adagrow.compress.export.export_decoder_onnx` three times: fp32, and W4 as
-``MatMulNBits`` at accuracy level 4 (int8 compute, the default) and 0 (fp32 compute).
+``MatMulNBits`` at accuracy level 4 (int8 compute) and 0 (fp32 compute); with ``--int8`` also the float
+model at int8 (8-bit ``MatMulNBits`` weights, accuracy level 0), compared with PyTorch fp32.
 
 For each of 10 prompts it generates 20 tokens greedily (end-of-sequence not treated specially) with
 ONNX Runtime on each export (:func:`greedy_generate`) and with PyTorch (:func:`torch_greedy_generate`,
@@ -22,7 +23,7 @@ the float and the quantized model), and reports:
   ``--rounds`` rounds: the figure is all decode tokens over all decode time. Timings are noisy on
   a shared CPU.
 
-Usage: ``python benchmarks/llm_onnx.py [--threads 1] [--rounds 2] [--quant rtn] [--out PATH]``
+Usage: ``python benchmarks/llm_onnx.py [--threads 1] [--rounds 2] [--quant rtn] [--int8] [--out PATH]``
 """
 from __future__ import annotations
 
@@ -90,6 +91,8 @@ def main() -> None:
     ap.add_argument("--quant", choices=["rtn", "obs"], default="rtn")
     ap.add_argument("--windows", type=int, default=16, help="--quant obs: calibration windows of 256 tokens")
     ap.add_argument("--ppl-window", type=int, default=256)
+    ap.add_argument("--int8", action="store_true", help="also the float model exported at int8 (8-bit MatMulNBits "
+                    "weights, accuracy level 0), compared with PyTorch fp32")
     ap.add_argument("--out", default="benchmarks/results/llm_onnx_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,8 +115,9 @@ def main() -> None:
         "prompts": PROMPTS[: args.prompts], "new_tokens": args.new_tokens, "exports": {}}
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
-        for name, (m, precision, level) in {"ort_fp32": (model, "fp32", None), "ort_w4_level4": (qmodel, "w4", 4),
-                                            "ort_w4_level0": (qmodel, "w4", 0)}.items():
+        exports = {"ort_fp32": (model, "fp32", None), "ort_w4_level4": (qmodel, "w4", 4),
+                   "ort_w4_level0": (qmodel, "w4", 0)} | ({"ort_int8": (model, "int8", 0)} if args.int8 else {})
+        for name, (m, precision, level) in exports.items():
             t0 = time.perf_counter()
             rep = export_decoder_onnx(m, Path(tmp) / f"{name}.onnx", precision, accuracy_level=level,
                                       check="warn", progress=False)  # a failed check is recorded, not fatal
@@ -145,7 +149,9 @@ def main() -> None:
                             "decode_tokens": {n: d[1] for n, d in decode.items()}}
         result["agreement"] = {"ort_fp32_vs_torch_fp32": agreement(tokens["ort_fp32"], tokens["torch_fp32"]),
                                **{f"{n}_vs_torch_w4": agreement(tokens[n], tokens["torch_w4"])
-                                  for n in ("ort_w4_level4", "ort_w4_level0")}}
+                                  for n in ("ort_w4_level4", "ort_w4_level0")},
+                               **({"ort_int8_vs_torch_fp32": agreement(tokens["ort_int8"], tokens["torch_fp32"])}
+                                  if args.int8 else {})}
         held = tokenizer("\n".join(HELD_OUT_PROSE), return_tensors="pt")["input_ids"]
         result["perplexity"] = {"text": "adagrow/text/held_out_prose_en.txt", "tokens": held.shape[1],
                                 "window": args.ppl_window,
