@@ -198,14 +198,14 @@ class QuantConv2d(QuantLayer):
     """Conv2d (grouped / depthwise too) with packed low-bit weights in (ky, kx, cin) K order.
     Keeps its dequantized CPU weight by default (``cache_dequantized``), as the ONNX Runtime
     export does: 4-bit on disk, float in memory; for float32 inputs, kernels larger than 3x3 and
-    grouped convs keep it prepacked for oneDNN's convolution (:func:`.cpu_path.prepacks_conv`;
-    float32 numerics, another summation order than ``F.conv2d``)."""
+    grouped convs keep it prepacked for oneDNN's convolution, for the input shape of the first call
+    (:func:`.cpu_path.prepacks_conv`; float32 numerics, another summation order than ``F.conv2d``)."""
 
     def _cpu_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         if x.dtype != torch.float32 or not self.cache_dequantized:
             return super()._cpu_forward(x, bias)
-        return float_conv2d(x, self._cached("float", x.dtype, lambda: pack_conv(self.dequantize(), self.geo)),
-                            bias, self.geo)
+        pack = self._cached("float", x.dtype, lambda: pack_conv(self.dequantize(), self.geo, tuple(x.shape)))
+        return float_conv2d(x, pack, bias, self.geo)
 
     def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         g = self.geo
