@@ -512,16 +512,18 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
     total = epochs * math.ceil(len(range(rank, len(x), world)) / batch_size)
     history: list[dict[str, Any]] = []
     step = start = 0  # start: where the cosine schedule (re)started
-    recent: deque[tuple[int, int]] = deque(maxlen=total // epochs)  # (right, seen) per step, the last epoch's
+    # (right, seen) per step over the last epoch; "right" stays a tensor (no host sync per step)
+    recent: deque[tuple[torch.Tensor, int]] = deque(maxlen=total // epochs)
 
-    def sgd_step(net: nn.Module, opt: torch.optim.Optimizer, idx: torch.Tensor) -> int:
-        """One optimizer step; returns how many of the batch's images it classified right."""
+    def sgd_step(net: nn.Module, opt: torch.optim.Optimizer, idx: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; returns how many of the batch's images it classified right (a 0-d
+        tensor on the model's device)."""
         logits = net(x[idx])
         loss = F.cross_entropy(logits, y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return int((logits.argmax(1) == y[idx]).sum())
+        return (logits.argmax(1) == y[idx]).sum()
 
     def probe(options: list[dict[str, Any]]) -> list[float]:
         """Validation loss of each depth option after ``probe_steps`` steps on a copy (same batches,
@@ -555,7 +557,7 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
             if grower is None or not grower.due(step):
                 continue
             val_acc = accuracy(model, *val) if rank == 0 else None
-            fit_acc = sum(r for r, _ in recent) / sum(n for _, n in recent)
+            fit_acc = int(torch.stack([r for r, _ in recent]).sum()) / sum(n for _, n in recent)
             model.train()
             payload = [grower.decide(model, val_acc, step, probe, fit_acc) if rank == 0 else None]
             if world > 1:
