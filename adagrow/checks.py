@@ -25,10 +25,11 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 
 
 def check_calibration(model: nn.Module, calls: list[tuple[tuple, dict]]) -> None:
-    """Calibration inputs must be finite, in the model's float dtype, and accepted by its forward.
+    """Calibration inputs must be finite, in the model's float dtype, and of one feature size.
 
     ``calls``: ``(args, kwargs)`` of each model call, holding float images or integer token ids.
-    Raises ``ValueError``.
+    Whether they fit the model's forward is checked by the first forward pass on them
+    (:func:`first_sample`, :func:`forward_fits`). Raises ``ValueError``.
     """
     param = next(iter(model.parameters()), None)
     for i, (args, kwargs) in enumerate(calls):
@@ -43,16 +44,26 @@ def check_calibration(model: nn.Module, calls: list[tuple[tuple, dict]]) -> None
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"calibration batch {i} contains NaN or inf")
     _check_feature_dims(calls)
-    if calls:
-        args, kwargs = calls[0]
-        first = lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() else t  # noqa: E731
-        shapes = [list(t.shape) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-        try:
-            with torch.no_grad():
-                model(*map(first, args), **{k: first(v) for k, v in kwargs.items()})
-        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            shape = shapes[0] if len(shapes) == 1 else shapes
-            raise ValueError(f"calibration batch 0 of shape {shape} does not fit the model: {exc}") from exc
+
+
+def first_sample(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """A model call cut to its first sample: every tensor argument with a batch dimension sliced ``[:1]``."""
+    args, kwargs = call
+    first = lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() else t  # noqa: E731
+    return tuple(map(first, args)), {k: first(v) for k, v in kwargs.items()}
+
+
+def forward_fits(model: nn.Module, call: tuple[tuple, dict], shown: tuple[tuple, dict] | None = None) -> None:
+    """Run ``model`` on ``call``; an error of the forward becomes a ``ValueError`` naming calibration
+    batch 0 and the shapes of ``shown`` (default ``call``: the batch the call was cut from)."""
+    args, kwargs = call
+    s_args, s_kwargs = shown or call
+    shapes = [list(t.shape) for t in (*s_args, *s_kwargs.values()) if isinstance(t, torch.Tensor)]
+    try:
+        model(*args, **kwargs)
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        shape = shapes[0] if len(shapes) == 1 else shapes
+        raise ValueError(f"calibration batch 0 of shape {shape} does not fit the model: {exc}") from exc
 
 
 def _check_feature_dims(calls: list[tuple[tuple, dict]]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adagrow.checks import check_calibration
+from adagrow.checks import check_calibration, first_sample, forward_fits
 
 Call = tuple[tuple, dict[str, Any]]  # positional and keyword arguments of one model call
 
@@ -98,10 +98,12 @@ class Calibration:
                 pass
 
     def run_first(self, model: nn.Module) -> None:
-        """One forward pass (the first batch, or the loop's first model call)."""
+        """One forward pass on the first sample of the first batch (or the loop's first model call,
+        as it is): enough for the model's structure (which layers run, in what order, on which
+        tensors) at a fraction of a batch's cost; it also checks that the batches fit the model
+        (a ``ValueError`` naming batch 0 otherwise)."""
         if self.loop is None:
-            args, kwargs = self.calls[0]
-            model(*args, **kwargs)
+            forward_fits(model, first_sample(self.calls[0]), shown=self.calls[0])
             return
 
         def stop(mod: nn.Module, inp: tuple, out: Any) -> None:

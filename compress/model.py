@@ -198,14 +198,15 @@ class _Run:
             lead = OBSQuantizer(layers[0], names[0], HESSIAN_DTYPES[cfg.hessian_dtype])
             is_linear = isinstance(layers[0], nn.Linear)
 
-            def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+            def hook(mod: nn.Module, inp: tuple) -> None:
                 x, t = inp[0], self.target
                 lead.add_batch(self.mask.valid(x) if is_linear else x,
                                None if t is None else self.mask.valid(t) if is_linear else t)
                 if stop_early:
                     raise StopForward
 
-            handle = layers[0].register_forward_hook(hook)
+            # a pre-hook: with ``stop_early`` the replay ends before the first layer's own product
+            handle = layers[0].register_forward_pre_hook(hook)
             try:
                 run()
             finally:

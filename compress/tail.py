@@ -5,7 +5,7 @@ call in progress.
 
 This is only valid when the layers after the chain see nothing but the last block's output (not,
 say, an earlier stage's features, as an FPN head would); :func:`tail_replayable` checks that on
-the first calibration batch, exactly, before it is used.
+the first calibration sample (:meth:`.calib.Calibration.run_first`), exactly, before it is used.
 """
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def blocks_skipped(model: nn.Module, blocks: list[str], outputs: list[Any]) -> I
 
 def tail_replayable(model: nn.Module, blocks: list[str], last: Any, inputs: dict[str, list[torch.Tensor]],
                     layers: list[str], run_first: Callable[[], None]) -> bool:
-    """Whether ``layers`` (those after the chain) get bit-identical inputs on the first
-    calibration batch when the blocks are skipped (:func:`blocks_skipped`, returning ``last``,
-    the last block's output in that batch) as the ``inputs`` they got when the blocks ran."""
+    """Whether ``layers`` (those after the chain) get bit-identical inputs in the first
+    calibration pass (``run_first``) when the blocks are skipped (:func:`blocks_skipped`, returning ``last``,
+    the last block's output in that pass) as the ``inputs`` they got when the blocks ran."""
     if any(n not in inputs for n in layers):
         return False
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}

@@ -38,8 +38,8 @@ def test_quantize_pretrained_equals_in_memory(tmp_path, arch) -> None:
     got = quantize_pretrained(tmp_path / "src", calib, CFG, dst=tmp_path / "dst", progress=False)
     n_blocks = len(ref.adagrow_quant["blocks"])
     assert got.adagrow_quant["blocks"] == ref.adagrow_quant["blocks"] and n_blocks == 3
-    # each block read once by the calibration check, once by the probe, and once to be quantized
-    assert got.adagrow_quant["block_loads"] == 3 * n_blocks
+    # each block read once by the probe (which also checks that the batches fit) and once to be quantized
+    assert got.adagrow_quant["block_loads"] == 2 * n_blocks
     qref = {n: m for n, m in ref.named_modules() if isinstance(m, QuantLinear)}
     qgot = {n: m for n, m in got.named_modules() if isinstance(m, QuantLinear)}
     assert qref.keys() == qgot.keys() and len(qref) >= 3 * 6
@@ -97,10 +97,10 @@ def test_head_calibrated_without_rerunning_blocks_only_when_it_sees_the_last_blo
     q = quantize(model, calib, CFG, progress=False, inplace=True)
     assert q.adagrow_quant["blocks"] == ["blocks.0", "blocks.1", "blocks.2"]
     assert isinstance(q.head, QuantLinear)
-    # per block: calibration check and probe (first batch), then per batch: the layer's replay,
-    # the quantized block's output pass and the float copy's pass; block 0 once per batch when its
-    # inputs are captured; + every block per batch for the head if the blocks are rerun
-    assert calls[0] == 3 * (2 + 2 * 3) + 2 + (3 * 2 if skip else 0)
+    # per block: the probe (first sample, also the check that the batches fit), then per batch:
+    # the layer's replay, the quantized block's output pass and the float copy's pass; block 0 once
+    # per batch when its inputs are captured; + every block per batch for the head if the blocks are rerun
+    assert calls[0] == 3 * (1 + 2 * 3) + 2 + (3 * 2 if skip else 0)
 
 
 def test_torchrun_two_ranks_match_one(tmp_path) -> None:
