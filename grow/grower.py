@@ -35,13 +35,13 @@ from .checkpoint import build_from_arch
 from .cnn import SPEC_NAMES, GrowingCNN, branch_space, importance
 from .flops import FlopCounter
 from .optim import rebuild_optimizer
-from .train import accuracy, batch_stat_loss
+from .train import accuracy, batch_stat_accuracy, batch_stat_loss
 from .transformer import Carry, GrowingTransformer
 
 LOCATIONS = ("balanced", "probe", "greedy", "random", "sequential")
 DEFAULT_LOCATION = {"cnn": "balanced", "transformer": "probe"}
 LR_AFTER_GROWTH = ("continue", "restart")
-AUTO_RULES = ("gain", "underfit")
+AUTO_RULES = ("gap", "gain", "underfit")
 INTERVAL_EPOCHS = {"cnn": 3.0, "transformer": 5.0}  # the thesis' training between growths
 Probe = Callable[[list[dict[str, Any]]], list[float]]  # depth options -> validation loss after a short training
 
@@ -51,15 +51,19 @@ class GrowthConfig:
     """How and when to grow.
 
     ``stop``: an architecture spec (``"VGG-2-3-2"``, ``"ViT-D4-H6"``), a deploy-parameter budget
-    (int P: deploy params <= P and train-time params <= 1.5 P), ``"auto"`` (by ``auto_rule``; with
-    ``"gain"``: EMA of validation accuracy, stop once the gain since the previous growth stays under
-    ``auto_threshold`` more than ``auto_tolerance`` times) or ``"budget"`` (grow until ``budget`` would be broken).
-    ``auto_rule`` picks what ``"auto"`` reads: ``"gain"`` (default) the validation-accuracy gain
-    above; ``"underfit"`` the training accuracy over the epoch before each growth point (the
-    batches' own train-mode predictions, no extra pass): grow while it is below ``fit_target``,
-    stop once the model fits its training images that well. It grew larger nets on harder tasks
-    (docs/growth.md "Stop rule"), but ``fit_target`` is an absolute accuracy that belongs to one
-    recipe and task family (an easy task crosses it before the first growth), hence an option.
+    (int P: deploy params <= P and train-time params <= 1.5 P), ``"auto"`` (by ``auto_rule``) or
+    ``"budget"`` (grow until ``budget`` would be broken). ``auto_rule`` picks what ``"auto"`` reads:
+    ``"gap"`` (default) compares the training error with the generalisation gap at each growth
+    point: the training accuracy A over the epoch before it (the batches' own train-mode
+    predictions, no extra pass) and the validation accuracy V measured the same way (BatchNorm on
+    batch statistics, one forward pass over the validation split); grow while the model is
+    underfitting, 1 - A > (A - V) / ``gap_ratio``, stop once the gap A - V reaches ``gap_ratio``
+    times the training error (bias no longer dominates variance; no accuracy level, so no task
+    scale, in it; docs/growth.md "Stop rule"). ``"gain"``: EMA of the (eval-mode) validation
+    accuracy, stop once the gain since the previous growth stays under ``auto_threshold`` more than
+    ``auto_tolerance`` times (the thesis; it reads training progress and grew the smallest net on the
+    hardest task). ``"underfit"``: grow while A is below ``fit_target``, an absolute accuracy that
+    belongs to one recipe and task family (an easy task crosses it before the first growth).
     ``budget``: a :class:`DeployBudget` (deploy params / MACs / measured latency) that every step
     must keep; a step that would break it is replaced by a cheaper one, or growth stops.
     ``interval_epochs``: epochs of training between growths (None: the thesis' 3 for CNNs, 5 for
@@ -100,7 +104,8 @@ class GrowthConfig:
     retrain: bool = False
     auto_threshold: float = 0.03
     auto_tolerance: int = 1
-    auto_rule: str = "gain"
+    auto_rule: str = "gap"
+    gap_ratio: float = 1.0
     fit_target: float = 0.62
     ema: float = 0.5
     seed: int = 0
@@ -113,6 +118,9 @@ class GrowthConfig:
                              "layers: use 'probe', 'greedy', 'random' or 'sequential'")
         if self.auto_rule not in AUTO_RULES:
             raise ValueError(f"auto_rule must be one of {AUTO_RULES}, got {self.auto_rule!r}")
+        if not self.gap_ratio > 0:
+            raise ValueError(f"gap_ratio must be > 0 (generalisation gap / training error at the stop), "
+                             f"got {self.gap_ratio}")
         if not 0 < self.fit_target <= 1:
             raise ValueError(f"fit_target must be a training accuracy in (0, 1], got {self.fit_target}")
         if self.lr_after_growth not in LR_AFTER_GROWTH:
@@ -246,6 +254,11 @@ class Grower:
             stages = [i for i in stages if model.depths[i] < target[i]]
         return stages
 
+    def _balanced_order(self, model: GrowingCNN) -> list[int]:
+        """The stages that may still grow, fewest family layers first, the one nearest the input
+        first on a tie (``location="balanced"``: the first gets the next layer)."""
+        return sorted(self._stages(model), key=lambda i: (model.depths[i], i))
+
     def _stage_score(self, model: GrowingCNN, stage: int, fresh: set[int]) -> float:
         score = importance(model.stages[stage], fresh)
         return importance(model.stem) if score is None else score
@@ -269,7 +282,7 @@ class Grower:
             return {"kind": "depth", "after": after}
         stages = self._stages(model)
         if loc == "balanced":
-            stage = min(stages, key=lambda i: (model.depths[i], i))
+            stage = self._balanced_order(model)[0]
             return {"kind": "depth", "stage": stage, "position": len(model.stages[stage])}
         score = {i: self._stage_score(model, i, fresh) for i in stages}
         stage = {"greedy": max(stages, key=score.__getitem__), "random": self.rng.choice(stages),
@@ -320,7 +333,7 @@ class Grower:
         if self.is_cnn and kind == "depth" and not probing:  # the same layer in the next stages in turn
             fresh = self._fresh()
             if self.location == "balanced":
-                order = sorted(self._stages(model), key=lambda i: (model.depths[i], i))
+                order = self._balanced_order(model)
             else:  # the next most important
                 order = sorted(self._stages(model), key=lambda i: -self._stage_score(model, i, fresh))
             for stage in order:
@@ -372,29 +385,20 @@ class Grower:
         return None
 
     def decide(self, model: nn.Module, val_acc: float | None, step: int | None = None,
-               probe: Probe | None = None, fit_acc: float | None = None) -> dict[str, Any] | None:
+               probe: Probe | None = None, fit_acc: float | None = None,
+               val_fit_acc: float | None = None) -> dict[str, Any] | None:
         """The next growth step at optimizer step ``step``, or None once growth has stopped (then
         it stays stopped). ``probe``: validation losses of the given depth options after a short
         training of each (``location="probe"``; ``grow()`` passes one). ``fit_acc``: training
-        accuracy over the last epoch's batches (``auto_rule="underfit"``; ``grow()`` passes it)."""
+        accuracy over the last epoch's batches (``auto_rule="gap"`` and ``"underfit"``);
+        ``val_fit_acc``: validation accuracy with BatchNorm on batch statistics, as ``fit_acc`` is
+        measured (``auto_rule="gap"``); ``grow()`` passes both."""
         if self.stopped:
             return None
         self.step = self.step if step is None else step
-        if self.config.stop == "auto" and self.config.auto_rule == "underfit":
-            if fit_acc is None:
-                raise ValueError("auto_rule='underfit' needs the training accuracy: pass decide(..., fit_acc=...) "
-                                 "(grow() does)")
-            if fit_acc >= self.config.fit_target:
-                self.stopped = True
-                return None
-        elif self.config.stop == "auto" and val_acc is not None:
-            self.ema = val_acc if self.ema is None else self.config.ema * val_acc + (1 - self.config.ema) * self.ema
-            if self.ema_at_growth is not None and self.ema - self.ema_at_growth < self.config.auto_threshold:
-                self.strikes += 1
-                if self.strikes > self.config.auto_tolerance:
-                    self.stopped = True
-                    return None
-            self.ema_at_growth = self.ema
+        if self.config.stop == "auto" and self._auto_stop(val_acc, fit_acc, val_fit_acc):
+            self.stopped = True
+            return None
         kinds = self._kinds_left(model)
         if not kinds:
             self.stopped = True
@@ -408,6 +412,24 @@ class Grower:
         self.growths += 1
         self.depth_growths += decision["kind"] == "depth"
         return decision
+
+    def _auto_stop(self, val_acc: float | None, fit_acc: float | None, val_fit_acc: float | None) -> bool:
+        """Whether ``stop="auto"`` stops growth here (see ``GrowthConfig.auto_rule``)."""
+        rule = self.config.auto_rule
+        if rule in ("gap", "underfit") and (fit_acc is None or (rule == "gap" and val_fit_acc is None)):
+            raise ValueError(f"auto_rule={rule!r} needs the training accuracy (and for 'gap' the batch-statistics "
+                             "validation accuracy): pass decide(..., fit_acc=..., val_fit_acc=...) (grow() does)")
+        if rule == "gap":  # the generalisation gap has caught up with the training error: no longer underfitting
+            return fit_acc - val_fit_acc >= self.config.gap_ratio * (1 - fit_acc)
+        if rule == "underfit":
+            return fit_acc >= self.config.fit_target
+        if val_acc is None:
+            return False
+        self.ema = val_acc if self.ema is None else self.config.ema * val_acc + (1 - self.config.ema) * self.ema
+        small = self.ema_at_growth is not None and self.ema - self.ema_at_growth < self.config.auto_threshold
+        self.ema_at_growth = self.ema
+        self.strikes += small
+        return self.strikes > self.config.auto_tolerance
 
     def apply(self, model: nn.Module, decision: dict[str, Any], step: int) -> Carry:
         """Apply ``decision`` at optimizer step ``step``; remembers what it grew (see ``_fresh``)."""
@@ -558,8 +580,9 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
                 continue
             val_acc = accuracy(model, *val) if rank == 0 else None
             fit_acc = int(torch.stack([r for r, _ in recent]).sum()) / sum(n for _, n in recent)
+            val_fit_acc = batch_stat_accuracy(copy.deepcopy(model), *val, batch_size) if rank == 0 else None
             model.train()
-            payload = [grower.decide(model, val_acc, step, probe, fit_acc) if rank == 0 else None]
+            payload = [grower.decide(model, val_acc, step, probe, fit_acc, val_fit_acc) if rank == 0 else None]
             if world > 1:
                 dist.broadcast_object_list(payload, src=0)
                 grower.stopped = payload[0] is None
@@ -575,7 +598,8 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
                 start = step
             counter.reset()
             deploy, params_train = model.param_counts()
-            history.append({"epoch": epoch + 1, "step": step, "val_acc": val_acc, "fit_acc": fit_acc, "growth": decision,
+            history.append({"epoch": epoch + 1, "step": step, "val_acc": val_acc, "fit_acc": fit_acc,
+                            "val_fit_acc": val_fit_acc, "growth": decision,
                             "spec": model.spec(), "params_deploy": deploy, "params_train": params_train,
                             "train_flops": counter.total})
         deploy, params_train = model.param_counts()

@@ -42,3 +42,13 @@ def batch_stat_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_si
     total = sum(float(F.cross_entropy(model(xb), yb, reduction="sum"))
                 for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
     return total / len(x)
+
+
+@torch.no_grad()
+def batch_stat_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64) -> float:
+    """Top-1 accuracy in [0, 1] with BatchNorm normalising by each batch's statistics (train mode),
+    as the training batches' own predictions are made; updates the running statistics: use it on a
+    copy."""
+    model.train()
+    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    return correct / len(x)
