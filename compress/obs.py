@@ -410,15 +410,21 @@ class OBSQuantizer:
         w = self._rows(g)
         return self._target_rhs(w, g) if self._fitted(g) else w.to(self.H.device, self.dtype, copy=True)
 
+    def _unsolved(self) -> list[tuple[bool, torch.Tensor]]:
+        """Per conv group: whether it is :meth:`_fitted`, and its :meth:`_target` before any solve."""
+        return [(self._fitted(g), self._target(g)) for g in range(self.geo.groups)]
+
+    def _solved(self, unsolved: list[tuple[bool, torch.Tensor]]) -> list[torch.Tensor]:
+        """The matrices to round from :meth:`_unsolved`'s: the fitted groups' solved in place."""
+        return [self._solve_target(m, g) if fitted else m for g, (fitted, m) in enumerate(unsolved)]
+
     @torch.no_grad()
     def fit_target(self) -> None:
         """Compute and keep the matrix :meth:`quantize` rounds: the layer's weight, or with a float
         target (``C``) its fit (:meth:`_fit_target`). Layers sharing statistics: use
         :func:`fit_targets`, which frees the float-target statistics as it goes."""
         if self._weights is None:
-            fitted = [self._fitted(g) for g in range(self.geo.groups)]
-            self._weights = [self._solve_target(self._target(g), g) if f else self._target(g)
-                             for g, f in enumerate(fitted)]
+            self._weights = self._solved(self._unsolved())
 
     def release(self) -> None:
         """Drop this quantizer's statistics, fitted weights and its reference to the inverses it
@@ -558,15 +564,11 @@ def fit_targets(quantizers: list[OBSQuantizer]) -> None:
     ``W (C + lam I)`` while ``C`` is held, then ``C`` freed, then the shared factor of
     ``H + lam I`` formed and every fit solved in place, then the factor freed (docs/scale.md:
     working set). The float-target statistics are gone afterwards."""
-    pending = []
-    for q in quantizers:
-        if q._weights is None:
-            fitted = [q._fitted(g) for g in range(q.geo.groups)]
-            pending.append((q, fitted, [q._target(g) for g in range(q.geo.groups)]))
+    pending = [(q, q._unsolved()) for q in quantizers if q._weights is None]
     for q in quantizers:
         q.C = None
-    for q, fitted, mats in pending:
-        q._weights = [q._solve_target(m, g) if f else m for g, (f, m) in enumerate(zip(fitted, mats))]
+    for q, unsolved in pending:
+        q._weights = q._solved(unsolved)
     for q in quantizers:
         for key in [k for k in q._inverses if isinstance(k, tuple) and k[0] == "fit"]:
             del q._inverses[key]
