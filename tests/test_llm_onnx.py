@@ -1,6 +1,6 @@
 """Decoder LMs in ONNX with a KV cache, on tiny random Llamas: ONNX Runtime prefill + decode logits
 equal PyTorch's, greedy tokens from the ORT loop equal ``generate()`` (fp32) and the quantized
-PyTorch model's (W4 as MatMulNBits; INT8 weights as 8-bit MatMulNBits), and what cannot be
+PyTorch model's (W4 as MatMulNBits; INT8 weights dequantized at load, or 8-bit MatMulNBits), and what cannot be
 exported is refused with the reason."""
 import numpy as np
 import onnx
@@ -135,17 +135,29 @@ def test_w4_matmulnbits_greedy_tokens_equal_the_quantized_model(tmp_path) -> Non
 
 
 def test_int8_weights_run_with_the_cache_and_follow_the_float_model(tmp_path) -> None:
-    """INT8 Linear weights (8-bit MatMulNBits, fp32 compute): ORT's prefill + decode logits equal a
-    PyTorch model holding the same per-channel int8 weights, stay within the int8 threshold of the
-    float model's, and greedy tokens mostly agree with the float model's."""
+    """INT8 Linear weights (int8 initializers that ONNX Runtime dequantizes at load, fp32 compute):
+    ORT's prefill + decode logits equal a PyTorch model holding the same per-channel int8 weights,
+    stay within the int8 threshold of the float model's, and greedy tokens mostly agree with the
+    float model's; 8-bit MatMulNBits at accuracy level 1 holds the same weights."""
     from adagrow.compress.export.qdq import int8_codes
+    from adagrow.onnxrt import cpu_session
     model = _llama()
     rep = export_decoder_onnx(model, tmp_path / "int8.onnx", "int8")
     graph = onnx.load(tmp_path / "int8.onnx").graph
-    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    assert rep.quantized_weights == len(nbits) == 14 and {a.i for n in nbits for a in n.attribute if a.name == "bits"} \
-        == {8}
+    int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    casts = [n for n in graph.node if n.op_type == "Cast" and n.input[0] in int8]
+    assert rep.quantized_weights == len(int8) == len(casts) == 14 and rep.notes
+    assert not any(n.op_type in ("MatMulNBits", "DequantizeLinear") for n in graph.node)
     assert len(_vocab_matrices(tmp_path / "int8.onnx")) == 1  # the float head, tied: stored once
+    cpu_session(tmp_path / "int8.onnx", optimized_path=str(tmp_path / "opt.onnx"))  # folded once, at load
+    folded = onnx.load(tmp_path / "opt.onnx").graph
+    assert not any(n.op_type == "Cast" and n.input[0] in int8 for n in folded.node)
+    assert sum(n.op_type == "MatMul" for n in folded.node) >= 14
+    rep1 = export_decoder_onnx(model, tmp_path / "nbits.onnx", "int8", accuracy_level=1)
+    nbits = [n for n in onnx.load(tmp_path / "nbits.onnx").graph.node if n.op_type == "MatMulNBits"]
+    assert rep1.quantized_weights == len(nbits) == 14
+    assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {8}
+    assert rep1.cosine == pytest.approx(rep.cosine, abs=1e-6)  # fp32 compute on the same int8 weights
     assert rep.passed and rep.threshold == 0.99 <= rep.cosine < 0.99999  # quantized, not float
     twin = _llama()
     with torch.no_grad():  # the same int8 grid in PyTorch: per output channel, symmetric, |q| <= 127

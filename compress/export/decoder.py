@@ -34,9 +34,10 @@ from adagrow.files import atomic_write
 
 from ..model import QuantConfig, quantize
 from ..qmodules import QuantLayer
-from .nbits import ACCURACY_LEVELS, MS_DOMAIN, matmul_nbits_node
+from .nbits import ACCURACY_LEVELS
 from .onnx_export import ExportReport, match_initializers, w4_graph, w4_quantized
-from .qdq import int8_codes, quantizable_nodes, quantize_weights_int8
+from .qdq import NBitsWeight, dequantize_at_load, int8_codes, quantizable_nodes, quantize_weights_int8, \
+    rewrite_nbits
 from .tied import share_tied_embedding
 from .verify import CHECKS, THRESHOLDS, enforce, verify
 
@@ -46,6 +47,10 @@ PRECISIONS = ("fp32", "int8", "w4")
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 INT8_BLOCK = 32  # MatMulNBits block of an int8 weight: per-channel scales repeat over blocks (exact)
 MAX_PROTO_BYTES = 2**31 - 2**26  # one ONNX file (protobuf) holds < 2 GiB, with room for the graph
+LEVEL4_HINT = ("accuracy_level=4 quantizes every MatMulNBits input to int8 per block (about 1% error per "
+               "layer on SmolLM2-135M); single tokens of a decoder can flip under any perturbation of that size "
+               "(docs/export.md, 'Accuracy level 4 on decoders'); accuracy_level=0 computes the model's own "
+               "arithmetic")
 
 
 def past_names(n_layers: int) -> list[str]:
@@ -185,12 +190,14 @@ def int8_linear_weights(graph: onnx.ModelProto, model: nn.Module, accuracy_level
     """Store, in place, every Linear weight of ``model`` but the LM head as int8 (per output channel,
     symmetric, |q| <= 127); the head stays float, as in ``w4``, and a tied embedding keeps sharing it.
 
-    With ``accuracy_level`` each becomes ONNX Runtime's 8-bit ``MatMulNBits`` (codes ``q + 128``,
-    zero point 128, the channel's scale on every block of ``INT8_BLOCK``) at that level: 0 computes
-    in fp32 on the dequantized weight, the same on every CPU. ``None`` writes int8
-    ``DequantizeLinear`` + ``MatMul``, which ORT fuses into ``MatMulNBits`` at its session option
-    ``session.qdq_matmulnbits_accuracy_level`` (4, int8 activations, by default in ORT 1.32).
-    Returns the number of weights quantized."""
+    ``accuracy_level`` 0: int8 initializers + ``Cast`` + ``Mul`` by the scales, which ONNX Runtime
+    folds at session load (:func:`~.qdq.dequantize_at_load`): fp32 weights in memory and fp32
+    compute, the fp32 graph's speed, the same on every CPU. 1-4: ONNX Runtime's 8-bit
+    ``MatMulNBits`` at that level (codes ``q + 128``, zero point 128, the channel's scale on every
+    block of ``INT8_BLOCK``; 1 dequantizes on every call, 4 quantizes activations to int8). ``None``
+    writes int8 ``DequantizeLinear`` + ``MatMul``, which ORT fuses into ``MatMulNBits`` at its
+    session option ``session.qdq_matmulnbits_accuracy_level`` (4 by default in ORT 1.32). Returns
+    the number of weights quantized."""
     head = model.get_output_embeddings()
     dense = {f"{n}.weight": m.weight.detach().numpy() for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and m is not head}
@@ -198,26 +205,22 @@ def int8_linear_weights(graph: onnx.ModelProto, model: nn.Module, accuracy_level
     if len(linear) != len(dense):
         raise ValueError(f"int8 export: {len(dense) - len(linear)} of {len(dense)} Linear weights were not found "
                          "among the ONNX initializers")
-    if accuracy_level is None:
+    if not accuracy_level:  # None or 0: int8 DequantizeLinear, turned into Cast + Mul for 0
         keep = frozenset(n.name for n, _ in quantizable_nodes(graph.graph) if n.input[1] not in linear)
-        return quantize_weights_int8(graph, {}, {}, int32_bias=False, levels=127, keep_float=keep)
+        done = quantize_weights_int8(graph, {}, {}, int32_bias=False, levels=127, keep_float=keep)
+        if accuracy_level == 0:
+            dequantize_at_load(graph, linear)
+        return done
     inits = {t.name: t for t in graph.graph.initializer}
-    nodes = []
-    for node in graph.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in linear:
-            nodes.append(node)
-            continue
-        q, s = int8_codes(numpy_helper.to_array(inits[node.input[1]]).astype(np.float32), None, axis=1)  # [K, N]
-        codes, zeros = (q.astype(np.int16) + 128).astype(np.uint8), np.full((1, q.shape[1]), 128, np.uint8)
-        mm, new = matmul_nbits_node(node.input[0], node.output[0], node.input[1], codes, s[None], zeros, INT8_BLOCK,
-                                    accuracy_level, f"{node.name}_MatMulNBits", bits=8)
-        graph.graph.initializer.remove(inits[node.input[1]])
-        graph.graph.initializer.extend(new)
-        nodes.append(mm)
-    del graph.graph.node[:]
-    graph.graph.node.extend(nodes)
-    graph.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
-    return len(linear)
+    weights = {}
+    for name in linear:
+        q, s = int8_codes(numpy_helper.to_array(inits[name]).astype(np.float32), None, axis=1)  # [K, N]
+        weights[name] = NBitsWeight((q.astype(np.int16) + 128).astype(np.uint8), s[None],
+                                    np.full((1, q.shape[1]), 128, np.uint8), axis=0, block_size=INT8_BLOCK)
+    done, on_dq = rewrite_nbits(graph, weights, accuracy_level, bits=8)
+    if on_dq:
+        raise ValueError(f"int8 export: weights {on_dq} do not feed a MatMul on [K, N]")
+    return done
 
 
 def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: str = "fp32", *,
@@ -238,9 +241,12 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
         accuracy_level: ``MatMulNBits`` accuracy level. 0 (the default): fp32 compute on the 4-bit
             weights, the quantized PyTorch model's arithmetic, so greedy generation follows it
             token for token; 4: int8 activations, faster decoding (SmolLM2-135M: 1.3x) but greedy
-            continuations drift from the PyTorch model's (docs/llm.md). None writes blocked int4
-            DequantizeLinear + MatMul instead. The same for ``int8`` (8-bit ``MatMulNBits``; None:
-            int8 DequantizeLinear + MatMul).
+            continuations drift from the PyTorch model's, and single tokens can flip under its
+            ~1% error per layer, failing the check (docs/export.md). None writes blocked int4
+            DequantizeLinear + MatMul instead. ``int8``: 0 (the default) stores int8 weights that
+            ONNX Runtime dequantizes once at session load (fp32 compute and speed, int8 file);
+            1-4 8-bit ``MatMulNBits`` at that level (4: int8 activations); None int8
+            DequantizeLinear + MatMul (:func:`int8_linear_weights`).
         check: ``raise`` (default: ``ExportCheckError`` and nothing written when the logits and
             cache disagree with PyTorch beyond the precision's cosine threshold) or ``warn``.
         seed: seed of the held-out verification tokens.
@@ -283,6 +289,9 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
     if precision == "int8":
         report.quantized_weights, report.weight_range = int8_linear_weights(graph, model, accuracy_level), \
             "full"
+        if accuracy_level == 0:
+            report.notes.append("int8 Linear weights are dequantized by Cast + Mul, which ONNX Runtime folds at "
+                                "session load: fp32 weights in memory, fp32 compute")
     share_tied_embedding(graph)  # a tied embedding / head stored once
     report.dynamic_axes = {i.name: {d: s.dim_param for d, s in enumerate(i.type.tensor_type.shape.dim) if s.dim_param}
                            for i in [*graph.graph.input, *graph.graph.output]}
@@ -294,7 +303,7 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
         onnx.save(graph, tmp)
         v = verify(tmp, reference, feeds)
         report.cosine, report.max_abs_diff, report.verification = v.cosine, v.max_abs_diff, v.cases
-        report.passed = enforce(v, precision, check, path, report.notes)
+        report.passed = enforce(v, precision, check, path, report.notes, LEVEL4_HINT if accuracy_level == 4 else "")
 
     atomic_write(path, write_verified)
     return report

@@ -37,8 +37,8 @@ from .inputs import INPUT, OUTPUT, InputSpec, NamedForward, input_spec, named_in
     stack_batches, to_numpy
 from .mixed import FloatUnit, keep_float_units
 from .nbits import ACCURACY_LEVELS
-from .qdq import W4Weight, act_quant, activation_tensors, insert_act_qdq, quant_units, quantize_weights_int8, \
-    rewrite_w4
+from .qdq import NBitsWeight, act_quant, activation_tensors, insert_act_qdq, quant_units, quantize_weights_int8, \
+    rewrite_nbits
 from .smooth import smooth_linears
 from .verify import CHECKS, THRESHOLDS, ExportCheckError, enforce, ort_session, verify
 
@@ -108,32 +108,32 @@ def _float_twin(qmodel: nn.Module) -> tuple[nn.Module, dict[str, QuantLayer]]:
     return model, qlayers
 
 
-def _w4_weight(q: QuantLayer) -> W4Weight | None:
+def _w4_weight(q: QuantLayer) -> NBitsWeight | None:
     """The ONNX DequantizeLinear form of a 4-bit layer, or None when its groups have none."""
     g, gs = q.geo, q.group_size
     codes = unpack_codes(q.qweight.cpu(), 4)[:, : g.k].numpy().astype(np.uint8)  # [N, K] canonical
     scales, zeros = q.scales.float().cpu().numpy(), q.zeros.float().cpu().numpy().round().astype(np.uint8)
     if isinstance(q, QuantLinear):  # MatMul weight [K, N]: blocks along K (axis 0)
         if gs == -1:
-            return W4Weight(codes.T.copy(), scales[0], zeros[0], axis=1, block_size=0)
-        return W4Weight(codes.T.copy(), scales, zeros, axis=0, block_size=gs)
+            return NBitsWeight(codes.T.copy(), scales[0], zeros[0], axis=1, block_size=0)
+        return NBitsWeight(codes.T.copy(), scales, zeros, axis=0, block_size=gs)
     kh, kw = g.kernel_size
     cg = g.cin_per_group
     w = codes.reshape(g.out_features, kh, kw, cg).transpose(0, 3, 1, 2)  # ONNX conv layout
     if gs == -1:
-        return W4Weight(w.copy(), scales[0], zeros[0], axis=0, block_size=0)
+        return NBitsWeight(w.copy(), scales[0], zeros[0], axis=0, block_size=0)
     if isinstance(gs, str):  # one scale per (out, ky, kx): blocks of all C_in/g along axis 1
         row = q.position_group.cpu().numpy().astype(np.int64).reshape(kh, kw)
         s = scales[row].transpose(2, 0, 1)[:, None]  # [N, 1, kh, kw]
         z = zeros[row].transpose(2, 0, 1)[:, None]
-        return W4Weight(w.copy(), s.astype(np.float32), z, axis=1, block_size=cg)
+        return NBitsWeight(w.copy(), s.astype(np.float32), z, axis=1, block_size=cg)
     if cg % gs:
         return None
     # contiguous K groups inside one kernel position: blocks of gs input channels along axis 1
     k_idx = (np.arange(kh)[:, None, None] * kw + np.arange(kw)[None, :, None]) * cg + np.arange(0, cg, gs)[None, None]
     s = scales[k_idx // gs].transpose(3, 2, 0, 1)  # [N, cg/gs, kh, kw]
     z = zeros[k_idx // gs].transpose(3, 2, 0, 1)
-    return W4Weight(w.copy(), s.astype(np.float32), z, axis=1, block_size=gs)
+    return NBitsWeight(w.copy(), s.astype(np.float32), z, axis=1, block_size=gs)
 
 
 def match_initializers(graph: onnx.GraphProto, weights: dict[str, np.ndarray]) -> dict[str, tuple[str, bool]]:
@@ -337,7 +337,7 @@ def w4_graph(qmodel: nn.Module, export_float: Callable[[nn.Module], onnx.ModelPr
     (opset 21). Fills ``report.opset``, ``quantized_weights``, ``runs_float`` and notes."""
     twin, qlayers = _float_twin(qmodel)
     dense = {f"{n}.weight": twin.get_submodule(n).weight.detach().numpy() for n in qlayers}
-    w4: dict[str, W4Weight] = {}
+    w4: dict[str, NBitsWeight] = {}
     for n, q in qlayers.items():
         ww = _w4_weight(q)
         if ww is None:
@@ -351,7 +351,7 @@ def w4_graph(qmodel: nn.Module, export_float: Callable[[nn.Module], onnx.ModelPr
     missing = [k for k in w4 if k not in match]
     if missing:
         report.notes.append(f"4-bit weights not matched to ONNX initializers (kept as float): {missing}")
-    report.quantized_weights, report.runs_float = rewrite_w4(
+    report.quantized_weights, report.runs_float = rewrite_nbits(
         graph, {match[k][0]: v for k, v in w4.items() if k in match}, accuracy_level)
     if report.runs_float:
         report.notes.append(f"on ONNX Runtime CPU these run a float op on 4-bit weights dequantized by "

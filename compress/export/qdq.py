@@ -1,5 +1,6 @@
 """ONNX-level rewrites that insert quantization: activation Q/DQ pairs, int8 per-channel weights,
-int32 biases (ONNX Runtime flavour), and 4-bit blocked DequantizeLinear weights (opset 21)."""
+int32 biases (ONNX Runtime flavour), 4- and 8-bit weights as MatMulNBits or DequantizeLinear (opset 21
+for blocks), and int8 weights dequantized once at session load."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -215,22 +216,22 @@ def quantize_weights_int8(model: onnx.ModelProto, weights: dict[str, tuple[np.nd
 
 
 @dataclass
-class W4Weight:
-    """4-bit codes of one layer in ONNX layout, with their grid."""
+class NBitsWeight:
+    """``bits``-bit codes of one layer in ONNX layout, with their grid: ``w = (codes - zeros) * scales``."""
 
-    codes: np.ndarray    # uint8 values 0..15, the ONNX weight's shape
+    codes: np.ndarray    # uint8 values 0..2^bits - 1, the ONNX weight's shape
     scales: np.ndarray   # float32, blocked/per-axis shape
-    zeros: np.ndarray    # uint8 values 0..15, same shape as scales
+    zeros: np.ndarray    # uint8 values 0..2^bits - 1, same shape as scales
     axis: int
     block_size: int      # 0 for per-axis
 
 
 def _gemm_as_matmul(node: onnx.NodeProto) -> None:
     if _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0 or not _attr(node, "transB", 0):
-        raise ValueError(f"w4 export: Gemm {node.name} with alpha/beta != 1 or transB=0 is not supported")
+        raise ValueError(f"low-bit export: Gemm {node.name} with alpha/beta != 1 or transB=0 is not supported")
 
 
-def _nbits_form(node: onnx.NodeProto, ww: W4Weight) -> int:
+def _nbits_form(node: onnx.NodeProto, ww: NBitsWeight) -> int:
     """MatMulNBits block size for a Linear weight ``[K, N]`` (0 when it cannot be one)."""
     if node.op_type not in ("MatMul", "Gemm") or ww.codes.ndim != 2:
         return 0
@@ -239,18 +240,31 @@ def _nbits_form(node: onnx.NodeProto, ww: W4Weight) -> int:
     return nbits_block(ww.codes.shape[0], ww.block_size) if ww.axis == 0 else 0
 
 
-def rewrite_w4(model: onnx.ModelProto, weights: dict[str, W4Weight],
-               accuracy_level: int | None = None) -> tuple[int, list[str]]:
-    """Replace float weights by 4-bit ones. Returns (weights rewritten, names of those left on
-    ``DequantizeLinear`` + float op).
+def _dq_initializers(wname: str, ww: NBitsWeight, bits: int) -> list[TensorProto]:
+    """Codes, scales and zero points of a ``DequantizeLinear`` weight: uint4 or uint8."""
+    if bits == 8:
+        return [numpy_helper.from_array(ww.codes.astype(np.uint8), f"{wname}_uint8"),
+                numpy_helper.from_array(ww.scales.astype(np.float32), f"{wname}_w8scale"),
+                numpy_helper.from_array(ww.zeros.astype(np.uint8), f"{wname}_w8zero")]
+    return [helper.make_tensor(f"{wname}_uint4", TensorProto.UINT4, ww.codes.shape, ww.codes.flatten().tolist()),
+            numpy_helper.from_array(ww.scales.astype(np.float32), f"{wname}_w4scale"),
+            helper.make_tensor(f"{wname}_w4zero", TensorProto.UINT4, ww.zeros.shape, ww.zeros.flatten().tolist())]
+
+
+def rewrite_nbits(model: onnx.ModelProto, weights: dict[str, NBitsWeight], accuracy_level: int | None = None,
+                  bits: int = 4) -> tuple[int, list[str]]:
+    """Replace float weights by ``bits``-bit ones (4 or 8). Returns (weights rewritten, names of
+    those left on ``DequantizeLinear`` + float op).
 
     With ``accuracy_level`` a Linear weight (``MatMul`` / ``Gemm`` on ``[K, N]``, groups a power
     of two >= 16 along K, or per column) becomes ONNX Runtime's ``MatMulNBits`` at that
-    accuracy level. Others get uint4 initializers + ``DequantizeLinear`` (opset 21,
+    accuracy level. Others get uint4 / uint8 initializers + ``DequantizeLinear`` (opset 21 for
     ``block_size``); there a ``Gemm`` becomes ``MatMul`` (+ ``Add`` for its bias) on ``[K, N]``,
-    which ORT fuses into MatMulNBits at its default (fp32) accuracy; a Conv runs in float on the
+    which ORT fuses into MatMulNBits at its session's accuracy level; a Conv runs in float on the
     dequantized weight.
     """
+    if bits not in (4, 8):
+        raise ValueError(f"low-bit weights here are 4- or 8-bit, got bits={bits}")
     graph = model.graph
     inits, _, _ = _maps(graph)
     head, nodes, on_dq = [], [], []
@@ -273,19 +287,16 @@ def rewrite_w4(model: onnx.ModelProto, weights: dict[str, W4Weight],
             sc = ww.scales.reshape(-1, ww.codes.shape[1])
             zc = ww.zeros.reshape(-1, ww.codes.shape[1])
             mm, new = matmul_nbits_node(node.input[0], mm_out, wname, ww.codes, sc, zc, block, accuracy_level,
-                                        f"{node.name}_MatMulNBits")
+                                        f"{node.name}_MatMulNBits", bits=bits)
             graph.initializer.extend(new)
             nodes.append(mm)
         else:
             on_dq.append(node.name)
-            graph.initializer.extend([
-                helper.make_tensor(f"{wname}_uint4", TensorProto.UINT4, ww.codes.shape, ww.codes.flatten().tolist()),
-                numpy_helper.from_array(ww.scales.astype(np.float32), f"{wname}_w4scale"),
-                helper.make_tensor(f"{wname}_w4zero", TensorProto.UINT4, ww.zeros.shape, ww.zeros.flatten().tolist()),
-            ])
+            new = _dq_initializers(wname, ww, bits)
+            graph.initializer.extend(new)
             kw = {"axis": ww.axis} | ({"block_size": ww.block_size} if ww.block_size else {})
-            head.append(helper.make_node("DequantizeLinear", [f"{wname}_uint4", f"{wname}_w4scale", f"{wname}_w4zero"],
-                                         [wname], name=f"{wname}_DQ4", **kw))
+            head.append(helper.make_node("DequantizeLinear", [t.name for t in new], [wname], name=f"{wname}_DQ{bits}",
+                                         **kw))
             if node.op_type == "Gemm":
                 nodes.append(helper.make_node("MatMul", [node.input[0], wname], [mm_out], name=f"{node.name}_MatMul"))
             else:
@@ -297,3 +308,35 @@ def rewrite_w4(model: onnx.ModelProto, weights: dict[str, W4Weight],
     if accuracy_level is not None and len(on_dq) < done:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return done, on_dq
+
+
+def dequantize_at_load(model: onnx.ModelProto, weights: set[str]) -> int:
+    """Turn the ``DequantizeLinear`` (zero point 0) producing each tensor in ``weights`` into
+    ``Cast`` to float + ``Mul`` by the scales: the same float values, computed from constants
+    only, so ONNX Runtime's constant folding (any optimisation level above none) dequantizes them
+    once at session load (float weights in memory, the file stays int8), where a
+    ``DequantizeLinear`` + ``MatMul`` pair would be fused into an integer kernel. Returns the
+    number of nodes rewritten."""
+    graph = model.graph
+    inits, _, _ = _maps(graph)
+    nodes, done = [], 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.output[0] not in weights:
+            nodes.append(node)
+            continue
+        q, s, z = node.input
+        if numpy_helper.to_array(inits[z]).any():
+            raise ValueError(f"{node.name}: dequantize_at_load needs zero point 0")
+        scale = numpy_helper.to_array(inits[s])
+        ndim = len(inits[q].dims)
+        if scale.ndim == 1 and ndim > 1:  # per-axis: broadcast along the node's axis
+            axis = int(_attr(node, "axis", 1)) % ndim
+            graph.initializer.remove(inits[s])
+            graph.initializer.append(numpy_helper.from_array(scale.reshape(_bshape(axis, ndim)), s))
+        graph.initializer.remove(inits[z])
+        nodes += [helper.make_node("Cast", [q], [f"{q}_float"], name=f"{node.name}_Cast", to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [f"{q}_float", s], [node.output[0]], name=f"{node.name}_Scale")]
+        done += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return done

@@ -79,6 +79,19 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
 
 
+def row_cosines(got: np.ndarray, ref: np.ndarray) -> dict[str, float | int]:
+    """Cosine of each row (every index but the last axis: a sample, or a token of ``[B, S, V]``
+    logits) of one output: ``worst`` and ``median``, and ``rows``. A whole-output cosine below the
+    threshold with a high median means a few rows diverge (a token whose prediction flipped),
+    not all of them."""
+    if got.ndim < 2 or got.shape != ref.shape or not got.size:
+        return {}
+    g, r = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    cos = [cosine(a, b) for a, b in zip(g, r)]
+    return {"worst": float(np.nanmin(cos)) if np.isfinite(cos).any() else float("nan"),
+            "median": float(np.median(cos)), "rows": len(cos)}
+
+
 @dataclass
 class Verification:
     """Worst-case agreement of the ONNX model with the float model over the checked inputs."""
@@ -96,21 +109,26 @@ def verify(path: str | os.PathLike, reference: Callable[..., Sequence[torch.Tens
     sess = ort_session(path)
     cases = []
     for label, feed in feeds:
-        got = np.concatenate([o.astype(np.float64).ravel() for o in run_session(sess, to_numpy(feed))])
-        ref = np.concatenate([o.double().numpy().ravel() for o in reference(*feed.values())])
+        got_out = run_session(sess, to_numpy(feed))
+        ref_out = [o.double().numpy() for o in reference(*feed.values())]
+        got = np.concatenate([o.astype(np.float64).ravel() for o in got_out])
+        ref = np.concatenate([o.ravel() for o in ref_out])
         diff = float(np.abs(got - ref).max()) if np.isfinite(got).all() else float("nan")
         ref_norm = float(np.linalg.norm(ref))
         ratio = float(np.linalg.norm(got)) / ref_norm if ref_norm > 0 else (1.0 if not got.any() else float("inf"))
         cases.append({"inputs": label, "shape": {n: list(x.shape) for n, x in feed.items()},
-                      "cosine": cosine(got, ref), "max_abs_diff": diff, "norm_ratio": ratio})
+                      "cosine": cosine(got, ref), "max_abs_diff": diff, "norm_ratio": ratio,
+                      "rows": row_cosines(got_out[0], ref_out[0])})
     worst = min(cases, key=lambda c: -np.inf if np.isnan(c["cosine"]) else c["cosine"])
     return Verification(worst["cosine"], max(c["max_abs_diff"] for c in cases), cases)
 
 
-def enforce(v: Verification, precision: str, check: str, path: str | os.PathLike, notes: list[str]) -> bool:
+def enforce(v: Verification, precision: str, check: str, path: str | os.PathLike, notes: list[str],
+            hint: str = "") -> bool:
     """Raise :class:`ExportCheckError` (``check="raise"``) or warn and add a note (``"warn"``)
     when the worst cosine is below the precision's threshold or not finite, or an output's norm
-    is off by more than :data:`SCALE_TOLERANCE`. Returns whether it passed."""
+    is off by more than :data:`SCALE_TOLERANCE`; the message gives the failing input's row
+    cosines of the first output and ends with ``hint``. Returns whether it passed."""
     thr, tol = THRESHOLDS[precision], SCALE_TOLERANCE[precision]
     off_scale = [c for c in v.cases if not abs(c["norm_ratio"] - 1) <= tol]
     if np.isfinite(v.cosine) and v.cosine >= thr and not off_scale:
@@ -125,6 +143,11 @@ def enforce(v: Verification, precision: str, check: str, path: str | os.PathLike
         msg = (f"{path}: {precision} export FAILED verification: cosine to the float model {v.cosine:.6f} "
                f"(threshold {thr}) on held-out inputs {worst['inputs']} {worst['shape']}"
                + ("; the ONNX output is not finite" if not np.isfinite(v.cosine) else ""))
+    rows = worst.get("rows") or {}
+    if rows:
+        msg += (f"; rows of the first output: worst cosine {rows['worst']:.4f}, median {rows['median']:.6f} "
+                f"over {rows['rows']}")
+    msg += f"; {hint}" if hint else ""
     if check == "raise":
         raise ExportCheckError(msg + "; pass check='warn' to keep the file anyway")
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
