@@ -25,7 +25,7 @@ from .calib import Calibration, StopForward, TokenMask
 from .grid import check_bits, check_sym_grid
 from .groups import check_group_size
 from .layer import geometry, set_module
-from .obs import OBSQuantizer, QuantResult, fit_targets, rtn_quantize
+from .obs import TARGET_DAMP, OBSQuantizer, QuantResult, check_groups, fit_targets, rtn_quantize
 from .order import check_order
 from .qmodules import SCALE_DTYPES, QuantLayer, from_result
 from .server_formats import guard_save_pretrained
@@ -55,6 +55,9 @@ class QuantConfig:
     model's output of that layer on float inputs, not its own output on the quantized prefix's
     inputs, so it also corrects the error earlier layers left (GPTQv2); it costs one float forward
     of each block and keeps the float inputs of the block's layers during that block.
+    ``target_damp``: ridge of the float-target fit relative to mean(diag H) (docs/design.md §4).
+    ``groups``: ``"static"`` (scale and zero point of each group from the weights before OBS) or
+    ``"dynamic"`` (from the weights as OBS updated them when it reaches the group, as the reference GPTQ).
     ``sym_grid`` (with ``sym=True``): ``"signed"`` (default: all ``2^bits`` codes, the weight of
     largest magnitude on code 0, scales may be negative) or ``"restricted"`` (codes ``z +- (2^(bits-1) - 1)``,
     positive scales); docs/design.md §4.
@@ -71,6 +74,8 @@ class QuantConfig:
     block_size: int = 128
     mse: bool = False
     float_target: bool = True
+    target_damp: float = TARGET_DAMP
+    groups: str = "static"
     scale_dtype: str = "float16"
     hessian_dtype: str = "float32"
     skip: tuple[str, ...] = field(default_factory=tuple)
@@ -82,6 +87,9 @@ class QuantConfig:
         check_group_size(self.group_size_for("linear"), is_conv=False)
         check_order(self.order)
         check_sym_grid(self.sym_grid)
+        check_groups(self.groups, self.order)
+        if not self.target_damp > 0:
+            raise ValueError(f"target_damp must be > 0, got {self.target_damp}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.hessian_dtype not in HESSIAN_DTYPES:
@@ -193,9 +201,9 @@ class _Run:
             for name, layer in zip(names, layers):
                 gs = cfg.group_size_for(geometry(layer, name).kind)
                 results.append(rtn_quantize(layer, cfg.bits, gs, cfg.sym, cfg.mse, scale_dtype=sdt, name=name,
-                                            sym_grid=cfg.sym_grid))
+                                            sym_grid=cfg.sym_grid, groups=cfg.groups))
         else:
-            lead = OBSQuantizer(layers[0], names[0], HESSIAN_DTYPES[cfg.hessian_dtype])
+            lead = OBSQuantizer(layers[0], names[0], HESSIAN_DTYPES[cfg.hessian_dtype], cfg.target_damp)
             is_linear = isinstance(layers[0], nn.Linear)
 
             def hook(mod: nn.Module, inp: tuple) -> None:
@@ -214,7 +222,7 @@ class _Run:
             lead.all_reduce()  # data-parallel calibration: every rank's samples (a no-op on one process)
             quantizers = [lead]
             for name, layer in zip(names[1:], layers[1:]):
-                quantizers.append(OBSQuantizer(layer, name, HESSIAN_DTYPES[cfg.hessian_dtype]))
+                quantizers.append(OBSQuantizer(layer, name, HESSIAN_DTYPES[cfg.hessian_dtype], cfg.target_damp))
                 quantizers[-1].share(lead)
             fit_targets(quantizers)  # first, so the float-target statistics are freed before the inverses
             for i, (name, layer, q) in enumerate(zip(names, layers, quantizers)):
@@ -222,7 +230,7 @@ class _Run:
                 last = i == len(quantizers) - 1
                 results.append(q.quantize(cfg.bits, gs, cfg.sym, cfg.order, percdamp=cfg.percdamp,
                                           block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt, release=last,
-                                          sym_grid=cfg.sym_grid))
+                                          sym_grid=cfg.sym_grid, groups=cfg.groups))
                 if not last:
                     q.release()  # the group's statistics are freed by the last layer's quantize
         for name, layer, res in zip(names, layers, results):

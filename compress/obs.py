@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from adagrow.checks import all_finite
 from adagrow.packed import codes_per_word, column_groups, pack_codes, padded_k
 
-from .grid import check_bits, check_scales, dequantize_codes, quantize_codes
+from .grid import check_bits, check_scales, dequantize_codes, grid_params, quantize_codes
 from .groups import check_group_size, group_params, position_groups
 from .layer import LayerGeometry, check_parameters, geometry, input_columns, matrix_to_weight, weight_matrix
 from .order import check_order, column_overlap, saliency, static_order, tiered_order
@@ -170,17 +171,30 @@ def _upper_factor(hinv: torch.Tensor, perm: torch.Tensor, name: str) -> torch.Te
     return u
 
 
+GroupParams = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def _obs_static(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gid: torch.Tensor,
-                bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+                bits: int, block: int, params: GroupParams | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's blocked lazy-update loop over the columns of ``w`` in their given order (the
     permuted weight matrix, overwritten: each block's columns by their codes once quantized)
     with the upper Cholesky factor ``u`` of ``H^-1`` in the same order (:func:`_upper_factor`).
     ``s``, ``z`` ``[rows, n_groups]`` are expanded to columns one block at a time (``gid``: each
-    column's group). Returns the codes (in ``w``'s column order) and the OBS loss."""
+    column's group). ``params`` (dynamic groups): ``s`` and ``z`` are filled here instead, a
+    group's from ``params(its columns)`` when a block first reaches one of its columns, so from
+    the weights as OBS updated them up to that block (the reference GPTQ's groups, which read the
+    weights at the block's start too). Returns the codes (in ``w``'s column order) and the OBS loss."""
     loss = w.new_zeros(())
+    done = torch.zeros(s.shape[1], dtype=torch.bool)
     for i1 in range(0, w.shape[1], block):
         i2 = min(i1 + block, w.shape[1])
         g = gid[i1:i2]
+        if params is not None:
+            for grp in g.unique().tolist():
+                if not done[grp]:
+                    done[grp] = True
+                    cols = (gid == grp).nonzero().squeeze(1)  # all at or after i1: first reached here
+                    s[:, grp], z[:, grp] = params(w[:, cols])
         q, err, l = _obs_block(w[:, i1:i2], u[i1:i2, i1:i2], s[:, g], z[:, g], bits)
         loss += l
         w[:, i2:] -= err @ u[i1:i2, i2:]
@@ -238,10 +252,13 @@ class OBSQuantizer:
     Feed the layer's inputs with :meth:`add_batch`, then call :meth:`quantize`.
     """
 
-    def __init__(self, layer: nn.Module, name: str = "layer", dtype: torch.dtype = torch.float32):
+    def __init__(self, layer: nn.Module, name: str = "layer", dtype: torch.dtype = torch.float32,
+                 target_damp: float = TARGET_DAMP):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"{name}: OBS dtype must be torch.float32 or torch.float64, got {dtype}")
-        self.layer, self.name, self.dtype = layer, name, dtype
+        if not target_damp > 0:
+            raise ValueError(f"{name}: target_damp must be > 0, got {target_damp}")
+        self.layer, self.name, self.dtype, self.target_damp = layer, name, dtype, target_damp
         self.geo = geometry(layer, name)
         self.H: torch.Tensor | None = None  # [conv groups, K, K] in ``dtype``
         self.C: torch.Tensor | None = None  # [conv groups, K, K]: 2/n sum x_float x^T (float target)
@@ -344,8 +361,8 @@ class OBSQuantizer:
         self._weights = None
 
     def _target_lam(self, g: int, dtype: torch.dtype) -> float:
-        """Ridge of the float-target fit: ``TARGET_DAMP`` x mean(diag H) in ``dtype``."""
-        return TARGET_DAMP * float(self.H[g].diagonal().to(dtype).mean())
+        """Ridge of the float-target fit: ``target_damp`` x mean(diag H) in ``dtype``."""
+        return self.target_damp * float(self.H[g].diagonal().to(dtype).mean())
 
     def _fit_factor(self, g: int, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
         """Lower Cholesky factor of ``H + lam I`` and ``lam`` (computed once for the layers sharing H)."""
@@ -453,12 +470,22 @@ class OBSQuantizer:
                            f"damping {pd:g} ({DAMP_RETRIES} retries); the calibration data may be "
                            "degenerate (too few samples or constant inputs)")
 
+    def _group_params(self, bits: int, sym: bool, mse: bool, scale_dtype: torch.dtype,
+                      sym_grid: str) -> GroupParams:
+        """Dynamic groups: one group's ``(scale, zero)`` per row from its current columns ``[rows, n]``
+        (rounded to ``scale_dtype``, checked for overflow), in the columns' dtype and device."""
+        def params(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            sc, zc = grid_params(cols.float().cpu(), bits, sym, mse, scale_dtype, sym_grid=sym_grid)
+            check_scales(sc, cols, scale_dtype, self.name)
+            return sc.to(cols), zc.to(cols)
+        return params
+
     @torch.no_grad()
     def quantize(self, bits: int = 4, group_size: int | str = 128, sym: bool = False,
                  order: str = "reparam", overlap: torch.Tensor | None = None, percdamp: float = 0.01,
                  block_size: int = 128, mse: bool = False,
                  scale_dtype: torch.dtype = torch.float16, release: bool = False,
-                 sym_grid: str = "signed") -> QuantResult:
+                 sym_grid: str = "signed", groups: str = "static") -> QuantResult:
         """Quantize the layer's weight (the layer itself is not modified).
 
         Args:
@@ -472,6 +499,9 @@ class OBSQuantizer:
                 weight are freed as soon as they are used, the OBS working set of one layer
                 being then at most two K x K buffers (docs/scale.md).
             sym_grid: "signed" (all 2^bits codes) or "restricted" (symmetric grids; adagrow.compress.grid).
+            groups: "static" (each group's scale and zero point from the weights before OBS) or
+                "dynamic" (from the weights OBS has updated when it first reaches the group, as the
+                reference GPTQ; not with order "reparam-dynamic"); docs/design.md §3.
         """
         geo, name = self.geo, self.name
         check_bits(bits)
@@ -481,6 +511,7 @@ class OBSQuantizer:
             raise ValueError(f"percdamp must be > 0, got {percdamp}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        check_groups(groups, order)
         self.fit_target()
         cache, H, weights = self._cache(), self.H, self._weights
         if release:
@@ -547,14 +578,28 @@ class OBSQuantizer:
                 del hinv  # with release, freed here (and w below, once permuted)
                 wp = w[:, perm]
                 del w
-                q, l = _obs_static(wp, u, s, z, gid[perm], bits, block_size)
+                params = None if groups == "static" else self._group_params(bits, sym, mse, scale_dtype, sym_grid)
+                q, l = _obs_static(wp, u, s, z, gid[perm], bits, block_size, params)
                 del u, wp
                 codes[r1:r2, perm] = q.to(codes.dtype)
+                scales[r1:r2], zeros[r1:r2] = s.cpu(), z.cpu()  # dynamic groups: the ones OBS used
             del q
             perms.append(perm.cpu())
             loss += l
         return _finish(self.layer, geo, grouping, codes, scales, zeros, scale_dtype, torch.stack(perms),
                        float(loss), damp, bits, sym, order)
+
+
+GROUPS = ("static", "dynamic")
+
+
+def check_groups(groups: str, order: str) -> str:
+    """``groups`` is "static" or "dynamic"; dynamic groups need a static column order."""
+    if groups not in GROUPS:
+        raise ValueError(f"groups must be one of {GROUPS}, got {groups!r}")
+    if groups == "dynamic" and order == "reparam-dynamic":
+        raise ValueError("groups='dynamic' needs a static column order (none, act, reparam), not 'reparam-dynamic'")
+    return groups
 
 
 @torch.no_grad()
