@@ -103,6 +103,23 @@ def test_head_calibrated_without_rerunning_blocks_only_when_it_sees_the_last_blo
     assert calls[0] == 3 * (1 + 2 * 3) + 2 + (3 * 2 if skip else 0)
 
 
+def test_group_replays_stop_before_their_first_layer_runs() -> None:
+    """A group's replay ends at its first layer's input (a pre-hook), so the last group of a Llama
+    block (down_proj) runs only in the probe (the first sample), the float copy's pass (the copy
+    keeps the hooks) and the block's output pass, and the first (q/k/v) not in its own replay."""
+    model = _models()["llama"]
+    runs: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        if name.endswith(("down_proj", "q_proj")):
+            mod.register_forward_hook(lambda *a, name=name: runs.__setitem__(name, runs.get(name, 0) + 1))
+    calib = _calib()
+    quantize(model, calib, CFG, progress=False, inplace=True)
+    for i in range(3):
+        assert runs[f"model.layers.{i}.mlp.down_proj"] == 1 + 2 * len(calib)
+        # per batch: the float pass, the replays of o_proj, gate/up and down_proj, the output pass
+        assert runs[f"model.layers.{i}.self_attn.q_proj"] == 1 + 5 * len(calib)
+
+
 def test_torchrun_two_ranks_match_one(tmp_path) -> None:
     """``python -m torch.distributed.run --nproc_per_node 2 -m adagrow.compress.torchrun`` (gloo,
     a tiny Llama read block by block, half the batches per rank) writes the same quantized tensors,
