@@ -201,7 +201,7 @@ class _Run:
             for name, layer in zip(names, layers):
                 gs = cfg.group_size_for(geometry(layer, name).kind)
                 results.append(rtn_quantize(layer, cfg.bits, gs, cfg.sym, cfg.mse, scale_dtype=sdt, name=name,
-                                            sym_grid=cfg.sym_grid, groups=cfg.groups))
+                                            sym_grid=cfg.sym_grid))
         else:
             lead = OBSQuantizer(layers[0], names[0], HESSIAN_DTYPES[cfg.hessian_dtype], cfg.target_damp)
             is_linear = isinstance(layers[0], nn.Linear)
