@@ -119,9 +119,10 @@ def test_block_by_block_forward_calls_linear_in_depth() -> None:
     assert c8 - c4 == 2 * (c4 - c2)  # linear in depth (the whole-model scheme is quadratic)
     # per block and batch: 4 group passes (q/k/v share one, attention output, intermediate,
     # output) and 1 output pass of the quantized block, 1 pass of its float copy (float_target, the
-    # hooks travel with the copy); per block, 2 whole-model passes of the first batch (calibration
-    # check, probe). The pooler is calibrated from the last block's outputs, the blocks skipped.
-    assert c4 - c2 == 2 * (2 * (4 + 1 + 1) + 2)
+    # hooks travel with the copy); per block, 1 whole-model pass of the first sample (the probe, also
+    # the check that the batches fit). The pooler is calibrated from the last block's outputs, the
+    # blocks skipped.
+    assert c4 - c2 == 2 * (2 * (4 + 1 + 1) + 1)
 
 
 def test_lm_head_left_float_and_tied_weights_stay_tied() -> None:
