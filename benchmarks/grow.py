@@ -4,7 +4,7 @@ For each family (VGG, ResNet, ViT) and seed, at the main difficulty:
 - ``grown``: grown from its "empty" start with the defaults (the thesis' init for new layers, a
   growth every 3 / 5 epochs, depth placed by stage balance (CNN: the stage with the fewest layers,
   nearest the input first) or a probe (ViT), the cosine LR restarted after each growth,
-  automatic stopping (``--auto-rule``; default: the generalisation-gap rule), then fine-tuning;
+  automatic stopping (``--auto-rule``, default ``GrowthConfig``'s), then fine-tuning;
   decisions read a validation split carved from the training data, never the test set); its
   training FLOPs G are counted per step on the model as it was at that step, the placement
   probes included (``adagrow.grow.flops``);
@@ -249,14 +249,14 @@ def _fmt(v: Any) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--epochs", type=int, default=24)
+    ap.add_argument("--epochs", type=int, default=21)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--families", nargs="+", default=["vgg", "resnet", "vit"])
     ap.add_argument("--size", type=int, default=16, help="canvas size")
     ap.add_argument("--difficulty", type=float, default=0.6, help="the main task")
     ap.add_argument("--difficulties", type=float, nargs="+", default=[0.3, 0.6, 0.9], help="task-adaptivity tasks")
     ap.add_argument("--adapt-families", nargs="*", default=["vgg"], help="families grown on every difficulty")
-    ap.add_argument("--n-train", type=int, default=4000)
+    ap.add_argument("--n-train", type=int, default=3000)
     ap.add_argument("--budget-families", nargs="*", default=["vgg"], help="CNN families grown to a latency budget")
     ap.add_argument("--budget-latency-ms", type=float, default=None,
                     help="latency budget (ORT CPU, 1 thread); default: the fixed X-1-1-1 net's measured latency")

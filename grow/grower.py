@@ -53,17 +53,17 @@ class GrowthConfig:
     ``stop``: an architecture spec (``"VGG-2-3-2"``, ``"ViT-D4-H6"``), a deploy-parameter budget
     (int P: deploy params <= P and train-time params <= 1.5 P), ``"auto"`` (by ``auto_rule``) or
     ``"budget"`` (grow until ``budget`` would be broken). ``auto_rule`` picks what ``"auto"`` reads:
-    ``"gap"`` (default) compares the training error with the generalisation gap at each growth
-    point: the training accuracy A over the epoch before it (the batches' own train-mode
-    predictions, no extra pass) and the validation accuracy V measured the same way (BatchNorm on
-    batch statistics, one forward pass over the validation split); grow while the model is
-    underfitting, 1 - A > (A - V) / ``gap_ratio``, stop once the gap A - V reaches ``gap_ratio``
-    times the training error (bias no longer dominates variance; no accuracy level, so no task
-    scale, in it; docs/growth.md "Stop rule"). ``"gain"``: EMA of the (eval-mode) validation
-    accuracy, stop once the gain since the previous growth stays under ``auto_threshold`` more than
-    ``auto_tolerance`` times (the thesis; it reads training progress and grew the smallest net on the
-    hardest task). ``"underfit"``: grow while A is below ``fit_target``, an absolute accuracy that
-    belongs to one recipe and task family (an easy task crosses it before the first growth).
+    ``"gain"`` (default, the thesis): EMA of the (eval-mode) validation accuracy, stop once the gain
+    since the previous growth stays under ``auto_threshold`` more than ``auto_tolerance`` times; it
+    reads training progress, and on a short recipe it grew the smallest net on the hardest task.
+    ``"gap"`` compares the training error with the generalisation gap at each growth point: the
+    training accuracy A over the epoch before it (the batches' own train-mode predictions, no extra
+    pass) and the validation accuracy V measured the same way (BatchNorm on batch statistics, one
+    forward pass over the validation split); grow while the model is underfitting,
+    1 - A > (A - V) / ``gap_ratio``, stop once the gap A - V reaches ``gap_ratio`` times the training
+    error (no accuracy level, so no task scale, in it; its sizes across tasks followed seed noise,
+    docs/growth.md "Stop rule"). ``"underfit"``: grow while A is below ``fit_target``, an absolute
+    accuracy that belongs to one recipe and task family (an easy task crosses it before the first growth).
     ``budget``: a :class:`DeployBudget` (deploy params / MACs / measured latency) that every step
     must keep; a step that would break it is replaced by a cheaper one, or growth stops.
     ``interval_epochs``: epochs of training between growths (None: the thesis' 3 for CNNs, 5 for
@@ -104,7 +104,7 @@ class GrowthConfig:
     retrain: bool = False
     auto_threshold: float = 0.03
     auto_tolerance: int = 1
-    auto_rule: str = "gap"
+    auto_rule: str = "gain"
     gap_ratio: float = 1.0
     fit_target: float = 0.62
     ema: float = 0.5

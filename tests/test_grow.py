@@ -59,10 +59,10 @@ def test_greedy_location_is_largest_gamma_stage_ignoring_fresh_layers() -> None:
     model.insert_layer(1, 2)
     _set_gamma(model, 0.5)
     _set_gamma(model.stages[1][1], 3.0)  # the first family layer of stage 1 matters most
-    decision = Grower(model, GrowthConfig(stop="auto", auto_rule="gain", location="greedy")).decide(model, None)
+    decision = Grower(model, GrowthConfig(stop="auto", location="greedy")).decide(model, None)
     assert decision == {"kind": "depth", "stage": 1, "position": 2}  # right after that layer
     # a just-inserted layer's gamma is its init, not a measure of importance: it is ignored ...
-    grower = Grower(model, GrowthConfig(stop="auto", auto_rule="gain", interval=10, location="greedy"))
+    grower = Grower(model, GrowthConfig(stop="auto", interval=10, location="greedy"))
     fresh = model.insert_layer(2, 1, preserve=True)
     _set_gamma(fresh, 5.0)
     grower.born[id(fresh)] = 100
@@ -110,7 +110,7 @@ def test_probe_compares_only_options_within_budget_and_charges_its_flops() -> No
     assert [o["stage"] for o in seen[0]] == [1, 2]  # stage 0's layer costs more MACs than the budget allows
     assert (decision["stage"], decision["position"], decision["probe_val_loss"]) == (1, 1, [0.0, 0.0])
     with pytest.raises(ValueError, match="probe"):
-        Grower(model, GrowthConfig(stop="auto", auto_rule="gain", location="probe")).decide(model, None)
+        Grower(model, GrowthConfig(stop="auto", location="probe")).decide(model, None)
     # the probes' training steps and validation passes count in the run's FLOPs
     train, val = _data()  # 72 samples: batches of 64 and 8; one growth at step 3, one probe step each
     res = grow(_cnn(), train, val, epochs=2, config=GrowthConfig(stop="VGG-1-1-1", interval=3, probe_steps=1, location="probe"),
@@ -131,14 +131,14 @@ def test_random_and_sequential_locations() -> None:
         assert (1 if d["stage"] else 0) <= d["position"] <= len(model.stages[d["stage"]])
     again = Grower(model, GrowthConfig(stop="auto", location="random", seed=3))
     assert [again._depth(model) for _ in range(60)] == picks  # seeded
-    seq = Grower(model, GrowthConfig(stop="auto", auto_rule="gain", location="sequential"))
+    seq = Grower(model, GrowthConfig(stop="auto", location="sequential"))
     decisions = [seq.decide(model, None) for _ in range(7)]  # depth, depth, width, depth, depth, width, depth
     assert [d.get("stage") for d in decisions] == [0, 1, None, 2, 0, None, 1]  # a width growth skips no stage
 
 
 def test_balanced_location_grows_the_least_deep_stage_nearest_the_input_first() -> None:
     model = GrowingCNN("vgg", widths=(8, 8, 16), num_classes=4, depths=(1, 0, 1))
-    grower = Grower(model, GrowthConfig(stop="auto", auto_rule="gain"))  # the CNN default placement
+    grower = Grower(model, GrowthConfig(stop="auto"))  # the CNN default
     assert grower.location == "balanced"
     grown = []
     for _ in range(6):
@@ -277,8 +277,8 @@ def test_underfit_stop_grows_while_training_accuracy_is_below_target() -> None:
 
 def test_gap_stop_grows_while_training_error_exceeds_the_generalisation_gap() -> None:
     model = _cnn()
-    grower = Grower(model, GrowthConfig(stop="auto"))  # the default rule
-    assert grower.config.auto_rule == "gap" and grower.config.gap_ratio == 1.0
+    grower = Grower(model, GrowthConfig(stop="auto", auto_rule="gap"))
+    assert grower.config.gap_ratio == 1.0
     assert grower.decide(model, 0.1, fit_acc=0.30, val_fit_acc=0.25) is not None  # error 0.70 > gap 0.05
     assert grower.decide(model, 0.9, fit_acc=0.20, val_fit_acc=0.90) is not None  # val above train: underfitting
     assert grower.decide(model, 0.1, fit_acc=0.60, val_fit_acc=0.21) is not None  # rising: error 0.40 > gap 0.39
@@ -286,14 +286,14 @@ def test_gap_stop_grows_while_training_error_exceeds_the_generalisation_gap() ->
     assert grower.decide(model, 0.1, fit_acc=0.10, val_fit_acc=0.10) is None      # and stays stopped
     # scale-free: an easy and a hard task stop at the same proportion of gap to error, whatever the accuracy
     for fit, val, stops in ((0.90, 0.81, False), (0.90, 0.79, True), (0.55, 0.11, False), (0.55, 0.09, True)):
-        g = Grower(model, GrowthConfig(stop="auto"))
+        g = Grower(model, GrowthConfig(stop="auto", auto_rule="gap"))
         assert (g.decide(model, None, fit_acc=fit, val_fit_acc=val) is None) == stops
     # gap_ratio: how large the gap may grow against the training error before growth stops
-    lenient = Grower(model, GrowthConfig(stop="auto", gap_ratio=2.0))
+    lenient = Grower(model, GrowthConfig(stop="auto", auto_rule="gap", gap_ratio=2.0))
     assert lenient.decide(model, 0.1, fit_acc=0.70, val_fit_acc=0.20) is not None  # gap 0.50 < 2 x 0.30
     assert lenient.decide(model, 0.1, fit_acc=0.70, val_fit_acc=0.09) is None      # gap 0.61 > 2 x 0.30
     with pytest.raises(ValueError, match="val_fit_acc"):
-        Grower(model, GrowthConfig(stop="auto")).decide(model, 0.5, fit_acc=0.5)
+        Grower(model, GrowthConfig(stop="auto", auto_rule="gap")).decide(model, 0.5, fit_acc=0.5)
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="gap_ratio"):
             GrowthConfig(gap_ratio=bad).validate(model)
@@ -310,8 +310,8 @@ def test_gap_stop_in_the_loop_reads_the_generalisation_gap() -> None:
         x[y == c, :, 4 * (c // 2):4 * (c // 2) + 4, 4 * (c % 2):4 * (c % 2) + 4] += 1.5
     runs = {}
     for name, val in (("no gap", (x[:64], y[:64])), ("gap", (x[128:], (y[128:] + 1) % 4))):
-        res = grow(_cnn(), (x[:128], y[:128]), val, 8, GrowthConfig(stop="auto", interval_epochs=1, seed=0), lr=0.05,
-                   batch_size=16, progress=False)
+        res = grow(_cnn(), (x[:128], y[:128]), val, 8, GrowthConfig(stop="auto", auto_rule="gap", interval_epochs=1, seed=0),
+                   lr=0.05, batch_size=16, progress=False)
         runs[name] = [h for h in res.history if "growth" in h]
         assert all(0.0 <= h["val_fit_acc"] <= 1.0 for h in runs[name])
         assert all(h["fit_acc"] - h["val_fit_acc"] < 1 - h["fit_acc"] for h in runs[name])  # grew only underfitting
