@@ -58,6 +58,8 @@ class QuantConfig:
     ``target_damp``: ridge of the float-target fit relative to mean(diag H) (docs/design.md §4).
     ``groups``: ``"static"`` (scale and zero point of each group from the weights before OBS) or
     ``"dynamic"`` (from the weights as OBS updated them when it reaches the group, as the reference GPTQ).
+    ``scale_refit``: after OBS, each row's scales are refitted by least squares to the codes chosen
+    (the layer objective, docs/design.md §4).
     ``sym_grid`` (with ``sym=True``): ``"signed"`` (default: all ``2^bits`` codes, the weight of
     largest magnitude on code 0, scales may be negative) or ``"restricted"`` (codes ``z +- (2^(bits-1) - 1)``,
     positive scales); docs/design.md §4.
@@ -76,6 +78,7 @@ class QuantConfig:
     float_target: bool = True
     target_damp: float = TARGET_DAMP
     groups: str = "static"
+    scale_refit: bool = True
     scale_dtype: str = "float16"
     hessian_dtype: str = "float32"
     skip: tuple[str, ...] = field(default_factory=tuple)
@@ -230,7 +233,8 @@ class _Run:
                 last = i == len(quantizers) - 1
                 results.append(q.quantize(cfg.bits, gs, cfg.sym, cfg.order, percdamp=cfg.percdamp,
                                           block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt, release=last,
-                                          sym_grid=cfg.sym_grid, groups=cfg.groups))
+                                          sym_grid=cfg.sym_grid, groups=cfg.groups,
+                                          refit=cfg.scale_refit))
                 if not last:
                     q.release()  # the group's statistics are freed by the last layer's quantize
         for name, layer, res in zip(names, layers, results):

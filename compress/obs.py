@@ -19,7 +19,7 @@ from torch import nn
 from adagrow.checks import all_finite
 from adagrow.packed import codes_per_word, column_groups, pack_codes, padded_k
 
-from .grid import check_bits, check_scales, dequantize_codes, grid_params, quantize_codes
+from .grid import MIN_SCALE, check_bits, check_scales, dequantize_codes, grid_params, quantize_codes
 from .groups import check_group_size, group_params, position_groups
 from .layer import LayerGeometry, check_parameters, geometry, input_columns, matrix_to_weight, weight_matrix
 from .order import check_order, column_overlap, saliency, static_order, tiered_order
@@ -211,6 +211,35 @@ def _rounding_error(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gid: torc
         sc, zc = s[:, g], z[:, g]
         out[c1:c1 + chunk] = (dequantize_codes(quantize_codes(wc, sc, zc, bits), sc, zc) - wc).square().sum(0)
     return out
+
+
+def _refit_scales(d: torch.Tensor, s: torch.Tensor, gid: torch.Tensor, h: torch.Tensor, wh: torch.Tensor,
+                  scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares scales for fixed codes: ``d`` ``[rows, K]`` the codes minus their zero points,
+    ``s`` ``[rows, n_groups]`` the scales used, ``h`` ``[K, K]`` the layer's H and ``wh = W H`` for
+    the weights ``W`` being quantized. Each row's ``w_hat = sum_g s_g d_g`` (``d_g``: ``d`` on group
+    ``g``'s columns) is quadratic in its scales, so the scales minimising ``(w - w_hat) H (w - w_hat)^T``
+    solve ``M s = c``, ``M_gh = d_g H d_h^T``, ``c_g = d_g H w^T`` (one ``[rows, K] x [K, K]`` product's
+    work in all). They are rounded to ``scale_dtype``; a row keeps ``s`` where the rounded ones are not
+    lower, change sign or vanish. Returns the scales and the change of the OBS loss (<= 0)."""
+    rows, n_groups = s.shape
+    onehot = torch.nn.functional.one_hot(gid.long(), n_groups).to(d)  # [K, n_groups]: sums over a group's columns
+    m = torch.zeros(rows, n_groups, n_groups, dtype=torch.float64, device=d.device)
+    for g in range(n_groups):
+        cols = (gid == g).nonzero().squeeze(1)
+        if cols.numel():
+            m[:, g] = (((d[:, cols] @ h[cols]).mul_(d)) @ onehot).double()  # sum over group h of d_g H d
+    c = ((d * wh) @ onehot).double()
+    used = m.diagonal(dim1=1, dim2=2) > 0  # groups whose codes are all on the zero point: any scale
+    ridge = torch.where(used, 1e-9 * m.diagonal(dim1=1, dim2=2), torch.ones_like(c))
+    new = torch.linalg.solve(m + torch.diag_embed(ridge), c).to(scale_dtype).double()
+    old = s.double()
+    ok = torch.isfinite(new) & (torch.sign(new) == torch.sign(old)) & (new.abs() >= MIN_SCALE) | ~used
+    new = torch.where(ok & used, new, old)
+    f = lambda x: (x[:, None, :] @ m @ x[:, :, None]).view(rows) - 2 * (c * x).sum(1)  # noqa: E731
+    better = f(new) < f(old)
+    new = torch.where(better[:, None], new, old)
+    return new.to(s.dtype), 0.5 * (f(new) - f(old)).sum().to(s.dtype)
 
 
 def _obs_dynamic(w: torch.Tensor, hinv: torch.Tensor, col_ov: torch.Tensor, sc: torch.Tensor,
@@ -485,7 +514,7 @@ class OBSQuantizer:
                  order: str = "reparam", overlap: torch.Tensor | None = None, percdamp: float = 0.01,
                  block_size: int = 128, mse: bool = False,
                  scale_dtype: torch.dtype = torch.float16, release: bool = False,
-                 sym_grid: str = "signed", groups: str = "static") -> QuantResult:
+                 sym_grid: str = "signed", groups: str = "static", refit: bool = True) -> QuantResult:
         """Quantize the layer's weight (the layer itself is not modified).
 
         Args:
@@ -502,6 +531,9 @@ class OBSQuantizer:
             groups: "static" (each group's scale and zero point from the weights before OBS) or
                 "dynamic" (from the weights OBS has updated when it first reaches the group, as the
                 reference GPTQ; not with order "reparam-dynamic"); docs/design.md §3.
+            refit: once the codes are chosen, replace each row's scales by those that minimise the
+                layer objective ``(w - w_hat) H (w - w_hat)^T`` for those codes and zero points
+                (:func:`_refit_scales`; a row keeps its scales where that is not lower after rounding).
         """
         geo, name = self.geo, self.name
         check_bits(bits)
@@ -542,6 +574,7 @@ class OBSQuantizer:
         for g in range(geo.groups):
             r1, r2 = g * rows, (g + 1) * rows
             w = weights[g]
+            w_dtype = w.dtype
             if release:
                 weights[g] = None
             # a group without any input keeps its weights: identity Hessian = round to nearest
@@ -562,13 +595,16 @@ class OBSQuantizer:
                 self._inverse(None if g in dead_groups else H[g], dead, w.dtype, percdamp)
             if not release:
                 cache[key] = (hinv, pd)  # q/k/v, gate/up: one inverse for the group
-            elif g == geo.groups - 1:
+            h_fit = None if not refit or g in dead_groups else H[g].to(w.dtype)
+            wh = None if h_fit is None else w @ h_fit  # the refit's W H, before w is quantized
+            if release and g == geo.groups - 1:
                 H = None
                 cache.clear()
             damp = max(damp, pd)
             if order == "reparam-dynamic":
                 q, perm, l = _obs_dynamic(w, hinv, col_ov.to(w.device), s[:, gid], z[:, gid], bits, block_size)
                 codes[r1:r2] = q.to(codes.dtype)
+                q = codes[r1:r2]
             else:
                 sal = None
                 if order == "reparam":
@@ -582,7 +618,12 @@ class OBSQuantizer:
                 q, l = _obs_static(wp, u, s, z, gid[perm], bits, block_size, params)
                 del u, wp
                 codes[r1:r2, perm] = q.to(codes.dtype)
-                scales[r1:r2], zeros[r1:r2] = s.cpu(), z.cpu()  # dynamic groups: the ones OBS used
+                q = codes[r1:r2]
+            if h_fit is not None:
+                s, dl = _refit_scales(q.to(w_dtype) - z[:, gid], s, gid, h_fit, wh, scale_dtype)
+                loss += dl
+                del h_fit, wh
+            scales[r1:r2], zeros[r1:r2] = s.cpu(), z.cpu()  # dynamic groups / refit: the ones used
             del q
             perms.append(perm.cpu())
             loss += l

@@ -93,7 +93,7 @@ def test_orders_are_permutations_and_undone(order: str) -> None:
     q = OBSQuantizer(conv)
     q.H = torch.diag_embed(scales.double()).repeat(2, 1, 1)
     q.nsamples = 1
-    res = q.quantize(bits=3, group_size="tier", order=order, block_size=7)
+    res = q.quantize(bits=3, group_size="tier", order=order, block_size=7, refit=False)  # the refit moves scales
     ref = rtn_quantize(conv, bits=3, group_size="tier")
     assert torch.equal(res.weight, ref.weight)
     for row in res.perm:
@@ -130,7 +130,7 @@ def test_static_groups_use_original_weights() -> None:
     torch.manual_seed(3)
     lin = nn.Linear(48, 10)
     x = torch.randn(100, 48)
-    res = _calibrated(lin, x).quantize(bits=4, group_size=16, order="act")
+    res = _calibrated(lin, x).quantize(bits=4, group_size=16, order="act", refit=False)  # the grid before any refit
     w = lin.weight.detach()
     for g in range(3):
         s, z = grid_params(w[:, g * 16:(g + 1) * 16], 4, sym=False)
