@@ -1,13 +1,13 @@
 """Low-bit ONNX weights: ONNX Runtime's MatMulNBits on signed-grid (negative) scales, the 4/8-bit
-rewrite shared by the W4 and INT8 exports, int8 weights dequantized at session load, and what a
-failed verification reports."""
+rewrite shared by the W4 and INT8 exports, int8 MatMul weights turned float at session load, and
+what a failed verification reports."""
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from adagrow.compress.export.nbits import matmul_nbits_node
-from adagrow.compress.export.qdq import NBitsWeight, dequantize_at_load, rewrite_nbits
+from adagrow.compress.export.qdq import NBitsWeight, int8_matmul_weights, rewrite_nbits
 from adagrow.compress.export.verify import ExportCheckError, Verification, enforce, row_cosines
 from adagrow.onnxrt import cpu_session
 
@@ -87,31 +87,30 @@ def test_rewrite_nbits_4_and_8_bit(bits: int, level: int | None) -> None:
         rewrite_nbits(model, {}, level, 3)
 
 
-def test_dequantize_at_load_is_exact_and_folded(tmp_path) -> None:
-    """int8 DequantizeLinear (per output channel of a conv weight, axis 0) -> Cast + Mul: the same
-    weights, folded to a float initializer when the session loads."""
-    q = RNG.integers(-127, 128, (6, 3, 3, 3)).astype(np.int8)
-    s = RNG.uniform(0.01, 0.1, 6).astype(np.float32)
-    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(s, "s"),
-             numpy_helper.from_array(np.zeros(6, np.int8), "z")]
-    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["W"], axis=0),
-             helper.make_node("Conv", ["A", "W"], ["Y"])]
-    model = _model(nodes, inits, opset=17, rank=4)
-    a = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
-    want = cpu_session(model, optimize=False).run(None, {"A": a})[0]
-    assert dequantize_at_load(model, {"W"}) == 1
-    assert [nd.op_type for nd in model.graph.node] == ["Cast", "Mul", "Conv"]
+def test_int8_matmul_weights_are_cast_at_load_and_scaled_after(tmp_path) -> None:
+    """int8 MatMul weights: ``(x @ float(q)) * s`` computes ``x @ (q s)`` (to float rounding), the
+    Cast is folded into a float weight when the session loads, and a weight that feeds no MatMul
+    is refused."""
+    k, n = 40, 12
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    model = _model([helper.make_node("MatMul", ["A", "W"], ["Y"], name="mm")], [numpy_helper.from_array(w, "W")])
+    assert int8_matmul_weights(model, {"W"}) == 1
+    assert [nd.op_type for nd in model.graph.node] == ["Cast", "MatMul", "Mul"]
+    q = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W_int8"))
+    s = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W_wscale"))
+    assert q.dtype == np.int8 and np.abs(q).max() == 127 and s.shape == (n,)
     onnx.checker.check_model(model)
-    np.testing.assert_array_equal(cpu_session(model, optimize=False).run(None, {"A": a})[0], want)
-    opt = tmp_path / "opt.onnx"
-    got = cpu_session(model, optimized_path=str(opt)).run(None, {"A": a})[0]
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())  # conv kernel rounding
-    assert not {"Cast", "Mul"} & {nd.op_type for nd in onnx.load(opt).graph.node}  # folded at load
-    nonzero = _model([helper.make_node("DequantizeLinear", ["q", "s", "z"], ["W"], axis=0),
-                              helper.make_node("Conv", ["A", "W"], ["Y"])],
-                             [inits[0], inits[1], numpy_helper.from_array(np.ones(6, np.int8), "z")], 17, 4)
-    with pytest.raises(ValueError, match="zero point 0"):
-        dequantize_at_load(nonzero, {"W"})
+    a = RNG.standard_normal((3, k)).astype(np.float32)
+    want = a.astype(np.float64) @ (q.astype(np.float64) * s)
+    np.testing.assert_allclose(w, q * s, rtol=0, atol=np.abs(w).max() / 254 + 1e-7)  # the int8 grid's rounding
+    np.testing.assert_allclose(cpu_session(model, optimize=False).run(None, {"A": a})[0], want, rtol=0,
+                               atol=1e-5 * np.abs(want).max())
+    got = cpu_session(model, optimized_path=str(tmp_path / "opt.onnx")).run(None, {"A": a})[0]
+    assert "Cast" not in {nd.op_type for nd in onnx.load(tmp_path / "opt.onnx").graph.node}  # folded at load
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    add = _model([helper.make_node("Add", ["A", "W"], ["Y"])], [numpy_helper.from_array(w[0], "W")])
+    with pytest.raises(ValueError, match="feed no MatMul"):
+        int8_matmul_weights(add, {"W"})
 
 
 def test_failed_check_reports_the_diverging_rows_and_the_hint() -> None:

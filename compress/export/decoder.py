@@ -36,7 +36,7 @@ from ..model import QuantConfig, quantize
 from ..qmodules import QuantLayer
 from .nbits import ACCURACY_LEVELS
 from .onnx_export import ExportReport, match_initializers, w4_graph, w4_quantized
-from .qdq import NBitsWeight, dequantize_at_load, int8_codes, quantizable_nodes, quantize_weights_int8, \
+from .qdq import NBitsWeight, int8_codes, int8_matmul_weights, quantizable_nodes, quantize_weights_int8, \
     rewrite_nbits
 from .tied import share_tied_embedding
 from .verify import CHECKS, THRESHOLDS, enforce, verify
@@ -190,9 +190,9 @@ def int8_linear_weights(graph: onnx.ModelProto, model: nn.Module, accuracy_level
     """Store, in place, every Linear weight of ``model`` but the LM head as int8 (per output channel,
     symmetric, |q| <= 127); the head stays float, as in ``w4``, and a tied embedding keeps sharing it.
 
-    ``accuracy_level`` 0: int8 initializers + ``Cast`` + ``Mul`` by the scales, which ONNX Runtime
-    folds at session load (:func:`~.qdq.dequantize_at_load`): fp32 weights in memory and fp32
-    compute, the fp32 graph's speed, the same on every CPU. 1-4: ONNX Runtime's 8-bit
+    ``accuracy_level`` 0: int8 initializers read through a ``Cast`` that ONNX Runtime folds at
+    session load, the scales applied to the product (:func:`~.qdq.int8_matmul_weights`): fp32
+    weights in memory and fp32 compute, the fp32 graph's speed, the same on every CPU. 1-4: ONNX Runtime's 8-bit
     ``MatMulNBits`` at that level (codes ``q + 128``, zero point 128, the channel's scale on every
     block of ``INT8_BLOCK``; 1 dequantizes on every call, 4 quantizes activations to int8). ``None``
     writes int8 ``DequantizeLinear`` + ``MatMul``, which ORT fuses into ``MatMulNBits`` at its
@@ -205,12 +205,11 @@ def int8_linear_weights(graph: onnx.ModelProto, model: nn.Module, accuracy_level
     if len(linear) != len(dense):
         raise ValueError(f"int8 export: {len(dense) - len(linear)} of {len(dense)} Linear weights were not found "
                          "among the ONNX initializers")
-    if not accuracy_level:  # None or 0: int8 DequantizeLinear, turned into Cast + Mul for 0
+    if accuracy_level == 0:
+        return int8_matmul_weights(graph, linear)
+    if accuracy_level is None:
         keep = frozenset(n.name for n, _ in quantizable_nodes(graph.graph) if n.input[1] not in linear)
-        done = quantize_weights_int8(graph, {}, {}, int32_bias=False, levels=127, keep_float=keep)
-        if accuracy_level == 0:
-            dequantize_at_load(graph, linear)
-        return done
+        return quantize_weights_int8(graph, {}, {}, int32_bias=False, levels=127, keep_float=keep)
     inits = {t.name: t for t in graph.graph.initializer}
     weights = {}
     for name in linear:
@@ -290,8 +289,8 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
         report.quantized_weights, report.weight_range = int8_linear_weights(graph, model, accuracy_level), \
             "full"
         if accuracy_level == 0:
-            report.notes.append("int8 Linear weights are dequantized by Cast + Mul, which ONNX Runtime folds at "
-                                "session load: fp32 weights in memory, fp32 compute")
+            report.notes.append("int8 Linear weights are read through a Cast that ONNX Runtime folds at session "
+                                "load (fp32 weights in memory, fp32 compute), their scales applied to the product")
     share_tied_embedding(graph)  # a tied embedding / head stored once
     report.dynamic_axes = {i.name: {d: s.dim_param for d, s in enumerate(i.type.tensor_type.shape.dim) if s.dim_param}
                            for i in [*graph.graph.input, *graph.graph.output]}

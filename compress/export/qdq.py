@@ -1,6 +1,6 @@
 """ONNX-level rewrites that insert quantization: activation Q/DQ pairs, int8 per-channel weights,
 int32 biases (ONNX Runtime flavour), 4- and 8-bit weights as MatMulNBits or DequantizeLinear (opset 21
-for blocks), and int8 weights dequantized once at session load."""
+for blocks), and int8 MatMul weights that ONNX Runtime turns into float ones at session load."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -310,33 +310,37 @@ def rewrite_nbits(model: onnx.ModelProto, weights: dict[str, NBitsWeight], accur
     return done, on_dq
 
 
-def dequantize_at_load(model: onnx.ModelProto, weights: set[str]) -> int:
-    """Turn the ``DequantizeLinear`` (zero point 0) producing each tensor in ``weights`` into
-    ``Cast`` to float + ``Mul`` by the scales: the same float values, computed from constants
-    only, so ONNX Runtime's constant folding (any optimisation level above none) dequantizes them
-    once at session load (float weights in memory, the file stays int8), where a
-    ``DequantizeLinear`` + ``MatMul`` pair would be fused into an integer kernel. Returns the
-    number of nodes rewritten."""
+def int8_matmul_weights(model: onnx.ModelProto, names: set[str], levels: int = 127) -> int:
+    """Store each ``MatMul`` weight ``W [K, N]`` named in ``names`` as int8 per output column
+    (symmetric, ``|q| <= levels``, scales ``max|w| / levels``): a ``Cast`` to float reads the
+    codes and a ``Mul`` applies the column scales to the product, ``x @ W ~ (x @ float(q)) * s``.
+
+    The ``Cast`` reads a constant only, so ONNX Runtime's constant folding (any optimisation level
+    above none) turns it into a float weight once, at session load: fp32 compute at the float
+    graph's speed, the file int8, no integer kernel. The scales act after the ``MatMul`` (N
+    products per row) rather than on the weight, where ORT 1.32 would keep the folded ``Cast``
+    output in memory beside the folded weight. Returns the number of weights stored."""
     graph = model.graph
     inits, _, _ = _maps(graph)
-    nodes, done = [], 0
+    nodes, done = [], set()
     for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.output[0] not in weights:
+        wname = node.input[1] if node.op_type == "MatMul" else None
+        if wname not in names:
             nodes.append(node)
             continue
-        q, s, z = node.input
-        if numpy_helper.to_array(inits[z]).any():
-            raise ValueError(f"{node.name}: dequantize_at_load needs zero point 0")
-        scale = numpy_helper.to_array(inits[s])
-        ndim = len(inits[q].dims)
-        if scale.ndim == 1 and ndim > 1:  # per-axis: broadcast along the node's axis
-            axis = int(_attr(node, "axis", 1)) % ndim
-            graph.initializer.remove(inits[s])
-            graph.initializer.append(numpy_helper.from_array(scale.reshape(_bshape(axis, ndim)), s))
-        graph.initializer.remove(inits[z])
-        nodes += [helper.make_node("Cast", [q], [f"{q}_float"], name=f"{node.name}_Cast", to=TensorProto.FLOAT),
-                  helper.make_node("Mul", [f"{q}_float", s], [node.output[0]], name=f"{node.name}_Scale")]
-        done += 1
+        if wname not in done:
+            q, scale = int8_codes(numpy_helper.to_array(inits[wname]).astype(np.float32), None, axis=1, levels=levels)
+            graph.initializer.remove(inits[wname])
+            graph.initializer.extend([numpy_helper.from_array(q, f"{wname}_int8"),
+                                      numpy_helper.from_array(scale, f"{wname}_wscale")])
+            nodes.append(helper.make_node("Cast", [f"{wname}_int8"], [wname], name=f"{wname}_Cast",
+                                          to=TensorProto.FLOAT))
+            done.add(wname)
+        out = node.output[0]
+        node.output[0] = f"{out}_unscaled"
+        nodes += [node, helper.make_node("Mul", [node.output[0], f"{wname}_wscale"], [out], name=f"{node.name}_Scale")]
+    if done != names:
+        raise ValueError(f"int8 weights {sorted(names - done)[:5]} feed no MatMul as its second input")
     del graph.node[:]
     graph.node.extend(nodes)
-    return done
+    return len(done)
