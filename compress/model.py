@@ -59,7 +59,8 @@ class QuantConfig:
     ``groups``: ``"static"`` (scale and zero point of each group from the weights before OBS) or
     ``"dynamic"`` (from the weights as OBS updated them when it reaches the group, as the reference GPTQ).
     ``scale_refit``: after OBS, each row's scales are refitted by least squares to the codes chosen
-    (the layer objective, docs/design.md §4).
+    (the layer objective, docs/design.md §4); off by default: it helped SmolLM2 W4 g128 and hurt the
+    CLI's g64 default (docs/llm.md "Scale refit").
     ``sym_grid`` (with ``sym=True``): ``"signed"`` (default: all ``2^bits`` codes, the weight of
     largest magnitude on code 0, scales may be negative) or ``"restricted"`` (codes ``z +- (2^(bits-1) - 1)``,
     positive scales); docs/design.md §4.
@@ -78,7 +79,7 @@ class QuantConfig:
     float_target: bool = True
     target_damp: float = TARGET_DAMP
     groups: str = "static"
-    scale_refit: bool = True
+    scale_refit: bool = False
     scale_dtype: str = "float16"
     hessian_dtype: str = "float32"
     skip: tuple[str, ...] = field(default_factory=tuple)

@@ -514,7 +514,7 @@ class OBSQuantizer:
                  order: str = "reparam", overlap: torch.Tensor | None = None, percdamp: float = 0.01,
                  block_size: int = 128, mse: bool = False,
                  scale_dtype: torch.dtype = torch.float16, release: bool = False,
-                 sym_grid: str = "signed", groups: str = "static", refit: bool = True) -> QuantResult:
+                 sym_grid: str = "signed", groups: str = "static", refit: bool = False) -> QuantResult:
         """Quantize the layer's weight (the layer itself is not modified).
 
         Args:
