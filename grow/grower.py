@@ -580,7 +580,9 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
                 continue
             val_acc = accuracy(model, *val) if rank == 0 else None
             fit_acc = int(torch.stack([r for r, _ in recent]).sum()) / sum(n for _, n in recent)
-            val_fit_acc = batch_stat_accuracy(copy.deepcopy(model), *val, batch_size) if rank == 0 else None
+            reads_gap = grower.config.stop == "auto" and grower.config.auto_rule == "gap"  # the only reader
+            val_fit_acc = (batch_stat_accuracy(copy.deepcopy(model), *val, batch_size)
+                           if rank == 0 and reads_gap else None)
             model.train()
             payload = [grower.decide(model, val_acc, step, probe, fit_acc, val_fit_acc) if rank == 0 else None]
             if world > 1:

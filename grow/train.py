@@ -28,7 +28,11 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 10, lr
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy in [0, 1]."""
-    model.eval()
+    return _top1(model.eval(), x, y, batch_size)
+
+
+def _top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` in the mode it is in."""
     correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
     return correct / len(x)
 
@@ -49,6 +53,4 @@ def batch_stat_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batc
     """Top-1 accuracy in [0, 1] with BatchNorm normalising by each batch's statistics (train mode),
     as the training batches' own predictions are made; updates the running statistics: use it on a
     copy."""
-    model.train()
-    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
-    return correct / len(x)
+    return _top1(model.train(), x, y, batch_size)
