@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from adagrow import __version__
 from adagrow.compress import QuantConfig, quantize, use_bf16_activations
 from adagrow.compress.export import export_decoder_onnx
-from adagrow.compress.export.decoder import KVForward, _verification_feeds
+from adagrow.compress.export.decoder import KVForward, verification_feeds
 from adagrow.compress.export.verify import THRESHOLDS, cosine
 from adagrow.files import write_json
 from adagrow.hf import load_hf
@@ -180,7 +180,7 @@ def main() -> None:
         eager = copy.deepcopy(q)
         eager.config._attn_implementation = "eager"
         fwd = KVForward(eager).eval()
-        feeds = [{k: v.numpy() for k, v in _verification_feeds(fwd, int(model.config.vocab_size), s)[0][1].items()}
+        feeds = [{k: v.numpy() for k, v in verification_feeds(fwd, int(model.config.vocab_size), s)[0][1].items()}
                  for s in range(args.seeds)]
         s0 = cpu_session(with_levels(graph, 0), args.threads)
         s4 = cpu_session(with_levels(graph, 4), args.threads)

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from adagrow.compress.export.nbits import matmul_nbits_node
 from adagrow.compress.export.qdq import NBitsWeight, int8_matmul_weights, rewrite_nbits
-from adagrow.compress.export.verify import ExportCheckError, Verification, enforce, row_cosines
+from adagrow.compress.export.verify import ExportCheckError, Verification, enforce, row_cosines, shapes_text
 from adagrow.onnxrt import cpu_session
 
 RNG = np.random.default_rng(0)
@@ -130,3 +130,18 @@ def test_failed_check_reports_the_diverging_rows_and_the_hint() -> None:
         assert not enforce(v, "w4", "warn", "x.onnx", notes)
     assert len(notes) == 1 and "hint" not in notes[0]
     assert row_cosines(np.ones(3), np.ones(3)) == {}
+
+
+def test_failure_message_groups_the_cache_shapes() -> None:
+    """A decoder's check message names its 60 cache inputs once, not 60 times; inputs with their
+    own shape keep their names."""
+    shape = {"input_ids": [2, 9], "attention_mask": [2, 9],
+             **{f"past_key_values.{i}.{kv}": [2, 3, 0, 64] for i in range(30) for kv in ("key", "value")}}
+    text = shapes_text(shape)
+    assert text == ("input_ids [2, 9], attention_mask [2, 9], "
+                    "60 inputs past_key_values.0.key .. past_key_values.29.value [2, 3, 0, 64]")
+    v = Verification(0.5, 1.0, [{"inputs": "prefill", "shape": shape, "cosine": 0.5, "max_abs_diff": 1.0,
+                                 "norm_ratio": 1.0, "rows": {}}])
+    with pytest.raises(ExportCheckError) as err:
+        enforce(v, "fp32", "raise", "x.onnx", [])
+    assert str(err.value).count("past_key_values") == 2

@@ -139,9 +139,10 @@ def _feed(ids: torch.Tensor, mask: torch.Tensor, past: list[torch.Tensor]) -> di
 
 
 @torch.no_grad()
-def _verification_feeds(fwd: KVForward, vocab: int, seed: int) -> list[tuple[str, dict[str, torch.Tensor]]]:
+def verification_feeds(fwd: KVForward, vocab: int, seed: int) -> list[tuple[str, dict[str, torch.Tensor]]]:
     """Prefills from an empty cache (a left-padded batch of 2, an unpadded batch of 1), then one
-    and three new tokens on the cache PyTorch returned for the padded prefill."""
+    and three new tokens on the cache PyTorch returned for the padded prefill: ``(label, feed)`` pairs,
+    the inputs the export check compares on (``benchmarks/llm_level4.py`` replays them)."""
     g = torch.Generator().manual_seed(seed)
     kv, d = _kv_shape(fwd.config)
     empty = lambda b: [torch.zeros(b, kv, 0, d) for _ in range(2 * fwd.n_layers)]  # noqa: E731
@@ -296,7 +297,7 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
                            for i in [*graph.graph.input, *graph.graph.output]}
     onnx.checker.check_model(graph, full_check=True)
     reference = KVForward(model).eval()
-    feeds = _verification_feeds(reference, int(config.vocab_size), seed)
+    feeds = verification_feeds(reference, int(config.vocab_size), seed)
 
     def write_verified(tmp: str) -> None:
         onnx.save(graph, tmp)
@@ -309,4 +310,4 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
 
 
 __all__ = ["export_decoder_onnx", "check_decoder", "KVForward", "cache_argument", "past_names", "present_names",
-           "position_ids", "SUPPORTED_ARCHS"]
+           "position_ids", "verification_feeds", "SUPPORTED_ARCHS"]

@@ -123,6 +123,17 @@ def verify(path: str | os.PathLike, reference: Callable[..., Sequence[torch.Tens
     return Verification(worst["cosine"], max(c["max_abs_diff"] for c in cases), cases)
 
 
+def shapes_text(shape: dict[str, list[int]]) -> str:
+    """Input shapes for a message: names that share a shape are grouped when more than two do (a
+    decoder's 60 cache tensors read ``60 inputs past_key_values.0.key .. past_key_values.29.value
+    [2, 3, 0, 64]``, not 60 entries)."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, dims in shape.items():
+        groups.setdefault(tuple(dims), []).append(name)
+    return ", ".join(f"{len(n)} inputs {n[0]} .. {n[-1]} {list(d)}" if len(n) > 2 else
+                     ", ".join(f"{m} {list(d)}" for m in n) for d, n in groups.items())
+
+
 def enforce(v: Verification, precision: str, check: str, path: str | os.PathLike, notes: list[str],
             hint: str = "") -> bool:
     """Raise :class:`ExportCheckError` (``check="raise"``) or warn and add a note (``"warn"``)
@@ -138,10 +149,10 @@ def enforce(v: Verification, precision: str, check: str, path: str | os.PathLike
         worst = off_scale[0]
         msg = (f"{path}: {precision} export FAILED verification: the ONNX output's norm is "
                f"{worst['norm_ratio']:.4g}x the float model's (tolerance 1 +- {tol}) on held-out inputs "
-               f"{worst['inputs']} {worst['shape']}")
+               f"{worst['inputs']} ({shapes_text(worst['shape'])})")
     else:
         msg = (f"{path}: {precision} export FAILED verification: cosine to the float model {v.cosine:.6f} "
-               f"(threshold {thr}) on held-out inputs {worst['inputs']} {worst['shape']}"
+               f"(threshold {thr}) on held-out inputs {worst['inputs']} ({shapes_text(worst['shape'])})"
                + ("; the ONNX output is not finite" if not np.isfinite(v.cosine) else ""))
     rows = worst.get("rows") or {}
     if rows:
