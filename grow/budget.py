@@ -4,16 +4,25 @@ target backend after reparameterization.
 Backends: ``torch`` times the deploy PyTorch model (eager, every RepConv2d fused); ``ort-cpu``
 exports it to ONNX (fp32, the TorchScript exporter: no adagrow.compress dependency) and times an ONNX Runtime CPU
 session. Latency is the median of ``runs`` timed batch-1 calls on ``threads`` threads.
+:func:`paired_latency_ms` times several models call by call in turn, so that on a machine whose
+load changes they are compared under the same load (:func:`within_latency_of`).
 """
 from __future__ import annotations
 
+import random
+import statistics
 import tempfile
+import time
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from adagrow.threads import torch_threads
 from adagrow.timing import measure
 
 from .cnn import flops
@@ -53,23 +62,69 @@ class DeployBudget:
             raise ValueError(f"threads and runs must be >= 1, got {self.threads}, {self.runs}")
 
 
+def _runner(deploy: nn.Module, x: torch.Tensor, backend: str, threads: int, stack: ExitStack) -> Callable[[], Any]:
+    """A zero-argument batch-1 call of ``deploy`` on ``backend``; files it needs live in ``stack``."""
+    if backend == "torch":
+        def call() -> Any:
+            with torch.no_grad():
+                return deploy(x)
+        return call
+    if backend == "ort-cpu":
+        from adagrow.onnxrt import cpu_session  # the fp32 graph as adagrow.compress.export writes it, timed alone
+        path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "deploy.onnx"
+        with torch.no_grad():
+            torch.onnx.export(deploy, (x,), str(path), dynamo=False, input_names=["input"])
+        sess = cpu_session(path, threads, spinning=False)
+        feed = {"input": x.numpy()}
+        return lambda: sess.run(None, feed)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def deploy_latency_ms(deploy: nn.Module, example: torch.Tensor, backend: str = "torch", threads: int = 1,
                       runs: int = 50) -> float:
     """Median batch-1 latency (ms) of a deploy-form model on ``backend`` (see module docstring)."""
-    x = example[:1]
-    if backend == "torch":
-        with torch.no_grad():
-            return measure(lambda: deploy(x), WARMUP, runs, threads)["median_ms"]
-    if backend == "ort-cpu":
-        from adagrow.onnxrt import cpu_session  # the fp32 graph as adagrow.compress.export writes it, timed alone
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "deploy.onnx"
-            with torch.no_grad():
-                torch.onnx.export(deploy, (x,), str(path), dynamo=False, input_names=["input"])
-            sess = cpu_session(path, threads, spinning=False)
-            feed = {"input": x.numpy()}
-            return measure(lambda: sess.run(None, feed), WARMUP, runs, threads)["median_ms"]
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    with ExitStack() as stack:
+        return measure(_runner(deploy, example[:1], backend, threads, stack), WARMUP, runs, threads)["median_ms"]
+
+
+def paired_latency_ms(models: Mapping[str, nn.Module], example: torch.Tensor, backend: str = "torch",
+                      threads: int = 1, runs: int = 50,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median batch-1 latency (ms) of each deploy-form model, all timed in one pass: ``runs`` rounds,
+    each timing one call of every model in a shuffled order (seeded; so no model always runs first or
+    always after the same one, whose cache footprint it would inherit), after ``WARMUP`` untimed calls
+    of each. A load that changes during the pass slows every
+    model alike, so the medians compare like with like (one :func:`deploy_latency_ms` per model times
+    each at a different moment). ``clock``: seconds (``time.perf_counter``; tests inject one)."""
+    if not models:
+        raise ValueError("paired_latency_ms needs at least one model")
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    names = list(models)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with ExitStack() as stack, torch_threads(threads):
+        calls = {n: _runner(models[n], example[:1], backend, threads, stack) for n in names}
+        for n in names:
+            for _ in range(WARMUP):
+                calls[n]()
+        order = random.Random(0)
+        for _ in range(runs):
+            for n in order.sample(names, len(names)):
+                t0 = clock()
+                calls[n]()
+                times[n].append((clock() - t0) * 1e3)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def within_latency_of(latency_ms: Mapping[str, float], reference: str, tolerance: float) -> dict[str, float]:
+    """Each model's latency over the ``reference`` model's, from one :func:`paired_latency_ms` pass,
+    for the models within ``(1 + tolerance)`` x the reference (the reference itself included)."""
+    if reference not in latency_ms:
+        raise ValueError(f"reference {reference!r} is not among the timed models {sorted(latency_ms)}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    ratios = {n: t / latency_ms[reference] for n, t in latency_ms.items()}
+    return {n: r for n, r in ratios.items() if r <= 1 + tolerance}
 
 
 def deploy_cost(model: nn.Module, example: torch.Tensor | None = None,

@@ -85,7 +85,12 @@ class GrowthConfig:
     the thesis' one cosine, docs/growth.md), or ``"continue"`` it. ``max_kernel``: None keeps every conv's deploy kernel (new branches fuse into it),
     an int lets branches grow kernels up to that size. ``widen_dim``: Transformer head growth also
     widens the residual stream by one head_dim (as the thesis). ``retrain``: after growing, train
-    the found architecture from scratch for the same epochs and return that model.
+    the found architecture from scratch for the same epochs and return that model. ``bn_batches``
+    (``auto_rule="gain"``): before each validation the stop rule reads, re-estimate the BatchNorm
+    running statistics of a copy of the model from this many training batches (precise BN,
+    ``torch.optim.swa_utils.update_bn``; their forward FLOPs are charged), so the rule reads the
+    model as it is rather than statistics that lag the weights after an LR restart; 0 (default)
+    reads the running statistics as they are.
     """
 
     stop: str | int = "auto"
@@ -108,6 +113,7 @@ class GrowthConfig:
     gap_ratio: float = 1.0
     fit_target: float = 0.62
     ema: float = 0.5
+    bn_batches: int = 0
     seed: int = 0
 
     def validate(self, model: nn.Module) -> None:
@@ -121,6 +127,8 @@ class GrowthConfig:
         if not self.gap_ratio > 0:
             raise ValueError(f"gap_ratio must be > 0 (generalisation gap / training error at the stop), "
                              f"got {self.gap_ratio}")
+        if self.bn_batches < 0:
+            raise ValueError(f"bn_batches must be >= 0 training batches, got {self.bn_batches}")
         if not 0 < self.fit_target <= 1:
             raise ValueError(f"fit_target must be a training accuracy in (0, 1], got {self.fit_target}")
         if self.lr_after_growth not in LR_AFTER_GROWTH:
@@ -547,11 +555,26 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
         opt.step()
         return (logits.argmax(1) == y[idx]).sum()
 
+    def batches_here(count: int, salt: int = 0) -> tuple[torch.Tensor, ...]:
+        """``count`` training batches (index tensors) drawn for the current step (same on a rerun)."""
+        picks = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 100003 + step + salt))
+        return picks[rank::world][:count * batch_size].split(batch_size)
+
+    def stop_rule_val_acc() -> float:
+        """The validation accuracy the stop rule reads: eval mode, on a precise-BN copy when
+        ``bn_batches`` asks for one (its forward passes are charged)."""
+        if not (grower.config.bn_batches and grower.config.stop == "auto" and grower.config.auto_rule == "gain"):
+            return accuracy(model, *val)
+        batches = batches_here(grower.config.bn_batches, salt=1)
+        settled = copy.deepcopy(model)
+        torch.optim.swa_utils.update_bn([x[idx] for idx in batches], settled)
+        counter.step(sum(len(idx) for idx in batches), forward_only=True)
+        return accuracy(settled, *val)
+
     def probe(options: list[dict[str, Any]]) -> list[float]:
         """Validation loss of each depth option after ``probe_steps`` steps on a copy (same batches,
         current LR and optimizer state); their FLOPs are charged to the run."""
-        picks = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 100003 + step))
-        batches = picks[rank::world][:grower.probe_steps * batch_size].split(batch_size)
+        batches = batches_here(grower.probe_steps)
         losses = []
         for option in options:
             trial, trial_opt = copy.deepcopy((model, opt))
@@ -578,7 +601,7 @@ def _train(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tupl
             step += 1
             if grower is None or not grower.due(step):
                 continue
-            val_acc = accuracy(model, *val) if rank == 0 else None
+            val_acc = stop_rule_val_acc() if rank == 0 else None
             fit_acc = int(torch.stack([r for r, _ in recent]).sum()) / sum(n for _, n in recent)
             reads_gap = grower.config.stop == "auto" and grower.config.auto_rule == "gap"  # the only reader
             val_fit_acc = (batch_stat_accuracy(copy.deepcopy(model), *val, batch_size)

@@ -10,6 +10,7 @@ from torch import nn
 from adagrow.grow import (DeployBudget, GrowingCNN, GrowingTransformer, Grower, GrowthConfig, apply_growth,
                           build_from_arch, deploy_cost, grow, load_grown, reparameterize, save_grown)
 from adagrow.grow import cnn as cnn_module
+from adagrow.grow.budget import paired_latency_ms, within_latency_of
 from adagrow.grow.cnn import branch_space
 from adagrow.grow.cnn import flops as cnn_flops
 from adagrow.grow.flops import forward_macs, train_flops
@@ -250,6 +251,54 @@ def test_latency_budget_measures_the_deploy_model() -> None:
         GrowthConfig(budget=DeployBudget(latency_ms=1.0, backend="tpu")).validate(model)
 
 
+class _DriftingClock:
+    """A fake clock on a machine that gets 1% slower with every call (a load building up)."""
+
+    def __init__(self) -> None:
+        self.now, self.load = 0.0, 1.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Costs(nn.Module):
+    """A 'model' whose call advances the fake clock by its cost times the current load."""
+
+    def __init__(self, clock: _DriftingClock, cost_s: float) -> None:
+        super().__init__()
+        self.clock, self.cost_s = clock, cost_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.now += self.cost_s * self.clock.load
+        self.clock.load *= 1.01
+        return x
+
+
+def test_latency_budget_is_decided_on_latencies_timed_together() -> None:
+    clock, x = _DriftingClock(), torch.zeros(1, 1)
+    models = {"reference": _Costs(clock, 1e-3), "same": _Costs(clock, 1e-3), "slower": _Costs(clock, 1.2e-3)}
+    # timed one after the other (30 calls each), the load drift alone puts the same cost 1.35x over the reference
+    apart = {n: paired_latency_ms({n: m}, x, runs=20, clock=clock)[n] for n, m in models.items()}
+    assert apart["same"] / apart["reference"] == pytest.approx(1.01 ** 30, rel=0.01)
+    assert "same" not in within_latency_of(apart, "reference", 0.03)
+    # timed together (one call of each in turn) the drift cancels: equal cost within 3%, +20% over it
+    together = paired_latency_ms(models, x, runs=20, clock=clock)
+    within = within_latency_of(together, "reference", 0.03)
+    assert set(within) == {"reference", "same"}
+    assert within["same"] == pytest.approx(1.0, abs=0.03)
+    assert together["slower"] / together["reference"] == pytest.approx(1.2, abs=0.03)
+    with pytest.raises(ValueError, match="reference 'budget' is not among"):
+        within_latency_of(together, "budget", 0.03)
+    with pytest.raises(ValueError, match="at least one model"):
+        paired_latency_ms({}, x)
+
+
+def test_paired_latency_times_real_deploy_models() -> None:
+    small, large = (reparameterize(GrowingCNN("vgg", widths=(8, 8, 16), depths=d).eval()) for d in ((0, 0, 0), (2, 2, 2)))
+    ms = paired_latency_ms({"small": small, "large": large}, torch.randn(1, 1, 8, 8), "ort-cpu", runs=20)
+    assert 0 < ms["small"] < ms["large"]
+
+
 def test_auto_stop_after_tolerated_small_gains() -> None:
     model = _cnn()
     grower = Grower(model, GrowthConfig(stop="auto", auto_rule="gain", auto_threshold=0.03, auto_tolerance=1, ema=1.0,
@@ -259,6 +308,25 @@ def test_auto_stop_after_tolerated_small_gains() -> None:
     assert grower.decide(model, 0.61) is not None   # +1%: first strike, tolerated
     assert grower.decide(model, 0.615) is None      # second strike: stop
     assert grower.decide(model, 0.90) is None       # and stays stopped
+
+
+def test_precise_bn_reads_a_settled_copy_and_charges_its_passes() -> None:
+    train, val = _data()  # 72 training samples: one bn batch of 64 per growth point
+    cfg = {"stop": "auto", "auto_rule": "gain", "auto_threshold": -1.0, "interval": 2}  # never stops
+    plain = grow(_cnn(), train, val, epochs=5, config=GrowthConfig(**cfg), lr=0.01, progress=False)
+    precise = grow(_cnn(), train, val, epochs=5, config=GrowthConfig(**cfg, bn_batches=1), lr=0.01, progress=False)
+    # the statistics are re-estimated on a copy: the trained model (weights and running statistics) is the same
+    assert precise.model.spec() == plain.model.spec()
+    for (name, a), b in zip(plain.model.state_dict().items(), precise.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # each growth point's 64-image forward pass is charged: 2 x forward MACs x 64 of the model at that point
+    points = [h for h in precise.history if "growth" in h]
+    extra = precise.history[-1]["train_flops"] - plain.history[-1]["train_flops"]
+    assert len(points) >= 2
+    assert 0 < extra <= len(points) * 2 * 64 * forward_macs(precise.model.train(), train[0][:1])
+    assert extra >= len(points) * 2 * 64 * forward_macs(_cnn(), train[0][:1])
+    with pytest.raises(ValueError, match="bn_batches"):
+        GrowthConfig(bn_batches=-1).validate(_cnn())
 
 
 def test_underfit_stop_grows_while_training_accuracy_is_below_target() -> None:
