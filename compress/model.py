@@ -28,6 +28,7 @@ from .layer import geometry, set_module
 from .obs import TARGET_DAMP, OBSQuantizer, QuantResult, check_groups, fit_targets, rtn_quantize
 from .order import check_order
 from .qmodules import SCALE_DTYPES, QuantLayer, from_result
+from .ranks import Owners
 from .server_formats import guard_save_pretrained
 from .tail import blocks_skipped, tail_replayable
 
@@ -182,6 +183,7 @@ class _Run:
         self.model, self.config, self.mask = model, config, mask
         self.report: dict[str, dict[str, float]] = {}
         self.deferred: list[tuple[str, nn.Module, QuantResult]] = []
+        self.owners = Owners()  # under torch.distributed: which rank solves each layer
         self.target: torch.Tensor | None = None  # the float model's input to the layer, for the next call
         self.before_block: Callable[[str], None] | None = None
         self.after_block: Callable[[str], None] | None = None
@@ -200,12 +202,14 @@ class _Run:
         cfg = self.config
         layers = [self.model.get_submodule(n) for n in names]
         sdt = SCALE_DTYPES[cfg.scale_dtype]
-        results: list[QuantResult] = []
+        owners = self.owners.place(names)  # data-parallel: each layer is solved by one rank (.ranks)
+        mine = [i for i, o in enumerate(owners) if o == self.owners.rank]
+        results: dict[int, QuantResult] = {}
         if cfg.method == "rtn":
-            for name, layer in zip(names, layers):
-                gs = cfg.group_size_for(geometry(layer, name).kind)
-                results.append(rtn_quantize(layer, cfg.bits, gs, cfg.sym, cfg.mse, scale_dtype=sdt, name=name,
-                                            sym_grid=cfg.sym_grid))
+            for i in mine:
+                gs = cfg.group_size_for(geometry(layers[i], names[i]).kind)
+                results[i] = rtn_quantize(layers[i], cfg.bits, gs, cfg.sym, cfg.mse, scale_dtype=sdt, name=names[i],
+                                          sym_grid=cfg.sym_grid)
         else:
             lead = OBSQuantizer(layers[0], names[0], HESSIAN_DTYPES[cfg.hessian_dtype], cfg.target_damp)
             is_linear = isinstance(layers[0], nn.Linear)
@@ -224,21 +228,24 @@ class _Run:
             finally:
                 handle.remove()
             lead.all_reduce()  # data-parallel calibration: every rank's samples (a no-op on one process)
-            quantizers = [lead]
-            for name, layer in zip(names[1:], layers[1:]):
-                quantizers.append(OBSQuantizer(layer, name, HESSIAN_DTYPES[cfg.hessian_dtype], cfg.target_damp))
-                quantizers[-1].share(lead)
-            fit_targets(quantizers)  # first, so the float-target statistics are freed before the inverses
-            for i, (name, layer, q) in enumerate(zip(names, layers, quantizers)):
-                gs = cfg.group_size_for(geometry(layer, name).kind)
-                last = i == len(quantizers) - 1
-                results.append(q.quantize(cfg.bits, gs, cfg.sym, cfg.order, percdamp=cfg.percdamp,
-                                          block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt, release=last,
-                                          sym_grid=cfg.sym_grid, groups=cfg.groups,
-                                          refit=cfg.scale_refit))
+            quantizers = {i: lead if i == 0 else OBSQuantizer(layers[i], names[i], HESSIAN_DTYPES[cfg.hessian_dtype],
+                                                              cfg.target_damp) for i in mine}
+            for i, q in quantizers.items():
+                if i:
+                    q.share(lead)
+            if 0 not in quantizers:
+                lead.release()  # another rank solves the first layer
+            fit_targets(list(quantizers.values()))  # first, so the float-target statistics are freed before the inverses
+            for i, q in quantizers.items():
+                gs = cfg.group_size_for(geometry(layers[i], names[i]).kind)
+                last = i == mine[-1]
+                results[i] = q.quantize(cfg.bits, gs, cfg.sym, cfg.order, percdamp=cfg.percdamp,
+                                        block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt, release=last,
+                                        sym_grid=cfg.sym_grid, groups=cfg.groups, refit=cfg.scale_refit)
                 if not last:
                     q.release()  # the group's statistics are freed by the last layer's quantize
-        for name, layer, res in zip(names, layers, results):
+        shared = self.owners.share(results, owners)
+        for name, layer, res in zip(names, layers, shared):
             self.report[name] = {"loss": res.loss, "damp": res.damp}
             if defer:
                 layer.weight.data.copy_(res.weight)
@@ -356,7 +363,9 @@ def quantize(model: nn.Module, calib: Iterable | Callable[[nn.Module], Any] | No
 
     Every quantized layer becomes a :class:`QuantLinear` / :class:`QuantConv2d`; per-layer OBS
     loss and damping are kept in ``model.adagrow_quant["layers"]``, layers left in float (and
-    why) in ``["float"]``, the block list calibrated block by block in ``["blocks"]``.
+    why) in ``["float"]``, the block list calibrated block by block in ``["blocks"]``, the layers
+    this process solved in ``["solved_here"]`` (all of them, except under ``torch.distributed``:
+    :mod:`.ranks`).
     """
     config = copy.deepcopy(config or QuantConfig()).validate()
     return quantize_model(model if inplace else copy.deepcopy(model), calib, config, progress)
@@ -376,10 +385,11 @@ def quantize_model(qmodel: nn.Module, calib: Iterable | Callable[[nn.Module], An
     mask = TokenMask(qmodel)
     try:
         with _calibration_mode(qmodel):
-            report, blocks = _quantize(qmodel, targets, left, cal, mask, config, progress, before_block, after_block)
+            run, blocks = _quantize(qmodel, targets, left, cal, mask, config, progress, before_block, after_block)
     finally:
         mask.remove()
-    qmodel.adagrow_quant = {"config": asdict(config), "layers": report, "float": left, "blocks": blocks}
+    qmodel.adagrow_quant = {"config": asdict(config), "layers": run.report, "float": left, "blocks": blocks,
+                            "solved_here": run.owners.here}
     guard_save_pretrained(qmodel)
     return qmodel
 
@@ -393,7 +403,7 @@ def _without_blocks(model: nn.Module, blocks: list[str], last: list[Any], cal: C
 def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, str], cal: Calibration,
               mask: TokenMask, config: QuantConfig, progress: bool,
               before_block: Callable[[str], None] | None,
-              after_block: Callable[[str], None] | None) -> tuple[dict, list[str]]:
+              after_block: Callable[[str], None] | None) -> tuple[_Run, list[str]]:
     blocks: list[str] = []
     if cal:
         lists = candidates(qmodel, list(targets)) if config.method == "obs" else []
@@ -439,7 +449,7 @@ def _quantize(qmodel: nn.Module, targets: dict[str, nn.Module], left: dict[str, 
         for name in post:
             run.layer(name, (lambda: _without_blocks(qmodel, blocks, last, cal)) if replay_tail else full, stop(name))
             bar.update()
-    return run.report, blocks
+    return run, blocks
 
 
 __all__ = ["QuantConfig", "quantize", "quantize_model", "quant_targets", "input_groups", "DEFAULT_IGNORE"]

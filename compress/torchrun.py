@@ -8,14 +8,17 @@
 (``input_ids.0``, ``attention_mask.0``, ``input_ids.1``, ...), each batch passed to the model
 as keyword arguments. Every rank reads the checkpoint block by block
 (:func:`~adagrow.compress.onload.quantize_pretrained`) and calibrates on batches
-``rank, rank + world, ...``; Hessians are all-reduced before each group of layers is quantized
-(docs/scale.md). Rank 0 writes ``DST/model.adagrow.safetensors`` and ``DST/run.json`` (wall and
-CPU seconds of every rank). Without ``torchrun`` (no ``RANK`` in the environment) it runs as one
-process on all the batches.
+``rank, rank + world, ...``; Hessians are all-reduced before each group of layers is quantized,
+each layer is then solved by one rank and broadcast (:mod:`.ranks`, docs/scale.md). Every rank
+ends with the whole quantized model: they are compared (a SHA-256 of each tensor) and a
+disagreement is an error. Rank 0 writes ``DST/model.adagrow.safetensors`` and ``DST/run.json``
+(per rank: wall and CPU seconds, the number of layers it solved, the digest of its model).
+Without ``torchrun`` (no ``RANK`` in the environment) it runs as one process on all the batches.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import time
@@ -51,6 +54,18 @@ def write_batches(path: str | os.PathLike, batches: list[dict[str, torch.Tensor]
     save_file({f"{k}.{i}": v.contiguous() for i, b in enumerate(batches) for k, v in b.items()}, str(path))
 
 
+def tensor_digests(model: torch.nn.Module) -> dict[str, str]:
+    """SHA-256 of every tensor of ``model``'s state dict (its bytes, on CPU), by name."""
+    return {k: hashlib.sha256(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+            for k, v in model.state_dict().items()}
+
+
+def _disagreeing(every: list[dict[str, str]]) -> list[str]:
+    """Tensor names whose digest is not the same on every rank (or missing on some)."""
+    names = sorted(set().union(*every))
+    return [k for k in names if len({d.get(k) for d in every}) != 1]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="Hugging Face checkpoint folder (config.json, model.safetensors)")
@@ -65,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.distributed as dist
     distributed = "RANK" in os.environ
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # gloo: quantize_pretrained calibrates and solves on CPU, so every collective is on CPU
+        # tensors (NCCL takes CUDA tensors only)
+        dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     try:
         batches = read_batches(args.calib)
@@ -76,11 +93,19 @@ def main(argv: list[str] | None = None) -> dict:
             dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
         qmodel = quantize_pretrained(args.src, batches[rank::world], config, progress=False)
-        times = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
-        every = [times] * world
+        times: dict[str, float | str] = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                                         "solved": len(getattr(qmodel, "adagrow_quant")["solved_here"])}
+        digests = tensor_digests(qmodel)
+        every, every_digests = [times], [digests]
         if distributed:
-            every = [{} for _ in range(world)]
+            every, every_digests = [{} for _ in range(world)], [{} for _ in range(world)]
             dist.all_gather_object(every, times)
+            dist.all_gather_object(every_digests, digests)
+        bad = _disagreeing(every_digests)
+        if bad:
+            raise RuntimeError(f"ranks ended with different quantized tensors: {bad[:5]} ({len(bad)} in all)")
+        for r, d in zip(every, every_digests):
+            r["digest"] = hashlib.sha256("".join(f"{k}={d[k]};" for k in sorted(d)).encode()).hexdigest()
         report = {"ranks": world, "batches": len(batches), "config": vars(args), "per_rank": every}
         if rank == 0:
             from .io import save_quantized

@@ -122,8 +122,11 @@ def test_group_replays_stop_before_their_first_layer_runs() -> None:
 
 def test_torchrun_two_ranks_match_one(tmp_path) -> None:
     """``python -m torch.distributed.run --nproc_per_node 2 -m adagrow.compress.torchrun`` (gloo,
-    a tiny Llama read block by block, half the batches per rank) writes the same quantized tensors,
-    bit for bit, as one process on all the batches, with float64 statistics (docs/scale.md)."""
+    a tiny Llama read block by block, half the batches per rank, each layer solved by one rank and
+    broadcast) writes the same quantized tensors, bit for bit, as one process on all the batches,
+    with float64 statistics (docs/scale.md); both ranks end with that model, and each solved about
+    half the layers."""
+    import json
     import os
     import subprocess
     import sys
@@ -141,12 +144,24 @@ def test_torchrun_two_ranks_match_one(tmp_path) -> None:
                     "-m", "adagrow.compress.torchrun", *args, str(tmp_path / "two"), "--hessian-dtype", "float64"],
                    check=True, cwd=root, env=env, timeout=300, capture_output=True)
     one = main([*args, str(tmp_path / "one"), "--hessian-dtype", "float64"])
-    assert one["ranks"] == 1
+    two_run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert one["ranks"] == 1 and one["per_rank"][0]["solved"] == 3 * 7
+    # every rank's whole model (a digest of each of its tensors) equals the one-process model
+    assert [r["digest"] for r in two_run["per_rank"]] == [one["per_rank"][0]["digest"]] * 2
+    # the layers are shared (rotating owners: 11 and 10 of 21), not solved twice
+    assert [r["solved"] for r in two_run["per_rank"]] == [11, 10]
     two = load_file(tmp_path / "two" / "model.adagrow.safetensors")
     ref = load_file(tmp_path / "one" / "model.adagrow.safetensors")
     assert two.keys() == ref.keys() and sum(k.endswith("qweight") for k in ref) == 3 * 7
     for k in ref:
         assert torch.equal(two[k], ref[k]), k
+
+
+def test_ranks_that_disagree_are_named() -> None:
+    """The torchrun entry point's rank comparison names the tensors that differ or are missing."""
+    from adagrow.compress.torchrun import _disagreeing
+    assert _disagreeing([{"a": "1", "b": "2"}, {"a": "1", "b": "2"}]) == []
+    assert _disagreeing([{"a": "1", "b": "2"}, {"a": "1", "b": "3", "c": "4"}]) == ["b", "c"]
 
 
 def test_checkpoint_reader_refuses_a_tensor_outside_its_file(tmp_path) -> None:
