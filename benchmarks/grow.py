@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -191,6 +192,8 @@ def targets(summary: dict, args: argparse.Namespace) -> list[dict[str, Any]]:
     for fam in args.families:
         grown = get(fam, main, "grown")
         flops, epochs = get(fam, main, "scratch-flops"), get(fam, main, "scratch-epochs")
+        if grown is None or flops is None or epochs is None:  # a run cut short (--rows) before this family's units
+            continue
         out.append({"family": fam, "target": "grown mean >= same architecture from scratch at equal training FLOPs",
                     "met": grown["acc_mean"] >= flops["acc_mean"], "grown": grown["acc_mean"],
                     "scratch_flops": flops["acc_mean"], "margin": grown["acc_mean"] - flops["acc_mean"]})
@@ -200,6 +203,8 @@ def targets(summary: dict, args: argparse.Namespace) -> list[dict[str, Any]]:
                     "margin": grown["acc_mean"] - epochs["acc_mean"] + epochs["acc_std"]})
         for d in args.difficulties if fam in args.adapt_families else [main]:
             g = get(fam, d, "grown")
+            if g is None:
+                continue
             fixed = [s for k, s in summary.items() if k[:3] == (fam, d, "fixed")]
             dom = _dominating(fixed, g)
             out.append({"family": fam, "difficulty": d, "target": "grown on or above the fixed-net front (acc vs ORT "
@@ -207,12 +212,13 @@ def targets(summary: dict, args: argparse.Namespace) -> list[dict[str, Any]]:
                         "grown": g["acc_mean"], "grown_specs": ",".join(g["specs"]), "grown_ort_ms": g["ort_ms"],
                         "margin": g["acc_mean"] - max((f["acc_mean"] for f in fixed if f["specs"][0] in dom),
                                                       default=g["acc_mean"])})
-        if fam in args.adapt_families and len(args.difficulties) > 1:
+        if fam in args.adapt_families and len(args.difficulties) > 1 and all(get(fam, d, "grown")
+                                                                             for d in args.difficulties):
             sizes = [get(fam, d, "grown")["deploy_params"] for d in args.difficulties]
             out.append({"family": fam, "target": "different grown sizes across task difficulties",
                         "met": len({round(s) for s in sizes}) == len(sizes), "deploy_params": sizes})
         b = get(fam, main, "budget")
-        if b is not None:
+        if b is not None and "budget_ratio" in b:  # rows of runs before the paired scoring have none
             fixed = [s for k, s in summary.items() if k[:3] == (fam, main, "budget-fixed")]
             within = [s for s in fixed if s["budget_ratio"] <= 1 + args.budget_tolerance]
             best = max((s["acc_mean"] for s in within), default=None)
@@ -284,6 +290,26 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def run_units(args: argparse.Namespace) -> tuple[list[dict[str, Any]], float]:
+    """Train and measure every (family, seed, difficulty) unit, ``--jobs`` at a time; returns the
+    rows and the latency budget the budget runs grew to. Rows of finished units are saved to
+    ``<out>.partial.json`` as they come (``--rows`` summarizes them if the run is cut short)."""
+    x_te = cluttered_digits(args.size, args.difficulty, args.n_train, n_test=args.n_train // 2)[2]
+    # the budget growth keeps: the reference net's latency, timed once here (scoring times it again beside
+    # every compared model, pair_budget)
+    budget_ms = deploy_latency_ms(reparameterize(reference_net(args.size).eval()), x_te[:1], "ort-cpu", runs=args.runs)
+    units = [(fam, seed, d) for fam in args.families for seed in range(args.seeds)
+             for d in (args.difficulties if fam in args.adapt_families else [args.difficulty])]
+    rows: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        done = [pool.submit(run_unit, fam, seed, d, args, budget_ms) for fam, seed, d in units]
+        for fut in tqdm(done, desc="units"):  # a run cut short keeps the finished units
+            rows.extend(fut.result())
+            write_json(args.out.with_suffix(".partial.json"),
+                       {"command": sys.argv, "budget_latency_ms": budget_ms, "rows": rows})
+    return rows, budget_ms
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=21)
@@ -314,6 +340,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--jobs", type=int, default=1, help="(family, seed, difficulty) units run in parallel processes")
     ap.add_argument("--quick", action="store_true", help="CI-sized: 16x16, 600 images, 4 epochs, 1 seed")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "grow_cpu.json")
+    ap.add_argument("--rows", type=Path, default=None,
+                    help="summarize the rows of an earlier run's JSON (the .partial.json of a run cut short) instead "
+                         "of training; give that run's other arguments")
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.n_train, args.epochs, args.seeds, args.runs = 16, 600, 4, 1, 10
@@ -321,24 +350,20 @@ def main(argv: list[str] | None = None) -> dict:
         args.difficulties = sorted({*args.difficulties, args.difficulty})
     torch.set_num_threads(args.threads)
     t0, c0 = time.perf_counter(), time.process_time()
-    x_te = cluttered_digits(args.size, args.difficulty, args.n_train, n_test=args.n_train // 2)[2]
-    # the budget growth keeps: the reference net's latency, timed once here (scoring times it again beside
-    # every compared model, pair_budget)
-    budget_ms = deploy_latency_ms(reparameterize(reference_net(args.size).eval()), x_te[:1], "ort-cpu", runs=args.runs)
-    units = [(fam, seed, d) for fam in args.families for seed in range(args.seeds)
-             for d in (args.difficulties if fam in args.adapt_families else [args.difficulty])]
-    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        done = [pool.submit(run_unit, fam, seed, d, args, budget_ms) for fam, seed, d in units]
-        rows = []
-        for fut in tqdm(done, desc="units"):  # a run cut short keeps the finished units
-            rows.extend(fut.result())
-            write_json(args.out.with_suffix(".partial.json"), {"command": sys.argv, "rows": rows})
+    command = "python benchmarks/grow.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.rows is not None:
+        earlier = json.loads(args.rows.read_text())
+        rows, budget_ms, ran = earlier["rows"], earlier.get("budget_latency_ms"), earlier["command"]
+        command = (f"{ran if isinstance(ran, str) else 'python ' + ' '.join(ran)}  ({len(rows)} rows of that run "
+                   f"summarized by: {command})")
+    else:
+        rows, budget_ms = run_units(args)
     summary = summarize(rows)
     tgts = targets(summary, args)
-    lines = [f"{'family':<7} {'diff':>4} {'model':<15} {'spec(s)':<28} {'acc mean±std':>15} {'epochs':>6} "
+    lines = [f"{'family':<7} {'diff':>4} {'model':<15} {'spec(s)':<28} {'n':>2} {'acc mean±std':>15} {'epochs':>6} "
              f"{'GFLOPs':>7} {'params':>7} {'MACs':>7} {'ort ms':>7}"]
     for s in sorted(summary.values(), key=lambda s: (s["family"], s["difficulty"], s["name"], s["train_flops"])):
-        lines.append(f"{s['family']:<7} {s['difficulty']:>4} {s['name']:<15} {','.join(s['specs'])[:28]:<28} "
+        lines.append(f"{s['family']:<7} {s['difficulty']:>4} {s['name']:<15} {','.join(s['specs'])[:28]:<28} {s['n']:>2} "
                      f"{100 * s['acc_mean']:7.2f}±{100 * s['acc_std']:5.2f}% {s['epochs']:6.1f} "
                      f"{s['train_flops'] / 1e9:7.1f} {s['deploy_params']:>7.0f} {s['macs_b1'] / 1e6:6.2f}M "
                      f"{s['ort_ms']:7.3f}")
@@ -346,13 +371,18 @@ def main(argv: list[str] | None = None) -> dict:
     for t in tgts:
         rest = ", ".join(f"{k}={_fmt(v)}" for k, v in t.items() if k not in ("family", "target", "met"))
         lines.append(f"{t['family']:<7} {t['target']}: {'met' if t['met'] else 'NOT met'} ({rest})")
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    wall: float | None = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the finished worker processes
     cpu += children.ru_utime + children.ru_stime
-    lines.append(f"\nwall {wall / 60:.1f} min, CPU {cpu / 60:.1f} min ({args.jobs} job(s) x {args.threads} thread(s); "
-                 "all processes)")
+    if args.rows is not None:  # the earlier run's processes are gone: its rows' own training CPU time
+        wall, cpu = None, sum(r["train_cpu_s"] for r in rows)
+        lines.append(f"\nCPU {cpu / 60:.1f} min: the training of the {len(rows)} rows summarized (the run's wall clock and "
+                     "its measurement time are not in its rows)")
+    else:
+        lines.append(f"\nwall {(time.perf_counter() - t0) / 60:.1f} min, CPU {cpu / 60:.1f} min ({args.jobs} job(s) x {args.threads} "
+                     "thread(s); all processes)")
     print("\n" + "\n".join(lines))
-    command = "python benchmarks/grow.py " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                "note": "shared machine: 2 cores used by several jobs at once; latency figures are noisy"}
     result = {"benchmark": "grow", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
@@ -373,7 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
               "budget_latency_ms": budget_ms, "wall_s": wall, "cpu_s": cpu, "rows": rows,
               "summary": list(summary.values()), "targets": tgts}
     write_json(args.out, result)
-    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
+    if args.rows is None:
+        args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     header = f"{command}\n{result['date']}  {machine['platform']}  {machine['note']}\n\n"
     atomic_write(args.out.with_suffix(".txt"), lambda tmp: Path(tmp).write_text(header + "\n".join(lines) + "\n"))
     pngs = plot(rows, summary, args, args.out)
