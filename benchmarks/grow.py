@@ -134,7 +134,9 @@ def run_unit(family: str, seed: int, difficulty: float, args: argparse.Namespace
         matched("fixed", arch, budget_g)
     if main_task and budget_ms is not None and family in args.budget_families:
         torch.manual_seed(seed)
-        budget = DeployBudget(latency_ms=budget_ms, backend="ort-cpu", runs=args.runs)
+        budget = (DeployBudget(latency_ms=budget_ms, backend="ort-cpu", runs=args.runs) if args.budget_growth == "once"
+                  else DeployBudget(latency_of=reparameterize(reference_net(args.size).eval()),
+                                    latency_tolerance=args.budget_tolerance, backend="ort-cpu", runs=args.runs))
         grown_b = train("budget", make(None), GrowthConfig(stop="budget", budget=budget, seed=seed), args.epochs)
         compared = {"budget": (rows[-1], grown_b)}
         spent = rows[-1]["train_flops"]
@@ -326,6 +328,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "the budget's reference net, is at most (1 + this) x the reference's (timing noise: two "
                          "copies of one architecture differed by up to 1.3%% at 50 rounds, 0.5%% at 300, on the shared "
                          "machine)")
+    ap.add_argument("--budget-growth", choices=("once", "paired"), default="once",
+                    help="how the budget run checks each growth step: against the reference net's latency timed once "
+                         "at the start (once), or timed beside the candidate at every check (paired, "
+                         "DeployBudget.latency_of, with --budget-tolerance; not measured yet)")
     ap.add_argument("--budget-runs", type=int, default=300,
                     help="interleaved rounds (one call of each compared model per round) of the budget scoring pass")
     ap.add_argument("--auto-rule", choices=AUTO_RULES, default=GrowthConfig.auto_rule,
@@ -398,6 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 if args.auto_rule == "gain" else {}), **({"fit_target": args.fit_target or GrowthConfig.fit_target}
                                 if args.auto_rule == "underfit" else {"gap_ratio": GrowthConfig.gap_ratio}
                                 if args.auto_rule == "gap" else {})},
+                       "budget": {"growth": args.budget_growth, "tolerance": args.budget_tolerance,
+                                  "scoring_rounds": args.budget_runs},
                        "lr_after_growth": "restart (cosine from the base LR over the remaining steps)",
                        "interval_epochs": {"cnn": 3, "vit": 5}, "train_flops": "3 x 2 x forward MACs x batch per step"},
               "budget_latency_ms": budget_ms, "wall_s": wall, "cpu_s": cpu, "rows": rows,

@@ -38,20 +38,30 @@ class DeployBudget:
 
     ``params``: deploy parameters (the train-time model may hold ``train_factor`` x as many);
     ``macs``: Conv2d/Linear multiply-accumulates at batch 1; ``latency_ms``: median batch-1
-    latency on ``backend`` with ``threads`` threads.
+    latency on ``backend`` with ``threads`` threads. ``latency_of``: instead of a fixed number, the
+    latency of this deploy-form reference model: every check times the candidate and the reference
+    in one :func:`paired_latency_ms` pass, and the candidate fits while its latency is at most
+    (1 + ``latency_tolerance``) x the reference's from that pass (on a machine whose load changes, a
+    fixed ``latency_ms`` timed earlier compares latencies measured under different loads).
     """
 
     params: int | None = None
     macs: int | None = None
     latency_ms: float | None = None
+    latency_of: nn.Module | None = None
+    latency_tolerance: float = 0.0
     backend: str = "torch"
     threads: int = 1
     runs: int = 50
     train_factor: float = 1.5
 
     def validate(self) -> None:
-        if self.params is None and self.macs is None and self.latency_ms is None:
-            raise ValueError("a DeployBudget needs at least one of params, macs, latency_ms")
+        if self.params is None and self.macs is None and self.latency_ms is None and self.latency_of is None:
+            raise ValueError("a DeployBudget needs at least one of params, macs, latency_ms, latency_of")
+        if self.latency_ms is not None and self.latency_of is not None:
+            raise ValueError("give a latency budget either as latency_ms or as latency_of (a reference model), not both")
+        if self.latency_tolerance < 0:
+            raise ValueError(f"latency_tolerance must be >= 0, got {self.latency_tolerance}")
         for name in ("params", "macs", "latency_ms"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or v <= 0):
@@ -142,12 +152,18 @@ def deploy_cost(model: nn.Module, example: torch.Tensor | None = None,
     cost["macs"] = flops(deploy, example[:1])
     if budget is not None and budget.latency_ms is not None:
         cost["latency_ms"] = deploy_latency_ms(deploy, example, budget.backend, budget.threads, budget.runs)
+    if budget is not None and budget.latency_of is not None:
+        ms = paired_latency_ms({"deploy": deploy, "reference": budget.latency_of}, example, budget.backend,
+                               budget.threads, budget.runs)
+        cost["latency_ms"], cost["latency_ratio"] = ms["deploy"], ms["deploy"] / ms["reference"]
     return cost
 
 
 def over_budget(cost: dict[str, float], budget: DeployBudget) -> list[str]:
     """The quantities of ``cost`` that break ``budget`` (empty: it fits)."""
     over = [k for k in ("params", "macs", "latency_ms") if getattr(budget, k) is not None and cost[k] > getattr(budget, k)]
+    if budget.latency_of is not None and cost["latency_ratio"] > 1 + budget.latency_tolerance:
+        over.append("latency_ratio")
     if budget.params is not None and cost["params_train"] > budget.train_factor * budget.params:
         over.append("params_train")
     return over

@@ -210,7 +210,8 @@ class Grower:
         self.location = config.location or DEFAULT_LOCATION["cnn" if self.is_cnn else "transformer"]
         self.budget = config.budgets()
         self.example = example
-        if self.budget is not None and (self.budget.macs or self.budget.latency_ms) and example is None:
+        if self.budget is not None and (self.budget.macs or self.budget.latency_ms or self.budget.latency_of is not None) \
+                and example is None:
             raise ValueError("a MACs or latency budget needs an example input")
         self.rng = random.Random(config.seed)
         self.growths = 0

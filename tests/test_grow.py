@@ -10,7 +10,7 @@ from torch import nn
 from adagrow.grow import (DeployBudget, GrowingCNN, GrowingTransformer, Grower, GrowthConfig, apply_growth,
                           build_from_arch, deploy_cost, grow, load_grown, reparameterize, save_grown)
 from adagrow.grow import cnn as cnn_module
-from adagrow.grow.budget import paired_latency_ms, within_latency_of
+from adagrow.grow.budget import over_budget, paired_latency_ms, within_latency_of
 from adagrow.grow.cnn import branch_space
 from adagrow.grow.cnn import flops as cnn_flops
 from adagrow.grow.flops import forward_macs, train_flops
@@ -291,6 +291,22 @@ def test_latency_budget_is_decided_on_latencies_timed_together() -> None:
         within_latency_of(together, "budget", 0.03)
     with pytest.raises(ValueError, match="at least one model"):
         paired_latency_ms({}, x)
+
+
+def test_latency_budget_of_a_reference_model_times_both_together() -> None:
+    example = torch.randn(1, 1, 8, 8)
+    small, large = (GrowingCNN("vgg", widths=(8, 8, 16), num_classes=4, depths=d) for d in ((0, 0, 0), (2, 2, 2)))
+    budget = DeployBudget(latency_of=reparameterize(small.eval()), latency_tolerance=0.05, backend="ort-cpu", runs=30)
+    cost = deploy_cost(large, example, budget)
+    assert cost["latency_ratio"] > 1.5  # 6 more 3x3 conv layers than the reference
+    assert "latency_ratio" in over_budget(cost, budget)
+    assert "latency_ratio" not in over_budget(dict(cost, latency_ratio=1.04), budget)
+    with pytest.raises(ValueError, match="already breaks the budget"):
+        Grower(large, GrowthConfig(stop="budget", budget=budget), example=example)
+    with pytest.raises(ValueError, match="either as latency_ms or as latency_of"):
+        DeployBudget(latency_ms=1.0, latency_of=small).validate()
+    with pytest.raises(ValueError, match="latency_tolerance"):
+        DeployBudget(latency_of=small, latency_tolerance=-0.1).validate()
 
 
 def test_paired_latency_times_real_deploy_models() -> None:
