@@ -126,6 +126,8 @@ def run_unit(family: str, seed: int, difficulty: float, args: argparse.Namespace
             **({"fit_target": args.fit_target} if args.fit_target is not None else {})}
     grown = train("grown", make(None), GrowthConfig(stop="auto", seed=seed, **auto), args.epochs)
     budget_g = rows[-1]["train_flops"]
+    if args.grown_only:
+        return rows
     if main_task:
         matched("scratch-flops", grown.arch(), budget_g, fresh=True)
         torch.manual_seed(seed + 1000)
@@ -341,6 +343,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bn-batches", type=int, default=GrowthConfig.bn_batches,
                     help="auto_rule='gain': training batches that re-estimate BatchNorm statistics (on a copy) "
                          "before each validation the stop rule reads (GrowthConfig.bn_batches; 0: none)")
+    ap.add_argument("--grown-only", action="store_true",
+                    help="train only the grown runs (no controls, no budget run; compare with an earlier run's rows "
+                         "of the same seeds, training is deterministic per seed)")
     ap.add_argument("--runs", type=int, default=100, help="timed calls per latency figure")
     ap.add_argument("--threads", type=int, default=1, help="training threads per job")
     ap.add_argument("--jobs", type=int, default=1, help="(family, seed, difficulty) units run in parallel processes")
@@ -403,7 +408,9 @@ def main(argv: list[str] | None = None) -> dict:
                        "stop": {"rule": args.auto_rule, **({"bn_batches": args.bn_batches}
                                 if args.auto_rule == "gain" else {}), **({"fit_target": args.fit_target or GrowthConfig.fit_target}
                                 if args.auto_rule == "underfit" else {"gap_ratio": GrowthConfig.gap_ratio}
-                                if args.auto_rule == "gap" else {})},
+                                if args.auto_rule == "gap" else {}), **({"auto_threshold": GrowthConfig.auto_threshold,
+                                "auto_tolerance": GrowthConfig.auto_tolerance} if args.auto_rule in ("gain", "fit_gain")
+                                else {})},
                        "budget": {"growth": args.budget_growth, "tolerance": args.budget_tolerance,
                                   "scoring_rounds": args.budget_runs},
                        "lr_after_growth": "restart (cosine from the base LR over the remaining steps)",

@@ -41,7 +41,7 @@ from .transformer import Carry, GrowingTransformer
 LOCATIONS = ("balanced", "probe", "greedy", "random", "sequential")
 DEFAULT_LOCATION = {"cnn": "balanced", "transformer": "probe"}
 LR_AFTER_GROWTH = ("continue", "restart")
-AUTO_RULES = ("gap", "gain", "underfit")
+AUTO_RULES = ("gap", "gain", "underfit", "fit_gain")
 INTERVAL_EPOCHS = {"cnn": 3.0, "transformer": 5.0}  # the thesis' training between growths
 Probe = Callable[[list[dict[str, Any]]], list[float]]  # depth options -> validation loss after a short training
 
@@ -64,6 +64,10 @@ class GrowthConfig:
     error (no accuracy level, so no task scale, in it; its sizes across tasks followed seed noise,
     docs/growth.md "Stop rule"). ``"underfit"``: grow while A is below ``fit_target``, an absolute
     accuracy that belongs to one recipe and task family (an easy task crosses it before the first growth).
+    ``"fit_gain"``: grow while growth still buys training fit: the same strike count as ``"gain"``
+    (``auto_threshold``, ``auto_tolerance``) read on A, the training accuracy over the epoch before
+    each growth point (raw, no EMA: it already averages an epoch's batches), against A at the previous
+    growth point; no accuracy level in it (docs/growth.md "fit_gain").
     ``budget``: a :class:`DeployBudget` (deploy params / MACs / measured latency) that every step
     must keep; a step that would break it is replaced by a cheaper one, or growth stops.
     ``interval_epochs``: epochs of training between growths (None: the thesis' 3 for CNNs, 5 for
@@ -218,7 +222,7 @@ class Grower:
         self.depth_growths = 0
         self.stopped = False
         self.ema: float | None = None
-        self.ema_at_growth: float | None = None
+        self.at_growth: float | None = None  # the stop rule's reading at the previous growth point
         self.strikes = 0
         self.born: dict[int, int] = {}     # id(new layer / branch) -> optimizer step of its growth
         self.step = 0
@@ -399,7 +403,7 @@ class Grower:
         """The next growth step at optimizer step ``step``, or None once growth has stopped (then
         it stays stopped). ``probe``: validation losses of the given depth options after a short
         training of each (``location="probe"``; ``grow()`` passes one). ``fit_acc``: training
-        accuracy over the last epoch's batches (``auto_rule="gap"`` and ``"underfit"``);
+        accuracy over the last epoch's batches (``auto_rule="gap"``, ``"underfit"`` and ``"fit_gain"``);
         ``val_fit_acc``: validation accuracy with BatchNorm on batch statistics, as ``fit_acc`` is
         measured (``auto_rule="gap"``); ``grow()`` passes both."""
         if self.stopped:
@@ -425,18 +429,25 @@ class Grower:
     def _auto_stop(self, val_acc: float | None, fit_acc: float | None, val_fit_acc: float | None) -> bool:
         """Whether ``stop="auto"`` stops growth here (see ``GrowthConfig.auto_rule``)."""
         rule = self.config.auto_rule
-        if rule in ("gap", "underfit") and (fit_acc is None or (rule == "gap" and val_fit_acc is None)):
+        if rule in ("gap", "underfit", "fit_gain") and (fit_acc is None or (rule == "gap" and val_fit_acc is None)):
             raise ValueError(f"auto_rule={rule!r} needs the training accuracy (and for 'gap' the batch-statistics "
                              "validation accuracy): pass decide(..., fit_acc=..., val_fit_acc=...) (grow() does)")
         if rule == "gap":  # the generalisation gap has caught up with the training error: no longer underfitting
             return fit_acc - val_fit_acc >= self.config.gap_ratio * (1 - fit_acc)
         if rule == "underfit":
             return fit_acc >= self.config.fit_target
+        if rule == "fit_gain":  # the last growth interval raised the training fit too little, auto_tolerance + 1 times
+            return self._strike(fit_acc)
         if val_acc is None:
             return False
         self.ema = val_acc if self.ema is None else self.config.ema * val_acc + (1 - self.config.ema) * self.ema
-        small = self.ema_at_growth is not None and self.ema - self.ema_at_growth < self.config.auto_threshold
-        self.ema_at_growth = self.ema
+        return self._strike(self.ema)
+
+    def _strike(self, reading: float) -> bool:
+        """Count a strike when ``reading`` rose less than ``auto_threshold`` since the previous growth
+        point; True once the strikes exceed ``auto_tolerance``."""
+        small = self.at_growth is not None and reading - self.at_growth < self.config.auto_threshold
+        self.at_growth = reading
         self.strikes += small
         return self.strikes > self.config.auto_tolerance
 

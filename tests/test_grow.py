@@ -418,6 +418,37 @@ def test_underfit_stop_in_the_loop_reads_the_training_accuracy() -> None:
     assert specs[1.0][0] == 6                 # 100% is never reached here: a growth at every point (75% of 8 epochs)
 
 
+def test_fit_gain_stop_reads_the_training_accuracy_gain_not_validation() -> None:
+    """``fit_gain`` strikes when the training accuracy rose less than ``auto_threshold`` since the
+    previous growth point, whatever the validation accuracy does; it stops on the second strike."""
+    model = _cnn()
+    grower = Grower(model, GrowthConfig(stop="auto", auto_rule="fit_gain", auto_threshold=0.03, auto_tolerance=1))
+    assert grower.decide(model, 0.10, fit_acc=0.30) is not None   # first point: nothing to compare with
+    assert grower.decide(model, 0.90, fit_acc=0.31) is not None   # val +0.80, fit +0.01: strike 1
+    assert grower.decide(model, 0.10, fit_acc=0.40) is not None   # val -0.80, fit +0.09: no strike
+    assert grower.decide(model, 0.95, fit_acc=0.42) is None       # val +0.85, fit +0.02: strike 2, stop
+    assert grower.decide(model, 0.95, fit_acc=0.90) is None       # and stays stopped
+    gain = Grower(model, GrowthConfig(stop="auto", auto_rule="gain", auto_threshold=0.03, auto_tolerance=1))
+    readings = ((0.10, 0.30), (0.90, 0.31), (0.10, 0.40), (0.95, 0.42))
+    assert all(gain.decide(model, v, fit_acc=f) is not None for v, f in readings)  # val EMA 0.1/0.5/0.3/0.625: 1 strike
+    with pytest.raises(ValueError, match="fit_acc"):
+        Grower(model, GrowthConfig(stop="auto", auto_rule="fit_gain")).decide(model, 0.5)
+
+
+def test_fit_gain_stop_in_the_loop() -> None:
+    """grow() passes the training accuracy to ``fit_gain``: a threshold no gain reaches stops at the
+    second strike (two growths), one every gain passes grows at every point."""
+    fit, val = _data(256)
+    counts = {}
+    for threshold in (-2.0, 2.0):
+        res = grow(_cnn(), fit, val, 8, GrowthConfig(stop="auto", auto_rule="fit_gain", auto_threshold=threshold,
+                                                      interval_epochs=1, seed=0), lr=0.05, progress=False)
+        growths = [h for h in res.history if "growth" in h]
+        assert all(0.0 <= h["fit_acc"] <= 1.0 for h in growths)
+        counts[threshold] = len(growths)
+    assert counts == {-2.0: 6, 2.0: 2}   # 6 points in 75% of 8 epochs; strikes at the 2nd and 3rd point
+
+
 def test_bad_specs_and_budgets() -> None:
     model = _cnn()
     for spec in ("VGG-1-2", "ResNet-1-1-1", "VGG-a-b-c", "ViT-D2-H2"):
