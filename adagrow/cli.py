@@ -194,16 +194,16 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
                          "a multiple of 8")
     cfg = QuantConfig(bits=args.bits, group_size=gs, order=args.order, method=args.method, sym=sym,
                       mse=args.mse, float_target=args.float_target, skip=tuple(args.skip)).validate()
-    if args.calib_text:
-        sentences, source = read_sentences(args.calib_text)[: args.calib], str(args.calib_text)
-    else:  # English models: the bundled everyday sentences; other models want their own text
-        from adagrow.hf_text import CALIBRATION
-        sentences = CALIBRATION[: args.calib]
-        source = f"adagrow.hf_text.CALIBRATION ({len(CALIBRATION)} English sentences)"
+    own_text = read_sentences(args.calib_text) if args.calib_text else None
+    model, tokenizer = load_hf(args.hf)
+    causal = is_causal_lm(model)
+    if own_text is not None:
+        sentences, source = own_text[: args.calib], str(args.calib_text)
+    else:  # English models: the bundled text; other models want their own
+        sentences, source = _bundled_calibration(causal, args.calib)
         if not args.quiet:
             print(f"calibrating on {source}: pass --calib-text FILE for text from your model's domain or language",
                   file=sys.stderr)
-    model, tokenizer = load_hf(args.hf)
     note = None
     if fmt != "adagrow":  # server formats need whole groups: every quantized layer's K checked now, before any work
         cfg.group_size, note = server_group_size(model, cfg, fmt, explicit=args.group_size is not None)
@@ -215,7 +215,6 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
     if not args.quiet:
         for n in notes:
             print(f"adagrow quantize: note: {n}", file=sys.stderr)
-    causal = is_causal_lm(model)
     batches = lm_windows(tokenizer, sentences, args.seq_len) if causal else _sentence_batches(tokenizer, sentences)
     t0 = time.perf_counter()
     qmodel = quantize(model, batches, cfg, progress=not args.quiet)
@@ -225,11 +224,26 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
     else:
         save_compressed(qmodel, out, fmt, overwrite=args.overwrite, tokenizer=tokenizer)
     result = {"out": str(out), "format": fmt, "quantize_s": q_s, "calib_text": source,
-              "calib_sentences": len(sentences), "notes": notes}
+              "calib_sentences": len(sentences),
+              "calib_tokens": sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+                                 else b["input_ids"].numel() for b in batches),
+              "notes": notes}
     result.update(_lm_quality(model, qmodel, tokenizer, args) if causal else _encoder_quality(model, qmodel, batches))
     result.update(quantized_layers=len(qmodel.adagrow_quant["layers"]), float_layers=qmodel.adagrow_quant["float"],
                   config=qmodel.adagrow_quant["config"])
     return result
+
+
+def _bundled_calibration(causal: bool, n: int) -> tuple[list[str], str]:
+    """The first ``n`` lines of the bundled English calibration text and its name: for a causal LM
+    the 256 paragraphs of ``CALIBRATION_PROSE`` (SmolLM2-135M W4 g128 at 21.5k of their tokens:
+    held-out perplexity increase 0.227x RTN's, against 0.334x on 7,168 tokens of the sentences;
+    docs/llm.md), for an encoder the 544 sentences of ``CALIBRATION`` (all-MiniLM-L6-v2 calibrated
+    on 256 paragraphs scores 0.9858 held-out sentence cosine, on 256 sentences 0.9911)."""
+    from adagrow.hf_text import CALIBRATION, CALIBRATION_PROSE
+    if causal:
+        return CALIBRATION_PROSE[:n], f"adagrow.hf_text.CALIBRATION_PROSE ({len(CALIBRATION_PROSE)} English paragraphs)"
+    return CALIBRATION[:n], f"adagrow.hf_text.CALIBRATION ({len(CALIBRATION)} English sentences)"
 
 
 def _sentence_batches(tokenizer, sentences: list[str]) -> list:
@@ -435,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face model folder (or a .gguf file) instead of CHECKPOINT "
                    "(needs the hf extra)")
     p.add_argument("--calib-text", metavar="FILE", help="with --hf: calibration text, one sentence or passage per "
-                   "line (default: adagrow's 544 bundled English sentences)")
+                   "line (default: adagrow's bundled English text: 256 paragraphs, ~28.5k SmolLM2 tokens, for a causal "
+                   "LM; 544 sentences for an encoder)")
     p.add_argument("--format", default=None, choices=["adagrow", "compressed-tensors", "gptq"],
                    help="with --hf: adagrow (OUT is a .safetensors file) or a server folder OUT (default: adagrow "
                         "when OUT ends in .safetensors, else compressed-tensors)")
@@ -456,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit each layer to its own output on the quantized prefix's inputs, not to the float "
                         "model's (faster, less accurate)")
     p.add_argument("--skip", nargs="*", default=[], help="layer names / patterns kept in float")
-    p.add_argument("--calib", type=_positive(int), default=512, help="calibration images / sentences (first N)")
+    p.add_argument("--calib", type=_positive(int), default=512, help="calibration images, or with --hf lines of "
+                   "the calibration text (first N: sentences, or the bundled paragraphs for a causal LM)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_quantize)
 

@@ -322,7 +322,8 @@ def test_cli_quantize_hf_writes_a_server_folder(tmp_path, capsys) -> None:
     assert main(["quantize", "--hf", str(model_dir), "--out", str(tmp_path / "x.safetensors"), "--calib", "64",
                  "--group-size", "32", "--quiet", "--json"]) == 0  # no --calib-text: the bundled sentences
     res = json.loads(capsys.readouterr().out)
-    assert res["calib_text"].startswith("adagrow.hf_text.CALIBRATION") and res["calib_sentences"] == 64
+    assert res["calib_text"].startswith("adagrow.hf_text.CALIBRATION (") and res["calib_sentences"] == 64
+    assert res["calib_tokens"] > 64  # an encoder calibrates on the bundled sentences (a causal LM on the prose)
     assert main(["quantize", "--hf", str(model_dir), "--calib-text", str(calib), "--out", str(tmp_path / "y"),
                  "--group-size", "tier"]) == 2
     assert "Linear layers take -1 or a multiple of 8" in capsys.readouterr().err
