@@ -46,7 +46,7 @@ from adagrow.data import cluttered_digits, train_val_split
 from adagrow.files import atomic_write, write_json
 from adagrow.grow import (DeployBudget, GrowingCNN, GrowingTransformer, GrowthConfig, build_from_arch, deploy_cost,
                           deploy_latency_ms, grow, reparameterize)
-from adagrow.grow.budget import paired_latency_ms
+from adagrow.grow.budget import fits_latency, paired_latency_ms
 from adagrow.grow.flops import train_flops
 from adagrow.grow.grower import AUTO_RULES
 from adagrow.grow.train import accuracy
@@ -224,7 +224,7 @@ def targets(summary: dict, args: argparse.Namespace) -> list[dict[str, Any]]:
         b = get(fam, main, "budget")
         if b is not None and "budget_ratio" in b:  # rows of runs before the paired scoring have none
             fixed = [s for k, s in summary.items() if k[:3] == (fam, main, "budget-fixed")]
-            within = [s for s in fixed if s["budget_ratio"] <= 1 + args.budget_tolerance]
+            within = [s for s in fixed if fits_latency(s["budget_ratio"], args.budget_tolerance)]
             best = max((s["acc_mean"] for s in within), default=None)
             ref = reference_net(args.size).spec()
             same_arch = [s["budget_ratio"] for s in fixed if s["specs"][0] == ref]
@@ -232,7 +232,7 @@ def targets(summary: dict, args: argparse.Namespace) -> list[dict[str, Any]]:
                         f"timed with every compared model in one interleaved pass, tolerance "
                         f"{100 * args.budget_tolerance:.0f}%): grown within it and >= the best fixed net within it "
                         "(equal FLOPs)",
-                        "met": b["budget_ratio"] <= 1 + args.budget_tolerance and (best is None or b["acc_mean"] >= best),
+                        "met": fits_latency(b["budget_ratio"], args.budget_tolerance) and (best is None or b["acc_mean"] >= best),
                         "budget_ratio": b["budget_ratio"], "budget_ratios": b["budget_ratios"],
                         "reference_ort_ms": b["paired_reference_ms"], "budget_ort_ms": b["paired_ort_ms"],
                         "same_arch_ratio": same_arch[0] if same_arch else None,

@@ -126,6 +126,12 @@ def paired_latency_ms(models: Mapping[str, nn.Module], example: torch.Tensor, ba
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def fits_latency(ratio: float, tolerance: float) -> bool:
+    """Whether a latency ``ratio`` to the budget's reference (from one :func:`paired_latency_ms`
+    pass) is within the budget: at most ``1 + tolerance``."""
+    return ratio <= 1 + tolerance
+
+
 def within_latency_of(latency_ms: Mapping[str, float], reference: str, tolerance: float) -> dict[str, float]:
     """Each model's latency over the ``reference`` model's, from one :func:`paired_latency_ms` pass,
     for the models within ``(1 + tolerance)`` x the reference (the reference itself included)."""
@@ -134,7 +140,7 @@ def within_latency_of(latency_ms: Mapping[str, float], reference: str, tolerance
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     ratios = {n: t / latency_ms[reference] for n, t in latency_ms.items()}
-    return {n: r for n, r in ratios.items() if r <= 1 + tolerance}
+    return {n: r for n, r in ratios.items() if fits_latency(r, tolerance)}
 
 
 def deploy_cost(model: nn.Module, example: torch.Tensor | None = None,
@@ -162,7 +168,7 @@ def deploy_cost(model: nn.Module, example: torch.Tensor | None = None,
 def over_budget(cost: dict[str, float], budget: DeployBudget) -> list[str]:
     """The quantities of ``cost`` that break ``budget`` (empty: it fits)."""
     over = [k for k in ("params", "macs", "latency_ms") if getattr(budget, k) is not None and cost[k] > getattr(budget, k)]
-    if budget.latency_of is not None and cost["latency_ratio"] > 1 + budget.latency_tolerance:
+    if budget.latency_of is not None and not fits_latency(cost["latency_ratio"], budget.latency_tolerance):
         over.append("latency_ratio")
     if budget.params is not None and cost["params_train"] > budget.train_factor * budget.params:
         over.append("params_train")
