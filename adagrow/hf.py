@@ -11,6 +11,9 @@ import torch
 from torch import nn
 
 MAX_LENGTH = 128  # tokens per sentence (MiniLM was trained with 128)
+# tokens per paragraph when scoring an encoder on prose: all-MiniLM-L6-v2's sentence-transformers
+# max_seq_length, so the held-out paragraphs (136-157 MiniLM tokens) are embedded whole
+PROSE_MAX_LENGTH = 256
 
 
 def _transformers() -> Any:
@@ -124,4 +127,4 @@ def cosine_to(reference: torch.Tensor, emb: torch.Tensor) -> float:
 
 
 __all__ = ["load_hf", "is_causal_lm", "read_sentences", "tokenize", "lm_windows", "server_group_size", "embed",
-           "cosine_to", "MAX_LENGTH"]
+           "cosine_to", "MAX_LENGTH", "PROSE_MAX_LENGTH"]

@@ -9,8 +9,11 @@ option at a time against the defaults, with a validation slice kept apart from t
   row: both perplexities, their increase over float and its ratio to RTN's (RTN W4 g128 asymmetric,
   the row ``rtn``).
 - ``minilm``: calibration = the first ``--sentences`` items of the same ``--calib-text`` (sentences or
-  paragraphs; ``both``: the sentences, then the paragraphs); validation = cosine of mean-pooled
-  embeddings to fp32 on the ``--val-sentences`` last sentences; held-out = cosine on ``HELD_OUT``.
+  paragraphs; ``both``: the sentences, then the paragraphs; ``prose_sentences``: the paragraphs cut
+  into sentences; ``both_sentences``: the sentences, then those); validation = cosine of mean-pooled
+  embeddings to fp32 on the ``--val-sentences`` last sentences; held-out = cosine on ``HELD_OUT``
+  (``cosine``) and on the ``HELD_OUT_PROSE`` paragraphs (``prose_cosine``, up to ``PROSE_MAX_LENGTH``
+  tokens each: the issue's setting, held-out prose).
 
 A variant is ``name`` or ``name:key=value,key=value`` (``QuantConfig`` fields over W4 g128 defaults,
 values parsed as Python literals, else strings): ``default``, ``noft:float_target=False``,
@@ -39,7 +42,7 @@ import torch
 from adagrow import __version__
 from adagrow.compress import QuantConfig, quantize
 from adagrow.files import write_json
-from adagrow.hf import cosine_to, embed, lm_windows, load_hf, tokenize
+from adagrow.hf import PROSE_MAX_LENGTH, cosine_to, embed, lm_windows, load_hf, tokenize
 from adagrow.hf_text import CALIBRATION, CALIBRATION_TEXTS, HELD_OUT, HELD_OUT_PROSE, calibration_text
 
 W4 = QuantConfig(bits=4, group_size=128)
@@ -96,15 +99,17 @@ def _minilm(args: argparse.Namespace) -> tuple[dict, Callable[[QuantConfig], dic
     cut = len(CALIBRATION) - args.val_sentences
     text = calibration_text(args.calib_text, args.val_sentences)[:args.sentences]
     calib = tokenize(tok, text)
-    held, val = tokenize(tok, HELD_OUT), tokenize(tok, CALIBRATION[cut:])
-    ref_held, ref_val = embed(model, held), embed(model, val)
+    scored = {"val_cosine": tokenize(tok, CALIBRATION[cut:]), "cosine": tokenize(tok, HELD_OUT),
+              "prose_cosine": tokenize(tok, HELD_OUT_PROSE, max_length=PROSE_MAX_LENGTH)}
+    refs = {key: embed(model, batches) for key, batches in scored.items()}
 
     def run(cfg: QuantConfig) -> dict:
         q, times = _timed_quantize(model, calib, cfg)
-        return {"val_cosine": cosine_to(ref_val, embed(q, val)), "cosine": cosine_to(ref_held, embed(q, held)), **times}
+        return {**{key: cosine_to(refs[key], embed(q, batches)) for key, batches in scored.items()}, **times}
     setup = {"model": "all-MiniLM-L6-v2", "calib_text": args.calib_text, "calib_items": len(text),
              "calib_tokens": sum(int(b["attention_mask"].sum()) for b in calib),
-             "val_sentences": args.val_sentences, "held_out_sentences": len(HELD_OUT)}
+             "val_sentences": args.val_sentences, "held_out_sentences": len(HELD_OUT),
+             "held_out_paragraphs": len(HELD_OUT_PROSE)}
     return setup, run
 
 
@@ -117,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sentences", type=int, default=256, help="MiniLM: calibration items (sentences or paragraphs)")
     ap.add_argument("--calib-text", choices=CALIBRATION_TEXTS, default="sentences",
                     help="calibration text: the bundled sentences (CALIBRATION, less the validation slice), the "
-                         "bundled paragraphs (CALIBRATION_PROSE), or both")
+                         "bundled paragraphs (CALIBRATION_PROSE), both, the paragraphs cut into sentences, or "
+                         "the sentences and those (adagrow.hf_text.calibration_text)")
     ap.add_argument("--val-sentences", type=int, default=64, help="last calibration sentences kept for validation")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", default="", help="what else ran on the machine (recorded in the JSON)")

@@ -3,12 +3,14 @@ quantizing from disk block by block, and data-parallel calibration.
 
 - ``minilm``: all-MiniLM-L6-v2 W4 g128 on the first ``--sentences`` items of ``--calib-text``
   (``sentences``: ``adagrow.hf_text.CALIBRATION``; ``prose``: its paragraphs ``CALIBRATION_PROSE``;
-  ``both``: the sentences, then the paragraphs; :func:`adagrow.hf_text.calibration_text`),
-  cosine of mean-pooled embeddings to fp32 on ``HELD_OUT``; wall and CPU seconds of
-  ``quantize()`` with adagrow defaults (float target, reparam order) and of the reference GPTQ
-  (IST-DASLab/gptq's ``gptq.py`` + ``quant.py`` from ``--gptq DIR``, run in this process, true
-  sequential: q/k/v, attention output, intermediate, output; asymmetric, g128, no act order),
-  interleaved ``--repeats`` times;
+  ``both``: the sentences, then the paragraphs; ``prose_sentences`` / ``both_sentences``: the
+  paragraphs cut into sentences, alone or after the sentences; :func:`adagrow.hf_text.calibration_text`),
+  cosine of mean-pooled embeddings to fp32 on ``HELD_OUT`` (``cosine``) and on the ``HELD_OUT_PROSE``
+  paragraphs (``prose_cosine``); wall and CPU seconds of RTN once, then of ``quantize()`` with
+  adagrow defaults (float target, reparam order) and of the reference GPTQ (IST-DASLab/gptq's
+  ``gptq.py`` + ``quant.py`` from ``--gptq DIR``, run in this process, true sequential: q/k/v,
+  attention output, intermediate, output; asymmetric, g128, no act order), interleaved
+  ``--repeats`` times;
 - ``smollm2``: SmolLM2-135M-Instruct W4 g128 calibrated on ``--lm-windows`` windows of ``--lm-seq-len``
   tokens of the same ``--calib-text``: RTN, then the reference GPTQ (true sequential: k/v/q, o, up/gate, down)
   and adagrow's defaults interleaved ``--repeats`` times; wall and CPU seconds, perplexity on
@@ -50,8 +52,8 @@ from adagrow import __version__
 from adagrow.compress import QuantConfig, quantize
 from adagrow.compress.blocks import hidden
 from adagrow.files import write_json
-from adagrow.hf import cosine_to, embed, load_hf, tokenize
-from adagrow.hf_text import CALIBRATION_TEXTS, HELD_OUT, calibration_text
+from adagrow.hf import PROSE_MAX_LENGTH, cosine_to, embed, load_hf, tokenize
+from adagrow.hf_text import CALIBRATION_TEXTS, HELD_OUT, HELD_OUT_PROSE, calibration_text
 from adagrow.models import minilm_path
 
 W4 = QuantConfig(bits=4, group_size=128)
@@ -124,21 +126,25 @@ def reference_gptq(model: nn.Module, layers: nn.ModuleList, sequential: list[lis
 
 
 def minilm(sentences: int, gptq_dir: Path | None, repeats: int, text: str = "sentences") -> list[dict]:
+    """all-MiniLM-L6-v2 W4 g128 on the first ``sentences`` items of the calibration ``text``: RTN once,
+    then the reference GPTQ (true sequential) and adagrow's defaults interleaved ``repeats`` times;
+    wall and CPU seconds of each quantization, the cosine of mean-pooled embeddings to fp32 on
+    ``HELD_OUT`` (``cosine``) and on the ``HELD_OUT_PROSE`` paragraphs (``prose_cosine``)."""
     model, tok = load_hf(minilm_path())
-    calib, held = tokenize(tok, calibration_text(text)[:sentences]), tokenize(tok, HELD_OUT)
-    ref = embed(model, held)
-    rows = []
-    for rep in range(repeats):
-        runs = [("adagrow defaults W4 g128", lambda: quantize(model, calib, W4, progress=False))]
-        if gptq_dir is not None:
-            runs.insert(0, ("reference GPTQ W4 g128 (true sequential)",
-                            lambda: _reference_copy(model, lambda m: m.encoder.layer, BERT_SEQUENTIAL, calib,
-                                                    gptq_dir)))
-        for label, fn in runs:
-            q, wall, cpu = _timed(fn)
-            rows.append({"method": label, "repeat": rep, "wall_s": wall, "cpu_s": cpu,
-                         "cosine": cosine_to(ref, embed(q, held))})
-            print(rows[-1], flush=True)
+    calib = tokenize(tok, calibration_text(text)[:sentences])
+    scored = {"cosine": tokenize(tok, HELD_OUT),
+              "prose_cosine": tokenize(tok, HELD_OUT_PROSE, max_length=PROSE_MAX_LENGTH)}
+    refs = {key: embed(model, batches) for key, batches in scored.items()}
+    runs = [("adagrow defaults W4 g128", lambda: quantize(model, calib, W4, progress=False))]
+    if gptq_dir is not None:
+        runs.insert(0, ("reference GPTQ W4 g128 (true sequential)",
+                        lambda: _reference_copy(model, lambda m: m.encoder.layer, BERT_SEQUENTIAL, calib, gptq_dir)))
+    rows: list[dict] = []
+    for label, fn in [("RTN W4 g128", lambda: quantize(model, calib, RTN4, progress=False))] + runs * repeats:
+        q, wall, cpu = _timed(fn)
+        rows.append({"method": label, "repeat": sum(r["method"] == label for r in rows), "wall_s": wall, "cpu_s": cpu,
+                     **{key: cosine_to(refs[key], embed(q, batches)) for key, batches in scored.items()}})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -158,7 +164,6 @@ def smollm2(seq_len: int, windows: int, gptq_dir: Path | None, repeats: int, tex
     ``HELD_OUT_PROSE`` (window 256, stride 128) and its increase over float as a ratio of RTN's."""
     from adagrow.eval import perplexity
     from adagrow.hf import lm_windows
-    from adagrow.hf_text import HELD_OUT_PROSE
     from adagrow.models import smollm2_path
     model, tok = load_hf(smollm2_path())
     calib = lm_windows(tok, calibration_text(text), seq_len, windows)
@@ -342,7 +347,6 @@ def ranks(sentences: list[int], models: list[str], seq_len: int, windows: int, r
     if "smollm2" in models:
         from adagrow.eval import perplexity
         from adagrow.hf import lm_windows
-        from adagrow.hf_text import HELD_OUT_PROSE
         from adagrow.models import smollm2_path
         model, tok = load_hf(smollm2_path())
         held_ids = tok("\n".join(HELD_OUT_PROSE), return_tensors="pt")["input_ids"]
@@ -372,7 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gptq", type=Path, help="folder with IST-DASLab/gptq's gptq.py and quant.py")
     ap.add_argument("--sentences", type=int, default=128, help="MiniLM (and ranks): calibration items")
     ap.add_argument("--calib-text", choices=CALIBRATION_TEXTS, default="sentences",
-                    help="minilm, smollm2 and ranks: the bundled sentences, paragraphs (CALIBRATION_PROSE) or both")
+                    help="minilm, smollm2 and ranks: the bundled sentences, paragraphs (CALIBRATION_PROSE), both, the "
+                         "paragraphs cut into sentences, or the sentences and those")
     ap.add_argument("--lm-seq-len", type=int, default=256, help="SmolLM2 calibration window (tokens)")
     ap.add_argument("--lm-windows", type=int, default=16, help="SmolLM2 calibration windows")
     ap.add_argument("--repeats", type=int, default=1)

@@ -362,11 +362,25 @@ def test_calibration_prose_is_distinct_and_shares_no_six_words_with_held_out() -
     assert not held & set().union(*map(_grams, CALIBRATION_PROSE))
 
 
+def test_split_sentences_cuts_at_sentence_ends_only() -> None:
+    """A sentence ends at . ! or ? (with a closing quote) before a capital or an opening quote; not
+    inside a number, before a lower-case word, or at a comma inside a quotation."""
+    from adagrow.hf_text import split_sentences
+    text = ('Prices rose 0.4 percent. "We know," she said, "it is late." Work starts soon! '
+            'Is it? yes, it is. "Fine." Done.')
+    assert split_sentences(text) == ["Prices rose 0.4 percent.", '"We know," she said, "it is late."',
+                                     "Work starts soon!", "Is it? yes, it is.", '"Fine."', "Done."]
+    assert split_sentences("  One sentence without an end  ") == ["One sentence without an end"]
+
+
 def test_calibration_text_names_the_bundled_texts() -> None:
     from adagrow.hf_text import CALIBRATION, CALIBRATION_PROSE, calibration_text
     assert calibration_text("sentences") == CALIBRATION and calibration_text("prose") == CALIBRATION_PROSE
     both = calibration_text("both", held_back=64)
     assert both == CALIBRATION[:-64] + CALIBRATION_PROSE and CALIBRATION[-1] not in both
+    split = calibration_text("prose_sentences")
+    assert calibration_text("both_sentences", held_back=64) == CALIBRATION[:-64] + split
+    assert len(split) == 1327 and " ".join(split) == " ".join(CALIBRATION_PROSE)  # every word kept, in order
     with pytest.raises(ValueError, match="expected one of"):
         calibration_text("paragraphs")
     with pytest.raises(ValueError, match="held_back"):
