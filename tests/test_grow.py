@@ -17,6 +17,10 @@ from adagrow.grow.flops import forward_macs, train_flops
 from adagrow.grow.optim import rebuild_optimizer
 
 
+# placement tests call decide() with no readings: the gain rule never stops on a missing validation
+# accuracy (the default, fit_gain, needs the training accuracy that grow() passes)
+NO_READINGS = {"stop": "auto", "auto_rule": "gain"}
+
 def _data(n: int = 96, size: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, size, size, generator=g)
@@ -60,10 +64,10 @@ def test_greedy_location_is_largest_gamma_stage_ignoring_fresh_layers() -> None:
     model.insert_layer(1, 2)
     _set_gamma(model, 0.5)
     _set_gamma(model.stages[1][1], 3.0)  # the first family layer of stage 1 matters most
-    decision = Grower(model, GrowthConfig(stop="auto", location="greedy")).decide(model, None)
+    decision = Grower(model, GrowthConfig(**NO_READINGS, location="greedy")).decide(model, None)
     assert decision == {"kind": "depth", "stage": 1, "position": 2}  # right after that layer
     # a just-inserted layer's gamma is its init, not a measure of importance: it is ignored ...
-    grower = Grower(model, GrowthConfig(stop="auto", interval=10, location="greedy"))
+    grower = Grower(model, GrowthConfig(**NO_READINGS, interval=10, location="greedy"))
     fresh = model.insert_layer(2, 1, preserve=True)
     _set_gamma(fresh, 5.0)
     grower.born[id(fresh)] = 100
@@ -111,7 +115,7 @@ def test_probe_compares_only_options_within_budget_and_charges_its_flops() -> No
     assert [o["stage"] for o in seen[0]] == [1, 2]  # stage 0's layer costs more MACs than the budget allows
     assert (decision["stage"], decision["position"], decision["probe_val_loss"]) == (1, 1, [0.0, 0.0])
     with pytest.raises(ValueError, match="probe"):
-        Grower(model, GrowthConfig(stop="auto", location="probe")).decide(model, None)
+        Grower(model, GrowthConfig(**NO_READINGS, location="probe")).decide(model, None)
     # the probes' training steps and validation passes count in the run's FLOPs
     train, val = _data()  # 72 samples: batches of 64 and 8; one growth at step 3, one probe step each
     res = grow(_cnn(), train, val, epochs=2, config=GrowthConfig(stop="VGG-1-1-1", interval=3, probe_steps=1, location="probe"),
@@ -125,21 +129,21 @@ def test_probe_compares_only_options_within_budget_and_charges_its_flops() -> No
 def test_random_and_sequential_locations() -> None:
     model = _cnn()
     model.insert_layer(1, 1)
-    grower = Grower(model, GrowthConfig(stop="auto", location="random", seed=3))
+    grower = Grower(model, GrowthConfig(**NO_READINGS, location="random", seed=3))
     picks = [grower._depth(model) for _ in range(60)]
     assert {d["stage"] for d in picks} == {0, 1, 2}  # not stuck on one stage
     for d in picks:  # a valid place: after the downsampling layer of a later stage
         assert (1 if d["stage"] else 0) <= d["position"] <= len(model.stages[d["stage"]])
-    again = Grower(model, GrowthConfig(stop="auto", location="random", seed=3))
+    again = Grower(model, GrowthConfig(**NO_READINGS, location="random", seed=3))
     assert [again._depth(model) for _ in range(60)] == picks  # seeded
-    seq = Grower(model, GrowthConfig(stop="auto", location="sequential"))
+    seq = Grower(model, GrowthConfig(**NO_READINGS, location="sequential"))
     decisions = [seq.decide(model, None) for _ in range(7)]  # depth, depth, width, depth, depth, width, depth
     assert [d.get("stage") for d in decisions] == [0, 1, None, 2, 0, None, 1]  # a width growth skips no stage
 
 
 def test_balanced_location_grows_the_least_deep_stage_nearest_the_input_first() -> None:
     model = GrowingCNN("vgg", widths=(8, 8, 16), num_classes=4, depths=(1, 0, 1))
-    grower = Grower(model, GrowthConfig(stop="auto"))  # the CNN default
+    grower = Grower(model, GrowthConfig(**NO_READINGS))  # the CNN default
     assert grower.location == "balanced"
     grown = []
     for _ in range(6):
@@ -447,6 +451,36 @@ def test_fit_gain_stop_in_the_loop() -> None:
         assert all(0.0 <= h["fit_acc"] <= 1.0 for h in growths)
         counts[threshold] = len(growths)
     assert counts == {-2.0: 6, 2.0: 2}   # 6 points in 75% of 8 epochs; strikes at the 2nd and 3rd point
+
+
+def test_fit_gain_is_the_default_stop_rule() -> None:
+    """``stop="auto"`` reads the training-fit gain unless told otherwise: without the training
+    accuracy it refuses to decide (the gain rule would not)."""
+    assert GrowthConfig().auto_rule == "fit_gain"
+    with pytest.raises(ValueError, match="fit_gain"):
+        Grower(_cnn(), GrowthConfig(stop="auto")).decide(_cnn(), 0.5)
+
+
+def test_val_every_skips_validation_records_not_training() -> None:
+    """``val_every=3`` validates at epochs 3, 6 and the last one only; the training (growth steps,
+    weights, FLOPs) is the one of ``val_every=1``, and the validations it keeps read the same."""
+    fit, val = _data(256)
+    runs = {}
+    for every in (1, 3):
+        torch.manual_seed(0)
+        runs[every] = grow(_cnn(), fit, val, 7, GrowthConfig(stop="auto", interval_epochs=2, seed=0), lr=0.05,
+                           progress=False, val_every=every)
+    epochs = {e: [h for h in r.history if "growth" not in h] for e, r in runs.items()}
+    assert [h["epoch"] for h in epochs[3] if h["val_acc"] is not None] == [3, 6, 7]
+    assert [h["val_acc"] for h in epochs[1] if h["epoch"] in (3, 6, 7)] == [h["val_acc"] for h in epochs[3]
+                                                                            if h["val_acc"] is not None]
+    assert [h["growth"] for h in runs[1].history if "growth" in h] == [h["growth"] for h in runs[3].history
+                                                                       if "growth" in h]
+    assert epochs[1][-1]["train_flops"] == epochs[3][-1]["train_flops"]
+    for a, b in zip(runs[1].model.state_dict().values(), runs[3].model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="val_every"):
+        grow(_cnn(), fit, val, 1, lr=0.05, progress=False, val_every=0)
 
 
 def test_bad_specs_and_budgets() -> None:
