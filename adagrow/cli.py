@@ -12,6 +12,7 @@ from typing import Any
 
 from adagrow import __version__
 
+DEFAULT_CALIB = 512  # quantize --calib: images, or lines of a --calib-text FILE (the bundled text: all)
 DATA_HELP = ("digits (bundled, default) | cluttered[:difficulty] (seeded, harder; difficulty in [0, 1], default 0.6) | "
              "cifar10:/path/to/cifar-10-batches-py | npz:/path/file.npz (arrays x, y)")
 
@@ -159,7 +160,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     x_tr, _, x_te, y_te = _data(args)
     _check_input_shape(deploy, x_tr, args)
     t0 = time.perf_counter()
-    qmodel = quantize(deploy, x_tr[: args.calib].split(128), cfg, progress=not args.quiet)
+    qmodel = quantize(deploy, x_tr[: args.calib or DEFAULT_CALIB].split(128), cfg, progress=not args.quiet)
     q_s = time.perf_counter() - t0
     save_quantized(qmodel, out, overwrite=args.overwrite)
     return {"out": str(out), "float_acc": accuracy(deploy, x_te, y_te), "quant_acc": accuracy(qmodel, x_te, y_te),
@@ -198,7 +199,7 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_hf(args.hf)
     causal = is_causal_lm(model)
     if own_text is not None:
-        sentences, source = own_text[: args.calib], str(args.calib_text)
+        sentences, source = own_text[: args.calib or DEFAULT_CALIB], str(args.calib_text)
     else:  # English models: the bundled text; other models want their own
         sentences, source = _bundled_calibration(causal, args.calib)
         if not args.quiet:
@@ -234,16 +235,18 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _bundled_calibration(causal: bool, n: int) -> tuple[list[str], str]:
-    """The first ``n`` lines of the bundled English calibration text and its name: for a causal LM
-    the 256 paragraphs of ``CALIBRATION_PROSE`` (SmolLM2-135M W4 g128 at 21.5k of their tokens:
-    held-out perplexity increase 0.227x RTN's, against 0.334x on 7,168 tokens of the sentences;
-    docs/llm.md), for an encoder the 544 sentences of ``CALIBRATION`` (all-MiniLM-L6-v2 calibrated
-    on 256 paragraphs scores 0.9858 held-out sentence cosine, on 256 sentences 0.9911)."""
-    from adagrow.hf_text import CALIBRATION, CALIBRATION_PROSE
+def _bundled_calibration(causal: bool, n: int | None) -> tuple[list[str], str]:
+    """The first ``n`` lines (``None``: all) of the bundled English calibration text and its name:
+    for a causal LM the 256 paragraphs of ``CALIBRATION_PROSE`` (SmolLM2-135M W4 g128 at 21.5k of
+    their tokens: held-out perplexity increase 0.227x RTN's, against 0.334x on 7,168 tokens of the
+    sentences; docs/llm.md), for an encoder the 544 sentences of ``CALIBRATION`` then those
+    paragraphs (all-MiniLM-L6-v2 W4 g128 held-out cosine 0.9919 on sentences and 0.9918 on prose;
+    calibrated on the sentences alone 0.9921 and 0.966, on the paragraphs alone 0.9858 and 0.9907)."""
+    from adagrow.hf_text import CALIBRATION, CALIBRATION_PROSE, calibration_text
     if causal:
         return CALIBRATION_PROSE[:n], f"adagrow.hf_text.CALIBRATION_PROSE ({len(CALIBRATION_PROSE)} English paragraphs)"
-    return CALIBRATION[:n], f"adagrow.hf_text.CALIBRATION ({len(CALIBRATION)} English sentences)"
+    return calibration_text("both")[:n], (f"adagrow.hf_text.calibration_text('both') ({len(CALIBRATION)} English "
+                                          f"sentences, then {len(CALIBRATION_PROSE)} paragraphs)")
 
 
 def _sentence_batches(tokenizer, sentences: list[str]) -> list:
@@ -450,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(needs the hf extra)")
     p.add_argument("--calib-text", metavar="FILE", help="with --hf: calibration text, one sentence or passage per "
                    "line (default: adagrow's bundled English text: 256 paragraphs, ~28.5k SmolLM2 tokens, for a causal "
-                   "LM; 544 sentences for an encoder)")
+                   "LM; 544 sentences then those paragraphs for an encoder)")
     p.add_argument("--format", default=None, choices=["adagrow", "compressed-tensors", "gptq"],
                    help="with --hf: adagrow (OUT is a .safetensors file) or a server folder OUT (default: adagrow "
                         "when OUT ends in .safetensors, else compressed-tensors)")
@@ -471,8 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit each layer to its own output on the quantized prefix's inputs, not to the float "
                         "model's (faster, less accurate)")
     p.add_argument("--skip", nargs="*", default=[], help="layer names / patterns kept in float")
-    p.add_argument("--calib", type=_positive(int), default=512, help="calibration images, or with --hf lines of "
-                   "the calibration text (first N: sentences, or the bundled paragraphs for a causal LM)")
+    p.add_argument("--calib", type=_positive(int), default=None, help="calibration images, or with --hf lines of "
+                   f"the calibration text (first N; default: {DEFAULT_CALIB} images or lines of --calib-text FILE, "
+                   "all of the bundled text)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_quantize)
 

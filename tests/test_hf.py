@@ -322,8 +322,13 @@ def test_cli_quantize_hf_writes_a_server_folder(tmp_path, capsys) -> None:
     assert main(["quantize", "--hf", str(model_dir), "--out", str(tmp_path / "x.safetensors"), "--calib", "64",
                  "--group-size", "32", "--quiet", "--json"]) == 0  # no --calib-text: the bundled sentences
     res = json.loads(capsys.readouterr().out)
-    assert res["calib_text"].startswith("adagrow.hf_text.CALIBRATION (") and res["calib_sentences"] == 64
+    assert res["calib_text"].startswith("adagrow.hf_text.calibration_text('both') (") and res["calib_sentences"] == 64
     assert res["calib_tokens"] > 64  # an encoder calibrates on the bundled sentences (a causal LM on the prose)
+    from adagrow.cli import _bundled_calibration
+    from adagrow.hf_text import CALIBRATION, CALIBRATION_PROSE
+    # without --calib an encoder gets every bundled sentence, then every paragraph; --calib N the first N
+    assert _bundled_calibration(False, None)[0] == CALIBRATION + CALIBRATION_PROSE
+    assert _bundled_calibration(True, None)[0] == CALIBRATION_PROSE
     assert main(["quantize", "--hf", str(model_dir), "--calib-text", str(calib), "--out", str(tmp_path / "y"),
                  "--group-size", "tier"]) == 2
     assert "Linear layers take -1 or a multiple of 8" in capsys.readouterr().err
