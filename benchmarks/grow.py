@@ -63,7 +63,8 @@ from adagrow.grow.train import accuracy
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
 
-FIXED = {"cnn": [(0, 0, 0), (1, 1, 1), (2, 2, 2)], "vit": [(1, 2), (2, 2), (2, 4)]}  # depths / (depth, heads)
+# depths / (depth, heads)
+FIXED: dict[str, list[tuple[int, ...]]] = {"cnn": [(0, 0, 0), (1, 1, 1), (2, 2, 2)], "vit": [(1, 2), (2, 2), (2, 4)]}
 CURVE_POINTS = 10  # validation records per control run (every epochs // 10 epochs; grown runs: every epoch)
 CNN_WIDTHS = (16, 32, 64)
 HEAD_DIM = 16
