@@ -133,20 +133,22 @@ def run_unit(family: str, seed: int, difficulty: float, args: argparse.Namespace
         epochs = max(1, round(flops / train_flops(model, fit[0][:1], len(fit[0]))))
         return train(name, model, GrowthConfig(stop=model.spec(), seed=seed), epochs)
 
-    torch.manual_seed(seed)
-    auto = {"auto_rule": args.auto_rule, "bn_batches": args.bn_batches,
-            **({"fit_target": args.fit_target} if args.fit_target is not None else {})}
-    grown = train("grown", make(None), GrowthConfig(stop="auto", seed=seed, **auto), args.epochs)
-    budget_g = rows[-1]["train_flops"]
-    if args.grown_only:
-        return rows
-    if main_task:
-        matched("scratch-flops", grown.arch(), budget_g, fresh=True)
-        torch.manual_seed(seed + 1000)
-        train("scratch-epochs", build_from_arch(grown.arch()), GrowthConfig(stop=grown.spec(), seed=seed), args.epochs)
-    if args.full_controls or family in args.fixed_families:
-        for arch in fixed_nets(family, main_task, args.full_controls):
-            matched("fixed", arch, budget_g)
+    if not args.budget_only:
+        torch.manual_seed(seed)
+        auto = {"auto_rule": args.auto_rule, "bn_batches": args.bn_batches,
+                **({"fit_target": args.fit_target} if args.fit_target is not None else {})}
+        grown = train("grown", make(None), GrowthConfig(stop="auto", seed=seed, **auto), args.epochs)
+        budget_g = rows[-1]["train_flops"]
+        if args.grown_only:
+            return rows
+        if main_task:
+            matched("scratch-flops", grown.arch(), budget_g, fresh=True)
+            torch.manual_seed(seed + 1000)
+            train("scratch-epochs", build_from_arch(grown.arch()), GrowthConfig(stop=grown.spec(), seed=seed),
+                  args.epochs)
+        if args.full_controls or family in args.fixed_families:
+            for arch in fixed_nets(family, main_task, args.full_controls):
+                matched("fixed", arch, budget_g)
     if main_task and budget_ms is not None and family in args.budget_families:
         torch.manual_seed(seed)
         budget = (DeployBudget(latency_ms=budget_ms, backend="ort-cpu", runs=args.runs) if args.budget_growth == "once"
@@ -312,6 +314,22 @@ def plot(rows: list[dict[str, Any]], summary: dict, args: argparse.Namespace, ou
     return paths
 
 
+def earlier_rows(paths: list[Path]) -> tuple[list[dict[str, Any]], float | None, list[str]]:
+    """The rows of earlier runs' JSON files, a later file's rows replacing an earlier file's rows of
+    the same (family, difficulty, name); the last file's budget latency; each run's command."""
+    rows: list[dict[str, Any]] = []
+    budget_ms, commands = None, []
+    for path in paths:
+        run = json.loads(path.read_text())
+        key = lambda r: (r["family"], r["difficulty"], r["name"])  # noqa: E731
+        replaced = {key(r) for r in run["rows"]}
+        rows = [r for r in rows if key(r) not in replaced] + run["rows"]
+        budget_ms = run.get("budget_latency_ms", budget_ms)
+        ran = run["command"]
+        commands.append(ran if isinstance(ran, str) else "python " + " ".join(ran))
+    return rows, budget_ms, commands
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -325,7 +343,8 @@ def run_units(args: argparse.Namespace) -> tuple[list[dict[str, Any]], float]:
     # every compared model, pair_budget)
     budget_ms = deploy_latency_ms(reparameterize(reference_net(args.size).eval()), x_te[:1], "ort-cpu", runs=args.runs)
     units = [(fam, seed, d) for fam in args.families for seed in range(args.seeds)
-             for d in (args.difficulties if fam in args.adapt_families else [args.difficulty])]
+             for d in (args.difficulties if fam in args.adapt_families else [args.difficulty])
+             if not args.budget_only or (fam in args.budget_families and d == args.difficulty)]
     units.sort(key=lambda u: u[2] != args.difficulty)  # the costlier main-task units first (shorter tail)
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
@@ -360,10 +379,14 @@ def main(argv: list[str] | None = None) -> dict:
                          "the budget's reference net, is at most (1 + this) x the reference's (timing noise: two "
                          "copies of one architecture differed by up to 1.3%% at 50 rounds, 0.5%% at 300, on the shared "
                          "machine)")
-    ap.add_argument("--budget-growth", choices=("once", "paired"), default="once",
-                    help="how the budget run checks each growth step: against the reference net's latency timed once "
-                         "at the start (once), or timed beside the candidate at every check (paired, "
-                         "DeployBudget.latency_of, with --budget-tolerance; not measured yet)")
+    ap.add_argument("--budget-growth", choices=("once", "paired"), default="paired",
+                    help="how the budget run checks each growth step: against the reference net's latency timed "
+                         "beside the candidate at every check (paired, DeployBudget.latency_of, with "
+                         "--budget-tolerance), or timed once at the start (once: v12's budget read 1.48x the "
+                         "reference's true latency under load, and the budget run grew past it)")
+    ap.add_argument("--budget-only", action="store_true",
+                    help="train only the budget runs and the fixed nets scored against them (the budget families, "
+                         "main task); combine with an earlier run's rows by giving both files to --rows")
     ap.add_argument("--budget-runs", type=int, default=300,
                     help="interleaved rounds (one call of each compared model per round) of the budget scoring pass")
     ap.add_argument("--auto-rule", choices=AUTO_RULES, default=GrowthConfig.auto_rule,
@@ -381,9 +404,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--jobs", type=int, default=2, help="(family, seed, difficulty) units run in parallel processes")
     ap.add_argument("--quick", action="store_true", help="CI-sized: 16x16, 600 images, 4 epochs, 1 seed")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "grow_cpu.json")
-    ap.add_argument("--rows", type=Path, default=None,
-                    help="summarize the rows of an earlier run's JSON (the .partial.json of a run cut short) instead "
-                         "of training; give that run's other arguments")
+    ap.add_argument("--rows", type=Path, nargs="+", default=None,
+                    help="summarize the rows of earlier runs' JSON (the .partial.json of a run cut short) instead "
+                         "of training; give that run's other arguments. With several files, the rows of a later "
+                         "file replace an earlier file's rows of the same family, difficulty and name")
     args = ap.parse_args(argv)
     if args.quick:
         args.size, args.n_train, args.epochs, args.seeds, args.runs = 16, 600, 4, 1, 10
@@ -393,10 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     command = "python benchmarks/grow.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.rows is not None:
-        earlier = json.loads(args.rows.read_text())
-        rows, budget_ms, ran = earlier["rows"], earlier.get("budget_latency_ms"), earlier["command"]
-        command = (f"{ran if isinstance(ran, str) else 'python ' + ' '.join(ran)}  ({len(rows)} rows of that run "
-                   f"summarized by: {command})")
+        rows, budget_ms, ran = earlier_rows(args.rows)
+        command = f"{' + '.join(ran)}  ({len(rows)} rows of {'those runs' if len(ran) > 1 else 'that run'} summarized by: {command})"
     else:
         rows, budget_ms = run_units(args)
     summary = summarize(rows)

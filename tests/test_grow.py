@@ -1,6 +1,8 @@
 """Growth: schedule, greedy locations, stopping, optimizer state, function preservation,
 checkpoints, and two-process DDP (gloo) agreement."""
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -762,3 +764,22 @@ def test_cli_grows_to_a_latency_budget(tmp_path, capsys) -> None:
     argv[argv.index("50")] = "0.000001"
     assert main(argv[:-4] + ["--out", str(tmp_path / "h.safetensors")]) == 2
     assert "already breaks the budget" in capsys.readouterr().err
+
+
+def test_benchmark_rows_of_a_later_run_replace_the_same_groups(tmp_path) -> None:
+    """benchmarks/grow.py --rows A B: B's rows replace A's of the same (family, difficulty, name);
+    A's other rows stay, and both commands are kept (the budget-only re-run of a full run)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grow.py"
+    spec = importlib.util.spec_from_file_location("grow_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = lambda name, seed, acc: {"family": "vgg", "difficulty": 0.6, "name": name, "seed": seed, "accuracy": acc}  # noqa: E731
+    a = {"command": "python benchmarks/grow.py", "budget_latency_ms": 0.08,
+         "rows": [row("grown", 0, 0.6), row("budget", 0, 0.5), row("budget", 1, 0.55)]}
+    b = {"command": ["benchmarks/grow.py", "--budget-only"], "budget_latency_ms": 0.05, "rows": [row("budget", 0, 0.7)]}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    rows, budget_ms, commands = bench.earlier_rows([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [(r["name"], r["seed"], r["accuracy"]) for r in rows] == [("grown", 0, 0.6), ("budget", 0, 0.7)]
+    assert budget_ms == 0.05 and commands == ["python benchmarks/grow.py", "python benchmarks/grow.py --budget-only"]
