@@ -146,7 +146,7 @@ def run_unit(family: str, seed: int, difficulty: float, args: argparse.Namespace
             torch.manual_seed(seed + 1000)
             train("scratch-epochs", build_from_arch(grown.arch()), GrowthConfig(stop=grown.spec(), seed=seed),
                   args.epochs)
-        if args.full_controls or family in args.fixed_families:
+        if family in front_families(args):
             for arch in fixed_nets(family, main_task, args.full_controls):
                 matched("fixed", arch, budget_g)
     if main_task and budget_ms is not None and family in args.budget_families:
@@ -162,6 +162,12 @@ def run_unit(family: str, seed: int, difficulty: float, args: argparse.Namespace
             compared[model.spec()] = (rows[-1], model)
         pair_budget(compared, reference_net(args.size), x_te[:1], args.budget_runs)
     return rows
+
+
+def front_families(args: argparse.Namespace) -> set[str]:
+    """The families whose fixed nets are trained for the front: ``--fixed-families`` of the run's
+    ``--families`` (all of them with ``--full-controls``)."""
+    return set(args.families) if args.full_controls else set(args.fixed_families) & set(args.families)
 
 
 def fixed_nets(family: str, main_task: bool, full: bool) -> list[tuple[int, ...]]:
@@ -317,11 +323,11 @@ def plot(rows: list[dict[str, Any]], summary: dict, args: argparse.Namespace, ou
 def earlier_rows(paths: list[Path]) -> tuple[list[dict[str, Any]], float | None, list[str]]:
     """The rows of earlier runs' JSON files, a later file's rows replacing an earlier file's rows of
     the same (family, difficulty, name); the last file's budget latency; each run's command."""
+    key = lambda r: (r["family"], r["difficulty"], r["name"])  # noqa: E731
     rows: list[dict[str, Any]] = []
     budget_ms, commands = None, []
     for path in paths:
         run = json.loads(path.read_text())
-        key = lambda r: (r["family"], r["difficulty"], r["name"])  # noqa: E731
         replaced = {key(r) for r in run["rows"]}
         rows = [r for r in rows if key(r) not in replaced] + run["rows"]
         budget_ms = run.get("budget_latency_ms", budget_ms)
@@ -467,8 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   "scoring_rounds": args.budget_runs},
                        "lr_after_growth": "restart (cosine from the base LR over the remaining steps)",
                        "interval_epochs": {"cnn": 3, "vit": 5}, "train_flops": "3 x 2 x forward MACs x batch per step",
-                       "controls": {"fixed_families": sorted(set(args.families) if args.full_controls
-                                                             else set(args.fixed_families) & set(args.families)),
+                       "controls": {"fixed_families": sorted(front_families(args)),
                                     "fixed_main": ["-".join(map(str, a)) for a in FIXED["cnn"]],
                                     "fixed_other_difficulties": ["-".join(map(str, a)) for a in
                                                                  fixed_nets("vgg", False, args.full_controls)],
