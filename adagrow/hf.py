@@ -121,10 +121,19 @@ def server_group_size(model: nn.Module, config: Any, fmt: str, explicit: bool) -
     return whole_group_size(ks, config.group_size_for("linear"), fmt, explicit=explicit)
 
 
+def held_out_batches(tokenizer: Any) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """The held-out English texts an encoder is scored on, tokenized, by the name of their score:
+    ``"cosine"``, the ``HELD_OUT`` sentences (up to ``MAX_LENGTH`` tokens), and ``"prose_cosine"``,
+    the ``HELD_OUT_PROSE`` paragraphs embedded whole (up to ``PROSE_MAX_LENGTH``)."""
+    from adagrow.hf_text import HELD_OUT, HELD_OUT_PROSE
+    return {"cosine": tokenize(tokenizer, HELD_OUT),
+            "prose_cosine": tokenize(tokenizer, HELD_OUT_PROSE, max_length=PROSE_MAX_LENGTH)}
+
+
 def cosine_to(reference: torch.Tensor, emb: torch.Tensor) -> float:
     """Mean cosine similarity of matching rows."""
     return float(torch.nn.functional.cosine_similarity(emb, reference, dim=-1).mean())
 
 
 __all__ = ["load_hf", "is_causal_lm", "read_sentences", "tokenize", "lm_windows", "server_group_size", "embed",
-           "cosine_to", "MAX_LENGTH", "PROSE_MAX_LENGTH"]
+           "cosine_to", "held_out_batches", "MAX_LENGTH", "PROSE_MAX_LENGTH"]

@@ -42,7 +42,7 @@ import torch
 from adagrow import __version__
 from adagrow.compress import QuantConfig, quantize
 from adagrow.files import write_json
-from adagrow.hf import PROSE_MAX_LENGTH, cosine_to, embed, lm_windows, load_hf, tokenize
+from adagrow.hf import cosine_to, embed, held_out_batches, lm_windows, load_hf, tokenize
 from adagrow.hf_text import CALIBRATION, CALIBRATION_TEXTS, HELD_OUT, HELD_OUT_PROSE, calibration_text
 
 W4 = QuantConfig(bits=4, group_size=128)
@@ -99,8 +99,7 @@ def _minilm(args: argparse.Namespace) -> tuple[dict, Callable[[QuantConfig], dic
     cut = len(CALIBRATION) - args.val_sentences
     text = calibration_text(args.calib_text, args.val_sentences)[:args.sentences]
     calib = tokenize(tok, text)
-    scored = {"val_cosine": tokenize(tok, CALIBRATION[cut:]), "cosine": tokenize(tok, HELD_OUT),
-              "prose_cosine": tokenize(tok, HELD_OUT_PROSE, max_length=PROSE_MAX_LENGTH)}
+    scored = {"val_cosine": tokenize(tok, CALIBRATION[cut:]), **held_out_batches(tok)}
     refs = {key: embed(model, batches) for key, batches in scored.items()}
 
     def run(cfg: QuantConfig) -> dict:

@@ -52,7 +52,7 @@ from adagrow import __version__
 from adagrow.compress import QuantConfig, quantize
 from adagrow.compress.blocks import hidden
 from adagrow.files import write_json
-from adagrow.hf import PROSE_MAX_LENGTH, cosine_to, embed, load_hf, tokenize
+from adagrow.hf import cosine_to, embed, held_out_batches, load_hf, tokenize
 from adagrow.hf_text import CALIBRATION_TEXTS, HELD_OUT, HELD_OUT_PROSE, calibration_text
 from adagrow.models import minilm_path
 
@@ -132,8 +132,7 @@ def minilm(sentences: int, gptq_dir: Path | None, repeats: int, text: str = "sen
     ``HELD_OUT`` (``cosine``) and on the ``HELD_OUT_PROSE`` paragraphs (``prose_cosine``)."""
     model, tok = load_hf(minilm_path())
     calib = tokenize(tok, calibration_text(text)[:sentences])
-    scored = {"cosine": tokenize(tok, HELD_OUT),
-              "prose_cosine": tokenize(tok, HELD_OUT_PROSE, max_length=PROSE_MAX_LENGTH)}
+    scored = held_out_batches(tok)
     refs = {key: embed(model, batches) for key, batches in scored.items()}
     runs = [("adagrow defaults W4 g128", lambda: quantize(model, calib, W4, progress=False))]
     if gptq_dir is not None:
