@@ -19,7 +19,7 @@ failed):
   checked; per-layer time from the graph vs eager back-to-back time per call.
 - **Hazards**: capture-then-grow (capture a split-K decode graph, run an eager prefill at a
   larger M, replay, check) and two streams running split-K launches concurrently (checked).
-- **Convs**: batch-1 deploy convs, ours vs cuDNN (``benchmarks/kernels.py``'s conv benchmark,
+- **Convs**: batch-1 deploy convs, ours vs cuDNN (``benchmarks/kernel_speed.py``'s conv benchmark,
   without its torch.compile column, which would not fit the budget).
 
 Stops starting new timed rows when ``--budget-s`` is spent (recorded as skipped), so it fits in
@@ -281,8 +281,8 @@ def check_two_streams(n: int, k: int, rounds: int = 20) -> dict:
 
 
 def batch1_convs() -> list[dict]:
-    """benchmarks/kernels.py's conv benchmark at batch 1 (ours vs cuDNN, outputs checked)."""
-    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parent / "kernels.py")
+    """benchmarks/kernel_speed.py's conv benchmark at batch 1 (ours vs cuDNN, outputs checked)."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parent / "kernel_speed.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.bench_convs([1], lambda rows: None, compile_eager=False)

@@ -512,7 +512,7 @@ def _(x, weight, bias, scales, zeros, position_group, residual, kernel_size, str
 
 
 # ----------------------------------------------------------------------------- static inspection
-# The convs of benchmarks/kernels.py at batch 1 (32x32 input): a grown VGG-1-2-2 (64/96/128, fused
+# The convs of benchmarks/kernel_speed.py at batch 1 (32x32 input): a grown VGG-1-2-2 (64/96/128, fused
 # 3x3 and 5x5 layers) and the depthwise 3x3 layers of a grown MobileNetV3 (1-1-1, 32/64/96).
 # (C_in, C_out, kernel, stride, input H = W, groups); the benchmark asserts it runs these shapes.
 BENCH_CONV_SHAPES: list[tuple[int, int, int, int, int, int]] = [

@@ -228,7 +228,7 @@ def test_static_estimates_are_the_model_of_the_records() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
 def test_gpu_benchmark_imports_and_explains_without_cuda(capsys) -> None:
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernel_speed.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main([]) == 2

@@ -13,7 +13,7 @@ Convs: the deploy layers of a grown-shaped CNN (VGG-1-2-2, branches fused, 3x3 a
 eager (cuDNN conv, then bias, activation as separate ops), torch.compile of the same, our fused
 fp16 conv and our W4 conv.
 
-Usage: ``python benchmarks/kernels.py [--quick] [--out DIR]`` -> ``DIR/kernels_<gpu>_<date>.json``.
+Usage: ``python benchmarks/kernel_speed.py [--quick] [--out DIR]`` -> ``DIR/kernels_<gpu>_<date>.json``.
 """
 from __future__ import annotations
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU; none is available here (the kernels' CPU "
+        print("benchmarks/kernel_speed.py needs a CUDA GPU; none is available here (the kernels' CPU "
               "correctness tests run under TRITON_INTERPRET=1 in the test suite).", file=sys.stderr)
         return 2
     import triton
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.date.today().isoformat()
     result = {"benchmark": "kernels", "gpu": name, "date": date, "torch": torch.__version__,
               "triton": triton.__version__, "peak_GBps": peak,
-              "command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": "python benchmarks/kernel_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "matmul": [], "convs": [], "targets": [], "complete": False}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"kernels_{re.sub(r'[^A-Za-z0-9]+', '_', name)}_{date}.json"
