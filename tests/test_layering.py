@@ -8,6 +8,7 @@ Every ``import`` / ``from`` statement counts, function-level ones included (a la
 a dependency), as does ``importlib.import_module("<literal>")``.
 """
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,15 +133,34 @@ def test_loading_a_grown_checkpoint_loads_no_compress_or_kernels(tmp_path):
 
 
 def test_top_level_folder_names_are_empty_stand_ins_not_second_copies():
-    """From a checkout root, `kernels` (a Hub package name transformers probes for), `compress` and
-    `grow` import as empty stand-ins: no submodules, no second op registration, a message naming
-    the real package; transformers still imports."""
-    code = ("import sys, kernels, compress, grow, transformers; from transformers import BertModel\n"
+    """From a checkout root, `kernels` (the Hub package transformers 5.25 imports), `compress` and
+    `grow` are never second copies of adagrow's packages: the installed package of that name when
+    there is one (transformers imports its names), else an empty stand-in with no submodules and a
+    message naming the real package; transformers still imports."""
+    code = ("import importlib.machinery, os, sys\n"
+            "hub = importlib.machinery.PathFinder.find_spec('kernels', [p for p in sys.path if p not in ('', os.getcwd())])\n"
+            "import kernels, compress, grow, transformers; from transformers import BertModel\n"
             "import adagrow.kernels, adagrow.compress\n"
-            "assert kernels.__path__ == [] and 'adagrow.kernels' in sys.modules\n"
-            "assert not [m for m in sys.modules if m.startswith(('kernels.', 'compress.', 'grow.'))]\n"
+            "assert compress.__path__ == [] and grow.__path__ == [] and 'adagrow.kernels' in sys.modules\n"
+            "assert not [m for m in sys.modules if m.startswith(('compress.', 'grow.'))]\n"
+            "if hub is None:\n    assert kernels.__path__ == []\n"
+            "else:\n    assert kernels.__file__ == hub.origin, (kernels.__file__, hub.origin)\n"
             "try:\n    import compress.obs\nexcept ModuleNotFoundError:\n    pass\nelse:\n    raise SystemExit('second copy')\n"
-            "try:\n    kernels.w4a16_matmul\nexcept AttributeError as e:\n    print(e)\n")
+            "try:\n    compress.quantize\nexcept AttributeError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "import adagrow.kernels" in out.stdout
+    assert "import adagrow.compress" in out.stdout
+
+
+def test_an_installed_package_named_like_a_folder_replaces_the_stand_in(tmp_path):
+    """A package ``kernels`` further down sys.path (as the Hub's, which transformers imports) is
+    what ``import kernels`` gives from a checkout root, submodules included."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'hub'\n")
+    (tmp_path / "kernels" / "layer.py").write_text("VALUE = 7\n")
+    code = ("import kernels, kernels.layer, adagrow.kernels\n"
+            "print(kernels.CUDAProperties, kernels.layer.VALUE, type(adagrow.kernels.FusedConv2d).__name__)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["hub", "7", "type"]
