@@ -57,6 +57,24 @@ def _positive(kind: type):
     return parse
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _obs_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The OBS refinements the command line sets (QuantConfig's defaults where it does not)."""
+    opts: dict[str, Any] = {"bias_refit": args.bias_refit}
+    if args.cd_passes is not None:
+        opts["cd_passes"] = args.cd_passes
+    return opts
+
+
 def _widths(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(v) for v in text.split(","))
@@ -155,6 +173,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     _check_out(out, args.overwrite)
     cfg = QuantConfig(bits=args.bits, group_size=args.group_size or "tier", order=args.order, method=args.method,
                       sym=bool(args.sym), mse=args.mse, float_target=args.float_target,
+                      **_obs_options(args),
                       skip=tuple(args.skip)).validate()
     deploy = load_deploy(args.checkpoint)
     x_tr, _, x_te, y_te = _data(args)
@@ -194,7 +213,8 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--group-size {gs} groups conv kernel positions; Hugging Face Linear layers take -1 or "
                          "a multiple of 8")
     cfg = QuantConfig(bits=args.bits, group_size=gs, order=args.order, method=args.method, sym=sym,
-                      mse=args.mse, float_target=args.float_target, skip=tuple(args.skip)).validate()
+                      mse=args.mse, float_target=args.float_target, **_obs_options(args),
+                      skip=tuple(args.skip)).validate()
     own_text = read_sentences(args.calib_text) if args.calib_text else None
     model, tokenizer = load_hf(args.hf)
     causal = is_causal_lm(model)
@@ -473,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-float-target", dest="float_target", action="store_false",
                    help="fit each layer to its own output on the quantized prefix's inputs, not to the float "
                         "model's (faster, less accurate)")
+    p.add_argument("--no-bias-refit", dest="bias_refit", action="store_false",
+                   help="keep each layer's float bias (default: OBS on the centred statistics, the bias refitted "
+                        "to the float layer's mean output)")
+    p.add_argument("--cd-passes", type=_non_negative_int, default=None,
+                   help="coordinate-descent sweeps after OBS (default 0: OBS alone; docs/llm.md)")
     p.add_argument("--skip", nargs="*", default=[], help="layer names / patterns kept in float")
     p.add_argument("--calib", type=_positive(int), default=None, help="calibration images, or with --hf lines of "
                    f"the calibration text (first N; default: {DEFAULT_CALIB} images or lines of --calib-text FILE, "

@@ -62,6 +62,12 @@ class QuantConfig:
     ``scale_refit``: after OBS, each row's scales are refitted by least squares to the codes chosen
     (the layer objective, docs/design.md §4); off by default: it helped SmolLM2 W4 g128 and hurt the
     CLI's g64 default (docs/llm.md "Scale refit").
+    ``bias_refit`` (layers with a bias; default on): OBS runs on the input covariance (the
+    statistics centred on the mean input) and the bias is refitted after quantization so the
+    layer's mean output on the calibration data is the float layer's (docs/design.md §4).
+    ``cd_passes`` (default 0, off): sweeps of exact coordinate descent over the columns after OBS (QuantEase),
+    each moving a column's codes to the grid point nearest their best value given the other
+    columns; the layer loss never rises (docs/design.md §4).
     ``sym_grid`` (with ``sym=True``): ``"signed"`` (default: all ``2^bits`` codes, the weight of
     largest magnitude on code 0, scales may be negative) or ``"restricted"`` (codes ``z +- (2^(bits-1) - 1)``,
     positive scales); docs/design.md §4.
@@ -81,6 +87,8 @@ class QuantConfig:
     target_damp: float = TARGET_DAMP
     groups: str = "static"
     scale_refit: bool = False
+    bias_refit: bool = True
+    cd_passes: int = 0
     scale_dtype: str = "float16"
     hessian_dtype: str = "float32"
     skip: tuple[str, ...] = field(default_factory=tuple)
@@ -95,6 +103,8 @@ class QuantConfig:
         check_groups(self.groups, self.order)
         if not self.target_damp > 0:
             raise ValueError(f"target_damp must be > 0, got {self.target_damp}")
+        if isinstance(self.cd_passes, bool) or not isinstance(self.cd_passes, int) or self.cd_passes < 0:
+            raise ValueError(f"cd_passes must be an integer >= 0, got {self.cd_passes!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.hessian_dtype not in HESSIAN_DTYPES:
@@ -228,6 +238,8 @@ class _Run:
             finally:
                 handle.remove()
             lead.all_reduce()  # data-parallel calibration: every rank's samples (a no-op on one process)
+            if cfg.bias_refit and all(layer.bias is not None for layer in layers):
+                lead.center()
             quantizers = {i: lead if i == 0 else OBSQuantizer(layers[i], names[i], HESSIAN_DTYPES[cfg.hessian_dtype],
                                                               cfg.target_damp) for i in mine}
             for i, q in quantizers.items():
@@ -241,7 +253,8 @@ class _Run:
                 last = i == mine[-1]
                 results[i] = q.quantize(cfg.bits, gs, cfg.sym, cfg.order, percdamp=cfg.percdamp,
                                         block_size=cfg.block_size, mse=cfg.mse, scale_dtype=sdt, release=last,
-                                        sym_grid=cfg.sym_grid, groups=cfg.groups, refit=cfg.scale_refit)
+                                        sym_grid=cfg.sym_grid, groups=cfg.groups, refit=cfg.scale_refit,
+                                        passes=cfg.cd_passes)
                 if not last:
                     q.release()  # the group's statistics are freed by the last layer's quantize
         shared = self.owners.share(results, owners)
@@ -249,6 +262,8 @@ class _Run:
             self.report[name] = {"loss": res.loss, "damp": res.damp}
             if defer:
                 layer.weight.data.copy_(res.weight)
+                if res.bias is not None:
+                    layer.bias.data.copy_(res.bias)
                 res.weight = layer.weight.data  # not a second float copy of the block's weights
                 self.deferred.append((name, layer, res))
             else:

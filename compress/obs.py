@@ -50,6 +50,7 @@ class QuantResult:
     group_size: int | str
     sym: bool
     order: str
+    bias: torch.Tensor | None = None   # [N]: the refitted bias (centred statistics), None: the layer's
 
 
 def _resolve_overlap(layer: nn.Module, geo: LayerGeometry, overlap: torch.Tensor | None,
@@ -202,6 +203,38 @@ def _obs_static(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, z: torch.Tens
     return w, loss
 
 
+def _coordinate_descent(target: torch.Tensor, codes: torch.Tensor, sc: torch.Tensor, zc: torch.Tensor,
+                        hd: torch.Tensor, order: torch.Tensor, bits: int, passes: int,
+                        block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower ``(target - w_hat) hd (target - w_hat)^T`` by ``passes`` sweeps of exact coordinate
+    descent over the columns (in ``order``), each column moved to the grid point nearest its best
+    value given all the others (QuantEase): the loss never rises. ``target`` ``[rows, K]`` the matrix
+    rounded, ``codes`` ``[rows, K]`` float codes from OBS (updated in place), ``sc``, ``zc`` ``[rows, K]``
+    each column's scale and zero point, ``hd`` ``[K, K]`` the damped H OBS used. Updates of the
+    residual ``(target - w_hat) hd`` are lazy over ``block`` columns. Returns the codes and the loss change."""
+    top = 2**bits - 1
+    w_hat = dequantize_codes(codes, sc, zc)
+    r = (target - w_hat) @ hd
+    before = 0.5 * ((target - w_hat) * r).sum()
+    diag = hd.diagonal()
+    for _ in range(passes):
+        for i1 in range(0, order.numel(), block):
+            cols = order[i1:i1 + block]
+            h_blk = hd[cols]  # [B, K]
+            r_blk = r[:, cols]  # local residual of the block's columns
+            start = w_hat[:, cols].clone()
+            for j, c in enumerate(cols.tolist()):
+                best = w_hat[:, c] + r_blk[:, j] / diag[c]
+                q = torch.div(best, sc[:, c]).round_().add_(zc[:, c]).clamp_(0, top)
+                new = (q - zc[:, c]) * sc[:, c]
+                delta = new - w_hat[:, c]
+                codes[:, c], w_hat[:, c] = q, new
+                r_blk -= delta[:, None] * h_blk[j, cols][None, :]
+            r -= (w_hat[:, cols] - start) @ h_blk
+    after = 0.5 * ((target - w_hat) * ((target - w_hat) @ hd)).sum()
+    return codes, after - before
+
+
 def _rounding_error(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gid: torch.Tensor, bits: int,
                     chunk: int = 512) -> torch.Tensor:
     """``[K]``: each column's summed squared round-to-nearest error, ``chunk`` columns at a time."""
@@ -291,6 +324,9 @@ class OBSQuantizer:
         self.geo = geometry(layer, name)
         self.H: torch.Tensor | None = None  # [conv groups, K, K] in ``dtype``
         self.C: torch.Tensor | None = None  # [conv groups, K, K]: 2/n sum x_float x^T (float target)
+        self.mu: torch.Tensor | None = None  # [conv groups, K]: mean input column
+        self.mu_f: torch.Tensor | None = None  # [conv groups, K]: mean float-target input column
+        self.centered = False
         self.nsamples = 0
         self._warned_fp16 = False
         self._inverses: dict = {}  # {"H": the H they invert, key: (factor, damping)}, shared like H
@@ -301,6 +337,7 @@ class OBSQuantizer:
         if other.geo.k != self.geo.k or other.geo.groups != self.geo.groups:
             raise ValueError(f"{self.name}: cannot share the Hessian of {other.name} (different input columns)")
         self.H, self.C, self.nsamples = other.H, other.C, other.nsamples
+        self.mu, self.mu_f, self.centered = other.mu, other.mu_f, other.centered
         self._inverses = other._inverses
 
     def _cache(self) -> dict:
@@ -321,6 +358,8 @@ class OBSQuantizer:
         asymmetric calibration), so the layer also corrects the error its inputs already carry;
         give it for every batch or for none. Products and the running mean are in ``dtype``.
         """
+        if self.centered:
+            raise RuntimeError(f"{self.name}: add_batch() after center(): the statistics are final")
         if target is not None and target.shape != inp.shape:
             raise ValueError(f"{self.name}: float-target input has shape {tuple(target.shape)}, "
                              f"the layer input {tuple(inp.shape)}")
@@ -346,8 +385,9 @@ class OBSQuantizer:
             # products that may overflow float32 (|x| beyond ~1e17): this layer's statistics move to float64
             self.dtype = torch.float64
             if self.H is not None:
-                self.H = self.H.double()
+                self.H, self.mu = self.H.double(), self.mu.double()
                 self.C = None if self.C is None else self.C.double()
+                self.mu_f = None if self.mu_f is None else self.mu_f.double()
         x = x.to(self.dtype)
         if amax > FP16_MAX and not self._warned_fp16:
             self._warned_fp16 = True
@@ -356,16 +396,20 @@ class OBSQuantizer:
                 f"{FP16_MAX:.0f}: this layer overflows in fp16 (W4A16 kernels, fp16 ONNX)"), stacklevel=2)
         if self.H is None:
             self.H = torch.zeros(self.geo.groups, self.geo.k, self.geo.k, dtype=self.dtype, device=x.device)
+            self.mu = torch.zeros(self.geo.groups, self.geo.k, dtype=self.dtype, device=x.device)
             if target is not None:
                 self.C = torch.zeros_like(self.H)
+                self.mu_f = torch.zeros_like(self.mu)
         self._weights = None
         keep = self.nsamples / (self.nsamples + n)
         self.nsamples += n
         # fused in place (no K x K temporary): H <- keep H + 2/n x x^T
         self.H.baddbmm_(x, x.transpose(1, 2), beta=keep, alpha=2 / self.nsamples)
+        self.mu.mul_(keep).add_(x.sum(-1), alpha=1 / self.nsamples)
         if target is not None:
             xf = input_columns(target.detach(), self.geo, self.name).to(self.dtype)
             self.C.baddbmm_(xf, x.transpose(1, 2), beta=keep, alpha=2 / self.nsamples)
+            self.mu_f.mul_(keep).add_(xf.sum(-1), alpha=1 / self.nsamples)
 
     @torch.no_grad()
     def all_reduce(self) -> None:
@@ -379,7 +423,7 @@ class OBSQuantizer:
         dist.all_reduce(n)
         if self.H is None:
             raise RuntimeError(f"{self.name}: this rank saw no calibration input for the layer")
-        for key in ("H", "C"):
+        for key in ("H", "C", "mu", "mu_f"):
             t = getattr(self, key)
             if t is not None:
                 t = t * (self.nsamples / float(n))
@@ -388,6 +432,40 @@ class OBSQuantizer:
                 setattr(self, key, t)
         self.nsamples = int(n)
         self._weights = None
+
+    @torch.no_grad()
+    def center(self) -> None:
+        """Make the statistics those of a layer whose bias is refitted after quantization:
+        ``H <- H - 2 mu mu^T`` (the input covariance) and ``C <- C - 2 mu_f mu^T``, so OBS spends
+        no precision on the mean input, which :meth:`quantize` then absorbs in the bias
+        (``b + W mu_f - W_hat mu``: the layer's mean output on the calibration data is the float
+        layer's). Call it after the last :meth:`add_batch` (and :meth:`all_reduce`), before
+        :meth:`share`; only for layers with a bias."""
+        if self.H is None:
+            raise RuntimeError(f"{self.name}: center() called before any add_batch()")
+        if self.layer.bias is None:
+            raise ValueError(f"{self.name}: center() needs a layer with a bias to absorb the mean")
+        if not self.centered:
+            self.H.baddbmm_(self.mu[:, :, None], self.mu[:, None, :], alpha=-2)
+            if self.C is not None:
+                self.C.baddbmm_(self.mu_f[:, :, None], self.mu[:, None, :], alpha=-2)
+            self.centered = True
+            self._inverses.clear()
+            self._weights = None
+
+    def _refit_bias(self, w_hat: torch.Tensor, mu: torch.Tensor, mu_f: torch.Tensor | None) -> torch.Tensor:
+        """``b + W mu_f - W_hat mu`` per conv group (``mu_f``: ``mu`` without a float target), in the
+        bias's dtype: the quantized layer's mean output on the calibration inputs equals the float one's."""
+        rows = self.geo.rows_per_group
+        w = weight_matrix(self.layer.weight.detach(), self.geo)
+        w_hat = weight_matrix(w_hat, self.geo)
+        bias = self.layer.bias.detach().clone()
+        for g in range(self.geo.groups):
+            r = slice(g * rows, (g + 1) * rows)
+            target = mu[g] if mu_f is None else mu_f[g]
+            shift = w[r].to(mu) @ target - w_hat[r].to(mu) @ mu[g]
+            bias[r] += shift.to(bias)
+        return bias
 
     def _target_lam(self, g: int, dtype: torch.dtype) -> float:
         """Ridge of the float-target fit: ``target_damp`` x mean(diag H) in ``dtype``."""
@@ -475,7 +553,7 @@ class OBSQuantizer:
     def release(self) -> None:
         """Drop this quantizer's statistics, fitted weights and its reference to the inverses it
         shares (freed once no quantizer sharing them holds them). It cannot quantize afterwards."""
-        self.H = self.C = None
+        self.H = self.C = self.mu = self.mu_f = None
         self._weights = None
         self._inverses = {}
 
@@ -514,7 +592,8 @@ class OBSQuantizer:
                  order: str = "reparam", overlap: torch.Tensor | None = None, percdamp: float = 0.01,
                  block_size: int = 128, mse: bool = False,
                  scale_dtype: torch.dtype = torch.float16, release: bool = False,
-                 sym_grid: str = "signed", groups: str = "static", refit: bool = False) -> QuantResult:
+                 sym_grid: str = "signed", groups: str = "static", refit: bool = False,
+                 passes: int = 0) -> QuantResult:
         """Quantize the layer's weight (the layer itself is not modified).
 
         Args:
@@ -546,6 +625,7 @@ class OBSQuantizer:
         check_groups(groups, order)
         self.fit_target()
         cache, H, weights = self._cache(), self.H, self._weights
+        means = (self.mu, self.mu_f) if self.centered else None
         if release:
             self.release()
         dead_groups = [g for g in range(geo.groups) if not bool((H[g].diagonal() > 0).any())]
@@ -595,6 +675,12 @@ class OBSQuantizer:
                 self._inverse(None if g in dead_groups else H[g], dead, w.dtype, percdamp)
             if not release:
                 cache[key] = (hinv, pd)  # q/k/v, gate/up: one inverse for the group
+            h_cd = None
+            if passes and g not in dead_groups:
+                h_cd = H[g].to(w.dtype, copy=True)
+                h_cd[dead, dead] = 1
+                h_cd.diagonal().add_(pd * float(h_cd.diagonal().mean()))
+                w_cd = w if release else w.clone()
             h_fit = None if not refit or g in dead_groups else H[g].to(w.dtype)
             wh = None if h_fit is None else w @ h_fit  # the refit's W H, before w is quantized
             if release and g == geo.groups - 1:
@@ -619,6 +705,13 @@ class OBSQuantizer:
                 del u, wp
                 codes[r1:r2, perm] = q.to(codes.dtype)
                 q = codes[r1:r2]
+            if h_cd is not None:
+                qf, dl = _coordinate_descent(w_cd, q.to(w_dtype), s[:, gid], z[:, gid], h_cd, perm.to(w_cd.device),
+                                             bits, passes, block_size)
+                codes[r1:r2] = qf.to(codes.dtype)
+                q = codes[r1:r2]
+                loss += dl
+                del h_cd, w_cd
             if h_fit is not None:
                 s, dl = _refit_scales(q.to(w_dtype) - z[:, gid], s, gid, h_fit, wh, scale_dtype)
                 loss += dl
@@ -627,8 +720,11 @@ class OBSQuantizer:
             del q
             perms.append(perm.cpu())
             loss += l
-        return _finish(self.layer, geo, grouping, codes, scales, zeros, scale_dtype, torch.stack(perms),
-                       float(loss), damp, bits, sym, order)
+        res = _finish(self.layer, geo, grouping, codes, scales, zeros, scale_dtype, torch.stack(perms),
+                      float(loss), damp, bits, sym, order)
+        if means is not None:
+            res.bias = self._refit_bias(res.weight, *means)
+        return res
 
 
 GROUPS = ("static", "dynamic")

@@ -236,7 +236,7 @@ def from_result(layer: nn.Module, res: QuantResult, name: str = "layer") -> Quan
     if res.position_group is not None:
         mod.position_group.copy_(res.position_group)
     if layer.bias is not None:
-        mod.bias.copy_(layer.bias.detach())
+        mod.bias.copy_(layer.bias.detach() if res.bias is None else res.bias)
     return mod.to(layer.weight.device)
 
 

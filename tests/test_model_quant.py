@@ -40,12 +40,14 @@ def test_hessians_come_from_the_quantized_prefix() -> None:
     q = OBSQuantizer(model[2])
     for x, _ in calib:
         q.add_batch(torch.relu(qmodel[0](x)))
+    q.center()  # bias_refit (default)
     res = q.quantize(bits=3, group_size=8, order="act")
-    assert torch.equal(qmodel[2].dequantize(), res.weight)
+    assert torch.equal(qmodel[2].dequantize(), res.weight) and torch.equal(qmodel[2].bias, res.bias)
     # and differs from what the float prefix would give (the test can fail)
     q_float = OBSQuantizer(model[2])
     for x, _ in calib:
         q_float.add_batch(torch.relu(model[0](x)))
+    q_float.center()
     assert not torch.equal(q_float.quantize(bits=3, group_size=8, order="act").weight, res.weight)
     assert set(qmodel.adagrow_quant["layers"]) == {"0", "2", "4"}
 
@@ -55,7 +57,7 @@ def test_float_target_fits_the_float_layer_output() -> None:
     model's output W x_float; the fit corrects part of the error layer 0 left."""
     model = _mlp().eval()
     calib = [(torch.randn(64, 20), torch.zeros(64)) for _ in range(3)]
-    qmodel = quantize(model, calib, QuantConfig(bits=3, group_size=8, order="act"), progress=False)
+    qmodel = quantize(model, calib, QuantConfig(bits=3, group_size=8, order="act", bias_refit=False), progress=False)
     q = OBSQuantizer(model[2])
     for x, _ in calib:
         q.add_batch(torch.relu(qmodel[0](x)), target=torch.relu(model[0](x)))
@@ -73,6 +75,25 @@ def test_float_target_fits_the_float_layer_output() -> None:
         q.add_batch(torch.randn(4, 32), target=torch.randn(5, 32))
     with pytest.raises(ValueError, match="every calibration batch or with none"):
         q.add_batch(torch.randn(4, 32))
+
+
+def test_bias_refit_matches_the_float_mean_output_and_is_saved(tmp_path) -> None:
+    """bias_refit (default): each Linear's bias is refitted so its mean output on the calibration
+    data equals the float layer's on the float inputs (layer 0: the same inputs); off, the float
+    bias is kept. The refitted bias is what the saved checkpoint holds."""
+    model = _mlp().eval()
+    torch.manual_seed(3)
+    calib = [torch.randn(64, 20) + 2 for _ in range(3)]
+    x = torch.cat(calib)
+    on = quantize(model, calib, QuantConfig(bits=3, group_size=8), progress=False)
+    off = quantize(model, calib, QuantConfig(bits=3, group_size=8, bias_refit=False), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(on[0](x).mean(0), model[0](x).mean(0), atol=1e-4, rtol=0)
+        assert torch.equal(off[0].bias, model[0].bias) and not torch.equal(on[0].bias, model[0].bias)
+        h_float, h_on = torch.relu(model[0](x)), torch.relu(on[0](x))
+        torch.testing.assert_close(on[2](h_on).mean(0), model[2](h_float).mean(0), atol=1e-4, rtol=0)
+        again = load_quantized(save_quantized(on, tmp_path / "q.safetensors"), model=_mlp().eval())
+        assert torch.equal(again(x), on(x))
 
 
 def test_skip_list_and_linear_group_fallback() -> None:

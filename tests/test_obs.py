@@ -371,3 +371,76 @@ def test_float32_statistics_match_float64_on_outlier_activations() -> None:
     assert r32.loss == pytest.approx(r64.loss, rel=1e-5)
     step = (r32.weight - r64.weight).abs() / r64.scales.float().t().repeat_interleave(128, 1)
     assert float((step > 0.5).float().mean()) <= 1e-3 and float(step.max()) <= 1.01
+
+
+def _offset_inputs(seed: int = 0, n: int = 1500, k: int = 64) -> torch.Tensor:
+    """Correlated inputs around a large common mean (as LayerNorm outputs and post-ReLU maps have)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    return torch.randn(n, k, generator=g) @ mix + 3 * torch.randn(k, generator=g)
+
+
+def test_centred_statistics_refit_the_bias_to_the_float_mean_output() -> None:
+    """center(): OBS on the input covariance, the mean absorbed by the bias. The quantized layer's
+    mean output on the calibration inputs equals the float layer's (float target: the float layer
+    on the float inputs), and on inputs with a large common mean the output error is lower than
+    with the uncentred statistics (measured 0.55x here; asserted < 0.8x)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24).requires_grad_(False)
+    x = _offset_inputs()
+    xf = x + 0.05 * torch.randn_like(x)  # the float model's inputs to the layer
+    err = {}
+    for centred in (False, True):
+        q = OBSQuantizer(lin)
+        for a, b in zip(x.split(300), xf.split(300)):
+            q.add_batch(a, b)
+        if centred:
+            q.center()
+        res = q.quantize(bits=3, group_size=32)
+        bias = lin.bias if res.bias is None else res.bias
+        assert (res.bias is not None) == centred
+        out, ref = x @ res.weight.t() + bias, xf @ lin.weight.t() + lin.bias
+        if centred:
+            torch.testing.assert_close(out.mean(0), ref.mean(0), atol=2e-4, rtol=0)
+        err[centred] = float((out - ref).square().mean())
+    assert err[True] < 0.8 * err[False]
+
+
+def test_center_errors_and_shared_statistics() -> None:
+    lin, x = nn.Linear(64, 8, bias=False), _offset_inputs(1)
+    q = OBSQuantizer(lin)
+    q.add_batch(x)
+    with pytest.raises(ValueError, match="bias"):
+        q.center()
+    with pytest.raises(RuntimeError, match="before any add_batch"):
+        OBSQuantizer(nn.Linear(64, 8)).center()
+    a, b = nn.Linear(64, 8), nn.Linear(64, 16)
+    qa = OBSQuantizer(a)
+    qa.add_batch(x)
+    qa.center()
+    with pytest.raises(RuntimeError, match="after center"):
+        qa.add_batch(x)
+    qb = OBSQuantizer(b)
+    qb.share(qa)  # q/k/v: the centred statistics and means are shared
+    rb = qb.quantize(bits=4, group_size=32)
+    torch.testing.assert_close((x @ rb.weight.t() + rb.bias).mean(0), b(x).mean(0), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_coordinate_descent_lowers_the_loss_it_reports(layer: str) -> None:
+    """passes > 0: sweeps of exact coordinate descent after OBS. The reported loss is the measured
+    one (as without passes) and never above OBS's own; on correlated inputs the sweeps lower it
+    (linear layer: measured 6-12% for 1-3 passes, asserted at least 2%; the conv's inputs are
+    white noise, where OBS is near the best already: 0.5%)."""
+    torch.manual_seed(2)
+    if layer == "linear":
+        mod, x = nn.Linear(64, 24), _offset_inputs(2, n=600)
+    else:
+        mod, x = _conv(), torch.randn(40, 6, 7, 9)
+    losses = []
+    for passes in (0, 1, 3):
+        res = _calibrated(mod, x).quantize(bits=3, group_size=16, percdamp=1e-9, block_size=16, passes=passes)
+        assert res.loss == pytest.approx(_measured_loss(mod, res.weight, x), rel=1e-5)
+        losses.append(res.loss)
+    assert losses[2] <= losses[1] <= losses[0]
+    assert losses[2] < (0.98 if layer == "linear" else 1.0) * losses[0]

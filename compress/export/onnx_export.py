@@ -267,8 +267,10 @@ def _int8(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tenso
     graph = _export_float(work, spec, opset, report)
     qweights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if weights == "obs":
+        # Q/DQ int8 weights stay in +-levels; only the weights replace the graph's initializers, so
+        # OBS keeps the float biases (no bias refit)
         cfg = QuantConfig(bits=wbits, sym=True, sym_grid="restricted", group_size=-1, linear_group_size=-1,
-                          order="act")  # Q/DQ int8 weights stay in +-levels
+                          order="act", bias_refit=False)
         qmodel = _quantize(work, spec, batches, cfg, progress)
         qlayers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)}
         dense = {f"{n}.weight": work.get_submodule(n).weight.detach().numpy() for n in qlayers}
