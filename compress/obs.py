@@ -445,6 +445,11 @@ class OBSQuantizer:
             raise RuntimeError(f"{self.name}: center() called before any add_batch()")
         if self.layer.bias is None:
             raise ValueError(f"{self.name}: center() needs a layer with a bias to absorb the mean")
+        if self.nsamples < 2:  # no covariance: every column would read as dead and be zeroed
+            warnings.warn(CalibrationWarning(
+                f"{self.name}: one calibration row, so no input covariance: the statistics are not centred "
+                "and the float bias is kept"), stacklevel=2)
+            return
         if not self.centered:
             self.H.baddbmm_(self.mu[:, :, None], self.mu[:, None, :], alpha=-2)
             if self.C is not None:

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from adagrow.compress import OBSQuantizer, rtn_quantize
+from adagrow.compress.obs import CalibrationWarning
 from adagrow.compress.grid import dequantize_codes, grid_params, quantize_codes
 from adagrow.compress.groups import position_groups
 from adagrow.packed import column_groups
@@ -420,6 +421,11 @@ def test_center_errors_and_shared_statistics() -> None:
     qa.center()
     with pytest.raises(RuntimeError, match="after center"):
         qa.add_batch(x)
+    one = OBSQuantizer(nn.Linear(64, 8))
+    one.add_batch(x[:1])
+    with pytest.warns(CalibrationWarning, match="one calibration row"):
+        one.center()
+    assert not one.centered and one.quantize(bits=4, group_size=32).bias is None
     qb = OBSQuantizer(b)
     qb.share(qa)  # q/k/v: the centred statistics and means are shared
     rb = qb.quantize(bits=4, group_size=32)
