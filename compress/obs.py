@@ -562,18 +562,22 @@ class OBSQuantizer:
         self._weights = None
         self._inverses = {}
 
+    def _damped(self, h: torch.Tensor | None, dead: torch.Tensor, dtype: torch.dtype, pd: float) -> torch.Tensor:
+        """The matrix OBS inverts, a new K x K buffer in ``dtype``: ``h`` (one conv group's H; None: the
+        identity, for a group without inputs) with dead columns' diagonal set to 1, plus ``pd`` x its
+        mean diagonal."""
+        a = torch.eye(self.geo.k, dtype=dtype, device=dead.device) if h is None else h.to(dtype, copy=True)
+        a[dead, dead] = 1
+        a.diagonal().add_(pd * float(a.diagonal().mean()))
+        return a
+
     def _inverse(self, h: torch.Tensor | None, dead: torch.Tensor, dtype: torch.dtype,
                  percdamp: float) -> tuple[torch.Tensor, float]:
-        """Dampened inverse of ``h`` (one conv group's H; None: the identity, for a group without
-        inputs; dead columns' diagonal set to 1), factorized and inverted in one K x K buffer, and
-        the damping used."""
-        mean_diag = None
+        """Inverse of :meth:`_damped` ``h``, factorized and inverted in that one K x K buffer, and the
+        damping used (raised tenfold on failure, :data:`DAMP_RETRIES` times)."""
         for attempt in range(DAMP_RETRIES + 1):
             pd = percdamp * 10**attempt
-            a = torch.eye(self.geo.k, dtype=dtype, device=dead.device) if h is None else h.to(dtype, copy=True)
-            a[dead, dead] = 1
-            mean_diag = float(a.diagonal().mean()) if mean_diag is None else mean_diag
-            a.diagonal().add_(pd * mean_diag)
+            a = self._damped(h, dead, dtype, pd)
             f, info = _cholesky_in_place(a)
             if info == 0:
                 torch.cholesky_inverse(f, out=f)  # in place on the column-major factor
@@ -618,6 +622,7 @@ class OBSQuantizer:
             refit: once the codes are chosen, replace each row's scales by those that minimise the
                 layer objective ``(w - w_hat) H (w - w_hat)^T`` for those codes and zero points
                 (:func:`_refit_scales`; a row keeps its scales where that is not lower after rounding).
+            passes: sweeps of coordinate descent after OBS (:func:`_coordinate_descent`; 0: none).
         """
         geo, name = self.geo, self.name
         check_bits(bits)
@@ -682,9 +687,7 @@ class OBSQuantizer:
                 cache[key] = (hinv, pd)  # q/k/v, gate/up: one inverse for the group
             h_cd = None
             if passes and g not in dead_groups:
-                h_cd = H[g].to(w.dtype, copy=True)
-                h_cd[dead, dead] = 1
-                h_cd.diagonal().add_(pd * float(h_cd.diagonal().mean()))
+                h_cd = self._damped(H[g], dead, w.dtype, pd)  # the H OBS used
                 w_cd = w if release else w.clone()
             h_fit = None if not refit or g in dead_groups else H[g].to(w.dtype)
             wh = None if h_fit is None else w @ h_fit  # the refit's W H, before w is quantized
