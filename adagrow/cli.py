@@ -44,27 +44,20 @@ def _check_input_shape(model, x, args: argparse.Namespace) -> None:
                          f"{args.size} gives {list(x.shape[1:])}; pass --size {shape[-1]}")
 
 
-def _positive(kind: type):
+def _positive(kind: type, zero: bool = False):
+    """argparse type: a finite ``kind`` above 0 (at least 0 with ``zero``)."""
+    what = f"{'non-negative' if zero else 'positive'} {kind.__name__}"
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a {what}, got {text!r}") from None
+        if not ((value >= 0 if zero else value > 0) and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a {what}, got {text!r}")
         return value
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = what
     return parse
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _obs_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -496,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bias-refit", dest="bias_refit", action="store_false",
                    help="keep each layer's float bias (default: OBS on the centred statistics, the bias refitted "
                         "to the float layer's mean output)")
-    p.add_argument("--cd-passes", type=_non_negative_int, default=None,
+    p.add_argument("--cd-passes", type=_positive(int, zero=True), default=None,
                    help="coordinate-descent sweeps after OBS (default 0: OBS alone; docs/llm.md)")
     p.add_argument("--skip", nargs="*", default=[], help="layer names / patterns kept in float")
     p.add_argument("--calib", type=_positive(int), default=None, help="calibration images, or with --hf lines of "
