@@ -123,11 +123,13 @@ def server_group_size(model: nn.Module, config: Any, fmt: str, explicit: bool) -
 
 def held_out_batches(tokenizer: Any) -> dict[str, list[dict[str, torch.Tensor]]]:
     """The held-out English texts an encoder is scored on, tokenized, by the name of their score:
-    ``"cosine"``, the ``HELD_OUT`` sentences (up to ``MAX_LENGTH`` tokens), and ``"prose_cosine"``,
-    the ``HELD_OUT_PROSE`` paragraphs embedded whole (up to ``PROSE_MAX_LENGTH``)."""
-    from adagrow.hf_text import HELD_OUT, HELD_OUT_PROSE
+    ``"cosine"``, the ``HELD_OUT`` sentences (up to ``MAX_LENGTH`` tokens), ``"prose_cosine"``,
+    the ``HELD_OUT_PROSE`` paragraphs embedded whole (up to ``PROSE_MAX_LENGTH``), and
+    ``"docs_cosine"``, the :func:`adagrow.hf_text.python_docs` paragraphs (up to ``PROSE_MAX_LENGTH``)."""
+    from adagrow.hf_text import HELD_OUT, HELD_OUT_PROSE, python_docs
     return {"cosine": tokenize(tokenizer, HELD_OUT),
-            "prose_cosine": tokenize(tokenizer, HELD_OUT_PROSE, max_length=PROSE_MAX_LENGTH)}
+            "prose_cosine": tokenize(tokenizer, HELD_OUT_PROSE, max_length=PROSE_MAX_LENGTH),
+            "docs_cosine": tokenize(tokenizer, python_docs(), max_length=PROSE_MAX_LENGTH)}
 
 
 def cosine_to(reference: torch.Tensor, emb: torch.Tensor) -> float:

