@@ -11,7 +11,8 @@ quantizing from disk block by block, and data-parallel calibration.
   adagrow defaults (float target, reparam order) and of the reference GPTQ (IST-DASLab/gptq's
   ``gptq.py`` + ``quant.py`` from ``--gptq DIR``, run in this process, true sequential: q/k/v,
   attention output, intermediate, output; asymmetric, g128, no act order), interleaved
-  ``--repeats`` times;
+  ``--repeats`` times (with ``--shuffle-batches``, repeat r > 0 on the same batches in a seeded
+  shuffled order); mean, std, min and max of each figure per method (``minilm_spread``);
 - ``smollm2``: SmolLM2-135M-Instruct W4 g128 calibrated on ``--lm-windows`` windows of ``--lm-seq-len``
   tokens of the same ``--calib-text``: RTN, then the reference GPTQ (true sequential: k/v/q, o, up/gate, down)
   and adagrow's defaults interleaved ``--repeats`` times; wall and CPU seconds, perplexity on
@@ -39,6 +40,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,26 +128,51 @@ def reference_gptq(model: nn.Module, layers: nn.ModuleList, sequential: list[lis
     return model
 
 
-def minilm(sentences: int, gptq_dir: Path | None, repeats: int, text: str = "sentences") -> list[dict]:
+def minilm(sentences: int, gptq_dir: Path | None, repeats: int, text: str = "sentences",
+           shuffle: bool = False) -> list[dict]:
     """all-MiniLM-L6-v2 W4 g128 on the first ``sentences`` items of the calibration ``text``: RTN once,
     then the reference GPTQ (true sequential) and adagrow's defaults interleaved ``repeats`` times;
     wall and CPU seconds of each quantization, the cosine of mean-pooled embeddings to fp32 on
-    each text of :func:`adagrow.hf.held_out_batches` (``cosine``, ``prose_cosine``, ``docs_cosine``)."""
+    each text of :func:`adagrow.hf.held_out_batches` (``cosine``, ``prose_cosine``, ``docs_cosine``).
+    ``shuffle``: repeat ``r > 0`` feeds the same calibration batches in the order of
+    ``torch.randperm`` seeded with ``r`` (``batch_order``), so the repeats differ only in the order of
+    floating-point sums."""
     model, tok = load_hf(minilm_path())
-    calib = tokenize(tok, calibration_text(text)[:sentences])
+    batches = tokenize(tok, calibration_text(text)[:sentences])
     scored = held_out_batches(tok)
-    refs = {key: embed(model, batches) for key, batches in scored.items()}
-    runs = [("adagrow defaults W4 g128", lambda: quantize(model, calib, W4, progress=False))]
+    refs = {key: embed(model, b) for key, b in scored.items()}
+
+    def calib(r: int) -> list[dict]:
+        if not shuffle or r == 0:
+            return batches
+        return [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(r))]
+
+    runs = [("adagrow defaults W4 g128", lambda c: quantize(model, c, W4, progress=False))]
     if gptq_dir is not None:
         runs.insert(0, ("reference GPTQ W4 g128 (true sequential)",
-                        lambda: _reference_copy(model, lambda m: m.encoder.layer, BERT_SEQUENTIAL, calib, gptq_dir)))
+                        lambda c: _reference_copy(model, lambda m: m.encoder.layer, BERT_SEQUENTIAL, c, gptq_dir)))
+    plan = [("RTN W4 g128", lambda c: quantize(model, c, RTN4, progress=False), 0)]
+    plan += [(label, fn, r) for r in range(repeats) for label, fn in runs]
     rows: list[dict] = []
-    for label, fn in [("RTN W4 g128", lambda: quantize(model, calib, RTN4, progress=False))] + runs * repeats:
-        q, wall, cpu = _timed(fn)
-        rows.append({"method": label, "repeat": sum(r["method"] == label for r in rows), "wall_s": wall, "cpu_s": cpu,
-                     **{key: cosine_to(refs[key], embed(q, batches)) for key, batches in scored.items()}})
+    for label, fn, r in plan:
+        q, wall, cpu = _timed(lambda: fn(calib(r)))
+        rows.append({"method": label, "repeat": sum(row["method"] == label for row in rows),
+                     "batch_order": r if shuffle else 0, "wall_s": wall, "cpu_s": cpu,
+                     **{key: cosine_to(refs[key], embed(q, b)) for key, b in scored.items()}})
         print(rows[-1], flush=True)
     return rows
+
+
+def spread(rows: list[dict]) -> dict:
+    """Per method: mean, sample std, min and max of each held-out cosine and of CPU seconds over its rows."""
+    out: dict = {}
+    for label in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == label]
+        out[label] = {key: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                            "min": min(v), "max": max(v), "n": len(v)}
+                      for key in ("cosine", "prose_cosine", "docs_cosine", "cpu_s")
+                      for v in [[r[key] for r in mine]]}
+    return out
 
 
 def _reference_copy(model: nn.Module, blocks, sequential: list[list[str]], calib: list[dict],
@@ -387,6 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lm-windows", type=int, default=16, help="SmolLM2 calibration windows")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shuffle-batches", action="store_true", help="minilm: repeat r > 0 feeds the calibration "
+                    "batches in a seeded shuffled order (the spread that floating-point summation order alone "
+                    "gives; minilm_spread in the JSON)")
     ap.add_argument("--disk-hidden", type=int, default=768)
     ap.add_argument("--disk-layers", type=int, default=4)
     ap.add_argument("--disk-tokens", type=int, default=2048)
@@ -410,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                                "adagrow": __version__, "note": args.note}})
-    runs = {"minilm": lambda: minilm(args.sentences, args.gptq, args.repeats, args.calib_text),
+    runs = {"minilm": lambda: minilm(args.sentences, args.gptq, args.repeats, args.calib_text, args.shuffle_batches),
             "ranks": lambda: ranks(args.rank_sentences or [args.sentences], args.rank_models, args.lm_seq_len,
                                    args.lm_windows, args.repeats, args.rank_hessian_dtype, args.calib_text),
             "smollm2": lambda: smollm2(args.lm_seq_len, args.lm_windows, args.gptq, args.repeats, args.calib_text),
@@ -419,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.sections:
         result[name] = runs[name]()
         result.setdefault("commands", {})[name] = command
+    if "minilm" in args.sections:
+        result["minilm_spread"] = spread(result["minilm"])
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
