@@ -221,7 +221,8 @@ class _Run:
                 results[i] = rtn_quantize(layers[i], cfg.bits, gs, cfg.sym, cfg.mse, scale_dtype=sdt, name=names[i],
                                           sym_grid=cfg.sym_grid)
         else:
-            lead = OBSQuantizer(layers[0], names[0], HESSIAN_DTYPES[cfg.hessian_dtype], cfg.target_damp)
+            lead = OBSQuantizer(layers[0], names[0], HESSIAN_DTYPES[cfg.hessian_dtype], cfg.target_damp,
+                                fold_target=len(layers) == 1)
             is_linear = isinstance(layers[0], nn.Linear)
 
             def hook(mod: nn.Module, inp: tuple) -> None:
