@@ -85,8 +85,8 @@ def python_docs() -> list[str]:
     for key in sorted(topics):
         for block in re.split(r"\n\s*\n", topics[key]):
             text = " ".join(block.split())
-            if (text not in seen and _DOCS_CHARS[0] <= len(text) <= _DOCS_CHARS[1] and text[0].isupper() and text.endswith(".")
-                    and sum(c.isalpha() or c == " " for c in text) >= _DOCS_LETTERS * len(text)):
+            if (text not in seen and _DOCS_CHARS[0] <= len(text) <= _DOCS_CHARS[1] and text[0].isupper()
+                    and text.endswith(".") and sum(c.isalpha() or c == " " for c in text) >= _DOCS_LETTERS * len(text)):
                 seen.add(text)
                 out.append(text)
     return out
