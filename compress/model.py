@@ -25,7 +25,7 @@ from .calib import Calibration, StopForward, TokenMask
 from .grid import check_bits, check_sym_grid
 from .groups import check_group_size
 from .layer import geometry, set_module
-from .obs import TARGET_DAMP, OBSQuantizer, QuantResult, check_groups, fit_targets, rtn_quantize
+from .obs import TARGET_DAMP, OBSQuantizer, QuantResult, check_groups, fit_targets, folds_target, rtn_quantize
 from .order import check_order
 from .qmodules import SCALE_DTYPES, QuantLayer, from_result
 from .ranks import Owners
@@ -195,6 +195,7 @@ class _Run:
         self.deferred: list[tuple[str, nn.Module, QuantResult]] = []
         self.owners = Owners()  # under torch.distributed: which rank solves each layer
         self.target: torch.Tensor | None = None  # the float model's input to the layer, for the next call
+        self.target_out = False  # whether ``target`` is instead the float layer's output less its bias
         self.before_block: Callable[[str], None] | None = None
         self.after_block: Callable[[str], None] | None = None
 
@@ -227,8 +228,12 @@ class _Run:
 
             def hook(mod: nn.Module, inp: tuple) -> None:
                 x, t = inp[0], self.target
-                lead.add_batch(self.mask.valid(x) if is_linear else x,
-                               None if t is None else self.mask.valid(t) if is_linear else t)
+                x = self.mask.valid(x) if is_linear else x
+                t = None if t is None else self.mask.valid(t) if is_linear else t
+                if self.target_out:
+                    lead.add_batch(x, float_out=t)
+                else:
+                    lead.add_batch(x, t)
                 if stop_early:
                     raise StopForward
 
@@ -294,11 +299,19 @@ def _capture(model: nn.Module, block: str, cal: Calibration, mask: TokenMask) ->
     return inputs
 
 
-def _float_pass(block: nn.Module, subs: list[str], inputs: list[tuple]) -> tuple[dict[str, list], list[tuple]]:
-    """Run the float ``block`` once per batch: the inputs of its submodules ``subs`` per batch, and
-    the block outputs as the next block's inputs."""
+def _float_pass(block: nn.Module, subs: list[str], inputs: list[tuple],
+                outs: set[str] = frozenset()) -> tuple[dict[str, list], list[tuple]]:
+    """Run the float ``block`` once per batch: the inputs of its submodules ``subs`` per batch (for
+    those in ``outs``, Linear layers, their outputs less the bias instead), and the block outputs as
+    the next block's inputs."""
     seen: dict[str, list] = {s: [] for s in subs}
-    handles = [block.get_submodule(s).register_forward_pre_hook(lambda mod, inp, s=s: seen[s].append(inp[0]))
+
+    def output(mod: nn.Module, inp: tuple, out: torch.Tensor, s: str) -> None:
+        seen[s].append(out if mod.bias is None else out - mod.bias)
+
+    handles = [block.get_submodule(s).register_forward_hook(lambda mod, inp, out, s=s: output(mod, inp, out, s))
+               if s in outs else
+               block.get_submodule(s).register_forward_pre_hook(lambda mod, inp, s=s: seen[s].append(inp[0]))
                for s in subs]
     outputs = []
     try:
@@ -328,13 +341,17 @@ def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict
         names = [n for n in layers if n == block or n.startswith(block + ".")]
         groups = input_groups(names, calls, shares_input)
         paired = {g[0] for g in groups if calls[g[0]] == 1}  # a layer called once per forward pairs up
+        # single-layer groups of wide-input Linears fold their float target: the float pass keeps their outputs
+        folded = {g[0][len(block) + 1:] for g in groups if len(g) == 1 and g[0] in paired
+                  and isinstance(model.get_submodule(g[0]), nn.Linear) and folds_target(model.get_submodule(g[0]))}
         ftargets: dict[str, list] = {}
         foutputs = inputs
         if float_target:
-            ftargets, foutputs = _float_pass(copy.deepcopy(mod), [n[len(block) + 1:] for n in paired], finputs)
+            ftargets, foutputs = _float_pass(copy.deepcopy(mod), [n[len(block) + 1:] for n in paired], finputs, folded)
 
         def replay(lead: str, mod: nn.Module = mod, block: str = block, ftargets: dict = ftargets) -> None:
             targets = ftargets.get(lead[len(block) + 1:])
+            run.target_out = lead[len(block) + 1:] in folded
             for i, (args, kwargs, m) in enumerate(inputs):
                 mask.mask = m
                 run.target = None if targets is None else targets[i]
@@ -342,7 +359,7 @@ def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict
                     mod(*args, **kwargs)
                 except StopForward:
                     pass
-            run.target = None
+            run.target, run.target_out = None, False
 
         for group in groups:
             run.group(group, lambda lead=group[0]: replay(lead), stop_early=calls[group[0]] == 1, defer=True)

@@ -71,6 +71,13 @@ def _add_gram_(h: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> N
         h[:, i + b:, i:i + b] = h[:, i:i + b, i + b:].transpose(1, 2)
 
 
+def folds_target(layer: nn.Module, name: str = "layer") -> bool:
+    """Whether a layer's float-target statistics can be folded (``OBSQuantizer(fold_target=True)``):
+    one conv group and at most half as many outputs as input columns."""
+    geo = geometry(layer, name)
+    return geo.groups == 1 and 2 * geo.out_features <= geo.k
+
+
 def _resolve_overlap(layer: nn.Module, geo: LayerGeometry, overlap: torch.Tensor | None,
                      name: str) -> torch.Tensor | None:
     if overlap is None:
@@ -331,9 +338,11 @@ class OBSQuantizer:
 
     Feed the layer's inputs with :meth:`add_batch`, then call :meth:`quantize`.
     ``fold_target``: keep the float-target statistics as ``W C`` (``[out, K]``, from ``(W x_float) x^T``
-    per batch) instead of ``C`` (``[K, K]``) where that is less work: a Linear with at most half as
-    many outputs as inputs (an MLP's down projection: half the products at 4x expansion). Only for
-    a quantizer whose statistics no other layer shares (:meth:`share` refuses them).
+    per batch, or from the float layer's outputs given to :meth:`add_batch` as ``float_out``) instead
+    of ``C`` (``[K, K]``) where that is less work: a layer with at most half as many outputs as
+    inputs (:func:`folds_target`; an MLP's down projection: half the products at 4x expansion, a
+    quarter from the outputs). Only for a quantizer whose statistics no other layer shares
+    (:meth:`share` refuses them).
     """
 
     def __init__(self, layer: nn.Module, name: str = "layer", dtype: torch.dtype = torch.float32,
@@ -344,12 +353,12 @@ class OBSQuantizer:
             raise ValueError(f"{name}: target_damp must be > 0, got {target_damp}")
         self.layer, self.name, self.dtype, self.target_damp = layer, name, dtype, target_damp
         self.geo = geometry(layer, name)
-        self.fold = fold_target and self.geo.groups == 1 and 2 * self.geo.out_features <= self.geo.k
+        self.fold = fold_target and folds_target(layer, name)
         self.H: torch.Tensor | None = None  # [conv groups, K, K] in ``dtype``
         # [conv groups, K, K]: 2/n sum x_float x^T (float target); folded: [1, out, K], W C
         self.C: torch.Tensor | None = None
         self.mu: torch.Tensor | None = None  # [conv groups, K]: mean input column
-        self.mu_f: torch.Tensor | None = None  # [conv groups, K]: mean float-target input column
+        self.mu_f: torch.Tensor | None = None  # [conv groups, K]: mean float-target input; folded: [1, out], W x
         self.centered = False
         self.nsamples = 0
         self._warned_fp16 = False
@@ -376,7 +385,8 @@ class OBSQuantizer:
         return self._inverses
 
     @torch.no_grad()
-    def add_batch(self, inp: torch.Tensor, target: torch.Tensor | None = None) -> None:
+    def add_batch(self, inp: torch.Tensor, target: torch.Tensor | None = None,
+                  float_out: torch.Tensor | None = None) -> None:
         """Accumulate ``H = 2/n sum x x^T`` from the layer input (any batch shape).
 
         ``target``: the float model's input to this layer for the same samples (same shape as
@@ -384,12 +394,21 @@ class OBSQuantizer:
         the float layer's output ``W x_float`` from the quantized prefix's ``x`` (GPTQv2's
         asymmetric calibration), so the layer also corrects the error its inputs already carry;
         give it for every batch or for none. Products and the running mean are in ``dtype``.
+        ``float_out`` (a folded Linear, :attr:`fold`, instead of ``target``): the float layer's
+        output less its bias, ``W x_float`` ``[..., out]`` for the same rows as ``inp``.
         """
         if self.centered:
             raise RuntimeError(f"{self.name}: add_batch() after center(): the statistics are final")
         if target is not None and target.shape != inp.shape:
             raise ValueError(f"{self.name}: float-target input has shape {tuple(target.shape)}, "
                              f"the layer input {tuple(inp.shape)}")
+        if float_out is not None:
+            if target is not None or not self.fold or self.geo.kind != "linear":
+                raise ValueError(f"{self.name}: float_out is for a folded Linear (fold_target), instead of target")
+            if float_out.shape != (*inp.shape[:-1], self.geo.out_features):
+                raise ValueError(f"{self.name}: float_out has shape {tuple(float_out.shape)}, expected "
+                                 f"{(*inp.shape[:-1], self.geo.out_features)}")
+            target = float_out
         if (target is None) != (self.C is None) and self.nsamples:
             raise ValueError(f"{self.name}: give a float-target input with every calibration batch or with none")
         x = input_columns(inp.detach(), self.geo, self.name)
@@ -408,7 +427,7 @@ class OBSQuantizer:
             tmax = float(target.detach().abs().max())
             if not math.isfinite(tmax):
                 raise ValueError(f"{self.name}: the float model's inputs to this layer are not finite")
-            if self.fold:  # the products are (W x_float) x^T: bound |W x_float| by K max|W| max|x_float|
+            if self.fold and float_out is None:  # products (W x_float) x^T: |W x_float| <= K max|W| max|x_float|
                 tmax *= max(1.0, self.geo.k * float(self.layer.weight.detach().abs().max()))
         if self.dtype == torch.float32 and n * amax * max(amax, tmax) > F32_SAFE:
             # products that may overflow float32 (|x| beyond ~1e17): this layer's statistics move to float64
@@ -429,17 +448,20 @@ class OBSQuantizer:
             if target is not None:
                 rows = self.geo.out_features if self.fold else self.geo.k
                 self.C = torch.zeros(self.geo.groups, rows, self.geo.k, dtype=self.dtype, device=x.device)
-                self.mu_f = torch.zeros_like(self.mu)
+                self.mu_f = torch.zeros(self.geo.groups, rows, dtype=self.dtype, device=x.device)
         self._weights = None
         keep = self.nsamples / (self.nsamples + n)
         self.nsamples += n
         _add_gram_(self.H, x, keep, 2 / self.nsamples)  # H <- keep H + 2/n x x^T
         self.mu.mul_(keep).add_(x.sum(-1), alpha=1 / self.nsamples)
         if target is not None:
-            xf = input_columns(target.detach(), self.geo, self.name).to(self.dtype)
+            if float_out is not None:
+                xf = float_out.detach().reshape(-1, self.geo.out_features).t()[None].to(self.dtype)
+            else:
+                xf = input_columns(target.detach(), self.geo, self.name).to(self.dtype)
+                if self.fold:
+                    xf = self._fold_weight(xf) @ xf  # [1, out, n]: the float layer's outputs less its bias
             self.mu_f.mul_(keep).add_(xf.sum(-1), alpha=1 / self.nsamples)
-            if self.fold:
-                xf = self._fold_weight(xf) @ xf  # [1, out, n]: the float layer's outputs less its bias
             self.C.baddbmm_(xf, x.transpose(1, 2), beta=keep, alpha=2 / self.nsamples)
 
     def _fold_weight(self, like: torch.Tensor) -> torch.Tensor:
@@ -488,23 +510,26 @@ class OBSQuantizer:
         if not self.centered:
             self.H.baddbmm_(self.mu[:, :, None], self.mu[:, None, :], alpha=-2)
             if self.C is not None:
-                mu_f = self.mu_f[:, :, None]
-                self.C.baddbmm_(self._fold_weight(mu_f) @ mu_f if self.fold else mu_f, self.mu[:, None, :], alpha=-2)
+                self.C.baddbmm_(self.mu_f[:, :, None], self.mu[:, None, :], alpha=-2)  # folded: (W mu_f) mu^T
             self.centered = True
             self._inverses.clear()
             self._weights = None
 
     def _refit_bias(self, w_hat: torch.Tensor, mu: torch.Tensor, mu_f: torch.Tensor | None) -> torch.Tensor:
-        """``b + W mu_f - W_hat mu`` per conv group (``mu_f``: ``mu`` without a float target), in the
-        bias's dtype: the quantized layer's mean output on the calibration inputs equals the float one's."""
+        """``b + W mu_f - W_hat mu`` per conv group (``mu_f``: ``mu`` without a float target; folded:
+        ``W mu_f`` already), in the bias's dtype: the quantized layer's mean output on the calibration
+        inputs equals the float one's."""
         rows = self.geo.rows_per_group
         w = weight_matrix(self.layer.weight.detach(), self.geo)
         w_hat = weight_matrix(w_hat, self.geo)
         bias = self.layer.bias.detach().clone()
         for g in range(self.geo.groups):
             r = slice(g * rows, (g + 1) * rows)
-            target = mu[g] if mu_f is None else mu_f[g]
-            shift = w[r].to(mu) @ target - w_hat[r].to(mu) @ mu[g]
+            if mu_f is not None and self.fold:
+                float_mean = mu_f[g]
+            else:
+                float_mean = w[r].to(mu) @ (mu[g] if mu_f is None else mu_f[g])
+            shift = float_mean - w_hat[r].to(mu) @ mu[g]
             bias[r] += shift.to(bias)
         return bias
 

@@ -427,3 +427,29 @@ def test_layers_fed_one_input_share_one_replay_and_hessian(monkeypatch) -> None:
     assert qkv[0] is qkv[1] is qkv[2]  # shared, not recomputed
     assert seen["model.layers.1.mlp.gate_proj"][0] is seen["model.layers.1.mlp.up_proj"][0]
     assert seen["model.layers.1.self_attn.o_proj"][0] is not qkv[0]
+
+
+def test_down_projection_folds_its_float_target_from_the_float_outputs(monkeypatch) -> None:
+    """BERT's output.dense (64 -> 32 here) has half as many outputs as inputs: the float pass keeps
+    its outputs and OBS accumulates W C from them. With float64 statistics the quantized model
+    equals the unfolded run's (C from the float inputs) to 1e-6, and the folded layers really took
+    the output path."""
+    from adagrow.compress import obs as obs_mod
+    batch = _padded(_sentences())
+    cfg = QuantConfig(bits=4, group_size=16, hessian_dtype="float64")
+    outs = []
+    real = obs_mod.OBSQuantizer.add_batch
+
+    def spy(self, inp, target=None, float_out=None):
+        outs.append((self.name, float_out is not None))
+        return real(self, inp, target, float_out=float_out)
+
+    monkeypatch.setattr(obs_mod.OBSQuantizer, "add_batch", spy)
+    folded = _weights(quantize(_bert(), [batch], cfg, progress=False))
+    assert {n for n, out in outs if out} == {f"encoder.layer.{i}.output.dense" for i in range(2)}
+    monkeypatch.setattr(obs_mod, "folds_target", lambda *a: False)
+    monkeypatch.setattr(model_mod, "folds_target", lambda *a: False)
+    plain = _weights(quantize(_bert(), [batch], cfg, progress=False))
+    assert folded.keys() == plain.keys()
+    for name in folded:
+        torch.testing.assert_close(folded[name], plain[name], rtol=1e-6, atol=1e-6)

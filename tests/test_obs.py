@@ -473,24 +473,33 @@ def test_symmetric_gram_update_matches_the_full_product(k: int) -> None:
 
 def test_folded_float_target_fits_the_same_weights() -> None:
     """fold_target keeps ``W C`` ([out, K]) instead of C ([K, K]) for a Linear with at most half as
-    many outputs as inputs: float64 statistics, centred for the bias refit, give the same codes and
-    weights as the unfolded C (to 1e-9); a layer with more outputs keeps C; sharing folded
-    statistics is refused."""
+    many outputs as inputs, from the float inputs or from the float layer's outputs (``float_out``):
+    float64 statistics, centred for the bias refit, give the same codes and weights as the unfolded
+    C (to 1e-9); a layer with more outputs keeps C; sharing folded statistics is refused, and
+    outputs of the wrong width or for an unfolded layer are errors."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 16)
     x = _offset_inputs(3, n=400)
     xf = x + 0.05 * torch.randn_like(x)  # the float model's inputs: the quantized prefix's plus its error
     res = {}
-    for fold in (False, True):
-        q = OBSQuantizer(lin, dtype=torch.float64, fold_target=fold)
+    for fold in (False, True, "outputs"):
+        q = OBSQuantizer(lin, dtype=torch.float64, fold_target=bool(fold))
         for a, b in zip(x.split(37), xf.split(37)):
-            q.add_batch(a, b)
+            if fold == "outputs":  # the float layer's outputs less its bias, as the float pass gives them
+                q.add_batch(a, float_out=lin(b) - lin.bias)
+            else:
+                q.add_batch(a, b)
         q.center()
-        assert q.fold == fold and q.C.shape == ((1, 16, 64) if fold else (1, 64, 64))
+        assert q.fold == bool(fold) and q.C.shape == ((1, 16, 64) if fold else (1, 64, 64))
         res[fold] = q.quantize(bits=4, group_size=16)
-    assert torch.equal(res[True].qweight, res[False].qweight)
-    torch.testing.assert_close(res[True].weight, res[False].weight, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(res[True].bias, res[False].bias, rtol=1e-9, atol=1e-9)
+    for fold in (True, "outputs"):
+        assert torch.equal(res[fold].qweight, res[False].qweight)
+        torch.testing.assert_close(res[fold].weight, res[False].weight, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(res[fold].bias, res[False].bias, rtol=1e-9, atol=1e-6)
+    with pytest.raises(ValueError, match="float_out is for a folded Linear"):
+        OBSQuantizer(lin).add_batch(x, float_out=lin(xf))
+    with pytest.raises(ValueError, match="float_out has shape"):
+        OBSQuantizer(lin, fold_target=True).add_batch(x, float_out=xf)
     assert not OBSQuantizer(nn.Linear(64, 40), fold_target=True).fold
     lead = OBSQuantizer(lin, fold_target=True)
     lead.add_batch(x, xf)
