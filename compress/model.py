@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -300,7 +300,7 @@ def _capture(model: nn.Module, block: str, cal: Calibration, mask: TokenMask) ->
 
 
 def _float_pass(block: nn.Module, subs: list[str], inputs: list[tuple],
-                outs: set[str] = frozenset()) -> tuple[dict[str, list], list[tuple]]:
+                outs: Collection[str] = ()) -> tuple[dict[str, list], list[tuple]]:
     """Run the float ``block`` once per batch: the inputs of its submodules ``subs`` per batch (for
     those in ``outs``, Linear layers, their outputs less the bias instead), and the block outputs as
     the next block's inputs."""
@@ -329,8 +329,9 @@ def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict
     replay per group of layers sharing an input, then run the quantized block to get the next
     block's inputs. With ``float_target``, a float copy of the block runs once per batch on the
     float model's block inputs and gives each group its target (kept for the block: the float
-    inputs of every group, one block's worth of activations per group). Returns the last
-    quantized block's outputs (one per calibration batch)."""
+    inputs of every group, one block's worth of activations per group; for a folded down
+    projection, :func:`.obs.folds_target`, its float outputs less the bias instead). Returns the
+    last quantized block's outputs (one per calibration batch)."""
     model, mask = run.model, run.mask
     float_target = run.config.float_target and run.config.method == "obs"
     finputs = inputs
