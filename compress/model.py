@@ -194,8 +194,8 @@ class _Run:
         self.report: dict[str, dict[str, float]] = {}
         self.deferred: list[tuple[str, nn.Module, QuantResult]] = []
         self.owners = Owners()  # under torch.distributed: which rank solves each layer
-        self.target: torch.Tensor | None = None  # the float model's input to the layer, for the next call
-        self.target_out = False  # whether ``target`` is instead the float layer's output less its bias
+        # the float model's input to the layer for the next call (its output less the bias: _float_out)
+        self.target: torch.Tensor | None = None
         self.before_block: Callable[[str], None] | None = None
         self.after_block: Callable[[str], None] | None = None
 
@@ -224,13 +224,13 @@ class _Run:
         else:
             lead = OBSQuantizer(layers[0], names[0], HESSIAN_DTYPES[cfg.hessian_dtype], cfg.target_damp,
                                 fold_target=len(layers) == 1)
-            is_linear = isinstance(layers[0], nn.Linear)
+            is_linear, float_out = isinstance(layers[0], nn.Linear), _float_out(layers)
 
             def hook(mod: nn.Module, inp: tuple) -> None:
                 x, t = inp[0], self.target
                 x = self.mask.valid(x) if is_linear else x
                 t = None if t is None else self.mask.valid(t) if is_linear else t
-                if self.target_out:
+                if float_out:
                     lead.add_batch(x, float_out=t)
                 else:
                     lead.add_batch(x, t)
@@ -282,6 +282,12 @@ class _Run:
         self.deferred.clear()
 
 
+def _float_out(layers: list[nn.Module]) -> bool:
+    """Whether a group's float target is its float layer's output less the bias (not its input): a
+    group of one Linear whose statistics fold (:func:`.obs.folds_target`)."""
+    return len(layers) == 1 and isinstance(layers[0], nn.Linear) and folds_target(layers[0])
+
+
 def _capture(model: nn.Module, block: str, cal: Calibration, mask: TokenMask) -> list[tuple]:
     """Inputs of ``block`` for every calibration batch: (args, kwargs, attention mask)."""
     inputs = []
@@ -305,11 +311,8 @@ def _float_pass(block: nn.Module, subs: list[str], inputs: list[tuple],
     those in ``outs``, Linear layers, their outputs less the bias instead), and the block outputs as
     the next block's inputs."""
     seen: dict[str, list] = {s: [] for s in subs}
-
-    def output(mod: nn.Module, inp: tuple, out: torch.Tensor, s: str) -> None:
-        seen[s].append(out if mod.bias is None else out - mod.bias)
-
-    handles = [block.get_submodule(s).register_forward_hook(lambda mod, inp, out, s=s: output(mod, inp, out, s))
+    handles = [block.get_submodule(s).register_forward_hook(
+                   lambda mod, inp, out, s=s: seen[s].append(out if mod.bias is None else out - mod.bias))
                if s in outs else
                block.get_submodule(s).register_forward_pre_hook(lambda mod, inp, s=s: seen[s].append(inp[0]))
                for s in subs]
@@ -342,9 +345,8 @@ def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict
         names = [n for n in layers if n == block or n.startswith(block + ".")]
         groups = input_groups(names, calls, shares_input)
         paired = {g[0] for g in groups if calls[g[0]] == 1}  # a layer called once per forward pairs up
-        # single-layer groups of wide-input Linears fold their float target: the float pass keeps their outputs
-        folded = {g[0][len(block) + 1:] for g in groups if len(g) == 1 and g[0] in paired
-                  and isinstance(model.get_submodule(g[0]), nn.Linear) and folds_target(model.get_submodule(g[0]))}
+        folded = {g[0][len(block) + 1:] for g in groups  # the float pass keeps these layers' outputs
+                  if g[0] in paired and _float_out([model.get_submodule(n) for n in g])}
         ftargets: dict[str, list] = {}
         foutputs = inputs
         if float_target:
@@ -352,7 +354,6 @@ def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict
 
         def replay(lead: str, mod: nn.Module = mod, block: str = block, ftargets: dict = ftargets) -> None:
             targets = ftargets.get(lead[len(block) + 1:])
-            run.target_out = lead[len(block) + 1:] in folded
             for i, (args, kwargs, m) in enumerate(inputs):
                 mask.mask = m
                 run.target = None if targets is None else targets[i]
@@ -360,7 +361,7 @@ def _block_by_block(run: _Run, blocks: list[str], layers: list[str], calls: dict
                     mod(*args, **kwargs)
                 except StopForward:
                     pass
-            run.target, run.target_out = None, False
+            run.target = None
 
         for group in groups:
             run.group(group, lambda lead=group[0]: replay(lead), stop_early=calls[group[0]] == 1, defer=True)
