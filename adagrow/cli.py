@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face model folder (or a .gguf file) instead of CHECKPOINT "
                    "(needs the hf extra)")
     p.add_argument("--calib-text", metavar="FILE", help="with --hf: calibration text, one sentence or passage per "
-                   "line (default: adagrow's bundled English text: 256 paragraphs, ~28.5k SmolLM2 tokens, for a causal "
+                   "line (default: adagrow's bundled English text: 256 paragraphs, ~28.4k SmolLM2 tokens, for a causal "
                    "LM; 544 sentences then those paragraphs for an encoder)")
     p.add_argument("--format", default=None, choices=["adagrow", "compressed-tensors", "gptq"],
                    help="with --hf: adagrow (OUT is a .safetensors file) or a server folder OUT (default: adagrow "

@@ -7,12 +7,13 @@ quantizing from disk block by block, and data-parallel calibration.
   paragraphs cut into sentences, alone or after the sentences; :func:`adagrow.hf_text.calibration_text`),
   cosine of mean-pooled embeddings to fp32 on ``HELD_OUT`` (``cosine``), on the ``HELD_OUT_PROSE``
   paragraphs (``prose_cosine``) and on the Python docs paragraphs no one tuned on (``docs_cosine``,
-  :func:`adagrow.hf_text.python_docs`); wall and CPU seconds of RTN once, then of ``quantize()`` with
-  adagrow defaults (float target, reparam order) and of the reference GPTQ (IST-DASLab/gptq's
-  ``gptq.py`` + ``quant.py`` from ``--gptq DIR``, run in this process, true sequential: q/k/v,
-  attention output, intermediate, output; asymmetric, g128, no act order), interleaved
-  ``--repeats`` times (with ``--shuffle-batches``, repeat r > 0 on the same batches in a seeded
-  shuffled order); mean, std, min and max of each figure per method (``minilm_spread``);
+  :func:`adagrow.hf_text.python_docs`); wall and CPU seconds of RTN once, then of the reference GPTQ
+  (IST-DASLab/gptq's ``gptq.py`` + ``quant.py`` from ``--gptq DIR``, run in this process, true
+  sequential: q/k/v, attention output, intermediate, output; asymmetric, g128, no act order), of
+  ``quantize()`` with adagrow defaults (float target, reparam order) and of each ``--variant``
+  (adagrow W4 g128 with some :class:`QuantConfig` fields changed), interleaved ``--repeats`` times
+  (with ``--shuffle-batches``, repeat r > 0 on the same batches in a seeded shuffled order); mean,
+  std, min and max of each figure per method (``minilm_spread``);
 - ``smollm2``: SmolLM2-135M-Instruct W4 g128 calibrated on ``--lm-windows`` windows of ``--lm-seq-len``
   tokens of the same ``--calib-text``: RTN, then the reference GPTQ (true sequential: k/v/q, o, up/gate, down)
   and adagrow's defaults interleaved ``--repeats`` times; wall and CPU seconds, perplexity on
@@ -24,7 +25,7 @@ quantizing from disk block by block, and data-parallel calibration.
 - ``llama_1b``: a random ~1B-parameter Llama saved in bf16 (~2 GB), quantized from disk with
   ``--big-tokens`` calibration tokens under a limit of half the file size (``RLIMIT_DATA``); peak RSS
   against that cap (``--big-layers`` fewer: the same width and per-block peak, faster);
-- ``ranks``: MiniLM (``--rank-sentences``) and optionally SmolLM2 (``--rank-models``) quantized from
+- ``ranks``: the models of ``--rank-models`` (MiniLM at ``--rank-sentences``, SmolLM2) quantized from
   a checkpoint folder under ``torchrun`` by 1 then 2 gloo ranks, ``--repeats`` rounds back to back
   (half the batches each, each layer solved by one rank, ``adagrow.compress.torchrun``): wall and
   CPU seconds per rank, speedups, whether the two outputs are bit-identical, cosine / perplexity.
@@ -34,6 +35,7 @@ Usage: ``python benchmarks/quant_speed.py --gptq DIR [--sentences 128] [--out PA
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib
 import json
@@ -128,15 +130,48 @@ def reference_gptq(model: nn.Module, layers: nn.ModuleList, sequential: list[lis
     return model
 
 
+def variant(text: str) -> tuple[str, QuantConfig]:
+    """``"key=value,key=value"`` -> (that text, ``W4`` with those :class:`QuantConfig` fields changed);
+    each value is parsed as the type of the field's default (``true`` / ``false`` for booleans,
+    ``a|b`` for the tuples ``skip`` / ``ignore``; an integer or a name where the default is a name or None)."""
+    kinds = {f.name: type(getattr(W4, f.name)) for f in dataclasses.fields(QuantConfig)}
+    changes: dict = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in kinds:
+            raise argparse.ArgumentTypeError(f"--variant {text!r}: {item!r} is not key=value with key a "
+                                             f"QuantConfig field ({', '.join(kinds)})")
+        kind = kinds[key]
+        if kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise argparse.ArgumentTypeError(f"--variant {text!r}: {key} takes true or false, got {value!r}")
+            changes[key] = value.lower() == "true"
+        elif kind in (int, float):
+            try:
+                changes[key] = kind(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"--variant {text!r}: {key} takes {'an integer' if kind is int else 'a number'}, "
+                                                 f"got {value!r}") from None
+        elif kind is tuple:  # skip / ignore: names or patterns separated by "|"
+            changes[key] = tuple(value.split("|")) if value else ()
+        else:  # str or None by default (group_size "tier", linear_group_size None): a number or a name
+            changes[key] = int(value) if value.lstrip("-").isdigit() else value
+    try:
+        return text, dataclasses.replace(W4, **changes).validate()
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: {err}") from None
+
+
 def minilm(sentences: int, gptq_dir: Path | None, repeats: int, text: str = "sentences",
-           shuffle: bool = False) -> list[dict]:
+           shuffle: bool = False, variants: list[tuple[str, QuantConfig]] = ()) -> list[dict]:
     """all-MiniLM-L6-v2 W4 g128 on the first ``sentences`` items of the calibration ``text``: RTN once,
     then the reference GPTQ (true sequential) and adagrow's defaults interleaved ``repeats`` times;
     wall and CPU seconds of each quantization, the cosine of mean-pooled embeddings to fp32 on
     each text of :func:`adagrow.hf.held_out_batches` (``cosine``, ``prose_cosine``, ``docs_cosine``).
     ``shuffle``: repeat ``r > 0`` feeds the same calibration batches in the order of
     ``torch.randperm`` seeded with ``r`` (``batch_order``), so the repeats differ only in the order of
-    floating-point sums."""
+    floating-point sums. ``variants``: (label, config) pairs run after adagrow's defaults in each
+    repeat (:func:`variant`)."""
     model, tok = load_hf(minilm_path())
     batches = tokenize(tok, calibration_text(text)[:sentences])
     scored = held_out_batches(tok)
@@ -148,6 +183,8 @@ def minilm(sentences: int, gptq_dir: Path | None, repeats: int, text: str = "sen
         return [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(r))]
 
     runs = [("adagrow defaults W4 g128", lambda c: quantize(model, c, W4, progress=False))]
+    runs += [(f"adagrow W4 g128 {label}", lambda c, cfg=cfg: quantize(model, c, cfg, progress=False))
+             for label, cfg in variants]
     if gptq_dir is not None:
         runs.insert(0, ("reference GPTQ W4 g128 (true sequential)",
                         lambda c: _reference_copy(model, lambda m: m.encoder.layer, BERT_SEQUENTIAL, c, gptq_dir)))
@@ -417,6 +454,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shuffle-batches", action="store_true", help="minilm: repeat r > 0 feeds the calibration "
                     "batches in a seeded shuffled order (the spread that floating-point summation order alone "
                     "gives; minilm_spread in the JSON)")
+    ap.add_argument("--variant", type=variant, action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="minilm: also run adagrow W4 g128 with these QuantConfig fields changed (repeatable), "
+                         "e.g. scale_refit=true or cd_passes=2,percdamp=0.05")
     ap.add_argument("--disk-hidden", type=int, default=768)
     ap.add_argument("--disk-layers", type=int, default=4)
     ap.add_argument("--disk-tokens", type=int, default=2048)
@@ -440,7 +480,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                                "adagrow": __version__, "note": args.note}})
-    runs = {"minilm": lambda: minilm(args.sentences, args.gptq, args.repeats, args.calib_text, args.shuffle_batches),
+    runs = {"minilm": lambda: minilm(args.sentences, args.gptq, args.repeats, args.calib_text, args.shuffle_batches,
+                                     args.variant),
             "ranks": lambda: ranks(args.rank_sentences or [args.sentences], args.rank_models, args.lm_seq_len,
                                    args.lm_windows, args.repeats, args.rank_hessian_dtype, args.calib_text),
             "smollm2": lambda: smollm2(args.lm_seq_len, args.lm_windows, args.gptq, args.repeats, args.calib_text),

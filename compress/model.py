@@ -55,13 +55,14 @@ class QuantConfig:
     ``float_target`` (models calibrated block by block): each layer inside a block fits the float
     model's output of that layer on float inputs, not its own output on the quantized prefix's
     inputs, so it also corrects the error earlier layers left (GPTQv2); it costs one float forward
-    of each block and keeps the float inputs of the block's layers during that block.
+    of each block and keeps the float inputs of the block's layers during that block (for a
+    folded down projection, :func:`.obs.folds_target`, its float outputs less the bias instead).
     ``target_damp``: ridge of the float-target fit relative to mean(diag H) (docs/design.md §4).
     ``groups``: ``"static"`` (scale and zero point of each group from the weights before OBS) or
     ``"dynamic"`` (from the weights as OBS updated them when it reaches the group, as the reference GPTQ).
     ``scale_refit``: after OBS, each row's scales are refitted by least squares to the codes chosen
     (the layer objective, docs/design.md §4); off by default: it helped SmolLM2 W4 g128 and hurt the
-    CLI's g64 default (docs/llm.md "Scale refit").
+    CLI's g64 default (docs/llm.md "W4 g128: which OBS options matter", Scale refit).
     ``bias_refit`` (layers with a bias; default on): OBS runs on the input covariance (the
     statistics centred on the mean input) and the bias is refitted after quantization so the
     layer's mean output on the calibration data is the float layer's (docs/design.md §4).

@@ -202,3 +202,29 @@ def test_quantize_to_disk_writes_the_same_file_without_keeping_blocks(tmp_path, 
     assert torch.equal(q(**calib[0])[0], ref_q(**calib[0])[0])
     with pytest.raises(FileExistsError):
         quantize_to_disk(tmp_path / "src", tmp_path / "got", calib, CFG, progress=False)
+
+
+def test_quant_speed_variant_parses_config_fields_and_names_bad_ones() -> None:
+    """benchmarks/quant_speed.py --variant: each value takes its field's type; an unknown field, a
+    value of the wrong type and an invalid config are refused with the field named."""
+    import argparse
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quant_speed.py"
+    spec = importlib.util.spec_from_file_location("quant_speed_bench", path)
+    qs = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = qs
+    try:
+        spec.loader.exec_module(qs)
+        label, cfg = qs.variant("scale_refit=true,cd_passes=2,percdamp=0.05,linear_group_size=64,skip=a.*|b")
+        assert label == "scale_refit=true,cd_passes=2,percdamp=0.05,linear_group_size=64,skip=a.*|b"
+        assert (cfg.scale_refit, cfg.cd_passes, cfg.percdamp, cfg.linear_group_size, cfg.skip) == \
+            (True, 2, 0.05, 64, ("a.*", "b"))
+        assert (cfg.bits, cfg.group_size, qs.W4.scale_refit) == (4, 128, False)  # W4 itself unchanged
+        for bad, match in [("foo=1", "'foo=1' is not key=value"), ("cd_passes=x", "cd_passes takes an integer"),
+                           ("scale_refit=yes", "scale_refit takes true or false"), ("bits=9", "bits must be")]:
+            with pytest.raises(argparse.ArgumentTypeError, match=match):
+                qs.variant(bad)
+    finally:
+        del sys.modules[spec.name]
