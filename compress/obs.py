@@ -54,6 +54,7 @@ class QuantResult:
 
 
 GRAM_BLOCKS = 8  # row blocks of the symmetric H update: 9/16 of the full product's multiply-adds
+CALLER = 3  # the stacklevel of a warning in a torch.no_grad method: past the decorator's frame, at its caller
 
 
 def _add_gram_(h: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
@@ -441,7 +442,7 @@ class OBSQuantizer:
             self._warned_fp16 = True
             warnings.warn(CalibrationWarning(
                 f"{self.name}: calibration inputs reach |x| = {amax:.3g}, beyond the float16 maximum "
-                f"{FP16_MAX:.0f}: this layer overflows in fp16 (W4A16 kernels, fp16 ONNX)"), stacklevel=2)
+                f"{FP16_MAX:.0f}: this layer overflows in fp16 (W4A16 kernels, fp16 ONNX)"), stacklevel=CALLER)
         if self.H is None:
             self.H = torch.zeros(self.geo.groups, self.geo.k, self.geo.k, dtype=self.dtype, device=x.device)
             self.mu = torch.zeros(self.geo.groups, self.geo.k, dtype=self.dtype, device=x.device)
@@ -505,7 +506,7 @@ class OBSQuantizer:
         if self.nsamples < 2:  # no covariance: every column would read as dead and be zeroed
             warnings.warn(CalibrationWarning(
                 f"{self.name}: one calibration row, so no input covariance: the statistics are not centred "
-                "and the float bias is kept"), stacklevel=2)
+                "and the float bias is kept"), stacklevel=CALLER)
             return
         if not self.centered:
             self.H.baddbmm_(self.mu[:, :, None], self.mu[:, None, :], alpha=-2)
@@ -710,11 +711,11 @@ class OBSQuantizer:
             warnings.warn(CalibrationWarning(
                 f"{name}: {self.nsamples} calibration rows (tokens / output positions) for {geo.k} input columns: "
                 "the Hessian cannot be full rank, so OBS leans on its damping; calibrate with at least "
-                f"{geo.k} tokens / positions"), stacklevel=2)
+                f"{geo.k} tokens / positions"), stacklevel=CALLER)
         if dead_groups:
             warnings.warn(CalibrationWarning(
                 f"{name}: conv groups {dead_groups[:8]}{'...' if len(dead_groups) > 8 else ''} saw only zero "
-                "inputs in calibration; their weights are rounded to nearest instead of zeroed"), stacklevel=2)
+                "inputs in calibration; their weights are rounded to nearest instead of zeroed"), stacklevel=CALLER)
         overlap = _resolve_overlap(self.layer, geo, overlap, name)
         grouping = _Grouping(geo, group_size, overlap)
         col_ov = column_overlap(overlap, geo.k, geo.cin_per_group)

@@ -67,7 +67,7 @@ def load_grown(path: str | os.PathLike) -> nn.Module:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"grown checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found (a grown or deploy model from adagrow grow / reparam): {path}")
     table, header = read_header(path)
     meta = parse_json(header.get("adagrow", "{}"), str(path), "adagrow metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

@@ -243,6 +243,7 @@ def test_demo_fast_writes_every_output(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     rc = main(["demo", "--fast", "--out", str(out), "--quiet"])
     assert rc == 0
+    assert capsys.readouterr().out == f"adagrow demo: results in {out / 'results'}.md and results.json\n"
     for name in ("results.json", "results.md", "accuracy_vs_latency.png", "grown.safetensors",
                  "digits_w4_overlap.safetensors", "fp32.onnx", "int8_ort.onnx", "w4.onnx"):
         assert (out / name).stat().st_size > 0, name

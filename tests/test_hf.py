@@ -324,7 +324,8 @@ def test_cli_quantize_hf_writes_a_server_folder(tmp_path, capsys) -> None:
     assert main(["quantize", "--hf", str(model_dir), "--out", str(tmp_path / "x.safetensors"), "--calib", "64",
                  "--group-size", "32", "--quiet", "--json"]) == 0  # no --calib-text: the bundled sentences
     res = json.loads(capsys.readouterr().out)
-    assert res["calib_text"].startswith("adagrow.hf_text.calibration_text('both') (") and res["calib_sentences"] == 64
+    assert res["calib_text"].startswith("the first 64 lines of adagrow.hf_text.calibration_text('both') (")
+    assert res["calib_sentences"] == 64
     assert res["calib_tokens"] > 64  # an encoder calibrates on the bundled sentences (a causal LM on the prose)
     from adagrow.cli import _bundled_calibration
     from adagrow.hf_text import CALIBRATION, CALIBRATION_PROSE

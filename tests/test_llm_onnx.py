@@ -275,6 +275,7 @@ def test_cli_exports_causal_lms_with_a_kv_cache(tmp_path, capsys) -> None:
     assert main(argv + ["--hf", str(tmp_path / "ct"), "--precision", "w4", "--out", str(tmp_path / "ct.onnx")]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["precision"] == "w4" and res["cosine"] > 0.99
+    assert res["greedy_identical"].startswith("3/3") and "float32 numerics" in res["greedy_identical"]
     assert [n.op_type for n in onnx.load(tmp_path / "ct.onnx").graph.node].count("MatMulNBits") == 14
     save_quantized(q, tmp_path / "q.safetensors")
     assert main(argv + [str(tmp_path / "q.safetensors"), "--precision", "w4", "--out", str(tmp_path / "q.onnx")]) == 0

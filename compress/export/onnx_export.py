@@ -43,6 +43,7 @@ from .smooth import smooth_linears
 from .verify import CHECKS, THRESHOLDS, ExportCheckError, enforce, ort_session, verify
 
 PRECISIONS = ("fp32", "fp16", "int8", "w4")
+W4_DEFAULT = QuantConfig(bits=4, group_size="tier", linear_group_size=32)  # w4 export of a float model (read only)
 TARGETS = ("onnxruntime", "tensorrt")
 FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
 DEFAULT_CALIB = "mse"  # expected clipping + rounding error: no outlier blow-up, no KL heuristics
@@ -320,7 +321,7 @@ def w4_quantized(model: nn.Module, quantize_fn: Callable[[QuantConfig], nn.Modul
     ``quant_config`` (default: OBS, tier groups for convs, g32 for Linear); then every quantized
     layer must be 4-bit."""
     if not any(isinstance(m, QuantLayer) for m in model.modules()):
-        cfg = quant_config or QuantConfig(bits=4, group_size="tier", linear_group_size=32)
+        cfg = quant_config or W4_DEFAULT
         if cfg.bits != 4:
             raise ValueError(f"w4 export needs bits=4, quant_config has bits={cfg.bits}")
         if cfg.method == "obs" and not has_calib:
@@ -366,6 +367,11 @@ def w4_graph(qmodel: nn.Module, export_float: Callable[[nn.Module], onnx.ModelPr
 def _w4(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tensor]], report: ExportReport, *,
         quant_config: QuantConfig | None, accuracy_level: int | None, progress: bool) -> onnx.ModelProto:
     """The W4 graph: MatMulNBits for Linear weights, blocked int4 DequantizeLinear otherwise."""
+    if not any(isinstance(m, QuantLayer) for m in model.modules()):
+        cfg = quant_config or W4_DEFAULT
+        report.notes.append(f"a float model: quantized for this export ({cfg.method.upper()} W{cfg.bits}, group size "
+                            f"{cfg.group_size} for convs, {cfg.group_size_for('linear')} for Linear layers); quantize "
+                            "it first (adagrow quantize / quantize()) to choose the settings and keep the checkpoint")
     qmodel = w4_quantized(model, lambda cfg: _quantize(model, spec, batches, cfg, progress), bool(batches),
                           quant_config)
     return w4_graph(qmodel, lambda twin: _export_float(twin, spec, 21, report), report, accuracy_level)
