@@ -209,7 +209,7 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
                       mse=args.mse, float_target=args.float_target, **_obs_options(args),
                       skip=tuple(args.skip)).validate()
     own_text = read_sentences(args.calib_text) if args.calib_text else None
-    model, tokenizer = load_hf(args.hf)
+    model, tokenizer = load_hf(args.hf, progress=not args.quiet)
     causal = is_causal_lm(model)
     if own_text is not None:
         sentences, source = own_text[: args.calib or DEFAULT_CALIB], str(args.calib_text)
@@ -338,7 +338,7 @@ def _export_hf_lm(args: argparse.Namespace) -> dict[str, Any]:
     from adagrow.hf import is_causal_lm, load_hf
     if args.checkpoint is not None:
         raise ValueError("give either a CHECKPOINT or --hf DIR, not both")
-    model, _ = load_hf(args.hf)
+    model, _ = load_hf(args.hf, progress=not args.quiet)
     if not is_causal_lm(model):
         raise ValueError(f"--hf {args.hf}: {type(model).__name__} is not a causal LM; export encoders with the Python "
                          "API (adagrow.compress.export.export_onnx)")

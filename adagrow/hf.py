@@ -36,11 +36,12 @@ def is_causal_lm(model_or_config: Any) -> bool:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
 
 
-def load_hf(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
+def load_hf(folder: str | os.PathLike, progress: bool = True) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a local folder (or a ``.gguf`` file, dequantized by transformers),
     in eval mode, never running remote code. The auto class follows ``config.architectures``:
     ``AutoModelForCausalLM`` for a ``*ForCausalLM`` or a GGUF file (GGUF holds decoder LMs; its
-    config names no architecture), else ``AutoModel``. Refuses a folder without tokenizer files
+    config names no architecture), else ``AutoModel``; ``progress=False`` hides transformers' loading
+    bars. Refuses a folder without tokenizer files
     (``FileNotFoundError``) and weights that are missing, unexpected or mis-shaped for the
     config (``ValueError`` naming them): never a randomly initialised layer."""
     transformers = _transformers()
@@ -56,7 +57,14 @@ def load_hf(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
     if "gguf_file" not in kwargs and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"{folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); without them "
                                 "transformers falls back to a tokenizer that maps every word to [UNK]")
-    model, info = auto.from_pretrained(folder, output_loading_info=True, **kwargs)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        model, info = auto.from_pretrained(folder, output_loading_info=True, **kwargs)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     bad = {k.replace("_keys", ""): sorted(map(str, info.get(k) or ()))
            for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(bad.values()):
