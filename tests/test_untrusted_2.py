@@ -35,7 +35,7 @@ def ckpt(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- memory bombs
-def _huge_cnn(meta):  # 8192 channels, a 31x31 branch per conv: ~250 GB of float32 weights
+def _huge_cnn(meta):  # 8192 channels, a 31x31 branch per conv: ~258 GB of float32 weights each
     arch = meta["arch"]
     arch["widths"] = [8192, 8192, 8192]
     for rec in arch["convs"].values():
