@@ -22,9 +22,11 @@ def _data(args: argparse.Namespace):
     return load_dataset(args.data, args.size)
 
 
-def _check_out(path: Path, overwrite: bool, folder: bool = False) -> None:
+def _check_out(path: Path, overwrite: bool, folder: bool = False, source: str | None = None) -> None:
     """Refuse an output path before any work: existing without --overwrite, a folder where a file
-    goes (or the reverse), or under a file."""
+    goes (or the reverse), under a file, or the command's own input ``source`` (even with --overwrite)."""
+    if source is not None and path.exists() and Path(source).exists() and path.resolve() == Path(source).resolve():
+        raise ValueError(f"--out {path} is the input {source}: write to another path (the input would be replaced)")
     if path.exists() and folder != path.is_dir():
         want, got = ("folder", "a file") if folder else ("file", "a directory")
         raise ValueError(f"{path} is {got}; give a {want} path")
@@ -138,7 +140,7 @@ def cmd_reparam(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from adagrow.grow import load_grown, reparameterize, save_grown
     out = Path(args.out)
-    _check_out(out, args.overwrite)
+    _check_out(out, args.overwrite, source=args.checkpoint)
     model = load_grown(args.checkpoint)
     if getattr(model, "adagrow_deploy", False):
         raise ValueError(f"{args.checkpoint} is already in deploy form")
@@ -163,7 +165,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from adagrow.grow import load_deploy
     from adagrow.grow.train import accuracy
     out = Path(args.out)
-    _check_out(out, args.overwrite)
+    _check_out(out, args.overwrite, source=args.checkpoint)
     cfg = QuantConfig(bits=args.bits, group_size=args.group_size or "tier", order=args.order, method=args.method,
                       sym=bool(args.sym), mse=args.mse, float_target=args.float_target,
                       **_obs_options(args),
@@ -199,7 +201,7 @@ def _quantize_hf(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("give either a CHECKPOINT or --hf DIR, not both")
     fmt = _hf_format(args)
     out = Path(args.out)
-    _check_out(out, args.overwrite, folder=fmt != "adagrow")
+    _check_out(out, args.overwrite, folder=fmt != "adagrow", source=args.hf)
     sym = fmt != "adagrow" if args.sym is None else args.sym
     gs = 128 if args.group_size is None else args.group_size
     if isinstance(gs, str):

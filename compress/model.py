@@ -34,6 +34,8 @@ from .tail import blocks_skipped, tail_replayable
 
 METHODS = ("obs", "rtn")
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# layers with weights adagrow has no quantized form for: left in float, named in adagrow_quant["float"]
+UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase)
 DEFAULT_IGNORE = ("lm_head", "*.lm_head", "embed_out", "*.embed_out")
 
 
@@ -96,6 +98,14 @@ class QuantConfig:
     ignore: tuple[str, ...] = DEFAULT_IGNORE
 
     def validate(self) -> "QuantConfig":
+        for key in ("sym", "mse", "float_target", "scale_refit", "bias_refit"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        for key in ("percdamp", "target_damp"):
+            if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), (int, float)):
+                raise ValueError(f"{key} must be a number, got {getattr(self, key)!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
         check_bits(self.bits)
         check_group_size(self.group_size, is_conv=True)
         check_group_size(self.group_size_for("linear"), is_conv=False)
@@ -135,11 +145,31 @@ def _tied(model: nn.Module) -> set[int]:
 
 
 def quant_targets(model: nn.Module, config: QuantConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Layers to quantize, and those left in float with the reason."""
+    """Layers to quantize, and those left in float with the reason (warned for layer types adagrow
+    cannot quantize). Refuses a model that already holds quantized layers and one with nothing to
+    quantize."""
     found, left, matched = {}, {}, set()
     tied = _tied(model)
+    done = [name for name, mod in model.named_modules() if isinstance(mod, QuantLayer)]
+    if done:
+        raise ValueError(f"the model already holds quantized layers ({done[:3]}{' ...' if len(done) > 3 else ''}): "
+                         "quantize the float model")
+    train_form = [name for name, mod in model.named_modules()  # RepConv2d's API (grow.reparam), duck-typed
+                  if callable(getattr(mod, "fuse", None)) and hasattr(mod, "branch_modules")]
+    if train_form:
+        raise ValueError(f"the model is in its train-time form (multi-branch blocks at {train_form[:3]}): quantize the "
+                         "deploy form, adagrow.grow.reparam.reparameterize(model.eval())")
+    # torch's own transformer layers read linear1.weight etc. in their fast path: a QuantLinear has none
+    fast_path = [name + "." for name, mod in model.named_modules()
+                 if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
     for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or isinstance(mod, QuantLayer):
+        if isinstance(mod, UNSUPPORTED):
+            left[name] = f"{type(mod).__name__} is not supported (Linear and Conv2d are)"
+            continue
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        if any(name.startswith(prefix) for prefix in fast_path):
+            left[name] = "inside a torch.nn.Transformer*Layer, whose fast path reads the float weight"
             continue
         hits = [p for p in config.skip if fnmatch.fnmatchcase(name, p)]
         matched.update(hits)
@@ -155,6 +185,12 @@ def quant_targets(model: nn.Module, config: QuantConfig) -> tuple[dict[str, nn.M
     unmatched = [p for p in config.skip if p not in matched]
     if unmatched:
         raise ValueError(f"skip patterns {unmatched} match no Linear/Conv2d layer of the model")
+    unsupported = {n: why for n, why in left.items() if why not in ("skip", "ignore", "tied weight")}
+    if not found:
+        raise ValueError("the model has no Linear or Conv2d layer to quantize"
+                         + (f" (left in float: {unsupported})" if unsupported else ""))
+    if unsupported:
+        warnings.warn(f"left in float: {unsupported}", stacklevel=5)  # quantize()'s caller
     return found, left
 
 
@@ -403,6 +439,8 @@ def quantize(model: nn.Module, calib: Iterable | Callable[[nn.Module], Any] | No
     this process solved in ``["solved_here"]`` (all of them, except under ``torch.distributed``:
     :mod:`.ranks`).
     """
+    if config is not None and not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__} (QuantConfig(**your_dict))")
     config = copy.deepcopy(config or QuantConfig()).validate()
     return quantize_model(model if inplace else copy.deepcopy(model), calib, config, progress)
 

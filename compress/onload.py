@@ -164,6 +164,8 @@ def _onloading(src: str | os.PathLike, config: QuantConfig, dtype: torch.dtype,
                model_class: Any) -> tuple[nn.Module, "BlockLoader"]:
     """The model on the meta device with its weights outside the blocks loaded, and the loader
     of its blocks."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
     ckpt = Checkpoint(src)
     model = empty_model(src, model_class)
     names = _names(model, ckpt)
@@ -204,6 +206,8 @@ def quantize_pretrained(src: str | os.PathLike, calib: Iterable | Callable[[nn.M
     Returns the quantized model (``adagrow_quant`` also records ``"block_loads"``).
     """
     config = (config or QuantConfig()).validate()
+    if dst is not None and (Path(dst) / "model.adagrow.safetensors").exists():  # refused before the work
+        raise FileExistsError(f"{Path(dst) / 'model.adagrow.safetensors'} exists; remove it or give another dst")
     model, loader = _onloading(src, config, dtype, model_class)
     try:
         qmodel = quantize_model(model, calib, config, progress, before_block=loader.load)

@@ -76,6 +76,8 @@ class QuantLayer(nn.Module):
                 and (isinstance(gs, str) or self.geo.kind == "conv" or kernel_supports(gs)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # the float layer refuses it too; the int4 / oneDNN paths would not
+            raise TypeError(f"{type(self).__name__} takes a floating-point input, got {x.dtype}")
         bias = self._buffers["bias"]
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)

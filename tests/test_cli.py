@@ -188,8 +188,9 @@ def test_outputs_are_checked_before_any_work(grown, tmp_path, capsys) -> None:
     assert rc == 2 and "is a directory" in err
     rc, _, err = _run(capsys, "demo", "--out", str(grown))
     assert rc == 2 and f"{grown} is a file" in err
-    rc, _, err = _run(capsys, "reparam", str(grown), "--out", str(grown), *SMALL)
-    assert rc == 2 and "--overwrite" in err
+    for extra in ((), ("--overwrite",)):  # the input itself is never the output
+        rc, _, err = _run(capsys, "reparam", str(grown), "--out", str(grown), *extra, *SMALL)
+        assert rc == 2 and f"--out {grown} is the input" in err
     rc, _, err = _run(capsys, "quantize", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "q.st"))
     assert rc == 2 and "not found" in err
     rc, _, err = _run(capsys, "quantize", str(grown), "--size", "16", "--out", str(tmp_path / "q.st"), "--quiet")

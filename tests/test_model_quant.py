@@ -185,9 +185,40 @@ def test_model_level_errors() -> None:
         quantize(_mlp(), [torch.randn(2, 20)], QuantConfig(bits=10), progress=False)
     with pytest.raises(ValueError, match="method"):
         quantize(_mlp(), [torch.randn(2, 20)], QuantConfig(method="awq"), progress=False)
+    for bad, match in [(dict(mse="no"), "mse must be True or False, got 'no'"),
+                       (dict(block_size=1.5), "block_size must be an integer >= 1"),
+                       (dict(target_damp="1"), "target_damp must be a number")]:
+        with pytest.raises(ValueError, match=match):
+            quantize(_mlp(), [torch.randn(2, 20)], QuantConfig(**bad), progress=False)
+    with pytest.raises(TypeError, match="config must be a QuantConfig, got dict"):
+        quantize(_mlp(), [torch.randn(2, 20)], {"bits": 4}, progress=False)
     bad = [torch.full((2, 20), float("inf"))]
     with pytest.raises(ValueError, match="NaN or inf"):
         quantize(_mlp(), bad, QuantConfig(), progress=False)
+
+
+def test_models_adagrow_cannot_quantize_are_named() -> None:
+    """Already quantized, train-time form, nothing quantizable, torch's transformer layers and
+    unsupported layer types: an error or a warning naming them, never a silent float copy; a
+    quantized layer refuses integer input as the float layer does."""
+    x = [torch.randn(64, 20)]
+    q = quantize(_mlp(), x, QuantConfig(method="rtn"), progress=False)
+    with pytest.raises(ValueError, match="already holds quantized layers"):
+        quantize(q, x, QuantConfig(bits=2), progress=False)
+    with pytest.raises(TypeError, match="floating-point input, got torch.int64"):
+        q(torch.randint(0, 5, (4, 20)))
+    with pytest.raises(ValueError, match="train-time form .*reparameterize"):
+        quantize(RepCNN(widths=(8, 16), depth=1, stem_width=4).eval(), [torch.randn(4, 1, 16, 16)], progress=False)
+    with pytest.raises(ValueError, match="no Linear or Conv2d layer to quantize .*Conv1d is not supported"):
+        quantize(nn.Sequential(nn.Conv1d(8, 16, 3)), [torch.randn(16, 8, 20)], progress=False)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0), 1).eval()
+    with pytest.raises(ValueError, match="linear1.*Transformer\\*Layer, whose fast path reads the float weight"):
+        quantize(enc, [torch.randn(4, 10, 16)], progress=False)
+    model = nn.Sequential(nn.Conv1d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 18, 4)).eval()
+    with pytest.warns(UserWarning, match="left in float: .*Conv1d is not supported"):
+        q = quantize(model, [torch.randn(256, 8, 20)], QuantConfig(method="rtn"), progress=False)
+    assert q.adagrow_quant["float"] == {"0": "Conv1d is not supported (Linear and Conv2d are)"}
+    assert isinstance(q[2], QuantLinear) and isinstance(q[0], nn.Conv1d)
 
 
 def test_calibration_and_finite_errors(tmp_path) -> None:

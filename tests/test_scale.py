@@ -202,6 +202,11 @@ def test_quantize_to_disk_writes_the_same_file_without_keeping_blocks(tmp_path, 
     assert torch.equal(q(**calib[0])[0], ref_q(**calib[0])[0])
     with pytest.raises(FileExistsError):
         quantize_to_disk(tmp_path / "src", tmp_path / "got", calib, CFG, progress=False)
+    with pytest.raises(FileExistsError, match="remove it or give another dst"):  # before any quantization
+        quantize_pretrained(tmp_path / "src", lambda m: pytest.fail("calibrated"), CFG, dst=tmp_path / "ref")
+    for dtype in (torch.int8, "float16"):
+        with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+            quantize_pretrained(tmp_path / "src", calib, CFG, dtype=dtype)
 
 
 def test_quant_speed_variant_parses_config_fields_and_names_bad_ones() -> None:

@@ -43,6 +43,7 @@ from .smooth import smooth_linears
 from .verify import CHECKS, THRESHOLDS, ExportCheckError, enforce, ort_session, verify
 
 PRECISIONS = ("fp32", "fp16", "int8", "w4")
+MIN_OPSET, MAX_OPSET = 13, 20  # opsets of export_onnx's float / int8 graphs
 W4_DEFAULT = QuantConfig(bits=4, group_size="tier", linear_group_size=32)  # w4 export of a float model (read only)
 TARGETS = ("onnxruntime", "tensorrt")
 FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
@@ -422,6 +423,9 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor | Mapping[str, tor
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be an integer in {MIN_OPSET}..{MAX_OPSET} (per-channel QuantizeLinear needs 13, "
+                         f"torch's TorchScript exporter stops at {MAX_OPSET}; w4 always writes 21), got {opset!r}")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if calib_method not in CALIB_METHODS:
