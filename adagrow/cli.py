@@ -128,7 +128,6 @@ def cmd_grow(args: argparse.Namespace) -> dict[str, Any]:
         if args.strict:
             raise RuntimeError(msg + "; nothing written (--strict)")
         print(f"adagrow grow: warning: {msg}", file=sys.stderr)
-    res.model.adagrow_input_shape = list(x_tr.shape[1:])
     save_grown(res.model, out, overwrite=args.overwrite)
     deploy, train = res.model.param_counts()
     return {"spec": spec, "stop_reached": reached, "val_acc": res.history[-1]["val_acc"], "deploy_params": deploy,

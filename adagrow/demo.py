@@ -170,7 +170,6 @@ def run_demo(out: Path, fast: bool = False, overwrite: bool = False, progress: b
                epochs=8 if fast else 12, config=growth_config(), lr=0.05,
                progress=progress)
     grow_s = time.perf_counter() - t0
-    res.model.adagrow_input_shape = list(x_tr.shape[1:])  # checked by quantize / export / bench
     save_grown(res.model, out / "grown.safetensors", overwrite=True)
     say(f"      grew to {res.model.spec()} in {grow_s:.1f}s")
 

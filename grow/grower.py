@@ -522,6 +522,7 @@ def grow(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[
     total = epochs * math.ceil(len(range(rank, len(x), world)) / batch_size)
     grower = Grower(model, config, total, example=x[:1], steps_per_epoch=total // epochs)
     history = _train(model, train, val, epochs, grower, lr, optimizer, batch_size, weight_decay, progress, val_every)
+    model.adagrow_input_shape = list(x.shape[1:])  # recorded by save_grown; the CLI checks data against it
     if not config.retrain:
         return GrowResult(model.eval(), history)
     fresh = build_from_arch(model.arch()).to(x.device)
@@ -529,6 +530,7 @@ def grow(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[
         for t in [*fresh.parameters(), *fresh.buffers()]:
             dist.broadcast(t.data, src=0)
     retrain = _train(fresh, train, val, epochs, None, lr, optimizer, batch_size, weight_decay, progress, val_every)
+    fresh.adagrow_input_shape = list(x.shape[1:])
     return GrowResult(fresh.eval(), history + [dict(h, retrain=True) for h in retrain], grown=model.eval())
 
 

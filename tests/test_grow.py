@@ -688,6 +688,7 @@ def test_grown_saved_loaded_fused_same_outputs(tmp_path, make) -> None:
     loaded = load_grown(path)
     x = val[0][:8]
     assert loaded.spec() == res.model.spec() and torch.equal(loaded(x), res.model(x))
+    assert loaded.adagrow_input_shape == list(train[0].shape[1:])  # grow() records it: the CLI checks data
     deploy = reparameterize(loaded)
     assert (deploy(x) - res.model(x)).abs().max() < 1e-4 * res.model(x).abs().max() + 1e-6
     if isinstance(loaded, GrowingCNN):
