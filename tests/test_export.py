@@ -290,6 +290,11 @@ def test_triton_repository_matches_graph(tmp_path) -> None:
     with pytest.raises(FileExistsError):
         export_triton_repository(tmp_path / "repo", "digits", rep.path)
     (tmp_path / "e.plan").write_bytes(b"plan")
+    for kwargs, match in [(dict(instances=0), "instances must be an integer >= 1"),
+                          (dict(max_queue_delay_us=-1), "max_queue_delay_us must be an integer >= 0"),
+                          (dict(engine_path=tmp_path / "e.plan"), "TensorRT plan runs on the GPU")]:
+        with pytest.raises(ValueError, match=match):  # configs Triton would refuse are not written
+            export_triton_repository(tmp_path / "repo", "bad", rep.path, **kwargs)
     dest = export_triton_repository(tmp_path / "repo", "digits_trt", rep.path, tmp_path / "e.plan", kind="KIND_GPU")
     cfg = _parse_pbtxt((dest / "config.pbtxt").read_text())
     assert cfg["platform"] == "tensorrt_plan" and cfg["kind"] == "KIND_GPU" and (dest / "1" / "model.plan").exists()
