@@ -439,6 +439,8 @@ def quantize(model: nn.Module, calib: Iterable | Callable[[nn.Module], Any] | No
     this process solved in ``["solved_here"]`` (all of them, except under ``torch.distributed``:
     :mod:`.ranks`).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if config is not None and not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__} (QuantConfig(**your_dict))")
     config = copy.deepcopy(config or QuantConfig()).validate()

@@ -704,8 +704,10 @@ class OBSQuantizer:
             self.release()
         dead_groups = [g for g in range(geo.groups) if not bool((H[g].diagonal() > 0).any())]
         if len(dead_groups) == geo.groups:
-            raise ValueError(f"{name}: every calibration input of this layer is zero ({self.nsamples} samples), "
-                             "so OBS would zero all its weights; check the calibration data, or quantize this "
+            what = "constant (no variance about its mean: bias_refit centres the statistics)" if self.centered \
+                else "zero"
+            raise ValueError(f"{name}: every calibration input of this layer is {what} ({self.nsamples} samples), "
+                             "so OBS has nothing to fit its weights to; check the calibration data, or quantize this "
                              "layer with method='rtn' or skip it")
         if self.nsamples < geo.k:
             warnings.warn(CalibrationWarning(

@@ -50,6 +50,9 @@ def save_grown(model: GrowingCNN | GrowingTransformer, path: str | os.PathLike, 
     ``deploy=True`` stores the reparameterized (fused) weights; :func:`load_grown` then returns
     the deploy form directly.
     """
+    if not callable(getattr(model, "arch", None)) or not callable(getattr(model, "spec", None)):
+        raise TypeError(f"save_grown() takes a grown model (GrowingCNN / GrowingTransformer), got "
+                        f"{type(model).__name__}; save other models with save_quantized or torch.save")
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")

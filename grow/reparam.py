@@ -212,6 +212,9 @@ class RepConv2d(nn.Module):
         ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         if len(ks) != 2 or ks[0] % 2 == 0 or ks[1] % 2 == 0 or min(ks) < 1:
             raise ValueError(f"RepConv2d kernel_size {kernel_size} must be odd (centred branches)")
+        for key, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"RepConv2d {key} must be an integer >= 1, got {value!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
         if stride not in (1, 2):
@@ -307,6 +310,8 @@ class RepConv2d(nn.Module):
 
 def reparameterize(model: nn.Module) -> nn.Module:
     """Deep-copy ``model`` (in eval mode) and replace every RepConv2d with its fused conv."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"reparameterize() takes a torch.nn.Module, got {type(model).__name__}")
     if model.training:
         raise RuntimeError("reparameterize() needs the model in eval mode (BN running statistics); "
                            "call model.eval() first")

@@ -290,6 +290,9 @@ def test_triton_repository_matches_graph(tmp_path) -> None:
     with pytest.raises(FileExistsError):
         export_triton_repository(tmp_path / "repo", "digits", rep.path)
     (tmp_path / "e.plan").write_bytes(b"plan")
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(ValueError, match="junk.onnx: not a readable ONNX model"):
+        export_triton_repository(tmp_path / "repo", "junk", tmp_path / "junk.onnx")
     for kwargs, match in [(dict(instances=0), "instances must be an integer >= 1"),
                           (dict(max_queue_delay_us=-1), "max_queue_delay_us must be an integer >= 0"),
                           (dict(engine_path=tmp_path / "e.plan"), "TensorRT plan runs on the GPU")]:

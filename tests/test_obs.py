@@ -326,6 +326,11 @@ def test_all_zero_calibration_is_an_error_and_dead_groups_warn() -> None:
     q.add_batch(torch.zeros(32, 16))
     with pytest.raises(ValueError, match="blocks.0.fc: every calibration input of this layer is zero"):
         q.quantize(group_size=-1)
+    q = OBSQuantizer(lin, name="fc")  # a constant input is not zero, but centred it has no variance
+    q.add_batch(torch.ones(32, 16))
+    q.center()
+    with pytest.raises(ValueError, match="fc: every calibration input of this layer is constant"):
+        q.quantize(group_size=-1)
     # grouped conv, group 1's input channels always zero: warned, rounded to nearest (not zeroed)
     conv = _conv(groups=2, cin=6, cout=8)
     x = torch.randn(20, 6, 8, 8)

@@ -151,3 +151,11 @@ def test_errors() -> None:
         block.fuse()
     with pytest.raises(RuntimeError, match="eval"):
         reparameterize(nn.Sequential(block))
+
+
+def test_bad_arguments_are_named() -> None:
+    for cin in (0, -1):
+        with pytest.raises(ValueError, match=f"RepConv2d in_channels must be an integer >= 1, got {cin}"):
+            RepConv2d(cin, 8, 3)
+    with pytest.raises(TypeError, match="reparameterize\\(\\) takes a torch.nn.Module, got NoneType"):
+        reparameterize(None)

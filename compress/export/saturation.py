@@ -26,6 +26,8 @@ from onnx.reference.op_run import OpRun
 
 from adagrow.onnxrt import cpu_session
 
+from .verify import read_onnx
+
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
 SAFE_WEIGHT_MAX = INT16_MAX // (2 * 255)  # 64: |w| below this cannot saturate a u8 x s8 pair
 EMU_DOMAIN = "adagrow.avx2"
@@ -160,7 +162,7 @@ def _node_attrs(node: onnx.NodeProto) -> dict:
 def saturation_check(path: str | os.PathLike, feeds: list[dict[str, np.ndarray]]) -> list[SaturationStats]:
     """Per u8 x s8 node of the Q/DQ graph at ``path``: how saturating pair sums differ from exact
     int32 accumulation on ``feeds`` (the uint8 activations are those the graph itself produces)."""
-    model = onnx.load(str(path))
+    model = read_onnx(path)
     nodes = u8s8_nodes(model)
     present = {o.name for o in model.graph.output}
     for u in nodes:
@@ -204,7 +206,7 @@ class SatCorrection(OpRun):
 def emulate_avx2(path: str | os.PathLike, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """Outputs of the Q/DQ graph at ``path`` for each feed as a CPU with AVX2 and no VNNI computes
     them (saturating u8 x s8 pair sums), run with ONNX's reference evaluator (slow: small inputs)."""
-    model = onnx.load(str(path))
+    model = read_onnx(path)
     if model.opset_import[0].version < REF_OPSET:  # the reference evaluator implements DQ from opset 19
         model = version_converter.convert_version(model, REF_OPSET)
     g = model.graph

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import onnx
 import torch
 
 from adagrow.files import atomic_write
+
+from .verify import read_onnx
 
 
 def profile_shapes(onnx_path: str | os.PathLike, min_batch: int, opt_batch: int,
@@ -20,7 +21,7 @@ def profile_shapes(onnx_path: str | os.PathLike, min_batch: int, opt_batch: int,
     """(min, opt, max) shape of every graph input; the dynamic first dimension takes the batches."""
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = read_onnx(onnx_path, load_external_data=False)
     inits = {t.name for t in model.graph.initializer}
     shapes = {}
     for inp in model.graph.input:

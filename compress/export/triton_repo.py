@@ -7,10 +7,11 @@ import re
 import shutil
 from pathlib import Path
 
-import onnx
 from onnx import TensorProto
 
 from adagrow.files import atomic_directory
+
+from .verify import read_onnx
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")  # model names; tensor names may also hold ':' and '/'
 TRITON_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.BFLOAT16: "TYPE_BF16",
@@ -71,7 +72,7 @@ def export_triton_repository(repo: str | os.PathLike, name: str, onnx_path: str 
         raise ValueError(f"max_queue_delay_us must be an integer >= 0, got {max_queue_delay_us!r}")
     if max_batch_size < 1 or any(not 1 <= b <= max_batch_size for b in preferred_batch_sizes):
         raise ValueError("preferred batch sizes must lie in 1..max_batch_size")
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = read_onnx(onnx_path, load_external_data=False)
     inits = {t.name for t in model.graph.initializer}
     inputs, outputs = _io(model.graph.input, inits, onnx_path), _io(model.graph.output, set(), onnx_path)
     dest = Path(repo) / name

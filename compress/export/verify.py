@@ -37,11 +37,21 @@ class ExportCheckError(RuntimeError):
     """The exported model does not reproduce the float model within its precision's threshold."""
 
 
+def read_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
+    """``onnx.load`` with the errors of a missing or unreadable file naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX file not found: {path}")
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as err:  # noqa: BLE001 - protobuf's DecodeError and friends name no file
+        raise ValueError(f"{path}: not a readable ONNX model ({type(err).__name__}: {err})") from err
+
+
 def weight_only(path: str | os.PathLike) -> bool:
     """True for a W4 graph whose ``DequantizeLinear`` weights feed only non-MatMul ops (convs) and
     that quantizes no activation (no ``QuantizeLinear``): ORT may then fold them at load without
     losing a fusion (DQ + MatMul would become ``MatMulNBits``)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = read_onnx(path, load_external_data=False).graph
     dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     if not dq or any(n.op_type == "QuantizeLinear" for n in graph.node):
         return False
