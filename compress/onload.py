@@ -50,6 +50,9 @@ class Checkpoint:
             self._table.update(_header(self.folder / f))
         self.where = {key: entry[0].name for key, entry in self._table.items()}
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._table[key][2]
+
     def get(self, key: str) -> torch.Tensor:
         path, dtype, shape, begin, end = self._table[key]
         out = torch.empty(shape, dtype=dtype)
@@ -74,14 +77,19 @@ def _names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
     """Model state name -> checkpoint name (with or without the base-model prefix, as
     ``from_pretrained`` accepts)."""
     prefix = getattr(model, "base_model_prefix", "")
-    out = {}
-    for name in model.state_dict(keep_vars=True):
+    out, wrong = {}, []
+    for name, tensor in model.state_dict(keep_vars=True).items():
         cands = [name, f"{prefix}.{name}"]
         if prefix and name.startswith(prefix + "."):
             cands.append(name[len(prefix) + 1:])
         hit = next((c for c in cands if c in ckpt.where), None)
         if hit is not None:
             out[name] = hit
+            if tuple(ckpt.shape(hit)) != tuple(tensor.shape):
+                wrong.append(f"{hit} {list(ckpt.shape(hit))} (config.json: {list(tensor.shape)})")
+    if wrong:
+        raise ValueError(f"{ckpt.folder}: checkpoint tensors do not match config.json: {wrong[:5]}"
+                         + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
     return out
 
 

@@ -233,3 +233,16 @@ def test_quant_speed_variant_parses_config_fields_and_names_bad_ones() -> None:
                 qs.variant(bad)
     finally:
         del sys.modules[spec.name]
+
+
+def test_checkpoint_tensor_of_the_wrong_shape_is_named(tmp_path) -> None:
+    """A tensor whose shape is not config.json's is refused by name before any calibration (it
+    used to surface as an error blaming the calibration batch)."""
+    from safetensors.torch import load_file, save_file
+    model = _models()["llama"]
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(100, 64)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight \[100, 64\] \(config.json: \[128, 64\]\)"):
+        quantize_pretrained(tmp_path, lambda m: pytest.fail("calibrated"), CFG, progress=False)
