@@ -6,6 +6,13 @@ import torch
 from torch import nn
 
 
+def check_int(value: object, name: str, low: int, high: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``value`` is an ``int`` (not a bool) in ``low..high`` (no upper bound: None)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether ``t`` holds no NaN or inf, from one min/max reduction (NaN propagates through it):
     ``torch.isfinite(t).all()`` allocates about twice ``t`` in temporaries (measured on a

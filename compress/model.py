@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from adagrow.checks import check_int
+
 from .blocks import Probe, candidates, hidden
 from .calib import Calibration, StopForward, TokenMask
 from .grid import check_bits, check_sym_grid
@@ -104,8 +106,7 @@ class QuantConfig:
         for key in ("percdamp", "target_damp"):
             if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), (int, float)):
                 raise ValueError(f"{key} must be a number, got {getattr(self, key)!r}")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        check_int(self.block_size, "block_size", 1)
         check_bits(self.bits)
         check_group_size(self.group_size, is_conv=True)
         check_group_size(self.group_size_for("linear"), is_conv=False)
@@ -114,8 +115,7 @@ class QuantConfig:
         check_groups(self.groups, self.order)
         if not self.target_damp > 0:
             raise ValueError(f"target_damp must be > 0, got {self.target_damp}")
-        if isinstance(self.cd_passes, bool) or not isinstance(self.cd_passes, int) or self.cd_passes < 0:
-            raise ValueError(f"cd_passes must be an integer >= 0, got {self.cd_passes!r}")
+        check_int(self.cd_passes, "cd_passes", 0)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.hessian_dtype not in HESSIAN_DTYPES:

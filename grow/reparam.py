@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adagrow.checks import check_int
+
 __all__ = ["RepConv2d", "reparameterize", "overlap_map", "parse_branch"]
 
 _CONV = re.compile(r"^conv(\d+)x(\d+)$")
@@ -213,8 +215,7 @@ class RepConv2d(nn.Module):
         if len(ks) != 2 or ks[0] % 2 == 0 or ks[1] % 2 == 0 or min(ks) < 1:
             raise ValueError(f"RepConv2d kernel_size {kernel_size} must be odd (centred branches)")
         for key, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RepConv2d {key} must be an integer >= 1, got {value!r}")
+            check_int(value, f"RepConv2d {key}", 1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
         if stride not in (1, 2):

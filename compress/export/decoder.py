@@ -280,7 +280,7 @@ def export_decoder_onnx(model: nn.Module, path: str | os.PathLike, precision: st
                           outputs=["logits", *present_names(n)])
     if precision == "w4":
         model = w4_quantized(model, lambda cfg: quantize(model, calib, cfg, progress=progress), bool(calib),
-                             quant_config)
+                             quant_config, report.notes)
         if quantized:
             report.notes.append("the model was quantized before export: verified against it, not a float model")
         graph = w4_graph(model, lambda twin: _export_graph(KVForward(twin), 21, report), report, accuracy_level)

@@ -26,6 +26,7 @@ import torch
 from onnx import TensorProto, numpy_helper, version_converter
 from torch import nn
 
+from adagrow.checks import check_int
 from adagrow.files import atomic_write
 from adagrow.packed import unpack_codes
 
@@ -317,16 +318,20 @@ def _int8(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tenso
 
 
 def w4_quantized(model: nn.Module, quantize_fn: Callable[[QuantConfig], nn.Module], has_calib: bool,
-                 quant_config: QuantConfig | None) -> nn.Module:
+                 quant_config: QuantConfig | None, notes: list[str]) -> nn.Module:
     """``model`` if it already holds quantized layers, else ``quantize_fn(config)`` with
-    ``quant_config`` (default: OBS, tier groups for convs, g32 for Linear); then every quantized
-    layer must be 4-bit."""
+    ``quant_config`` (default: OBS, tier groups for convs, g32 for Linear, added to ``notes``);
+    then every quantized layer must be 4-bit."""
     if not any(isinstance(m, QuantLayer) for m in model.modules()):
         cfg = quant_config or W4_DEFAULT
         if cfg.bits != 4:
             raise ValueError(f"w4 export needs bits=4, quant_config has bits={cfg.bits}")
         if cfg.method == "obs" and not has_calib:
             raise ValueError("w4 export with OBS needs calibration batches (calib=...), or use method='rtn'")
+        if quant_config is None:
+            notes.append(f"a float model: quantized for this export at the defaults ({cfg.method.upper()} W4, group "
+                         f"size {cfg.group_size} for convs, {cfg.group_size_for('linear')} for Linear layers); pass "
+                         "quant_config or quantize it first (adagrow quantize / quantize()) to choose")
         model = quantize_fn(cfg)
     bad = [n for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.bits != 4]
     if bad:
@@ -368,13 +373,8 @@ def w4_graph(qmodel: nn.Module, export_float: Callable[[nn.Module], onnx.ModelPr
 def _w4(model: nn.Module, spec: InputSpec, batches: list[dict[str, torch.Tensor]], report: ExportReport, *,
         quant_config: QuantConfig | None, accuracy_level: int | None, progress: bool) -> onnx.ModelProto:
     """The W4 graph: MatMulNBits for Linear weights, blocked int4 DequantizeLinear otherwise."""
-    if not any(isinstance(m, QuantLayer) for m in model.modules()):
-        cfg = quant_config or W4_DEFAULT
-        report.notes.append(f"a float model: quantized for this export ({cfg.method.upper()} W{cfg.bits}, group size "
-                            f"{cfg.group_size} for convs, {cfg.group_size_for('linear')} for Linear layers); quantize "
-                            "it first (adagrow quantize / quantize()) to choose the settings and keep the checkpoint")
     qmodel = w4_quantized(model, lambda cfg: _quantize(model, spec, batches, cfg, progress), bool(batches),
-                          quant_config)
+                          quant_config, report.notes)
     return w4_graph(qmodel, lambda twin: _export_float(twin, spec, 21, report), report, accuracy_level)
 
 
@@ -423,9 +423,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor | Mapping[str, tor
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"opset must be an integer in {MIN_OPSET}..{MAX_OPSET} (per-channel QuantizeLinear needs 13, "
-                         f"torch's TorchScript exporter stops at {MAX_OPSET}; w4 always writes 21), got {opset!r}")
+    check_int(opset, "opset", MIN_OPSET, MAX_OPSET)  # per-channel Q/DQ needs 13; torch's TorchScript exporter stops at 20
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if calib_method not in CALIB_METHODS:

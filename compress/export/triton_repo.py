@@ -9,6 +9,7 @@ from pathlib import Path
 
 from onnx import TensorProto
 
+from adagrow.checks import check_int
 from adagrow.files import atomic_directory
 
 from .verify import read_onnx
@@ -66,10 +67,8 @@ def export_triton_repository(repo: str | os.PathLike, name: str, onnx_path: str 
         raise ValueError(f"kind must be KIND_CPU or KIND_GPU, got {kind!r}")
     if engine_path is not None and kind != "KIND_GPU":
         raise ValueError("a TensorRT plan runs on the GPU: pass kind='KIND_GPU' with engine_path")
-    if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
-        raise ValueError(f"instances must be an integer >= 1, got {instances!r}")
-    if isinstance(max_queue_delay_us, bool) or not isinstance(max_queue_delay_us, int) or max_queue_delay_us < 0:
-        raise ValueError(f"max_queue_delay_us must be an integer >= 0, got {max_queue_delay_us!r}")
+    check_int(instances, "instances", 1)
+    check_int(max_queue_delay_us, "max_queue_delay_us", 0)
     if max_batch_size < 1 or any(not 1 <= b <= max_batch_size for b in preferred_batch_sizes):
         raise ValueError("preferred batch sizes must lie in 1..max_batch_size")
     model = read_onnx(onnx_path, load_external_data=False)
