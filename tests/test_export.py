@@ -234,6 +234,8 @@ def test_export_errors(tmp_path) -> None:
     train_form = RepCNN(widths=(8,), depth=1, stem_width=4).eval()
     with pytest.raises(ValueError, match="train-time form"):
         export_onnx(train_form, x, tmp_path / "a.onnx")
+    with pytest.raises(ValueError, match=r"the example input \{'input': \[4, 3, 12, 12\]\} does not fit the model"):
+        export_onnx(model, x.repeat(1, 3, 1, 1), tmp_path / "a.onnx")
     for opset in (9, "17", 21):  # below per-channel Q/DQ, a string, above the TorchScript exporter
         with pytest.raises(ValueError, match=f"opset must be an integer in 13..20, got {opset!r}"):
             export_onnx(model, x, tmp_path / "a.onnx", opset=opset)
