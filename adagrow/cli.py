@@ -25,7 +25,7 @@ def _data(args: argparse.Namespace):
 def _check_out(path: Path, overwrite: bool, folder: bool = False, source: str | None = None) -> None:
     """Refuse an output path before any work: existing without --overwrite, a folder where a file
     goes (or the reverse), under a file, or the command's own input ``source`` (even with --overwrite)."""
-    if source is not None and path.exists() and Path(source).exists() and path.resolve() == Path(source).resolve():
+    if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
         raise ValueError(f"--out {path} is the input {source}: write to another path (the input would be replaced)")
     if path.exists() and folder != path.is_dir():
         want, got = ("folder", "a file") if folder else ("file", "a directory")

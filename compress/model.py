@@ -148,7 +148,7 @@ def quant_targets(model: nn.Module, config: QuantConfig) -> tuple[dict[str, nn.M
     """Layers to quantize, and those left in float with the reason (warned for layer types adagrow
     cannot quantize). Refuses a model that already holds quantized layers and one with nothing to
     quantize."""
-    found, left, matched = {}, {}, set()
+    found, left, unsupported, matched = {}, {}, {}, set()
     tied = _tied(model)
     done = [name for name, mod in model.named_modules() if isinstance(mod, QuantLayer)]
     if done:
@@ -164,12 +164,12 @@ def quant_targets(model: nn.Module, config: QuantConfig) -> tuple[dict[str, nn.M
                  if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
     for name, mod in model.named_modules():
         if isinstance(mod, UNSUPPORTED):
-            left[name] = f"{type(mod).__name__} is not supported (Linear and Conv2d are)"
+            unsupported[name] = f"{type(mod).__name__} is not supported (Linear and Conv2d are)"
             continue
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             continue
         if any(name.startswith(prefix) for prefix in fast_path):
-            left[name] = "inside a torch.nn.Transformer*Layer, whose fast path reads the float weight"
+            unsupported[name] = "inside a torch.nn.Transformer*Layer, whose fast path reads the float weight"
             continue
         hits = [p for p in config.skip if fnmatch.fnmatchcase(name, p)]
         matched.update(hits)
@@ -185,7 +185,7 @@ def quant_targets(model: nn.Module, config: QuantConfig) -> tuple[dict[str, nn.M
     unmatched = [p for p in config.skip if p not in matched]
     if unmatched:
         raise ValueError(f"skip patterns {unmatched} match no Linear/Conv2d layer of the model")
-    unsupported = {n: why for n, why in left.items() if why not in ("skip", "ignore", "tied weight")}
+    left.update(unsupported)
     if not found:
         raise ValueError("the model has no Linear or Conv2d layer to quantize"
                          + (f" (left in float: {unsupported})" if unsupported else ""))

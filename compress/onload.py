@@ -30,6 +30,8 @@ from .qmodules import QuantLayer
 from .server_formats import shared_aliases
 from .stream import stream_safetensors
 
+OUT_NAME = "model.adagrow.safetensors"  # the file quantize_pretrained(dst=) and quantize_to_disk write in dst
+
 
 class Checkpoint:
     """Tensor names of a safetensors checkpoint folder (one file or an index of shards), each
@@ -85,8 +87,9 @@ def _names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
         hit = next((c for c in cands if c in ckpt.where), None)
         if hit is not None:
             out[name] = hit
-            if tuple(ckpt.shape(hit)) != tuple(tensor.shape):
-                wrong.append(f"{hit} {list(ckpt.shape(hit))} (config.json: {list(tensor.shape)})")
+            stored = list(ckpt.shape(hit))
+            if stored != list(tensor.shape):
+                wrong.append(f"{hit} {stored} (config.json: {list(tensor.shape)})")
     if wrong:
         raise ValueError(f"{ckpt.folder}: checkpoint tensors do not match config.json: {wrong[:5]}"
                          + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
@@ -173,7 +176,8 @@ def _onloading(src: str | os.PathLike, config: QuantConfig, dtype: torch.dtype,
     """The model on the meta device with its weights outside the blocks loaded, and the loader
     of its blocks."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
+        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...), "
+                         f"got {dtype!r}")
     ckpt = Checkpoint(src)
     model = empty_model(src, model_class)
     names = _names(model, ckpt)
@@ -214,16 +218,17 @@ def quantize_pretrained(src: str | os.PathLike, calib: Iterable | Callable[[nn.M
     Returns the quantized model (``adagrow_quant`` also records ``"block_loads"``).
     """
     config = (config or QuantConfig()).validate()
-    if dst is not None and (Path(dst) / "model.adagrow.safetensors").exists():  # refused before the work
-        raise FileExistsError(f"{Path(dst) / 'model.adagrow.safetensors'} exists; remove it or give another dst")
+    out = None if dst is None else Path(dst) / OUT_NAME
+    if out is not None and out.exists():  # refused before the work
+        raise FileExistsError(f"{out} exists; remove it or give another dst")
     model, loader = _onloading(src, config, dtype, model_class)
     try:
         qmodel = quantize_model(model, calib, config, progress, before_block=loader.load)
     finally:
         loader.remove()
     qmodel.adagrow_quant["block_loads"] = loader.loads
-    if dst is not None:
-        save_quantized(qmodel, Path(dst) / "model.adagrow.safetensors")
+    if out is not None:
+        save_quantized(qmodel, out)
     return qmodel
 
 
@@ -245,7 +250,7 @@ def quantize_to_disk(src: str | os.PathLike, dst: str | os.PathLike, calib: Iter
     """
     from safetensors.torch import save_file
     config = (config or QuantConfig()).validate()
-    out = Path(dst) / "model.adagrow.safetensors"
+    out = Path(dst) / OUT_NAME
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     return_large_frees()

@@ -30,7 +30,7 @@ import torch
 from adagrow.files import write_json
 
 from .model import HESSIAN_DTYPES, QuantConfig
-from .onload import empty_model, quantize_pretrained
+from .onload import OUT_NAME, empty_model, quantize_pretrained
 
 _KEY = re.compile(r"^(?P<arg>[A-Za-z_][A-Za-z0-9_]*)\.(?P<batch>\d+)$")
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             from .io import save_quantized
             dst = Path(args.dst)
             dst.mkdir(parents=True, exist_ok=True)
-            save_quantized(qmodel, dst / "model.adagrow.safetensors", overwrite=True)
+            save_quantized(qmodel, dst / OUT_NAME, overwrite=True)
             write_json(dst / "run.json", report)
         return report
     finally:

@@ -107,10 +107,10 @@ def input_spec(model: nn.Module, example: dict[str, torch.Tensor], sequence: boo
         raise ValueError(f"a dynamic sequence axis needs every input shaped [B, L, ...] with one L, got "
                          f"{ {n: tuple(x.shape) for n, x in example.items()} }")
     fwd = NamedForward(model, names).eval()
-    shapes = {n: list(x.shape) for n, x in example.items()}
     try:
         outs = fwd(*(example[n] for n in names))
     except (RuntimeError, IndexError, TypeError) as exc:  # torch's own error names no input
+        shapes = {n: list(x.shape) for n, x in example.items()}
         raise ValueError(f"the example input {shapes} does not fit the model: {exc}") from exc
     out_names = fwd.output_names
     for n, o in zip(out_names, outs):

@@ -44,8 +44,8 @@ from .smooth import smooth_linears
 from .verify import CHECKS, THRESHOLDS, ExportCheckError, enforce, ort_session, verify
 
 PRECISIONS = ("fp32", "fp16", "int8", "w4")
-MIN_OPSET, MAX_OPSET = 13, 20  # opsets of export_onnx's float / int8 graphs
-W4_DEFAULT = QuantConfig(bits=4, group_size="tier", linear_group_size=32)  # w4 export of a float model (read only)
+# opsets of export_onnx's float / int8 graphs: per-channel Q/DQ needs 13, torch's TorchScript exporter stops at 20
+MIN_OPSET, MAX_OPSET = 13, 20
 TARGETS = ("onnxruntime", "tensorrt")
 FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
 DEFAULT_CALIB = "mse"  # expected clipping + rounding error: no outlier blow-up, no KL heuristics
@@ -323,7 +323,7 @@ def w4_quantized(model: nn.Module, quantize_fn: Callable[[QuantConfig], nn.Modul
     ``quant_config`` (default: OBS, tier groups for convs, g32 for Linear, added to ``notes``);
     then every quantized layer must be 4-bit."""
     if not any(isinstance(m, QuantLayer) for m in model.modules()):
-        cfg = quant_config or W4_DEFAULT
+        cfg = quant_config or QuantConfig(bits=4, group_size="tier", linear_group_size=32)
         if cfg.bits != 4:
             raise ValueError(f"w4 export needs bits=4, quant_config has bits={cfg.bits}")
         if cfg.method == "obs" and not has_calib:
@@ -423,7 +423,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor | Mapping[str, tor
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    check_int(opset, "opset", MIN_OPSET, MAX_OPSET)  # per-channel Q/DQ needs 13; torch's TorchScript exporter stops at 20
+    check_int(opset, "opset", MIN_OPSET, MAX_OPSET)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if calib_method not in CALIB_METHODS:
